@@ -1,0 +1,340 @@
+"""Structured configuration: dataclasses registered in Hydra's ConfigStore, plus
+validation that turns bad values into one clear line naming the field and the fix.
+
+The YAML files under conf/ are the menu; these dataclasses are the schema they are
+checked against (types at compose time, semantics in `validate`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
+PLACERS = ("static", "balance_by_time", "eplb", "topo")
+MOE_BACKENDS = ("native", "fairscale", "tutel")
+SCORE_FUNCS = ("softmax", "sigmoid")
+DROP_POLICIES = ("position", "score")
+AUX_LOSS_TYPES = ("switch", "top1")
+DATASETS = ("stdlib_bytes", "memmap")
+LOGGERS = ("none", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+DTYPES = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message is one line: field, problem, fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (no grouped-query attention)
+    ffn_hidden: int = 512  # hidden size of the dense (non-MoE) SwiGLU blocks
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8  # 0 turns the model dense
+    top_k: int = 2
+    expert_hidden: int = 256
+    every: int = 1  # block i is MoE when i >= first_dense and (i - first_dense) % every == every - 1
+    first_dense: int = 0  # leading dense blocks (DeepSeek style)
+    capacity_factor: float = 0.0  # >0 capped, 0 dropless, <0 busiest-expert-need capped at |cf| (Tutel)
+    drop_policy: str = "position"  # which assignments survive a capacity cap: k-major order, or router score
+    score_func: str = "softmax"
+    normalize_weights: bool = True  # renormalise the k (>1) chosen weights to sum to one
+    normalize_after_drop: bool = False  # renormalise over the choices that survived capacity (GShard/fairscale)
+    router_jitter: float = 0.0  # multiplicative input noise in training (Switch Transformer)
+    aux_loss_coef: float = 0.01
+    aux_loss_type: str = "switch"  # switch: count all k choices; top1: GShard/fairscale (first choice only)
+    z_loss_coef: float = 0.001
+    bias_update_rate: float = 0.0  # >0 enables the aux-loss-free expert bias (DeepSeek-V3)
+    num_shared_experts: int = 0
+    shared_expert_hidden: Optional[int] = None  # None: expert_hidden
+    backend: str = "native"
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    collective_timeout_s: float = 300.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "1f1b"
+    microbatches: int = 1
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedules)
+
+
+@dataclass
+class PlacerConfig:
+    name: str = "static"
+    interval: int = 0  # re-plan every N steps; 0 never re-plans
+    replica_slots: int = 0  # extra expert slots per device for replicas of hot experts
+
+
+@dataclass
+class DeviceGroupConfig:
+    """A run of identical devices; heterogeneous clusters list several."""
+
+    count: int = 1
+    name: str = "cpu"
+    tflops: float = 0.1  # sustained dense matmul throughput in the training dtype
+    memory_gb: float = 8.0
+    speed: float = 1.0  # relative compute speed multiplier (emulation and what-if studies)
+    # Optional per-group link figures (GB/s per direction), overriding the topology-wide ones;
+    # a link between two groups runs at the slower end (e.g. A100 HDR vs H100 NDR nodes).
+    intra_node_bw_gbps: Optional[float] = None
+    inter_node_bw_gbps: Optional[float] = None
+
+
+@dataclass
+class TopologyConfig:
+    name: str = "local_cpu"
+    nodes: int = 1
+    devices_per_node: int = 4
+    device_groups: list[DeviceGroupConfig] = field(default_factory=lambda: [DeviceGroupConfig(count=4)])
+    intra_node_bw_gbps: float = 10.0  # GB/s, per direction
+    intra_node_latency_us: float = 20.0
+    inter_node_bw_gbps: float = 1.0
+    inter_node_latency_us: float = 50.0
+    # Optional full matrices (devices x devices), overriding the intra/inter figures.
+    bandwidth_matrix_gbps: Optional[list[list[float]]] = None
+    latency_matrix_us: Optional[list[list[float]]] = None
+    detect: bool = False  # derive node grouping and device properties at run time
+    probe: bool = False  # measure point-to-point and all-to-all bandwidth on the real group
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib_bytes"
+    path: Optional[str] = None  # memmap: the token file
+    token_dtype: str = "uint16"  # memmap: uint16 or uint32
+    vocab_size: Optional[int] = None  # memmap: tokens are < vocab_size; None reads it from the .json beside the file
+    val_fraction: float = 0.05
+    max_bytes: Optional[int] = None  # stdlib_bytes: cap on corpus size (None: all files)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "moepipe"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    dir: Optional[str] = None  # None: the run directory
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: str = "auto"  # auto: rich bar on a terminal, plain lines otherwise; or rich | plain | none
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seed: int = 0
+    batch_size: int = 16  # sequences per optimizer step (global, before data parallelism)
+    seq_len: int = 128
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False
+    num_threads: int = 0  # torch intra-op threads per process; 0 leaves torch's default
+    out_dir: Optional[str] = None  # None: Hydra's run directory
+
+
+@dataclass
+class MoepipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    placer: PlacerConfig = field(default_factory=PlacerConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    experiment_name: str = "default"
+
+
+def register_configs() -> None:
+    """Register the schema so conf/config.yaml can name it in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="moepipe_schema", node=MoepipeConfig)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _one_of(path: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}={value!r} is not known: choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(path: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        need = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{path}={value} must be {need}: set a {'non-negative' if allow_zero else 'positive'} value")
+
+
+def moe_layer_ids(model: ModelConfig, moe: MoEConfig) -> list[int]:
+    """Indices of the blocks whose FFN is a mixture of experts."""
+    if moe.num_experts == 0:
+        return []
+    return [i for i in range(model.n_layers) if i >= moe.first_dense and (i - moe.first_dense) % moe.every == moe.every - 1]
+
+
+def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
+    """Check semantics the types cannot express; return the config as a typed object.
+
+    Raises ConfigError with one line: `<field>=<value> <problem>: <fix>`.
+    """
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    m, e, par, sch, t, d, o = cfg.model, cfg.moe, cfg.parallel, cfg.schedule, cfg.train, cfg.data, cfg.optim
+
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: pick n_heads dividing d_model")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"model.d_model/model.n_heads={m.d_model // m.n_heads} is odd: rotary embeddings need an even head dim")
+    kv = m.n_kv_heads or m.n_heads
+    if kv <= 0 or m.n_heads % kv:
+        raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}: use a divisor of n_heads or null")
+
+    _positive("moe.num_experts", e.num_experts, allow_zero=True)
+    _one_of("moe.backend", e.backend, MOE_BACKENDS)
+    _one_of("moe.score_func", e.score_func, SCORE_FUNCS)
+    _one_of("moe.drop_policy", e.drop_policy, DROP_POLICIES)
+    _one_of("moe.aux_loss_type", e.aux_loss_type, AUX_LOSS_TYPES)
+    if e.num_experts > 0:
+        if e.top_k < 1:
+            raise ConfigError(f"moe.top_k={e.top_k} must be >= 1: route each token to at least one expert")
+        if e.top_k > e.num_experts:
+            raise ConfigError(f"moe.top_k={e.top_k} > moe.num_experts={e.num_experts}: set moe.top_k <= moe.num_experts")
+        _positive("moe.expert_hidden", e.expert_hidden)
+        _positive("moe.every", e.every)
+        _positive("moe.first_dense", e.first_dense, allow_zero=True)
+        if not moe_layer_ids(m, e):
+            raise ConfigError(
+                f"moe.every={e.every} with moe.first_dense={e.first_dense} leaves no MoE block in model.n_layers={m.n_layers}: "
+                "lower moe.every/first_dense or set moe.num_experts=0 for a dense model"
+            )
+        if not math.isfinite(e.capacity_factor):
+            raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be finite: use 0 for dropless")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_jitter"):
+            _positive(f"moe.{name}", getattr(e, name), allow_zero=True)
+        if e.router_jitter >= 1:
+            raise ConfigError(f"moe.router_jitter={e.router_jitter} must be < 1: it scales inputs by U(1-j, 1+j)")
+        _positive("moe.num_shared_experts", e.num_shared_experts, allow_zero=True)
+        if e.backend == "fairscale" and (e.top_k != 2 or e.score_func != "softmax"):
+            raise ConfigError(
+                f"moe.backend=fairscale supports only top-2 softmax gating (got top_k={e.top_k}, score_func={e.score_func}): "
+                "set moe.top_k=2 moe.score_func=softmax or use moe.backend=native"
+            )
+
+    for name in ("pp", "ep", "dp"):
+        _positive(f"parallel.{name}", getattr(par, name))
+    _one_of("parallel.backend", par.backend, ("auto", "gloo", "nccl"))
+    _one_of("schedule.name", sch.name, SCHEDULES)
+    _positive("schedule.microbatches", sch.microbatches)
+    _positive("schedule.virtual_stages", sch.virtual_stages)
+    if sch.virtual_stages > 1 and sch.name not in MULTI_STAGE_SCHEDULES:
+        raise ConfigError(
+            f"schedule.virtual_stages={sch.virtual_stages} needs a multi-stage schedule, not schedule.name={sch.name}: "
+            f"use one of {', '.join(MULTI_STAGE_SCHEDULES)} or virtual_stages=1"
+        )
+    n_stages = par.pp * sch.virtual_stages
+    if n_stages > m.n_layers:
+        raise ConfigError(
+            f"parallel.pp*schedule.virtual_stages={n_stages} > model.n_layers={m.n_layers}: every stage needs a layer; "
+            "lower parallel.pp or schedule.virtual_stages"
+        )
+    if par.pp > 1 and sch.microbatches < par.pp:
+        raise ConfigError(
+            f"schedule.microbatches={sch.microbatches} < parallel.pp={par.pp}: the pipeline cannot fill; "
+            f"set schedule.microbatches >= {par.pp}"
+        )
+    if e.num_experts and par.ep > 1 and par.ep > e.num_experts:
+        raise ConfigError(f"parallel.ep={par.ep} > moe.num_experts={e.num_experts}: every EP rank needs an expert; lower parallel.ep")
+
+    _one_of("placer.name", cfg.placer.name, PLACERS)
+    _positive("placer.interval", cfg.placer.interval, allow_zero=True)
+    _positive("placer.replica_slots", cfg.placer.replica_slots, allow_zero=True)
+
+    _one_of("data.name", d.name, DATASETS)
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1): e.g. 0.05")
+    if d.name == "memmap":
+        if not d.path:
+            raise ConfigError("data.path is not set: data=memmap needs data.path=/path/to/tokens.bin (make one with moepipe-make-memmap)")
+        _one_of("data.token_dtype", d.token_dtype, ("uint16", "uint32"))
+
+    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.eval_every", t.eval_every, allow_zero=True)
+    _positive("train.num_threads", t.num_threads, allow_zero=True)
+    _one_of("train.device", t.device, DEVICES)
+    _one_of("train.dtype", t.dtype, DTYPES)
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} > model.max_seq_len={m.max_seq_len}: lower train.seq_len or raise model.max_seq_len")
+    per_replica = par.dp
+    if t.batch_size % (per_replica * sch.microbatches):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by parallel.dp*schedule.microbatches={per_replica * sch.microbatches}: "
+            "pick a batch size that splits evenly"
+        )
+
+    _positive("optim.lr", o.lr)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]: it is the final fraction of optim.lr")
+
+    _one_of("logger.name", cfg.logger.name, LOGGERS)
+    _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+    _one_of("logger.progress", cfg.logger.progress, ("auto", "rich", "plain", "none"))
+    return cfg
+
+
+def world_size(cfg: MoepipeConfig) -> int:
+    return cfg.parallel.pp * cfg.parallel.ep * cfg.parallel.dp

@@ -1,0 +1,131 @@
+"""The mixture-of-experts FFN: route, permute tokens by expert, run each expert on its
+contiguous slice, weight and scatter back.
+
+Experts are separate modules in a ModuleDict keyed by global expert id. That keeps the
+parameter names stable (`...moe.experts.7.w1.weight`) whichever rank holds expert 7, so
+plans can move experts, checkpoints can reshard, and an expert's backward touches only its
+own gradient (a stacked [E, d, h] weight indexed per expert makes every backward
+materialise a full-size gradient: O(E^2)).
+
+The runtime swaps `dispatcher` for an expert-parallel one; the model code stays the same.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from moepipe.config import MoEConfig
+from moepipe.model.layers import SwiGLU
+from moepipe.model.router import Router, Routing, route
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Identity on the activation whose backward also seeds d(aux)/d(aux) = 1.
+
+    Under pipeline parallelism only the last stage computes the loss, so an MoE layer's
+    balancing losses cannot be summed into it; riding on the activation makes them reach
+    backward on whichever stage holds the layer, under any schedule.
+    """
+
+    @staticmethod
+    def forward(ctx, activation: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux)
+        return activation
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
+class ExpertDispatcher(Protocol):
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: nn.ModuleDict) -> torch.Tensor: ...
+
+
+def run_experts_sorted(x_sorted: torch.Tensor, counts: list[int], expert_ids: list[int], experts: nn.ModuleDict) -> torch.Tensor:
+    """Apply expert `expert_ids[i]` to the i-th contiguous chunk of `x_sorted` (sizes `counts`)."""
+    outs = [experts[str(e)](chunk) for e, chunk in zip(expert_ids, x_sorted.split(counts)) if chunk.shape[0] > 0]
+    return torch.cat(outs) if outs else x_sorted.new_zeros(0, x_sorted.shape[-1])
+
+
+def local_dispatch(x: torch.Tensor, routing: Routing, experts: nn.ModuleDict) -> torch.Tensor:
+    """Single-process dispatch: every expert is local. x [T, d] -> [T, d]."""
+    x_sorted = x[routing.token_idx]
+    counts = routing.kept_counts.tolist()
+    y_sorted = run_experts_sorted(x_sorted, counts, list(range(len(counts))), experts)
+    y_sorted = y_sorted * routing.weights.unsqueeze(-1).to(y_sorted.dtype)
+    return torch.zeros_like(x).index_add_(0, routing.token_idx, y_sorted)
+
+
+class RoutingStats:
+    """Counters a layer accumulates between `reset()` calls: what the placer reads."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.reset()
+
+    def reset(self) -> None:
+        self.demand = torch.zeros(self.num_experts, dtype=torch.long)
+        self.kept = torch.zeros(self.num_experts, dtype=torch.long)
+        self.asked = 0  # assignments requested (tokens * k)
+        self.aux_loss_sum = 0.0
+        self.z_loss_sum = 0.0
+        self.calls = 0
+
+    @torch.no_grad()
+    def record(self, routing: Routing) -> None:
+        self.demand += routing.demand_counts.detach().cpu()
+        self.kept += routing.kept_counts.detach().cpu()
+        self.asked += int(routing.demand_counts.sum())
+        self.aux_loss_sum += float(routing.aux_loss.detach())
+        self.z_loss_sum += float(routing.z_loss.detach())
+        self.calls += 1
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, cfg: MoEConfig, expert_ids: list[int] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.router = Router(d_model, cfg.num_experts, jitter=cfg.router_jitter, use_bias=cfg.bias_update_rate > 0)
+        ids = range(cfg.num_experts) if expert_ids is None else expert_ids
+        self.experts = nn.ModuleDict({str(e): SwiGLU(d_model, cfg.expert_hidden) for e in ids})
+        shared_hidden = (cfg.shared_expert_hidden or cfg.expert_hidden) * cfg.num_shared_experts
+        # n shared experts of width h are one SwiGLU of width n*h: same function, one matmul.
+        self.shared = SwiGLU(d_model, shared_hidden) if cfg.num_shared_experts > 0 else None
+        self.dispatcher: ExpertDispatcher = local_dispatch
+        self.stats = RoutingStats(cfg.num_experts)
+        self.record_stats = True  # switched off while activation checkpointing recomputes
+        self.aux_loss_scale = 1.0  # 1/microbatches: each microbatch's share of the step's loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        routing = route(
+            self.router.logits(flat),
+            self.cfg.top_k,
+            score_func=self.cfg.score_func,
+            capacity_factor=self.cfg.capacity_factor,
+            drop_policy=self.cfg.drop_policy,
+            normalize_weights=self.cfg.normalize_weights,
+            normalize_after_drop=self.cfg.normalize_after_drop,
+            aux_loss_type=self.cfg.aux_loss_type,
+            selection_bias=self.router.expert_bias,
+        )
+        if self.record_stats:
+            self.stats.record(routing)
+        out = self.dispatcher(flat, routing, self.experts)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        out = out.reshape(shape)
+        has_aux = self.cfg.aux_loss_coef > 0 or self.cfg.z_loss_coef > 0
+        if has_aux and self.training and torch.is_grad_enabled():
+            aux = self.cfg.aux_loss_coef * routing.aux_loss + self.cfg.z_loss_coef * routing.z_loss
+            out = AttachAuxLoss.apply(out, aux * self.aux_loss_scale)
+        return out
+
+    def update_expert_bias(self, load: torch.Tensor | None = None) -> None:
+        """Aux-loss-free balancing step; `load` defaults to the demand counted since reset."""
+        self.router.update_bias(self.stats.demand if load is None else load, self.cfg.bias_update_rate)

@@ -1,0 +1,139 @@
+"""Token routing: scores, top-k choice, capacity, and the balancing losses.
+
+Everything here is a pure function of router logits except the `Router` module, which owns
+the gate weight and the aux-loss-free selection bias. The result, `Routing`, lists the
+surviving (token, expert, weight) assignments sorted by expert: that order is what both the
+local expert loop and the expert-parallel all-to-all consume.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    token_idx: torch.Tensor  # [N_kept] source token of each surviving assignment, sorted by expert
+    expert_idx: torch.Tensor  # [N_kept] expert of each assignment (non-decreasing)
+    weights: torch.Tensor  # [N_kept] fp32 combine weight
+    kept_counts: torch.Tensor  # [E] assignments each expert processes
+    demand_counts: torch.Tensor  # [E] assignments each expert was asked for (before capacity)
+    capacity: int | None  # tokens per expert, None when dropless
+    aux_loss: torch.Tensor  # scalar, load-balancing loss (without coefficient)
+    z_loss: torch.Tensor  # scalar, router z-loss (without coefficient)
+
+    @property
+    def num_dropped(self) -> int:
+        return int(self.demand_counts.sum() - self.kept_counts.sum())
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, demand: torch.Tensor) -> int | None:
+    """Per-expert token cap.
+
+    cf > 0: ceil(k * cf * T / E) (Switch/GShard). cf == 0: dropless (None).
+    cf < 0: the busiest expert's actual demand, but never above ceil(|cf| * k * T / E) (Tutel).
+    """
+    if capacity_factor == 0:
+        return None
+    even_share = math.ceil(top_k * abs(capacity_factor) * num_tokens / num_experts)
+    if capacity_factor > 0:
+        return even_share
+    return min(int(demand.max()), even_share)
+
+
+def load_balancing_loss(probs: torch.Tensor, choices: torch.Tensor, num_experts: int, top1_only: bool) -> torch.Tensor:
+    """Switch/GShard loss E * sum_e f_e * P_e: f_e the fraction of assignments to e (before
+    capacity), P_e the mean router probability of e. `top1_only` counts first choices only,
+    as GShard and fairscale's Top2Gate do."""
+    counted = choices[:, :1] if top1_only else choices
+    f = torch.bincount(counted.reshape(-1), minlength=num_experts).to(probs.dtype) / counted.numel()
+    return num_experts * torch.sum(f * probs.mean(0))
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's z-loss: mean squared log-partition, keeps router logits small."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def route(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    score_func: str = "softmax",
+    capacity_factor: float = 0.0,
+    drop_policy: str = "position",
+    normalize_weights: bool = True,
+    normalize_after_drop: bool = False,
+    aux_loss_type: str = "switch",
+    selection_bias: torch.Tensor | None = None,
+) -> Routing:
+    """Route T tokens given fp32 logits [T, E]."""
+    num_tokens, num_experts = logits.shape
+    logits = logits.float()
+    scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    select_on = scores if selection_bias is None else scores + selection_bias
+    choices = select_on.topk(top_k, dim=-1).indices  # [T, k], best first
+    weights = scores.gather(-1, choices)
+    if normalize_weights and top_k > 1 and not normalize_after_drop:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+    # Flatten assignments choice-major (all first choices, then all second ...), so a stable
+    # sort by expert gives first choices priority over second ones, then earlier tokens.
+    expert_flat = choices.t().reshape(-1)
+    token_flat = torch.arange(num_tokens, device=logits.device).repeat(top_k)
+    weight_flat = weights.t().reshape(-1)
+    if drop_policy == "score":  # Batch Prioritized Routing: highest scores survive the cap
+        pre = torch.argsort(weight_flat.detach(), descending=True, stable=True)
+    else:
+        pre = torch.arange(expert_flat.numel(), device=logits.device)
+    order = pre[torch.argsort(expert_flat[pre], stable=True)]
+    expert_sorted = expert_flat[order]
+
+    demand = torch.bincount(expert_flat, minlength=num_experts)
+    capacity = expert_capacity(num_tokens, num_experts, top_k, capacity_factor, demand)
+    if capacity is None:
+        kept = order
+        kept_counts = demand
+    else:
+        starts = torch.cumsum(demand, 0) - demand
+        position = torch.arange(order.numel(), device=logits.device) - starts[expert_sorted]
+        keep = position < capacity
+        kept = order[keep]
+        kept_counts = demand.clamp(max=capacity)
+
+    token_idx, expert_idx, w = token_flat[kept], expert_flat[kept], weight_flat[kept]
+    if normalize_weights and top_k > 1 and normalize_after_drop:
+        denom = torch.zeros(num_tokens, dtype=w.dtype, device=w.device).index_add(0, token_idx, w)
+        w = w / denom[token_idx].clamp_min(torch.finfo(w.dtype).eps)
+
+    probs = scores if score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+    aux = load_balancing_loss(probs, choices, num_experts, top1_only=aux_loss_type == "top1")
+    return Routing(token_idx, expert_idx, w, kept_counts, demand, capacity, aux, router_z_loss(logits))
+
+
+class Router(nn.Module):
+    """Linear gate computed in fp32, with optional input jitter and a selection-only bias."""
+
+    def __init__(self, d_model: int, num_experts: int, jitter: float = 0.0, use_bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.jitter = jitter
+        # Aux-loss-free balancing (DeepSeek-V3): added to scores for the choice only, never to
+        # the combine weights; updated outside autograd after each optimizer step.
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if use_bias else None)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
+        return F.linear(x, self.weight.float())
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, rate: float) -> None:
+        """Nudge under-loaded experts up and over-loaded ones down by `rate` (sign update)."""
+        if self.expert_bias is not None:
+            self.expert_bias += rate * torch.sign(load.float().mean() - load.float())

@@ -1,0 +1,1 @@
+"""Training: the loop, metrics and W&B, run provenance, and the `moepipe-train` entry point."""

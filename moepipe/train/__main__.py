@@ -1,0 +1,3 @@
+from moepipe.train.cli import main
+
+main()

@@ -1,0 +1,201 @@
+"""The training loop (one process). One step: the global batch is split into
+`schedule.microbatches` pieces whose gradients accumulate, exactly the arithmetic a
+pipeline schedule performs, so this is the reference the distributed runtime must match.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from moepipe.config import ConfigError, MoepipeConfig, world_size
+from moepipe.data import build_corpus, train_batch, val_batches
+from moepipe.model import MoETransformer, build_model, count_parameters, lm_loss
+from moepipe.train.metrics import MetricsLogger, routing_metrics
+from moepipe.train.optim import build_optimizer, lr_at, set_lr
+from moepipe.train.run_info import run_info
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def resolve_device(cfg: MoepipeConfig) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: MoepipeConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default, fp32 (no autocast) on CPU."""
+    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    seconds: float
+    tokens: int
+    routing: dict = field(default_factory=dict)
+    expert_load: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Owns model, optimizer and data for one process; `train_step(step)` does one update."""
+
+    def __init__(self, cfg: MoepipeConfig, model: MoETransformer | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        seed_everything(cfg.train.seed)
+        self.corpus = build_corpus(cfg.data, cfg.train.seq_len)
+        if self.corpus.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} < the data's vocabulary ({self.corpus.vocab_size}, data={cfg.data.name}): "
+                f"set model.vocab_size>={self.corpus.vocab_size}"
+            )
+        self.model = (model or build_model(cfg.model, cfg.moe)).to(self.device)
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.val_set = val_batches(self.corpus, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, step: int) -> StepResult:
+        cfg = self.cfg
+        start = time.perf_counter()
+        self.model.train()
+        lr = lr_at(step, cfg.train.steps, cfg.optim)
+        set_lr(self.optimizer, lr)
+        inputs, targets = train_batch(self.corpus, step, cfg.train.seed, cfg.train.batch_size, cfg.train.seq_len)
+        m = cfg.schedule.microbatches
+        self.model.set_aux_loss_scale(1.0 / m)
+        self.model.reset_routing_stats()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for x, y in zip(inputs.chunk(m), targets.chunk(m)):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                loss = lm_loss(self.model(x), y)
+            (loss / m).backward()
+            total += float(loss.detach()) / m
+        if not math.isfinite(total):
+            raise NonFiniteLossError(f"loss={total} at step {step}: lower optim.lr or raise optim.warmup_steps")
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        self.optimizer.step()
+        # Aux-loss-free bias moves after the update, from this step's demand (DeepSeek-V3).
+        self.model.update_expert_bias()
+        stats = {lid: moe.stats for lid, moe in self.model.moe_layers()}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return StepResult(
+            loss=total,
+            grad_norm=grad_norm,
+            lr=lr,
+            seconds=time.perf_counter() - start,
+            tokens=inputs.numel(),
+            routing=routing_metrics(stats),
+            expert_load={lid: s.demand.numpy().copy() for lid, s in stats.items()},
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = []
+        for x, y in self.val_set:
+            with self._autocast():
+                losses.append(float(lm_loss(self.model(x.to(self.device)), y.to(self.device))))
+        self.model.train()
+        return float(np.mean(losses))
+
+
+def train(cfg: MoepipeConfig, run_dir: str) -> dict:
+    """Run `cfg` in this process, writing metrics.jsonl and summary.json into `run_dir`."""
+    if world_size(cfg) != 1:
+        raise ConfigError(
+            f"parallel.pp*ep*dp={world_size(cfg)}: this entry point trains in one process; "
+            "multi-process runs go through moepipe.train.cli (set parallel.* there)"
+        )
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    logger = MetricsLogger(cfg, run_dir, config_dict)
+    summary, exit_code = None, 1
+    try:
+        trainer = Trainer(cfg)
+        summary = _loop(cfg, trainer, logger, run_dir, config_dict)
+        exit_code = 0
+        return summary
+    finally:
+        logger.close(summary, exit_code)
+
+
+def _loop(cfg: MoepipeConfig, trainer: Trainer, logger: MetricsLogger, run_dir: str, config_dict: dict) -> dict:
+    t = cfg.train
+    wall_start = time.perf_counter()
+    window: list[StepResult] = []
+    step_seconds, step_tokens = 0.0, 0
+    val_loss = None
+    for step in range(t.steps):
+        res = trainer.train_step(step)
+        window.append(res)
+        if step > 0 or t.steps == 1:  # the first step pays one-off allocation costs
+            step_seconds += res.seconds
+            step_tokens += res.tokens
+        done = step + 1
+        is_eval = t.eval_every and done % t.eval_every == 0
+        if is_eval or done == t.steps:
+            val_loss = trainer.evaluate()
+        if done % t.log_every == 0 or done == t.steps:
+            row = {
+                "step": done,
+                "loss": float(np.mean([r.loss for r in window])),
+                "lr": res.lr,
+                "grad_norm": res.grad_norm,
+                "tokens_per_s": sum(r.tokens for r in window) / max(1e-9, sum(r.seconds for r in window)),
+                **res.routing,
+            }
+            if is_eval or done == t.steps:
+                row["val_loss"] = val_loss
+            logger.log(row, res.expert_load)
+            window = []
+        elif is_eval:
+            logger.event({"step": done, "val_loss": val_loss})
+        else:
+            logger.tick(done)
+    params = count_parameters(trainer.model)
+    return {
+        "steps": t.steps,
+        "final_train_loss": res.loss,
+        "final_val_loss": val_loss,
+        "tokens_per_s": step_tokens / max(1e-9, step_seconds),
+        "wall_time_s": time.perf_counter() - wall_start,
+        "world_size": 1,
+        "device": str(trainer.device),
+        "dtype": str(trainer.amp_dtype or torch.float32).replace("torch.", ""),
+        "parameters": params,
+        "run_dir": os.path.abspath(run_dir),
+        "config": config_dict,
+        **run_info(),
+    }
