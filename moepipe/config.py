@@ -180,6 +180,19 @@ class TrainConfig:
 
 
 @dataclass
+class SimConfig:
+    """`moepipe-sim` options (the simulator reads the rest of the config like training does)."""
+
+    routing: str = "uniform"  # uniform | zipf: tokens per expert ~ 1/rank^zipf_s, experts shuffled per layer
+    zipf_s: float = 1.0
+    seed: int = 0
+    efficiency: float = 0.5  # fraction of the devices' sustained FLOP/s a layer reaches
+    free_comm: bool = False  # all transfers cost nothing (isolate the schedule's bubble)
+    profile: Optional[str] = None  # measured profile JSON (docs/SIMULATOR.md) instead of analytic costs
+    out_trace: bool = True  # write trace.json and gantt.png
+
+
+@dataclass
 class MoepipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -191,6 +204,7 @@ class MoepipeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
     experiment_name: str = "default"
 
 
@@ -329,6 +343,12 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]: it is the final fraction of optim.lr")
+
+    _one_of("sim.routing", cfg.sim.routing, ("uniform", "zipf"))
+    if not 0 < cfg.sim.efficiency <= 1:
+        raise ConfigError(f"sim.efficiency={cfg.sim.efficiency} must be in (0, 1]: e.g. 0.5")
+    if cfg.sim.zipf_s < 0:
+        raise ConfigError(f"sim.zipf_s={cfg.sim.zipf_s} must be >= 0: 0 is uniform, ~1 is strongly skewed")
 
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)

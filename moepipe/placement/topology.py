@@ -306,9 +306,11 @@ def detect_topology(
     nodes = -(-world_size // per_node)
     name, tflops, mem = "cpu", DeviceGroupConfig.tflops, DeviceGroupConfig.memory_gb
     try:
-        import torch
+        cuda = False
+        if use_cuda is not False:  # importing torch is slow: skip it when told there is no GPU
+            import torch
 
-        cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+            cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
         if cuda:
             props = torch.cuda.get_device_properties(0)
             name, mem = props.name, props.total_memory / GB

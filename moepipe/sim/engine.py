@@ -1,0 +1,173 @@
+"""Discrete-event execution of a per-rank action order.
+
+Each pipeline rank runs its actions strictly in order, one at a time (one compute stream);
+an action starts when the rank is free and its inputs have arrived:
+  F(s, i): F(s-1, i) finished + the activation transfer (none for stage 0 or on the same rank)
+  B/I(s, i): F(s, i) finished and B/I(s+1, i) finished + the gradient transfer (last stage: F only)
+  W(s, i): I(s, i) finished (always earlier on the same rank)
+Transfers run on a separate stream and never contend. The order is swept rank by rank until
+no rank can advance; a stall with work left is a deadlock in the order (an error).
+Everything here is deterministic: no clocks, no randomness, fixed iteration order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moepipe.sim.schedules import Action, Order
+
+EVENT_KINDS = ("F", "B", "I", "W", "FB", "send", "recv", "a2a", "idle")
+COMPUTE, COMM = 0, 1  # lanes
+
+
+@dataclass
+class Timeline:
+    """Events as parallel arrays (one row per event); `kind` indexes EVENT_KINDS."""
+
+    rank: np.ndarray
+    lane: np.ndarray
+    kind: np.ndarray
+    stage: np.ndarray
+    mb: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+    def select(self, kind: str) -> np.ndarray:
+        return self.kind == EVENT_KINDS.index(kind)
+
+    def rows(self):
+        """Iterate (rank, lane, kind name, stage, mb, start, end) tuples."""
+        for r, l, k, s, i, a, b in zip(self.rank, self.lane, self.kind, self.stage, self.mb, self.start, self.end):
+            yield int(r), int(l), EVENT_KINDS[k], int(s), int(i), float(a), float(b)
+
+
+@dataclass
+class EngineResult:
+    makespan: float
+    busy: np.ndarray  # [pp] seconds each rank spent in actions
+    timeline: Timeline
+    inflight: dict[int, np.ndarray]  # rank -> [k, n_stages] in-flight microbatches per stage after each forward
+    n_actions: int
+
+
+def _dur(a: Action, comp: np.ndarray, a2a: np.ndarray) -> tuple[float, float]:
+    """(duration, blocking all-to-all part) of one action."""
+    s = a.stage
+    if a.kind == "F":
+        return comp[s, 0] + a2a[s, 0], a2a[s, 0]
+    if a.kind == "B":
+        return comp[s, 1] + comp[s, 2] + a2a[s, 1], a2a[s, 1]
+    if a.kind == "I":
+        return comp[s, 1] + a2a[s, 1], a2a[s, 1]
+    if a.kind == "W":
+        return comp[s, 2], 0.0
+    f, b = a.pair  # overlapped pair: one chunk's all-to-all hides behind the other's compute
+    cf, af = comp[f.stage, 0], a2a[f.stage, 0]
+    cb, ab = comp[b.stage, 1] + comp[b.stage, 2], a2a[b.stage, 1]
+    return max(cf + cb, af + ab, cf + af, cb + ab), af + ab
+
+
+def run(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: np.ndarray, send: np.ndarray) -> EngineResult:
+    """Execute `order`; comp/a2a are [n_stages, 3] seconds (F, B, W), send[s] the s -> s+1 transfer."""
+    S = len(stage_to_rank)
+    pp = len(order)
+    comp_a, a2a_a = np.asarray(comp, dtype=np.float64), np.asarray(a2a, dtype=np.float64)
+    send_l = np.asarray(send, dtype=np.float64).tolist()
+    fdone = [[None] * m for _ in range(S)]
+    gdone = [[None] * m for _ in range(S)]
+    hop = [stage_to_rank[s] != stage_to_rank[s + 1] for s in range(S - 1)]
+
+    def ready(a: Action):
+        s, i = a.stage, a.mb
+        if a.kind == "F":
+            if s == 0:
+                return 0.0
+            t = fdone[s - 1][i]
+            return None if t is None else t + (send_l[s - 1] if hop[s - 1] else 0.0)
+        if a.kind in ("B", "I"):
+            t = fdone[s][i]
+            if t is None or s == S - 1:
+                return t
+            g = gdone[s + 1][i]
+            return None if g is None else max(t, g + (send_l[s] if hop[s] else 0.0))
+        if a.kind == "W":
+            return gdone[s][i]
+        tf, tb = ready(a.pair[0]), ready(a.pair[1])
+        return None if tf is None or tb is None else max(tf, tb)
+
+    ev: list[tuple] = []
+    ptr, free, busy = [0] * pp, [0.0] * pp, [0.0] * pp
+    counts = {r: {} for r in range(pp)}
+    snaps: dict[int, list[list[int]]] = {r: [] for r in range(pp)}
+    K = {k: i for i, k in enumerate(EVENT_KINDS)}
+    total = sum(len(v) for v in order.values())
+    done = 0
+
+    def finish(a: Action, r: int, end: float) -> None:
+        s, i = a.stage, a.mb
+        if a.kind == "F":
+            fdone[s][i] = end
+            if s + 1 < S and hop[s]:
+                q = stage_to_rank[s + 1]
+                ev.append((r, COMM, K["send"], s, i, end, end + send_l[s]))
+                ev.append((q, COMM, K["recv"], s + 1, i, end, end + send_l[s]))
+        elif a.kind in ("B", "I"):
+            gdone[s][i] = end
+            if s > 0 and hop[s - 1]:
+                q = stage_to_rank[s - 1]
+                ev.append((r, COMM, K["send"], s, i, end, end + send_l[s - 1]))
+                ev.append((q, COMM, K["recv"], s - 1, i, end, end + send_l[s - 1]))
+
+    def account(a: Action, r: int) -> None:
+        c = counts[r]
+        if a.kind == "F":
+            c[a.stage] = c.get(a.stage, 0) + 1
+            snaps[r].append([c.get(s, 0) for s in range(S)])
+        elif a.kind in ("B", "W"):  # activations live until the weight gradient is done
+            c[a.stage] -= 1
+        elif a.kind == "FB":
+            account(a.pair[0], r)
+            account(a.pair[1], r)
+
+    while done < total:
+        progress = False
+        for r in range(pp):
+            acts = order[r]
+            while ptr[r] < len(acts):
+                a = acts[ptr[r]]
+                t = ready(a)
+                if t is None:
+                    break
+                start = max(free[r], t)
+                if start > free[r]:
+                    ev.append((r, COMPUTE, K["idle"], -1, -1, free[r], start))
+                d, comm = _dur(a, comp_a, a2a_a)
+                end = start + d
+                ev.append((r, COMPUTE, K[a.kind], a.stage, a.mb, start, end))
+                if comm > 0:
+                    ev.append((r, COMM, K["a2a"], a.stage, a.mb, end - comm if a.kind != "FB" else start, end if a.kind != "FB" else start + comm))
+                if a.kind == "FB":
+                    finish(a.pair[0], r, end)
+                    finish(a.pair[1], r, end)
+                else:
+                    finish(a, r, end)
+                account(a, r)
+                free[r], busy[r] = end, busy[r] + d
+                ptr[r] += 1
+                done += 1
+                progress = True
+        if not progress:
+            stuck = {r: str(order[r][ptr[r]]) for r in range(pp) if ptr[r] < len(order[r])}
+            raise RuntimeError(f"schedule deadlocks: next actions per rank {stuck}")
+    makespan = max(free) if free else 0.0
+    for r in range(pp):
+        if free[r] < makespan:
+            ev.append((r, COMPUTE, K["idle"], -1, -1, free[r], makespan))
+    arr = np.array(ev, dtype=np.float64) if ev else np.zeros((0, 7))
+    tl = Timeline(*(arr[:, j].astype(np.int64) for j in range(5)), arr[:, 5], arr[:, 6])
+    inflight = {r: (np.array(snaps[r], dtype=np.int64) if snaps[r] else np.zeros((1, S), dtype=np.int64)) for r in range(pp)}
+    return EngineResult(makespan, np.array(busy), tl, inflight, total)

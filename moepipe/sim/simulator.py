@@ -1,0 +1,177 @@
+"""One training iteration, simulated: plan + schedule + topology + cost model + routing -> times.
+
+Granularity: the event timeline has one compute lane and one communication lane per
+pipeline rank. The EP (and DP) members of a pipeline rank share its event boundaries: MoE
+all-to-alls lock-step an EP group, and every DP replica runs the same order (each action
+lasts as long as the slowest replica's). Per-device detail (compute busy time, activation
+memory) is kept per global rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from moepipe.config import ConfigError
+from moepipe.placement.cost_model import CostModel, StageCosts, stage_costs
+from moepipe.placement.plan import Plan, rank_grid, validate_plan
+from moepipe.placement.topology import Topology
+from moepipe.sim import engine
+from moepipe.sim.schedules import Order, schedule_order
+
+
+@dataclass
+class SimResult:
+    schedule: str
+    pp: int
+    ep: int
+    dp: int
+    n_stages: int
+    microbatches: int
+    iteration_time_s: float  # pipeline + gradient all-reduce
+    pipeline_time_s: float
+    grad_sync_s: float
+    bubble_fraction: float  # 1 - busy / (pp * pipeline time), busy = time in actions (all-to-alls included)
+    idle_fraction: float  # 1 - device compute / (world * iteration time): also counts EP imbalance and communication
+    lower_bound_s: float  # total work / total device throughput
+    balanced_bound_s: float  # same schedule, balanced stages and experts, free communication
+    peak_activation_bytes: np.ndarray  # [world] by global rank
+    peak_inflight: np.ndarray  # [n_stages] most microbatches whose activations a stage holds at once
+    a2a_bytes_intra_node: float
+    a2a_bytes_inter_node: float
+    p2p_bytes: float
+    busy_s: np.ndarray  # [pp]
+    timeline: engine.Timeline
+    stage_to_pp_rank: list[int]
+    costs: Optional[StageCosts] = field(default=None, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain JSON-able numbers (no timeline)."""
+        return {
+            "schedule": self.schedule,
+            "pp": self.pp,
+            "ep": self.ep,
+            "dp": self.dp,
+            "n_stages": self.n_stages,
+            "microbatches": self.microbatches,
+            "iteration_time_s": self.iteration_time_s,
+            "pipeline_time_s": self.pipeline_time_s,
+            "grad_sync_s": self.grad_sync_s,
+            "bubble_fraction": self.bubble_fraction,
+            "idle_fraction": self.idle_fraction,
+            "lower_bound_s": self.lower_bound_s,
+            "balanced_bound_s": self.balanced_bound_s,
+            "peak_activation_bytes": [float(x) for x in self.peak_activation_bytes],
+            "peak_inflight_microbatches": [int(x) for x in self.peak_inflight],
+            "a2a_bytes_intra_node": self.a2a_bytes_intra_node,
+            "a2a_bytes_inter_node": self.a2a_bytes_inter_node,
+            "p2p_bytes": self.p2p_bytes,
+            "busy_s": [float(x) for x in self.busy_s],
+            "stage_to_pp_rank": list(self.stage_to_pp_rank),
+            "n_events": len(self.timeline),
+        }
+
+    def write_trace(self, path: str) -> None:
+        from moepipe.sim.trace import write_chrome_trace
+
+        write_chrome_trace(self, path)
+
+    def write_gantt(self, path: str) -> None:
+        from moepipe.sim.trace import write_gantt
+
+        write_gantt(self, path)
+
+
+def peak_inflight(res: engine.EngineResult, n_stages: int) -> np.ndarray:
+    out = np.zeros(n_stages, dtype=np.int64)
+    for snaps in res.inflight.values():
+        out = np.maximum(out, snaps.max(0))
+    return out
+
+
+def simulate_order(order: Order, stage_to_rank: list[int], m: int, comp: Any, a2a: Any = None, send: Any = None) -> engine.EngineResult:
+    """The engine alone, for hand-built costs: comp/a2a [n_stages, 3] seconds (F, B, W)."""
+    comp = np.asarray(comp, dtype=np.float64)
+    a2a = np.zeros_like(comp) if a2a is None else np.asarray(a2a, dtype=np.float64)
+    send = np.zeros(len(stage_to_rank)) if send is None else np.asarray(send, dtype=np.float64)
+    return engine.run(order, stage_to_rank, m, comp, a2a, send)
+
+
+def simulate(
+    plan: Plan,
+    schedule: str,
+    microbatches: int,
+    topology: Topology,
+    cost_model: CostModel,
+    routing: Any = None,
+    free_comm: bool = False,
+) -> SimResult:
+    """Simulate one iteration. `routing`: tokens per expert per MoE layer ([n_moe, E] or
+    {layer: [E]}; proportions only; None = uniform). `free_comm`: all transfers cost nothing."""
+    spec = cost_model.spec
+    validate_plan(plan, spec.n_layers, spec.moe_layers, spec.num_experts if spec.moe_layers else None)
+    v = plan.n_stages // plan.pp
+    if v * plan.pp != plan.n_stages:
+        raise ConfigError(f"plan has {plan.n_stages} stages for pp={plan.pp}: use a multiple of pp (virtual stages per rank)")
+    order, s2r = schedule_order(schedule, plan.pp, v, microbatches)
+    if list(plan.stage_to_pp_rank) != s2r:
+        raise ConfigError(
+            f"plan.stage_to_pp_rank={list(plan.stage_to_pp_rank)} does not match schedule.name={schedule} ({s2r}): "
+            "build the plan with the schedule's style (loop for interleaved, v for zbv/dualpipev)"
+        )
+    costs = stage_costs(cost_model, plan, topology, routing, free_comm=free_comm)
+    res = engine.run(order, s2r, microbatches, costs.comp, costs.a2a, costs.send)
+    m, S = microbatches, plan.n_stages
+    pipeline = res.makespan
+    iteration = pipeline + costs.grad_sync_s
+    bubble = 1.0 - float(res.busy.sum()) / (plan.pp * pipeline) if pipeline > 0 else 0.0
+
+    # Device-level compute (per global rank) for idle accounting.
+    world = plan.world_size
+    busy_dev = np.zeros((plan.pp, plan.dp, plan.ep))
+    for s in range(S):
+        busy_dev[s2r[s]] += m * costs.ep_busy[s].sum(0)
+    idle = 1.0 - float(busy_dev.sum()) / (world * iteration) if iteration > 0 else 0.0
+
+    # Peak activation memory: in-flight counts after each forward x bytes per microbatch.
+    grid = rank_grid(plan.pp, plan.ep, plan.dp)
+    peak_bytes = np.zeros(world)
+    for r, snaps in res.inflight.items():
+        b = snaps.astype(np.float64) @ costs.act_bytes.reshape(S, -1)  # [k, dp*ep]
+        peak_bytes[grid[r].ravel()] = b.max(0)
+
+    work_mb = costs.work.copy()
+    if spec.activation_checkpointing:
+        work_mb[1] += work_mb[0]
+    total_rate = costs.rates.sum()
+    lower = float(work_mb.sum() * m * plan.dp / total_rate)
+    # Balanced: every action of a phase lasts W_phase * pp / (n_stages * replica throughput).
+    replica_rate = costs.rates.sum(axis=(0, 2)).min()
+    t_bal = work_mb * plan.pp / (S * replica_rate)
+    bal = engine.run(order, s2r, m, np.tile(t_bal, (S, 1)), np.zeros((S, 3)), np.zeros(S))
+
+    return SimResult(
+        schedule=schedule,
+        pp=plan.pp,
+        ep=plan.ep,
+        dp=plan.dp,
+        n_stages=S,
+        microbatches=m,
+        iteration_time_s=float(iteration),
+        pipeline_time_s=float(pipeline),
+        grad_sync_s=float(costs.grad_sync_s),
+        bubble_fraction=float(bubble),
+        idle_fraction=float(idle),
+        lower_bound_s=lower,
+        balanced_bound_s=float(bal.makespan),
+        peak_activation_bytes=peak_bytes,
+        peak_inflight=peak_inflight(res, S),
+        a2a_bytes_intra_node=float(costs.a2a_bytes_intra * m),
+        a2a_bytes_inter_node=float(costs.a2a_bytes_inter * m),
+        p2p_bytes=float(costs.p2p_bytes * m),
+        busy_s=res.busy,
+        timeline=res.timeline,
+        stage_to_pp_rank=s2r,
+        costs=costs,
+    )

@@ -1,0 +1,21 @@
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from moepipe.config import register_configs, validate
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+register_configs()
+
+
+def compose_cfg(overrides=(), validated=True):
+    """Compose conf/ with overrides as the CLI would; validated -> typed MoepipeConfig."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=list(overrides))
+    return validate(dcfg) if validated else dcfg
+
+
+@pytest.fixture
+def compose_config():
+    return compose_cfg
