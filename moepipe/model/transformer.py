@@ -6,6 +6,7 @@ stage does not hold them): parameter names stay global and checkpoints reshard b
 """
 from __future__ import annotations
 
+import zlib
 from typing import Iterator
 
 import torch
@@ -51,7 +52,7 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, model: ModelConfig, moe: MoEConfig):
+    def __init__(self, model: ModelConfig, moe: MoEConfig, seed: int = 0):
         super().__init__()
         self.model_cfg, self.moe_cfg = model, moe
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(model.vocab_size, model.d_model)
@@ -64,18 +65,7 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, std) weights; residual output projections scaled by 1/sqrt(2 L) (GPT-2)."""
-        std = self.model_cfg.init_std
-        out_std = std / (2 * self.model_cfg.n_layers) ** 0.5
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                continue  # norm gains stay at one
-            is_residual_out = name.endswith("wo.weight") or name.endswith("w2.weight")
-            nn.init.normal_(p, mean=0.0, std=out_std if is_residual_out else std)
+        init_weights(self, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] on a whole model; on a pipeline stage, whatever the
@@ -112,6 +102,25 @@ class MoETransformer(nn.Module):
             moe.update_expert_bias()
 
 
+@torch.no_grad()
+def init_weights(module: nn.Module, seed: int) -> None:
+    """Normal(0, std) weights, residual output projections scaled by 1/sqrt(2 L) (GPT-2),
+    norm gains at one. Each parameter draws from a generator seeded by (seed, its name), so
+    a pipeline stage or an expert-parallel shard initialises exactly the weights the whole
+    model would: every layout starts from the same point without building the full model."""
+    cfg = module.model_cfg
+    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+    for name, p in module.named_parameters():
+        if p.is_meta:
+            continue  # materialised and initialised later (pipeline stages)
+        if p.dim() == 1:
+            p.fill_(1.0)
+            continue
+        std = out_std if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+
+
 def _checkpointed(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Recompute `block` in backward. Routing statistics are recorded on the first pass only,
     so recomputation does not double-count tokens (the RNG state is replayed, so routing,
@@ -132,8 +141,8 @@ def _checkpointed(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return checkpoint(run, h, use_reentrant=False)
 
 
-def build_model(model: ModelConfig, moe: MoEConfig) -> MoETransformer:
-    return MoETransformer(model, moe)
+def build_model(model: ModelConfig, moe: MoEConfig, seed: int = 0) -> MoETransformer:
+    return MoETransformer(model, moe, seed)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

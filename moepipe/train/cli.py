@@ -48,14 +48,18 @@ def main(dcfg: DictConfig) -> None:
         print(f"moepipe: config error: {err}", file=sys.stderr)
         sys.exit(2)
     run_dir = cfg.train.out_dir or HydraConfig.get().runtime.output_dir
-    from moepipe.train.loop import train
+    from moepipe.train.launch import WorkerFailed, launch
 
     try:
-        summary = train(cfg, run_dir)
+        summary = launch(cfg, run_dir)
     except ConfigError as err:
         print(f"moepipe: config error: {err}", file=sys.stderr)
         sys.exit(2)
-    print_summary(summary)
+    except WorkerFailed as err:
+        print(f"moepipe: {err}", file=sys.stderr)
+        sys.exit(1)
+    if summary is not None:
+        print_summary(summary)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from moepipe.config import ConfigError, MoepipeConfig, world_size
 from moepipe.data import build_corpus, train_batch, val_batches
 from moepipe.model import MoETransformer, build_model, count_parameters, lm_loss
+from moepipe.parallel.grad_sync import fill_missing_grads
 from moepipe.train.metrics import MetricsLogger, routing_metrics
 from moepipe.train.optim import build_optimizer, lr_at, set_lr
 from moepipe.train.run_info import run_info
@@ -60,6 +61,8 @@ class StepResult:
 class Trainer:
     """Owns model, optimizer and data for one process; `train_step(step)` does one update."""
 
+    world_size = 1
+
     def __init__(self, cfg: MoepipeConfig, model: MoETransformer | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg)
@@ -73,7 +76,7 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size} < the data's vocabulary ({self.corpus.vocab_size}, data={cfg.data.name}): "
                 f"set model.vocab_size>={self.corpus.vocab_size}"
             )
-        self.model = (model or build_model(cfg.model, cfg.moe)).to(self.device)
+        self.model = (model or build_model(cfg.model, cfg.moe, cfg.train.seed)).to(self.device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.val_set = val_batches(self.corpus, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
@@ -103,6 +106,7 @@ class Trainer:
             total += float(loss.detach()) / m
         if not math.isfinite(total):
             raise NonFiniteLossError(f"loss={total} at step {step}: lower optim.lr or raise optim.warmup_steps")
+        fill_missing_grads(list(self.model.parameters()))
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.optimizer.step()
@@ -121,6 +125,9 @@ class Trainer:
             expert_load={lid: s.demand.numpy().copy() for lid, s in stats.items()},
         )
 
+    def parameter_counts(self) -> dict[str, int]:
+        return count_parameters(self.model)
+
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
@@ -132,26 +139,30 @@ class Trainer:
         return float(np.mean(losses))
 
 
-def train(cfg: MoepipeConfig, run_dir: str) -> dict:
-    """Run `cfg` in this process, writing metrics.jsonl and summary.json into `run_dir`."""
-    if world_size(cfg) != 1:
+def train(cfg: MoepipeConfig, run_dir: str, trainer_factory=None, is_metrics_rank: bool = True) -> dict | None:
+    """Train `cfg`, writing metrics.jsonl and summary.json into `run_dir` (metrics rank only).
+
+    `trainer_factory` builds this process's trainer (default: the single-process `Trainer`;
+    distributed workers pass one that builds a `DistributedTrainer`).
+    """
+    if trainer_factory is None and world_size(cfg) != 1:
         raise ConfigError(
-            f"parallel.pp*ep*dp={world_size(cfg)}: this entry point trains in one process; "
-            "multi-process runs go through moepipe.train.cli (set parallel.* there)"
+            f"parallel.pp*ep*dp={world_size(cfg)}: train() alone runs one process; "
+            "start multi-process runs with moepipe-train (it launches the workers)"
         )
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    logger = MetricsLogger(cfg, run_dir, config_dict)
+    logger = MetricsLogger(cfg, run_dir, config_dict, enabled=is_metrics_rank)
     summary, exit_code = None, 1
     try:
-        trainer = Trainer(cfg)
+        trainer = trainer_factory() if trainer_factory else Trainer(cfg)
         summary = _loop(cfg, trainer, logger, run_dir, config_dict)
         exit_code = 0
-        return summary
+        return summary if is_metrics_rank else None
     finally:
         logger.close(summary, exit_code)
 
 
-def _loop(cfg: MoepipeConfig, trainer: Trainer, logger: MetricsLogger, run_dir: str, config_dict: dict) -> dict:
+def _loop(cfg: MoepipeConfig, trainer, logger: MetricsLogger, run_dir: str, config_dict: dict) -> dict:
     t = cfg.train
     wall_start = time.perf_counter()
     window: list[StepResult] = []
@@ -184,14 +195,14 @@ def _loop(cfg: MoepipeConfig, trainer: Trainer, logger: MetricsLogger, run_dir: 
             logger.event({"step": done, "val_loss": val_loss})
         else:
             logger.tick(done)
-    params = count_parameters(trainer.model)
+    params = trainer.parameter_counts()
     return {
         "steps": t.steps,
         "final_train_loss": res.loss,
         "final_val_loss": val_loss,
         "tokens_per_s": step_tokens / max(1e-9, step_seconds),
         "wall_time_s": time.perf_counter() - wall_start,
-        "world_size": 1,
+        "world_size": trainer.world_size,
         "device": str(trainer.device),
         "dtype": str(trainer.amp_dtype or torch.float32).replace("torch.", ""),
         "parameters": params,

@@ -1,0 +1,69 @@
+"""The (pp, ep, dp) process mesh: this rank's coordinates and its process groups.
+
+Rank order follows moepipe.placement.plan: rank = ep_rank + ep * (pp_rank + pp * dp_rank),
+so an EP group is a run of adjacent ranks (one node on GPU clusters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from moepipe.placement.plan import global_rank, mesh_coords
+
+
+@dataclass
+class Mesh:
+    rank: int
+    pp: int
+    ep: int
+    dp: int
+    pp_rank: int
+    ep_rank: int
+    dp_rank: int
+    pp_group: dist.ProcessGroup | None  # same (ep, dp): one pipeline
+    ep_group: dist.ProcessGroup | None  # same (pp, dp): one stage's expert-parallel ranks
+    dp_group: dist.ProcessGroup | None  # same (pp, ep): replicas of the same experts
+    replica_group: dist.ProcessGroup | None  # same pp: all ranks holding the stage's dense weights
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.ep * self.dp
+
+    @property
+    def data_shard(self) -> int:
+        """Which of the ep*dp slices of the global batch this rank's pipeline trains on."""
+        return self.dp_rank * self.ep + self.ep_rank
+
+    @property
+    def is_metrics_rank(self) -> bool:
+        """First rank of the last pipeline rank: it holds the loss and writes results."""
+        return self.rank == global_rank(self.pp - 1, 0, 0, self.pp, self.ep, self.dp)
+
+
+def build_mesh(pp: int, ep: int, dp: int) -> Mesh:
+    """Create every group of the mesh. Collective: all ranks must call it, in the same order."""
+    rank = dist.get_rank()
+    if dist.get_world_size() != pp * ep * dp:
+        raise RuntimeError(f"world size {dist.get_world_size()} != pp*ep*dp = {pp * ep * dp}")
+    pp_rank, ep_rank, dp_rank = mesh_coords(rank, pp, ep, dp)
+    mine: dict[str, dist.ProcessGroup | None] = {}
+
+    def make(name: str, members: list[int]) -> None:
+        # new_group is collective over the whole world: every rank creates every group.
+        group = dist.new_group(sorted(members))
+        if rank in members:
+            mine[name] = group
+
+    for d in range(dp):
+        for e in range(ep):
+            make("pp", [global_rank(p, e, d, pp, ep, dp) for p in range(pp)])
+    for d in range(dp):
+        for p in range(pp):
+            make("ep", [global_rank(p, e, d, pp, ep, dp) for e in range(ep)])
+    for p in range(pp):
+        for e in range(ep):
+            make("dp", [global_rank(p, e, d, pp, ep, dp) for d in range(dp)])
+    for p in range(pp):
+        make("replica", [global_rank(p, e, d, pp, ep, dp) for d in range(dp) for e in range(ep)])
+    return Mesh(rank, pp, ep, dp, pp_rank, ep_rank, dp_rank, mine["pp"], mine["ep"], mine["dp"], mine["replica"])

@@ -1,0 +1,165 @@
+"""One rank of a (pp, ep, dp) training job: plan-driven stages, a torch.distributed.pipelining
+schedule, expert-parallel dispatch and gradient averaging. Same interface as the
+single-process `Trainer`, so the loop, metrics and summary code are shared.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moepipe.config import ConfigError, MoepipeConfig, moe_layer_ids
+from moepipe.data import build_corpus, slice_for_rank, train_batch, val_batches
+from moepipe.model import MoETransformer, count_parameters, lm_loss
+from moepipe.model.moe import RoutingStats
+from moepipe.parallel.expert_parallel import ExpertParallelDispatcher
+from moepipe.parallel.grad_sync import clip_gradients, global_grad_norm, split_params, sync_gradients
+from moepipe.parallel.mesh import Mesh
+from moepipe.parallel.pipeline import build_schedule
+from moepipe.parallel.stage_builder import build_stage_module
+from moepipe.placement.plan import Plan, experts_on_rank, static_plan, validate_plan
+from moepipe.sim.schedules import plan_style
+from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_dtype, resolve_device
+from moepipe.train.metrics import routing_metrics
+from moepipe.train.optim import build_optimizer, lr_at, set_lr
+
+
+def default_plan(cfg: MoepipeConfig) -> Plan:
+    return static_plan(
+        cfg.model.n_layers,
+        moe_layer_ids(cfg.model, cfg.moe),
+        cfg.moe.num_experts,
+        cfg.parallel.pp,
+        cfg.parallel.ep,
+        cfg.schedule.virtual_stages,
+        plan_style(cfg.schedule.name),
+        cfg.parallel.dp,
+    )
+
+
+class DistributedTrainer:
+    def __init__(self, cfg: MoepipeConfig, mesh: Mesh, plan: Plan | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.world_size = mesh.world_size
+        self.device = resolve_device(cfg)
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        if self.amp_dtype is not None:
+            raise ConfigError("train.dtype=bf16 with parallel.pp/ep/dp > 1 is not wired yet: use train.dtype=fp32 (auto on CPU)")
+        self.plan = validate_plan(plan or default_plan(cfg), cfg.model.n_layers, moe_layer_ids(cfg.model, cfg.moe), cfg.moe.num_experts)
+        self.corpus = build_corpus(cfg.data, cfg.train.seq_len)
+        if self.corpus.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the data's vocabulary ({self.corpus.vocab_size}): raise model.vocab_size")
+        self.slices = mesh.ep * mesh.dp
+        self.stage_ids = self.plan.stages_of_rank(mesh.pp_rank)
+        self.modules: dict[int, MoETransformer] = {
+            s: build_stage_module(cfg.model, cfg.moe, self.plan, s, mesh.ep_rank, self.device, cfg.train.seed) for s in self.stage_ids
+        }
+        self.moe_ids = moe_layer_ids(cfg.model, cfg.moe)
+        for module in self.modules.values():
+            module.activation_checkpointing = cfg.train.activation_checkpointing
+            for layer_id, moe in module.moe_layers():
+                if mesh.ep > 1:
+                    owners = [holders[0] for holders in self.plan.expert_map[layer_id]]
+                    moe.dispatcher = ExpertParallelDispatcher(owners, mesh.ep_rank, mesh.ep_group, cfg.moe.num_experts)
+        self.dense, self.expert = split_params(list(self.modules.values()))
+        self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)
+        m = cfg.schedule.microbatches
+        self.schedule = build_schedule(
+            cfg.schedule.name, self.modules, self.plan.n_stages, m, lambda out, y: lm_loss(out, y) / m, self.device, mesh.pp_group
+        )
+        self.holds_first = 0 in self.stage_ids
+        self.holds_last = (self.plan.n_stages - 1) in self.stage_ids
+        self.val_set = val_batches(self.corpus, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
+        with torch.device("meta"):
+            self._param_counts = count_parameters(MoETransformer(cfg.model, cfg.moe))
+
+    # ------------------------------------------------------------------ one step
+
+    def _run(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> float:
+        """Run the schedule on this pipeline's slice; return the global mean loss (all ranks)."""
+        x = slice_for_rank(inputs, self.mesh.data_shard, self.slices).to(self.device)
+        y = slice_for_rank(targets, self.mesh.data_shard, self.slices).to(self.device)
+        args = (x,) if self.holds_first else ()
+        kwargs = {"target": y, "losses": []} if self.holds_last else {}
+        if train:
+            self.schedule.step(*args, **kwargs)
+        else:
+            self.schedule.eval(*args, **kwargs)
+        local = torch.zeros((), dtype=torch.float64)
+        if self.holds_last:
+            local += sum(float(l.detach()) for l in kwargs["losses"])
+        dist.all_reduce(local)
+        # Last-stage ranks of all S pipelines contributed their slice's loss (already /m).
+        return float(local) / self.slices
+
+    def train_step(self, step: int) -> StepResult:
+        cfg = self.cfg
+        start = time.perf_counter()
+        for module in self.modules.values():
+            module.train()
+            module.set_aux_loss_scale(1.0 / cfg.schedule.microbatches)
+            module.reset_routing_stats()
+        lr = lr_at(step, cfg.train.steps, cfg.optim)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        inputs, targets = train_batch(self.corpus, step, cfg.train.seed, cfg.train.batch_size, cfg.train.seq_len)
+        loss = self._run(inputs, targets, train=True)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"loss={loss} at step {step}: lower optim.lr or raise optim.warmup_steps")
+        sync_gradients(self.dense, self.expert, self.mesh)
+        norm = global_grad_norm(self.dense, self.expert, self.mesh)
+        if cfg.optim.grad_clip > 0:
+            clip_gradients(self.dense + self.expert, norm, cfg.optim.grad_clip)
+        self.optimizer.step()
+        stats = self._global_routing_stats()
+        for module in self.modules.values():
+            for layer_id, moe in module.moe_layers():
+                moe.update_expert_bias(stats[layer_id].demand)  # global demand: replicas stay identical
+        return StepResult(
+            loss=loss,
+            grad_norm=float(norm),
+            lr=lr,
+            seconds=time.perf_counter() - start,
+            tokens=inputs.numel(),
+            routing=routing_metrics(stats),
+            expert_load={lid: s.demand.numpy().copy() for lid, s in stats.items()},
+        )
+
+    def _global_routing_stats(self) -> dict[int, RoutingStats]:
+        """Sum every rank's counters into whole-job per-layer statistics (on all ranks)."""
+        E = self.cfg.moe.num_experts
+        if not self.moe_ids:
+            return {}
+        row = {lid: i for i, lid in enumerate(self.moe_ids)}
+        packed = torch.zeros(len(self.moe_ids), 2 * E + 4, dtype=torch.float64)
+        for module in self.modules.values():
+            for layer_id, moe in module.moe_layers():
+                s = moe.stats
+                packed[row[layer_id]] = torch.cat([s.demand.double(), s.kept.double(), torch.tensor([s.asked, s.aux_loss_sum, s.z_loss_sum, s.calls], dtype=torch.float64)])
+        dist.all_reduce(packed)
+        out = {}
+        for layer_id, i in row.items():
+            s = RoutingStats(E)
+            s.demand, s.kept = packed[i, :E].round().long(), packed[i, E : 2 * E].round().long()
+            s.asked, s.aux_loss_sum, s.z_loss_sum, s.calls = int(packed[i, 2 * E]), float(packed[i, 2 * E + 1]), float(packed[i, 2 * E + 2]), int(packed[i, 2 * E + 3])
+            out[layer_id] = s
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        for module in self.modules.values():
+            module.eval()
+        losses = [self._run(x, y, train=False) for x, y in self.val_set]
+        for module in self.modules.values():
+            module.train()
+            module.reset_routing_stats()
+        return float(np.mean(losses))
+
+    def parameter_counts(self) -> dict[str, int]:
+        return dict(self._param_counts)
+
+    def experts_here(self, layer_id: int) -> list[int]:
+        return experts_on_rank(self.plan, layer_id, self.mesh.ep_rank)

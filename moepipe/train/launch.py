@@ -1,0 +1,104 @@
+"""Start the job's processes.
+
+- one process: train in place;
+- one node, several processes: spawn pp*ep*dp workers from inside the (single) Hydra job, so
+  there is one run dir and one W&B run; the first worker to fail ends the job with its error;
+- torchrun (many nodes): this process is one worker; rank 0's run dir is broadcast to all.
+Collectives carry `parallel.collective_timeout_s`, so a lost peer ends the job instead of
+hanging it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moepipe.config import MoepipeConfig, world_size
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process raised or died; the message carries its error."""
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "LOCAL_RANK" in os.environ)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: MoepipeConfig, run_dir: str) -> dict | None:
+    """Run the job; return the summary where this process can read it."""
+    n = world_size(cfg)
+    if under_torchrun():
+        if int(os.environ["WORLD_SIZE"]) != n:
+            from moepipe.config import ConfigError
+
+            raise ConfigError(
+                f"parallel.pp*ep*dp={n} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']}: "
+                "make nnodes*nproc_per_node equal pp*ep*dp"
+            )
+        return run_worker(int(os.environ["RANK"]), n, cfg, run_dir, "env://", int(os.environ.get("LOCAL_RANK", 0)))
+    if n == 1:
+        from moepipe.train.loop import train
+
+        return train(cfg, run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    init = f"tcp://127.0.0.1:{free_port()}"
+    try:
+        mp.start_processes(_spawned, args=(n, cfg, run_dir, init), nprocs=n, start_method="spawn", join=True)
+    except mp.ProcessRaisedException as err:
+        raise WorkerFailed(f"worker {err.error_index} failed:\n{err}") from None
+    except mp.ProcessExitedException as err:
+        raise WorkerFailed(f"worker {err.error_index} exited with code {err.exit_code} (signal {err.signal_name})") from None
+    path = os.path.join(run_dir, "summary.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _spawned(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str) -> None:
+    run_worker(rank, n, cfg, run_dir, init, local_rank=rank)
+
+
+def _threads_per_worker(cfg: MoepipeConfig, local_world: int) -> int:
+    if cfg.train.num_threads:
+        return cfg.train.num_threads
+    return max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
+def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, local_rank: int = 0) -> dict | None:
+    from moepipe.parallel.mesh import build_mesh
+    from moepipe.train.distributed import DistributedTrainer
+    from moepipe.train.loop import train
+
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", n))
+    torch.set_num_threads(_threads_per_worker(cfg, local_world))
+    timeout = timedelta(seconds=cfg.parallel.collective_timeout_s)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=n, timeout=timeout)
+    ok = False
+    try:
+        shared = [run_dir]
+        dist.broadcast_object_list(shared, src=0)  # under torchrun every rank's Hydra made its own dir
+        run_dir = shared[0]
+        mesh = build_mesh(cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.dp)
+        summary = train(cfg, run_dir, trainer_factory=lambda: DistributedTrainer(cfg, mesh), is_metrics_rank=mesh.is_metrics_rank)
+        dist.barrier()
+        ok = True
+        return summary
+    finally:
+        # Tear the group down explicitly on success: leaving it to interpreter exit lets gloo's
+        # threads be destroyed after the runtime that owns them (abort at exit).
+        if ok:
+            dist.destroy_process_group()
