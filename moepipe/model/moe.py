@@ -47,7 +47,10 @@ class ExpertDispatcher(Protocol):
 def run_experts_sorted(x_sorted: torch.Tensor, counts: list[int], expert_ids: list[int], experts: nn.ModuleDict) -> torch.Tensor:
     """Apply expert `expert_ids[i]` to the i-th contiguous chunk of `x_sorted` (sizes `counts`)."""
     outs = [experts[str(e)](chunk) for e, chunk in zip(expert_ids, x_sorted.split(counts)) if chunk.shape[0] > 0]
-    return torch.cat(outs) if outs else x_sorted.new_zeros(0, x_sorted.shape[-1])
+    # No tokens at all: return an empty slice of the input rather than a fresh tensor, so the
+    # result stays on the autograd graph. Under expert parallelism the combine all-to-all
+    # must then run its backward on this rank too, or its peers wait for it forever.
+    return torch.cat(outs) if outs else x_sorted[:0]
 
 
 def local_dispatch(x: torch.Tensor, routing: Routing, experts: nn.ModuleDict) -> torch.Tensor:

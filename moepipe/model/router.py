@@ -121,6 +121,7 @@ class Router(nn.Module):
     def __init__(self, d_model: int, num_experts: int, jitter: float = 0.0, use_bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)  # the transformer re-initialises by name; standalone use needs a value
         self.jitter = jitter
         # Aux-loss-free balancing (DeepSeek-V3): added to scores for the choice only, never to
         # the combine weights; updated outside autograd after each optimizer step.

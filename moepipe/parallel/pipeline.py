@@ -31,14 +31,37 @@ def build_schedule(
     loss_fn: Callable,
     device: torch.device,
     pp_group,
+    microbatch_shape: tuple[int, int],
+    d_model: int,
+    vocab_size: int,
+    logits_dtype: torch.dtype = torch.float32,
 ):
     """`modules`: stage index -> module for the stages this rank holds (plan order).
 
     Gradients are not rescaled by the schedule (scale_grads=False): the loss function already
     divides by the microbatch count, as the single-process reference does, so both perform
     the same arithmetic.
+
+    Stage input/output shapes are given up front (static metadata). Left to infer them, the
+    engine runs an extra forward on uninitialised tensors, which would route garbage through
+    the experts, run unmatched expert all-to-alls and pollute the routing statistics.
     """
-    stages = [PipelineStage(m, idx, n_stages, device, group=pp_group) for idx, m in sorted(modules.items())]
+    b, t = microbatch_shape
+
+    def hidden() -> torch.Tensor:
+        # requires_grad marks the activations whose gradients travel back between stages
+        return torch.empty(b, t, d_model, device="meta", requires_grad=True)
+
+    def io(idx: int):
+        inp = torch.empty(b, t, dtype=torch.long, device="meta") if idx == 0 else hidden()
+        last = idx == n_stages - 1
+        out = torch.empty(b, t, vocab_size, dtype=logits_dtype, device="meta", requires_grad=True) if last else hidden()
+        return inp, out
+
+    stages = []
+    for idx, module in sorted(modules.items()):
+        inp, out = io(idx)
+        stages.append(PipelineStage(module, idx, n_stages, device, input_args=(inp,), output_args=(out,), group=pp_group))
     if name in SINGLE_STAGE:
         if len(stages) != 1:
             raise ValueError(f"schedule.name={name} runs one stage per rank, got {len(stages)}: use an interleaved schedule")

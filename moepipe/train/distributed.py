@@ -67,8 +67,10 @@ class DistributedTrainer:
         self.dense, self.expert = split_params(list(self.modules.values()))
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)
         m = cfg.schedule.microbatches
+        microbatch = (cfg.train.batch_size // (self.slices * m), cfg.train.seq_len)
         self.schedule = build_schedule(
-            cfg.schedule.name, self.modules, self.plan.n_stages, m, lambda out, y: lm_loss(out, y) / m, self.device, mesh.pp_group
+            cfg.schedule.name, self.modules, self.plan.n_stages, m, lambda out, y: lm_loss(out, y) / m, self.device, mesh.pp_group,
+            microbatch, cfg.model.d_model, cfg.model.vocab_size, self.amp_dtype or torch.float32,
         )
         self.holds_first = 0 in self.stage_ids
         self.holds_last = (self.plan.n_stages - 1) in self.stage_ids
