@@ -280,11 +280,21 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
         if e.router_jitter >= 1:
             raise ConfigError(f"moe.router_jitter={e.router_jitter} must be < 1: it scales inputs by U(1-j, 1+j)")
         _positive("moe.num_shared_experts", e.num_shared_experts, allow_zero=True)
-        if e.backend == "fairscale" and (e.top_k != 2 or e.score_func != "softmax"):
-            raise ConfigError(
-                f"moe.backend=fairscale supports only top-2 softmax gating (got top_k={e.top_k}, score_func={e.score_func}): "
-                "set moe.top_k=2 moe.score_func=softmax or use moe.backend=native"
-            )
+        if e.backend == "fairscale":
+            if e.top_k != 2 or e.score_func != "softmax":
+                raise ConfigError(
+                    f"moe.backend=fairscale supports only top-2 softmax gating (got top_k={e.top_k}, score_func={e.score_func}): "
+                    "set moe.top_k=2 moe.score_func=softmax or use moe.backend=native"
+                )
+            if e.capacity_factor != 1.0:
+                raise ConfigError(
+                    f"moe.capacity_factor={e.capacity_factor} but fairscale's Top2Gate always caps at 2T/E: "
+                    "set moe.capacity_factor=1.0 with moe.backend=fairscale (or use moe.backend=native)"
+                )
+            if e.bias_update_rate > 0 or e.router_jitter > 0:
+                raise ConfigError(
+                    "moe.bias_update_rate/router_jitter are not supported by moe.backend=fairscale: set them to 0 or use moe.backend=native"
+                )
 
     for name in ("pp", "ep", "dp"):
         _positive(f"parallel.{name}", getattr(par, name))
@@ -308,6 +318,13 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
             f"schedule.microbatches={sch.microbatches} < parallel.pp={par.pp}: the pipeline cannot fill; "
             f"set schedule.microbatches >= {par.pp}"
         )
+    if e.num_experts and e.backend != "native" and par.pp * par.ep * par.dp > 1:
+        raise ConfigError(
+            f"moe.backend={e.backend} runs in one process only (parallel.pp*ep*dp={par.pp * par.ep * par.dp}): "
+            "use moe.backend=native for distributed runs"
+        )
+    if m.tie_embeddings and par.pp > 1:
+        raise ConfigError("model.tie_embeddings=true cannot be split over pipeline stages: set it false or parallel.pp=1")
     if e.num_experts and par.ep > 1 and par.ep > e.num_experts:
         raise ConfigError(f"parallel.ep={par.ep} > moe.num_experts={e.num_experts}: every EP rank needs an expert; lower parallel.ep")
 
@@ -331,10 +348,11 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     _one_of("train.dtype", t.dtype, DTYPES)
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} > model.max_seq_len={m.max_seq_len}: lower train.seq_len or raise model.max_seq_len")
-    per_replica = par.dp
-    if t.batch_size % (per_replica * sch.microbatches):
+    # Every pipeline (one per (ep, dp) coordinate) trains on its own slice of the batch.
+    slices = par.dp * par.ep * sch.microbatches
+    if t.batch_size % slices:
         raise ConfigError(
-            f"train.batch_size={t.batch_size} is not divisible by parallel.dp*schedule.microbatches={per_replica * sch.microbatches}: "
+            f"train.batch_size={t.batch_size} is not divisible by parallel.ep*parallel.dp*schedule.microbatches={slices}: "
             "pick a batch size that splits evenly"
         )
 

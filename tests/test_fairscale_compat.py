@@ -156,8 +156,6 @@ def test_fairscale_aux_loss_reaches_gate(process_group):
     assert grad is not None and float(grad.abs().max()) > 0
 
 
-@pytest.mark.xfail(strict=True, reason="backends.py FairscaleMoE passes 3-D [B, T, d] input straight to MOELayer, "
-                   "which asserts B % num_experts == 0; it should flatten to [B*T, 1, d]")
 def test_fairscale_backend_batch_not_divisible_by_experts(process_group):
     mcfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=16)
     ecfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=24, backend="fairscale")

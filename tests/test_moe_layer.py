@@ -68,7 +68,7 @@ def reference_moe(layer: MoELayer, x: torch.Tensor):
 
     prio = [(t, j) for j in range(k) for t in range(T)]  # all first choices, then second ...
     if cfg.drop_policy == "score":
-        prio = sorted(prio, key=lambda tj: -float(weights[tj[0]][tj[1]].detach()))  # stable: ties keep that order
+        prio = sorted(prio, key=lambda tj: -float(scores[tj[0], chosen[tj[0]][tj[1]]].detach()))  # raw scores; stable sort keeps ties in that order
     count = [0] * num_e
     survived = set()
     for t, j in prio:

@@ -213,9 +213,11 @@ def test_score_policy_second_choice_can_beat_first_choice():
     assert_assignments(pos, {(0, 0): 0.5, (1, 1): 0.4})
     score = route(logits, 2, capacity_factor=0.5, drop_policy="score", normalize_weights=False)
     assert_assignments(score, {(0, 0): 0.5, (0, 1): 0.45})
-    # normalised-before-drop weights are what the score policy ranks
+    # the policy ranks raw router scores, whatever the normalisation flags: same survivors
     score_n = route(logits, 2, capacity_factor=0.5, drop_policy="score", normalize_weights=True)
-    assert_assignments(score_n, {(0, 0): 0.5 / 0.95, (1, 1): 0.4 / 0.75})
+    assert_assignments(score_n, {(0, 0): 0.5 / 0.95, (0, 1): 0.45 / 0.95})
+    score_after = route(logits, 2, capacity_factor=0.5, drop_policy="score", normalize_after_drop=True)
+    assert_assignments(score_after, {(0, 0): 0.5 / 0.95, (0, 1): 0.45 / 0.95})
 
 
 def test_negative_capacity_factor_caps_at_busiest_demand():

@@ -52,7 +52,11 @@ class FairscaleMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = self.moe(x.reshape(-1, 1, shape[-1]) if x.dim() != 3 else x)
+        # [tokens, 1, d]: MOELayer asserts its first dim divides by the expert count
+        out = self.moe(x.reshape(-1, 1, shape[-1]))
+        # fairscale's l_aux is mean_e(me*ce) = sum_e(f_e P_e)/E; scale it to the native
+        # E*sum_e(f_e P_e) so moe.aux_loss_coef means the same for every backend.
+        l_aux = self.moe.l_aux * self.num_experts**2
         if self.record_stats:
             # fairscale keeps its pre-capacity choices to itself (the second one is Gumbel-noised),
             # so per-expert demand is what it kept; the dropped total is still exact (2 per token).
@@ -60,11 +64,11 @@ class FairscaleMoE(nn.Module):
             self.stats.kept += kept
             self.stats.demand += kept
             self.stats.asked += 2 * (x.numel() // shape[-1])
-            self.stats.aux_loss_sum += float(self.moe.l_aux.detach())
+            self.stats.aux_loss_sum += float(l_aux.detach())
             self.stats.calls += 1
         out = out.reshape(shape)
         if self.training and torch.is_grad_enabled() and self.cfg.aux_loss_coef > 0:
-            out = AttachAuxLoss.apply(out, self.cfg.aux_loss_coef * self.moe.l_aux * self.aux_loss_scale)
+            out = AttachAuxLoss.apply(out, self.cfg.aux_loss_coef * l_aux * self.aux_loss_scale)
         return out
 
     def update_expert_bias(self, load=None) -> None:  # the fairscale gate has no selection bias

@@ -86,8 +86,9 @@ def route(
     expert_flat = choices.t().reshape(-1)
     token_flat = torch.arange(num_tokens, device=logits.device).repeat(top_k)
     weight_flat = weights.t().reshape(-1)
-    if drop_policy == "score":  # Batch Prioritized Routing: highest scores survive the cap
-        pre = torch.argsort(weight_flat.detach(), descending=True, stable=True)
+    if drop_policy == "score":  # Batch Prioritized Routing: highest router scores survive the cap
+        raw = scores.gather(-1, choices).t().reshape(-1)  # before any renormalisation
+        pre = torch.argsort(raw.detach(), descending=True, stable=True)
     else:
         pre = torch.arange(expert_flat.numel(), device=logits.device)
     order = pre[torch.argsort(expert_flat[pre], stable=True)]

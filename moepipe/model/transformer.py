@@ -132,11 +132,12 @@ def _checkpointed(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
         calls[0] += 1
         if moe is None:
             return block(h, cos, sin)
-        moe.record_stats = calls[0] == 1
+        before = moe.record_stats
+        moe.record_stats = before and calls[0] == 1
         try:
             return block(h, cos, sin)
         finally:
-            moe.record_stats = True
+            moe.record_stats = before
 
     return checkpoint(run, h, use_reentrant=False)
 

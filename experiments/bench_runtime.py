@@ -1,0 +1,373 @@
+"""Runtime overhead of moepipe's pipeline-parallel training step (issue 3).
+
+Tokens/s of one training step of the `tiny` model (1F1B, 8 microbatches, fp32, CPU) for:
+- single:  the single-process `Trainer` (one process, 1 and 2 torch threads, alternated);
+- moepipe: `DistributedTrainer.train_step` at pp=2, ep=1, dp=1 (2 gloo processes, 1 thread each);
+- bare:    the same stage modules (`build_stage_module` on the same static plan, same seed, so the
+           same weights and arithmetic) in a hand-written torch.distributed.pipelining loop:
+           `PipelineStage` + `Schedule1F1B` with the same loss, a plain AdamW and a local
+           `clip_grad_norm_`; nothing else.
+Both pipelined variants live in the same two processes and are measured alternately (which one
+goes first flips every round), so background load on the shared cores hits both alike; each
+round is K steps timed between barriers, its time the slower rank's; the median round counts.
+After the timed rounds a few extra steps run with per-section timers (not in the headline).
+
+    .venv/bin/python experiments/bench_runtime.py                  # writes results/bench_runtime.json
+    .venv/bin/python experiments/bench_runtime.py --rounds 9 --steps 4
+
+The last line printed is `overhead_vs_bare=<bare tokens/s / moepipe tokens/s>` (1.00 = none).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# Sleeping OpenMP waiters (see bench_moe_layer.py): spin-waiting threads collapse when another
+# process holds one of the two cores. Only the 2-thread single run has OpenMP teams at all.
+if "--omp-default" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+CONF_DIR = os.path.join(ROOT, "conf")
+BASE_OVERRIDES = [
+    "model=tiny", "schedule=1f1b", "train.seq_len=128", "train.dtype=fp32", "train.device=cpu",
+    "train.steps=1000", "logger.progress=none",
+]
+
+
+def compose(overrides: list[str]):
+    """conf/ + overrides -> validated MoepipeConfig, as the CLI (and tests/conftest.py) do."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from moepipe.config import register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return validate(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
+class Sections:
+    """Accumulated wall time per named section (wrap callables with `wrap`)."""
+
+    def __init__(self):
+        self.total: dict[str, float] = {}
+
+    def wrap(self, name: str, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - t0
+
+        return timed
+
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        return {k: 1e3 * v / steps for k, v in self.total.items()}
+
+
+# ---------------------------------------------------------------------------- bare pipeline
+
+
+class BarePipeline:
+    """This rank's stage in a plain torch.distributed.pipelining loop: no moepipe bookkeeping."""
+
+    def __init__(self, cfg, plan, rank: int, corpus, sections: Sections | None = None):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+        from moepipe.data import train_batch
+        from moepipe.model import lm_loss
+        from moepipe.parallel.stage_builder import build_stage_module
+        from moepipe.train.optim import build_optimizer
+
+        self.cfg, self.corpus = cfg, corpus
+        (stage,) = plan.stages_of_rank(rank)
+        n, m = plan.n_stages, cfg.schedule.microbatches
+        device = torch.device("cpu")
+        self.module = build_stage_module(cfg.model, cfg.moe, plan, stage, 0, device, cfg.train.seed)
+        self.module.train()
+        self.module.set_aux_loss_scale(1.0 / m)
+        b, t, d = cfg.train.batch_size // m, cfg.train.seq_len, cfg.model.d_model
+        inp = torch.empty(b, t, dtype=torch.long, device="meta") if stage == 0 else torch.empty(b, t, d, device="meta", requires_grad=True)
+        self.first, self.last = stage == 0, stage == n - 1
+        out = torch.empty(b, t, cfg.model.vocab_size, device="meta", requires_grad=True) if self.last else torch.empty(b, t, d, device="meta", requires_grad=True)
+        pstage = PipelineStage(self.module, stage, n, device, input_args=(inp,), output_args=(out,))  # default (world) group
+        self.schedule = Schedule1F1B(pstage, m, loss_fn=lambda o, y: lm_loss(o, y) / m, scale_grads=False)
+        # Same parameter groups (decay on matrices only) and hyper-parameters as moepipe, constant lr.
+        self.optimizer = build_optimizer(self.module, cfg.optim)
+        self.params = list(self.module.parameters())
+        self._train_batch = train_batch
+        self._clip = torch.nn.utils.clip_grad_norm_
+        if sections is not None:
+            self.instrument(sections)
+
+    def instrument(self, s: Sections) -> None:
+        self._train_batch = s.wrap("train_batch", self._train_batch)
+        self.schedule.step = s.wrap("schedule.step", self.schedule.step)
+        self._clip = s.wrap("clip_grad_norm_", self._clip)
+        self.optimizer.step = s.wrap("optimizer.step", self.optimizer.step)
+        self.train_step = s.wrap("train_step(total)", self.train_step)
+
+    def train_step(self, step: int) -> float | None:
+        t = self.cfg.train
+        x, y = self._train_batch(self.corpus, step, t.seed, t.batch_size, t.seq_len)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses: list[torch.Tensor] = []
+        if self.first:
+            self.schedule.step(x)
+        else:
+            self.schedule.step(target=y, losses=losses)
+        self._clip(self.params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        return sum(float(l.detach()) for l in losses) if self.last else None
+
+
+def instrument_moepipe(trainer, s: Sections) -> None:
+    """Per-section timers around what DistributedTrainer.train_step calls (instance / module level)."""
+    import moepipe.train.distributed as D
+
+    for name in ("train_batch", "sync_gradients", "global_grad_norm", "clip_gradients", "routing_metrics"):
+        setattr(D, name, s.wrap(name, getattr(D, name)))
+    trainer.schedule.step = s.wrap("schedule.step", trainer.schedule.step)
+    trainer._run = s.wrap("_run (schedule.step + slicing + loss all_reduce)", trainer._run)
+    trainer.optimizer.step = s.wrap("optimizer.step", trainer.optimizer.step)
+    trainer._global_routing_stats = s.wrap("_global_routing_stats (all_reduce)", trainer._global_routing_stats)
+    trainer.train_step = s.wrap("train_step(total)", trainer.train_step)
+
+
+# ---------------------------------------------------------------------------- worker
+
+
+def worker(rank: int, world: int, cfg, args, out_path: str) -> None:
+    from moepipe.parallel.mesh import build_mesh
+    from moepipe.train.distributed import DistributedTrainer
+
+    mesh = build_mesh(cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.dp)
+    trainer = DistributedTrainer(cfg, mesh)
+    bare = BarePipeline(cfg, trainer.plan, mesh.pp_rank, trainer.corpus)
+
+    # Same initial weights, parameter by parameter (names are global in both).
+    mine = dict(next(iter(trainer.modules.values())).named_parameters())
+    theirs = dict(bare.module.named_parameters())
+    same_weights = set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+    variants = {"moepipe": lambda s: trainer.train_step(s).loss, "bare": bare.train_step}
+    next_step = {"moepipe": 0, "bare": 0}
+
+    def run(name: str) -> float | None:
+        out = variants[name](next_step[name])
+        next_step[name] += 1
+        return out
+
+    # Step 0 on fresh weights and the same batch: the losses must agree.
+    loss0 = {"moepipe": run("moepipe"), "bare": run("bare")}
+    for i in range(args.warmup - 1):
+        for name in (("moepipe", "bare") if i % 2 == 0 else ("bare", "moepipe")):
+            run(name)
+
+    rounds: dict[str, list[float]] = {"moepipe": [], "bare": []}
+    for r in range(args.rounds):
+        for name in (("moepipe", "bare") if r % 2 == 0 else ("bare", "moepipe")):
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                run(name)
+            rounds[name].append(time.perf_counter() - t0)
+
+    # Section breakdown on extra steps (timers installed only now).
+    secs = {"moepipe": Sections(), "bare": Sections()}
+    instrument_moepipe(trainer, secs["moepipe"])
+    bare.instrument(secs["bare"])
+    variants = {"moepipe": lambda s: trainer.train_step(s).loss, "bare": bare.train_step}
+    for i in range(args.breakdown_steps):
+        for name in (("moepipe", "bare") if i % 2 == 0 else ("bare", "moepipe")):
+            dist.barrier()
+            run(name)
+
+    mine = {
+        "rank": rank, "stage_layers": list(trainer.plan.stage_layers[mesh.pp_rank]), "same_initial_weights": same_weights,
+        "loss0": loss0, "round_s": rounds, "threads": torch.get_num_threads(),
+        "sections_ms": {k: v.per_step_ms(max(1, args.breakdown_steps)) for k, v in secs.items()},
+    }
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(gathered, f)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    ok = False
+    try:
+        fn(rank, world, *args)
+        dist.barrier()
+        ok = True
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        if ok:
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, *args, timeout: float = 900.0) -> None:
+    """fn(rank, world, *args) on `world` spawned gloo processes, with a hard deadline."""
+    ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world}-process run did not finish in {timeout:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        for p in ctx.processes:
+            p.join(5)
+    codes = [p.exitcode for p in ctx.processes]
+    if any(c != 0 for c in codes):
+        raise RuntimeError(f"worker exit codes {codes}")
+
+
+# ---------------------------------------------------------------------------- single process
+
+
+def bench_single(cfg, args) -> dict[int, list[float]]:
+    from moepipe.train.loop import Trainer
+
+    trainer = Trainer(cfg)
+    step = 0
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for _ in range(2):
+            trainer.train_step(step)
+            step += 1
+    rounds: dict[int, list[float]] = {1: [], 2: []}
+    for r in range(args.rounds):
+        for threads in ((1, 2) if r % 2 == 0 else (2, 1)):
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.train_step(step)
+                step += 1
+            rounds[threads].append(time.perf_counter() - t0)
+    return rounds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=4, help="steps per timed round (K)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (R)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (step 0 is the loss check)")
+    ap.add_argument("--breakdown-steps", type=int, default=4, help="extra steps per variant with section timers")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--skip-single", action="store_true")
+    ap.add_argument("--omp-default", action="store_true", help="keep OpenMP's default wait policy")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_runtime.json"))
+    args = ap.parse_args()
+    if args.warmup < 1:
+        ap.error("--warmup must be >= 1 (step 0 is the loss check)")
+
+    from moepipe.train.run_info import run_info
+
+    overrides = BASE_OVERRIDES + [f"schedule.microbatches={args.microbatches}", f"train.batch_size={args.batch_size}"]
+    pp_overrides = overrides + ["parallel=pp2"]
+    cfg_single = compose(overrides + ["parallel=single"])
+    cfg_pp = compose(pp_overrides)
+    tokens = args.batch_size * cfg_pp.train.seq_len
+    info = run_info()  # before any thread change: records the default thread count
+    t_start = time.perf_counter()
+
+    single = {} if args.skip_single else bench_single(cfg_single, args)
+    torch.set_num_threads(1)  # the parent idles while the workers run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ranks.json")
+        run_distributed(worker, cfg_pp.parallel.pp, cfg_pp, args, path)
+        with open(path) as f:
+            ranks = json.load(f)
+
+    def tps(times: list[float]) -> float:
+        return args.steps * tokens / statistics.median(times)
+
+    # A round's time is the slower rank's (both ranks time the same K steps between barriers).
+    pp_rounds = {v: [max(r["round_s"][v][i] for r in ranks) for i in range(args.rounds)] for v in ("moepipe", "bare")}
+    rows = {f"single_{k}thread": {"tokens_per_s": tps(v), "round_s": v} for k, v in single.items()}
+    for v, times in pp_rounds.items():
+        rows[f"{v}_pp2"] = {"tokens_per_s": tps(times), "round_s": times}
+    moe_tps, bare_tps = rows["moepipe_pp2"]["tokens_per_s"], rows["bare_pp2"]["tokens_per_s"]
+    overhead = bare_tps / moe_tps
+    # Paired per-round ratios (same round, adjacent in time) as a noise check on the medians.
+    paired = [m / b for m, b in zip(pp_rounds["moepipe"], pp_rounds["bare"])]
+    last = next(r for r in ranks if r["loss0"]["bare"] is not None)
+    loss0 = {"moepipe": last["loss0"]["moepipe"], "bare": last["loss0"]["bare"]}
+    speedups = {}
+    if single:
+        base = rows["single_1thread"]["tokens_per_s"]
+        speedups = {k: r["tokens_per_s"] / base for k, r in rows.items() if k != "single_1thread"}
+
+    result = {
+        "overhead_vs_bare": overhead,
+        "overhead_paired_median": statistics.median(paired),
+        "tokens_per_s": {k: r["tokens_per_s"] for k, r in rows.items()},
+        "speedup_vs_single_1thread": speedups,
+        "loss_step0": {**loss0, "abs_diff": abs(loss0["moepipe"] - loss0["bare"])},
+        "same_initial_weights": all(r["same_initial_weights"] for r in ranks),
+        "rows": rows,
+        "sections_ms_per_step": {f"rank{r['rank']}": r["sections_ms"] for r in ranks},
+        "stage_layers": {f"rank{r['rank']}": r["stage_layers"] for r in ranks},
+        "method": {
+            "tokens_per_step": tokens, "steps_per_round": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+            "breakdown_steps": args.breakdown_steps, "statistic": "median round; pp round time = slower rank",
+            "alternation": "variant order flips every round", "pp_threads_per_rank": 1,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        },
+        "config_overrides": {"single": overrides + ["parallel=single"], "pp2": pp_overrides},
+        "wall_s": time.perf_counter() - t_start,
+        "run_info": info,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+    print(f"{'variant':<16} {'tokens/s':>10} {'vs single 1t':>13}")
+    for k, r in rows.items():
+        sp = speedups.get(k, 1.0 if k == "single_1thread" else float("nan"))
+        print(f"{k:<16} {r['tokens_per_s']:>10.0f} {sp:>12.2f}x")
+    print(f"loss at step 0: moepipe {loss0['moepipe']:.6f}  bare {loss0['bare']:.6f}  |diff| {result['loss_step0']['abs_diff']:.2e}  "
+          f"same initial weights: {result['same_initial_weights']}")
+    print(f"paired per-round ratio (median): {result['overhead_paired_median']:.3f}")
+    for rk, secs in result["sections_ms_per_step"].items():
+        for v, s in secs.items():
+            print(f"{rk} {v:<8} " + ", ".join(f"{n}={ms:.1f}ms" for n, ms in sorted(s.items(), key=lambda kv: -kv[1])))
+    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
+    print(f"overhead_vs_bare={overhead:.3f}")
+
+
+if __name__ == "__main__":
+    main()
