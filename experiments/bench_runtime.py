@@ -63,23 +63,26 @@ def compose(overrides: list[str]):
 
 
 class Sections:
-    """Accumulated wall time per named section (wrap callables with `wrap`)."""
+    """Accumulated wall and calling-thread CPU time per named section (wrap callables with `wrap`).
+    CPU time leaves out waiting (for the peer rank, or for a core other processes hold)."""
 
     def __init__(self):
-        self.total: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     def wrap(self, name: str, fn):
         def timed(*a, **k):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return fn(*a, **k)
             finally:
-                self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - t0
+                self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - t0
+                self.cpu[name] = self.cpu.get(name, 0.0) + time.thread_time() - c0
 
         return timed
 
-    def per_step_ms(self, steps: int) -> dict[str, float]:
-        return {k: 1e3 * v / steps for k, v in self.total.items()}
+    def per_step_ms(self, steps: int) -> dict[str, dict[str, float]]:
+        return {k: {"wall": 1e3 * self.wall[k] / steps, "cpu": 1e3 * self.cpu[k] / steps} for k in self.wall}
 
 
 # ---------------------------------------------------------------------------- bare pipeline
@@ -169,10 +172,12 @@ def worker(rank: int, world: int, cfg, args, out_path: str) -> None:
 
     variants = {"moepipe": lambda s: trainer.train_step(s).loss, "bare": bare.train_step}
     next_step = {"moepipe": 0, "bare": 0}
+    losses: dict[str, list] = {"moepipe": [], "bare": []}
 
     def run(name: str) -> float | None:
         out = variants[name](next_step[name])
         next_step[name] += 1
+        losses[name].append(out)
         return out
 
     # Step 0 on fresh weights and the same batch: the losses must agree.
@@ -182,13 +187,15 @@ def worker(rank: int, world: int, cfg, args, out_path: str) -> None:
             run(name)
 
     rounds: dict[str, list[float]] = {"moepipe": [], "bare": []}
+    cpu: dict[str, list[float]] = {"moepipe": [], "bare": []}  # this process's CPU time (all its threads)
     for r in range(args.rounds):
         for name in (("moepipe", "bare") if r % 2 == 0 else ("bare", "moepipe")):
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 run(name)
             rounds[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
 
     # Section breakdown on extra steps (timers installed only now).
     secs = {"moepipe": Sections(), "bare": Sections()}
@@ -200,9 +207,30 @@ def worker(rank: int, world: int, cfg, args, out_path: str) -> None:
             dist.barrier()
             run(name)
 
+    # moepipe's per-step gradient bookkeeping alone, on this rank's real gradients, against the
+    # foreach norm bare torch uses (median of 30; global_grad_norm's all_reduce runs in lockstep).
+    from moepipe.parallel import grad_sync as G
+
+    def med_ms(fn, n: int = 30) -> float:
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(ts)
+
+    grads = [p.grad for p in trainer.dense + trainer.expert]
+    dist.barrier()
+    isolated = {
+        "sync_gradients": med_ms(lambda: G.sync_gradients(trainer.dense, trainer.expert, mesh)),
+        "global_grad_norm": med_ms(lambda: G.global_grad_norm(trainer.dense, trainer.expert, mesh)),
+        "foreach_total_norm(get_total_norm)": med_ms(lambda: torch.nn.utils.get_total_norm(grads)),
+        "world_all_reduce_scalar": med_ms(lambda: dist.all_reduce(torch.zeros((), dtype=torch.float64))),
+    }
+
     mine = {
-        "rank": rank, "stage_layers": list(trainer.plan.stage_layers[mesh.pp_rank]), "same_initial_weights": same_weights,
-        "loss0": loss0, "round_s": rounds, "threads": torch.get_num_threads(),
+        "rank": rank, "isolated_ms": isolated, "stage_layers": list(trainer.plan.stage_layers[mesh.pp_rank]), "same_initial_weights": same_weights,
+        "loss0": loss0, "losses": losses, "round_s": rounds, "round_cpu_s": cpu, "threads": torch.get_num_threads(),
         "sections_ms": {k: v.per_step_ms(max(1, args.breakdown_steps)) for k, v in secs.items()},
     }
     gathered = [None] * world
@@ -278,12 +306,23 @@ def bench_single(cfg, args) -> dict[int, list[float]]:
     return rounds
 
 
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: the benchmark wants its 2 processes alone on 2 cores."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=4, help="steps per timed round (K)")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (R)")
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed round (K)")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds per variant (R)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (step 0 is the loss check)")
     ap.add_argument("--breakdown-steps", type=int, default=4, help="extra steps per variant with section timers")
+    ap.add_argument("--lr", type=float, default=1e-12,
+                    help="optim.lr; the default 1e-12 leaves every fp32 weight unchanged (updates round away), so all "
+                         "variants do identical math (same routing) at every step; the optimizer still does all its work")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--skip-single", action="store_true")
@@ -295,13 +334,14 @@ def main() -> None:
 
     from moepipe.train.run_info import run_info
 
-    overrides = BASE_OVERRIDES + [f"schedule.microbatches={args.microbatches}", f"train.batch_size={args.batch_size}"]
+    overrides = BASE_OVERRIDES + [f"schedule.microbatches={args.microbatches}", f"train.batch_size={args.batch_size}", f"optim.lr={args.lr:g}"]
     pp_overrides = overrides + ["parallel=pp2"]
     cfg_single = compose(overrides + ["parallel=single"])
     cfg_pp = compose(pp_overrides)
     tokens = args.batch_size * cfg_pp.train.seq_len
     info = run_info()  # before any thread change: records the default thread count
     t_start = time.perf_counter()
+    load_before = _loadavg()
 
     single = {} if args.skip_single else bench_single(cfg_single, args)
     torch.set_num_threads(1)  # the parent idles while the workers run
@@ -317,6 +357,10 @@ def main() -> None:
 
     # A round's time is the slower rank's (both ranks time the same K steps between barriers).
     pp_rounds = {v: [max(r["round_s"][v][i] for r in ranks) for i in range(args.rounds)] for v in ("moepipe", "bare")}
+    # CPU seconds per step summed over ranks: the work each variant does, less sensitive than wall
+    # time to other processes on the cores (waiting in gloo sleeps; it does not count).
+    cpu_per_step = {v: statistics.median(sum(r["round_cpu_s"][v][i] for r in ranks) for i in range(args.rounds)) / args.steps
+                    for v in ("moepipe", "bare")}
     rows = {f"single_{k}thread": {"tokens_per_s": tps(v), "round_s": v} for k, v in single.items()}
     for v, times in pp_rounds.items():
         rows[f"{v}_pp2"] = {"tokens_per_s": tps(times), "round_s": times}
@@ -326,6 +370,10 @@ def main() -> None:
     paired = [m / b for m, b in zip(pp_rounds["moepipe"], pp_rounds["bare"])]
     last = next(r for r in ranks if r["loss0"]["bare"] is not None)
     loss0 = {"moepipe": last["loss0"]["moepipe"], "bare": last["loss0"]["bare"]}
+    # Both variants train on the same batch at the same step index; with frozen weights (the
+    # default lr) every step's loss must match, not only step 0's.
+    n_common = min(len(last["losses"]["moepipe"]), len(last["losses"]["bare"]))
+    loss_diff_all = max(abs(a - b) for a, b in zip(last["losses"]["moepipe"][:n_common], last["losses"]["bare"][:n_common]))
     speedups = {}
     if single:
         base = rows["single_1thread"]["tokens_per_s"]
@@ -336,11 +384,15 @@ def main() -> None:
         "overhead_paired_median": statistics.median(paired),
         "tokens_per_s": {k: r["tokens_per_s"] for k, r in rows.items()},
         "speedup_vs_single_1thread": speedups,
+        "cpu_s_per_step_all_ranks": cpu_per_step,
+        "cpu_overhead_vs_bare": cpu_per_step["moepipe"] / cpu_per_step["bare"],
         "loss_step0": {**loss0, "abs_diff": abs(loss0["moepipe"] - loss0["bare"])},
+        "loss_max_abs_diff_all_steps": {"steps": n_common, "max_abs_diff": loss_diff_all, "lr": args.lr},
         "same_initial_weights": all(r["same_initial_weights"] for r in ranks),
         "rows": rows,
         "sections_ms_per_step": {f"rank{r['rank']}": r["sections_ms"] for r in ranks},
         "stage_layers": {f"rank{r['rank']}": r["stage_layers"] for r in ranks},
+        "isolated_bookkeeping_ms": {f"rank{r['rank']}": r["isolated_ms"] for r in ranks},
         "method": {
             "tokens_per_step": tokens, "steps_per_round": args.steps, "rounds": args.rounds, "warmup": args.warmup,
             "breakdown_steps": args.breakdown_steps, "statistic": "median round; pp round time = slower rank",
@@ -349,6 +401,7 @@ def main() -> None:
         },
         "config_overrides": {"single": overrides + ["parallel=single"], "pp2": pp_overrides},
         "wall_s": time.perf_counter() - t_start,
+        "loadavg_before_after": [load_before, _loadavg()],
         "run_info": info,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -360,11 +413,16 @@ def main() -> None:
         sp = speedups.get(k, 1.0 if k == "single_1thread" else float("nan"))
         print(f"{k:<16} {r['tokens_per_s']:>10.0f} {sp:>12.2f}x")
     print(f"loss at step 0: moepipe {loss0['moepipe']:.6f}  bare {loss0['bare']:.6f}  |diff| {result['loss_step0']['abs_diff']:.2e}  "
-          f"same initial weights: {result['same_initial_weights']}")
-    print(f"paired per-round ratio (median): {result['overhead_paired_median']:.3f}")
+          f"same initial weights: {result['same_initial_weights']}; max |diff| over all {n_common} steps {loss_diff_all:.2e} (lr {args.lr:g})")
+    print(f"paired per-round ratio (median): {result['overhead_paired_median']:.3f}; CPU s/step (both ranks) moepipe "
+          f"{cpu_per_step['moepipe']:.3f} bare {cpu_per_step['bare']:.3f} -> cpu_overhead {result['cpu_overhead_vs_bare']:.3f}; "
+          f"loadavg before {load_before} after {result['loadavg_before_after'][1]}")
+    print("sections, ms per step (wall/thread-CPU):")
     for rk, secs in result["sections_ms_per_step"].items():
         for v, s in secs.items():
-            print(f"{rk} {v:<8} " + ", ".join(f"{n}={ms:.1f}ms" for n, ms in sorted(s.items(), key=lambda kv: -kv[1])))
+            print(f"{rk} {v:<8} " + ", ".join(f"{n}={ms['wall']:.1f}/{ms['cpu']:.1f}" for n, ms in sorted(s.items(), key=lambda kv: -kv[1]["wall"])))
+    for rk, iso in result["isolated_bookkeeping_ms"].items():
+        print(f"{rk} isolated " + ", ".join(f"{n}={ms:.2f}ms" for n, ms in iso.items()))
     print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
     print(f"overhead_vs_bare={overhead:.3f}")
 

@@ -1,5 +1,6 @@
 """The distributed runtime matches the single-process reference: for every schedule and
-layout, 5 AdamW steps (fp32, dropless) give the same per-step losses and final parameters.
+layout, 5 AdamW steps (fp32, dropless) give the same per-step losses, final parameters and
+validation loss (the distributed forward-only evaluation).
 
 Tolerance: relative 1e-5 on losses (elementwise) and on each parameter tensor (as a norm:
 ||p - p_ref|| <= 1e-5 ||p_ref||), plus an elementwise bound of 1e-6 absolute (1e-4 of one
@@ -33,6 +34,7 @@ from dist_utils import gather_state, run_distributed, save
 
 STEPS = 5
 SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb"]
+V_SCHEDULES = ["zbv", "dualpipev"]  # V-shaped stage placement (two stages per rank)
 BASE = [
     "model.d_model=32", "model.n_heads=2", "model.ffn_hidden=64", "model.n_layers=8", "model.max_seq_len=16",
     "moe.expert_hidden=32", "moe.num_experts=8", "moe.top_k=2", "moe.capacity_factor=0",
@@ -43,7 +45,7 @@ BASE = [
 
 
 def cfg_for(schedule: str, pp: int, ep: int, dp: int, microbatches: int = 4):
-    v = 2 if schedule.startswith("interleaved") else 1
+    v = 1 if schedule in ("gpipe", "1f1b") else 2
     return compose_cfg(BASE + [f"schedule.name={schedule}", f"schedule.virtual_stages={v}", f"schedule.microbatches={microbatches}",
                                f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.dp={dp}"])
 
@@ -52,6 +54,7 @@ def reference(schedule: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     cfg = cfg_for(schedule, 1, 1, 1)
     trainer = Trainer(cfg)
     losses = [trainer.train_step(s).loss for s in range(STEPS)]
+    losses.append(trainer.evaluate())  # the last entry: validation loss after the steps
     return losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
@@ -65,6 +68,7 @@ def _worker(rank: int, world: int, layout: tuple, schedules: list[str], plan_jso
         plan = from_json(plan_json) if plan_json else None
         trainer = DistributedTrainer(cfg, mesh, plan)
         losses = [trainer.train_step(s).loss for s in range(STEPS)]
+        losses.append(trainer.evaluate())
         state = gather_state(list(trainer.modules.values()), rank)
         if rank == 0:
             save({"losses": losses, "state": state}, os.path.join(out_dir, f"{schedule}.pt"))
@@ -85,7 +89,7 @@ def references():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {s: reference(s) for s in SCHEDULES}
+        return {s: reference(s) for s in SCHEDULES + V_SCHEDULES}
     finally:
         torch.set_num_threads(threads)
 
@@ -117,3 +121,10 @@ def test_uneven_stages_and_non_contiguous_expert_map(references, tmp_path):
 
     run_distributed(_worker, 4, (2, 2, 1), ["1f1b"], to_json(plan), str(tmp_path), timeout=240)
     assert_matches(torch.load(tmp_path / "1f1b.pt"), *references["1f1b"], label="uneven plan")
+
+
+@pytest.mark.timeout(300)
+def test_v_shaped_schedules_match_reference(references, tmp_path):
+    run_distributed(_worker, 2, (2, 1, 1), V_SCHEDULES, None, str(tmp_path), timeout=240)
+    for schedule in V_SCHEDULES:
+        assert_matches(torch.load(tmp_path / f"{schedule}.pt"), *references[schedule], label=f"pp2 {schedule}")

@@ -59,13 +59,14 @@ def sync_gradients(dense: list, expert: list, mesh: Mesh) -> None:
 
 def global_grad_norm(dense: list, expert: list, mesh: Mesh) -> torch.Tensor:
     """L2 norm of the whole model's gradient, each distinct weight counted once."""
-    sq = torch.zeros((), dtype=torch.float64)
+    device = (dense + expert)[0].grad.device if dense + expert else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float64, device=device)
     if mesh.ep_rank == 0 and mesh.dp_rank == 0:
         for p in dense:
-            sq += p.grad.detach().double().pow(2).sum().cpu()
+            sq += p.grad.detach().double().pow(2).sum()
     if mesh.dp_rank == 0:
         for p in expert:
-            sq += p.grad.detach().double().pow(2).sum().cpu()
+            sq += p.grad.detach().double().pow(2).sum()
     dist.all_reduce(sq)
     return sq.sqrt()
 

@@ -4,6 +4,7 @@ single-process `Trainer`, so the loop, metrics and summary code are shared.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -46,8 +47,6 @@ class DistributedTrainer:
         self.world_size = mesh.world_size
         self.device = resolve_device(cfg)
         self.amp_dtype = autocast_dtype(cfg, self.device)
-        if self.amp_dtype is not None:
-            raise ConfigError("train.dtype=bf16 with parallel.pp/ep/dp > 1 is not wired yet: use train.dtype=fp32 (auto on CPU)")
         self.plan = validate_plan(plan or default_plan(cfg), cfg.model.n_layers, moe_layer_ids(cfg.model, cfg.moe), cfg.moe.num_experts)
         self.corpus = build_corpus(cfg.data, cfg.train.seq_len)
         if self.corpus.vocab_size > cfg.model.vocab_size:
@@ -80,17 +79,15 @@ class DistributedTrainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _run(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> float:
+    def _run(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Run the schedule on this pipeline's slice; return the global mean loss (all ranks)."""
         x = slice_for_rank(inputs, self.mesh.data_shard, self.slices).to(self.device)
         y = slice_for_rank(targets, self.mesh.data_shard, self.slices).to(self.device)
         args = (x,) if self.holds_first else ()
         kwargs = {"target": y, "losses": []} if self.holds_last else {}
-        if train:
+        with self._autocast():
             self.schedule.step(*args, **kwargs)
-        else:
-            self.schedule.eval(*args, **kwargs)
-        local = torch.zeros((), dtype=torch.float64)
+        local = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.holds_last:
             local += sum(float(l.detach()) for l in kwargs["losses"])
         dist.all_reduce(local)
@@ -108,7 +105,7 @@ class DistributedTrainer:
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         inputs, targets = train_batch(self.corpus, step, cfg.train.seed, cfg.train.batch_size, cfg.train.seq_len)
-        loss = self._run(inputs, targets, train=True)
+        loss = self._run(inputs, targets)
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss={loss} at step {step}: lower optim.lr or raise optim.warmup_steps")
         sync_gradients(self.dense, self.expert, self.mesh)
@@ -141,7 +138,9 @@ class DistributedTrainer:
             for layer_id, moe in module.moe_layers():
                 s = moe.stats
                 packed[row[layer_id]] = torch.cat([s.demand.double(), s.kept.double(), torch.tensor([s.asked, s.aux_loss_sum, s.z_loss_sum, s.calls], dtype=torch.float64)])
-        dist.all_reduce(packed)
+        packed = packed.to(self.device)
+        dist.all_reduce(packed)  # on the device: NCCL reduces device tensors only
+        packed = packed.cpu()
         out = {}
         for layer_id, i in row.items():
             s = RoutingStats(E)
@@ -151,10 +150,44 @@ class DistributedTrainer:
         return out
 
     @torch.no_grad()
+    def _forward_only(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """Evaluation: each microbatch walks the stages in order, activations moving by
+        point-to-point sends. Works for any stage-to-rank assignment (the engine's own eval
+        fails for the V-shaped zbv/dualpipev schedules in torch 2.13)."""
+        m = self.cfg.schedule.microbatches
+        x_all = slice_for_rank(inputs, self.mesh.data_shard, self.slices).to(self.device)
+        y_all = slice_for_rank(targets, self.mesh.data_shard, self.slices).to(self.device)
+        owner = self.plan.stage_to_pp_rank
+        d = self.cfg.model.d_model
+        total = 0.0
+        for x, y in zip(x_all.chunk(m), y_all.chunk(m)):
+            h = x
+            for stage in range(self.plan.n_stages):
+                if owner[stage] != self.mesh.pp_rank:
+                    continue
+                if stage > 0 and owner[stage - 1] != self.mesh.pp_rank:
+                    h = torch.empty(x.shape[0], x.shape[1], d, device=self.device)
+                    dist.recv(h, group=self.mesh.pp_group, group_src=owner[stage - 1])
+                with self._autocast():
+                    h = self.modules[stage](h)
+                if stage < self.plan.n_stages - 1 and owner[stage + 1] != self.mesh.pp_rank:
+                    dist.send(h.float().contiguous(), group=self.mesh.pp_group, group_dst=owner[stage + 1])
+            if self.holds_last:
+                total += float(lm_loss(h, y)) / m
+        local = torch.tensor(total if self.holds_last else 0.0, dtype=torch.float64, device=self.device)
+        dist.all_reduce(local)
+        return float(local) / self.slices
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
     def evaluate(self) -> float:
         for module in self.modules.values():
             module.eval()
-        losses = [self._run(x, y, train=False) for x, y in self.val_set]
+        losses = [self._forward_only(x, y) for x, y in self.val_set]
         for module in self.modules.values():
             module.train()
             module.reset_routing_stats()
