@@ -12,6 +12,14 @@ goes first flips every round), so background load on the shared cores hits both 
 round is K steps timed between barriers, its time the slower rank's; the median round counts.
 After the timed rounds a few extra steps run with per-section timers (not in the headline).
 
+By default optim.lr=1e-12: every fp32 weight update rounds away, so all variants run identical
+math (same routing, same expert GEMM shapes) at every step and the per-step losses of moepipe and
+bare must agree (checked). With a real lr the two would drift apart (moepipe's warmup schedule
+and global-norm clipping vs bare's constant lr and per-stage clipping), and different routing
+alone moved the first stage's CPU time per step by ~10%, which is not runtime overhead.
+Also reported: CPU seconds per step summed over both ranks (robust to other processes on the
+cores, which inflate wall time), and moepipe's gradient bookkeeping timed in isolation.
+
     .venv/bin/python experiments/bench_runtime.py                  # writes results/bench_runtime.json
     .venv/bin/python experiments/bench_runtime.py --rounds 9 --steps 4
 

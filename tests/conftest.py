@@ -9,10 +9,16 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 register_configs()
 
 
-def compose_cfg(overrides=(), validated=True):
-    """Compose conf/ with overrides as the CLI would; validated -> typed MoepipeConfig."""
+def compose_cfg(overrides=(), validated=True, single_process=True):
+    """Compose conf/ with overrides as the CLI would; validated -> typed MoepipeConfig.
+
+    The default experiment is a 4-process pp2 x ep2 job; tests run one process unless they
+    ask for a layout (single_process=False keeps conf/config.yaml's own default)."""
+    overrides = list(overrides)
+    if single_process and not any(o.startswith("parallel") for o in overrides):
+        overrides = ["parallel=single"] + overrides
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = compose(config_name="config", overrides=list(overrides))
+        dcfg = compose(config_name="config", overrides=overrides)
     return validate(dcfg) if validated else dcfg
 
 

@@ -18,9 +18,11 @@ def options(group):
 
 
 def test_default_composes():
-    cfg = compose_cfg()
+    cfg = compose_cfg(single_process=False)
     assert isinstance(cfg, MoepipeConfig)
     assert cfg.model.name == "tiny" and cfg.data.name == "stdlib_bytes" and cfg.logger.name == "none"
+    # the default experiment: pp=2 x ep=2 on 4 processes with 1F1B
+    assert (cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.dp, cfg.schedule.name) == (2, 2, 1, "1f1b")
 
 
 def test_fixed_interface_keys_override():

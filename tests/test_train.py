@@ -58,7 +58,7 @@ def test_aux_free_bias_moves_against_load():
 @pytest.mark.timeout(300)
 def test_cli_writes_metrics_summary_and_offline_wandb(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "moepipe.train", "train.steps=6", "train.log_every=2", "train.eval_every=3",
+        [sys.executable, "-m", "moepipe.train", "parallel=single", "train.steps=6", "train.log_every=2", "train.eval_every=3",
          "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2", "logger=wandb",
          f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, timeout=280,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
 import time
 
 import numpy as np
@@ -26,6 +28,18 @@ from moepipe.sim.schedules import plan_style
 from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_dtype, resolve_device
 from moepipe.train.metrics import routing_metrics
 from moepipe.train.optim import build_optimizer, lr_at, set_lr
+
+
+def inject_fault(rank: int, step: int) -> None:
+    """Test hook: MOEPIPE_INJECT_FAULT="<rank>:<step>:raise|kill" fails that rank at that step."""
+    spec = os.environ.get("MOEPIPE_INJECT_FAULT")
+    if not spec:
+        return
+    want_rank, want_step, kind = spec.split(":")
+    if int(want_rank) == rank and int(want_step) == step:
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
 
 
 def default_plan(cfg: MoepipeConfig) -> Plan:
@@ -96,6 +110,7 @@ class DistributedTrainer:
 
     def train_step(self, step: int) -> StepResult:
         cfg = self.cfg
+        inject_fault(self.mesh.rank, step)
         start = time.perf_counter()
         for module in self.modules.values():
             module.train()
