@@ -114,3 +114,12 @@ def test_cli_rejects_bad_value_before_training(tmp_path):
     assert proc.returncode == 2
     assert "moe.top_k=9 > moe.num_experts=8: set moe.top_k <= moe.num_experts" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_slurm_launcher_preset_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert "submitit" in launcher._target_ and launcher.tasks_per_node == launcher.gpus_per_node

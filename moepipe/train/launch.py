@@ -3,7 +3,8 @@
 - one process: train in place;
 - one node, several processes: spawn pp*ep*dp workers from inside the (single) Hydra job, so
   there is one run dir and one W&B run; the first worker to fail ends the job with its error;
-- torchrun (many nodes): this process is one worker; rank 0's run dir is broadcast to all.
+- torchrun (many nodes), or SLURM with one task per rank (Hydra's submitit launcher): this
+  process is one worker; rank 0's run dir is broadcast to all.
 Collectives carry `parallel.collective_timeout_s`, so a lost peer ends the job instead of
 hanging it.
 """
@@ -29,6 +30,18 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "LOCAL_RANK" in os.environ)
 
 
+def slurm_tasks() -> tuple[int, int, int, str] | None:
+    """(rank, world, local_rank, init_method) when SLURM runs one task per rank (submitit
+    launcher with tasks_per_node = devices per node), else None."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+        return None
+    import submitit  # the hydra-submitit-launcher dependency; gives the job's host list
+
+    env = submitit.JobEnvironment()
+    port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+    return env.global_rank, env.num_tasks, env.local_rank, f"tcp://{env.hostnames[0]}:{port}"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -47,6 +60,14 @@ def launch(cfg: MoepipeConfig, run_dir: str) -> dict | None:
                 "make nnodes*nproc_per_node equal pp*ep*dp"
             )
         return run_worker(int(os.environ["RANK"]), n, cfg, run_dir, "env://", int(os.environ.get("LOCAL_RANK", 0)))
+    slurm = slurm_tasks() if n > 1 else None
+    if slurm is not None:
+        rank, tasks, local_rank, init = slurm
+        if tasks != n:
+            from moepipe.config import ConfigError
+
+            raise ConfigError(f"parallel.pp*ep*dp={n} but SLURM runs {tasks} tasks: set nodes*tasks_per_node to pp*ep*dp")
+        return run_worker(rank, n, cfg, run_dir, init, local_rank)
     if n == 1:
         from moepipe.train.loop import train
 
