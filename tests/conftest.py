@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from moepipe.config import register_configs, validate
@@ -20,6 +21,15 @@ def compose_cfg(overrides=(), validated=True, single_process=True):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         dcfg = compose(config_name="config", overrides=overrides)
     return validate(dcfg) if validated else dcfg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on 2 intra-op threads crawl when another process holds a core: use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moepipe.config import ModelConfig, MoEConfig
 from moepipe.model.moe import AttachAuxLoss, MoELayer
@@ -24,13 +22,7 @@ D, E = 8, 4
 TOL = dict(rtol=1e-6, atol=1e-9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on 2 intra-op threads crawl when another process holds a core: use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- reference

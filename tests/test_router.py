@@ -12,13 +12,7 @@ import torch.nn.functional as F
 from moepipe.model.router import Router, expert_capacity, load_balancing_loss, route, router_z_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on 2 intra-op threads crawl when another process holds a core: use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # T=4 tokens, E=3 experts. Top-2 choices (best first):
 #   t0 -> (0, 1) scores .5 .3   normalised 5/8 3/8

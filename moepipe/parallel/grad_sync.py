@@ -36,8 +36,9 @@ def fill_missing_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 def _all_reduce_mean(params: list[torch.nn.Parameter], group, divisor: int) -> None:
-    if not params:
-        return
+    alone = group is None or dist.get_world_size(group) == 1
+    if not params or (alone and divisor == 1):
+        return  # nothing to average (e.g. pp-only runs): skip the flatten/copy round trip
     flat = torch.cat([p.grad.reshape(-1) for p in params])
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(flat, group=group)
@@ -60,13 +61,11 @@ def sync_gradients(dense: list, expert: list, mesh: Mesh) -> None:
 def global_grad_norm(dense: list, expert: list, mesh: Mesh) -> torch.Tensor:
     """L2 norm of the whole model's gradient, each distinct weight counted once."""
     device = (dense + expert)[0].grad.device if dense + expert else torch.device("cpu")
+    counted = (dense if mesh.ep_rank == 0 and mesh.dp_rank == 0 else []) + (expert if mesh.dp_rank == 0 else [])
     sq = torch.zeros((), dtype=torch.float64, device=device)
-    if mesh.ep_rank == 0 and mesh.dp_rank == 0:
-        for p in dense:
-            sq += p.grad.detach().double().pow(2).sum()
-    if mesh.dp_rank == 0:
-        for p in expert:
-            sq += p.grad.detach().double().pow(2).sum()
+    if counted:
+        norms = torch._foreach_norm([p.grad.detach() for p in counted])  # one fused pass, fp32 like torch's clip
+        sq += torch.stack(norms).double().pow(2).sum()
     dist.all_reduce(sq)
     return sq.sqrt()
 

@@ -1,0 +1,484 @@
+"""Measure what the simulator's calibrated cost model needs, in one process (no process group).
+
+`measure_profile(cfg)` times, on this machine with the threads and microbatch shape the run
+will use, one microbatch through every part of the model and returns the profile JSON of
+docs/SIMULATOR.md ("Profile JSON"), which `CostModel(spec, profile=...)` accepts as is:
+
+* `layers[i]`: the non-expert part of block i (norms, attention, router, top-k, token
+  gather/weighting/scatter, shared experts or the dense FFN) = whole block minus its routed
+  experts, paired per repetition;
+* `expert_per_token_s[i]`: the routed experts of block i on the routing the real router
+  produced, divided by the number of token-expert assignments;
+* `embedding`, `head` (final norm + output projection + the loss the schedule computes);
+* `routing[i]`: tokens per expert (demand, before any capacity cap) of MoE block i over all
+  `routing_tokens` tokens of the rank's first-step batch slice: they sum to routing_tokens * top_k.
+
+Backward is timed three ways, with the functions torch.distributed.pipelining itself runs:
+fused (`stage_backward`: 1F1B, GPipe, interleaved 1F1B, DualPipeV's B), and split into
+input-grad (`stage_backward_input`) and weight-grad (`stage_backward_weight`) as the
+zero-bubble schedules run them. The split costs more than the fused pass (two graph walks).
+The profile format has one (B, W) pair per part, so `profile_for(detail, cfg)` picks:
+* schedules whose backward is all I/W (interleaved_zb, zbv): the split times; and torch's rule
+  for the first stage (its I is empty, its W runs the whole fused backward) for the embedding
+  and the blocks of stage 0 of the run's static plan;
+* the others: the fused time, divided into B and W in the measured split's ratio.
+All three are kept under `backward_detail`, so a profile can be re-targeted to another schedule
+(`profile_for(profile, other_cfg)`).
+
+Extra keys the cost model ignores: `meta` (shapes, threads, repetitions), `backward_detail`,
+`step_overhead` (per-step work outside the pipeline, which the simulator does not model:
+gradient bookkeeping + norm + clip + AdamW step per part, batch construction, the last
+stage's output merge; see `step_overhead_s`).
+
+Timing: `time.perf_counter` around each call (CUDA synchronised when on GPU), `warmup`
+untimed repetitions first (allocations, optimizer state, lazy init), then the median of
+`repeats`. Microbatches cycle over the rank's real first batch, so routing is the real one.
+A model passed in is left as it was (weights, gradients, routing counters, RNG state).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from moepipe.config import MoepipeConfig, moe_layer_ids, world_size
+
+PROFILE_VERSION = 1
+SPLIT_SCHEDULES = ("interleaved_zb", "zbv")  # every backward runs as I + W
+STEP_COLLECTIVES = 3  # DistributedTrainer.train_step: loss, grad-norm and routing-stat all_reduces
+
+
+def default_threads(cfg: MoepipeConfig) -> int:
+    """Intra-op threads one rank of this run uses: train.num_threads, else the cores this
+    process may use shared evenly by the ranks of the job (one node assumed)."""
+    if cfg.train.num_threads:
+        return int(cfg.train.num_threads)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, world_size(cfg)))
+
+
+def microbatch_shape(cfg: MoepipeConfig) -> tuple[int, int]:
+    """(sequences, seq_len) of one microbatch on one rank, as DistributedTrainer splits it."""
+    slices = cfg.parallel.ep * cfg.parallel.dp
+    b = cfg.train.batch_size // (slices * cfg.schedule.microbatches)
+    if b < 1:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} < ep*dp*microbatches={slices * cfg.schedule.microbatches}: nothing to profile")
+    return b, cfg.train.seq_len
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else 0.0
+
+
+class _Clock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+
+def measure_tflops(device: torch.device, n: int = 512, repeats: int = 5) -> float:
+    """Sustained fp32 matmul TFLOP/s of this process (n x n x n), for the profile's device entry."""
+    clock = _Clock(device)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    t = _median([clock(lambda: a @ b)[0] for _ in range(repeats)])
+    return 2.0 * n**3 / max(t, 1e-12) / 1e12
+
+
+def first_stage_layers(cfg: MoepipeConfig) -> list[int]:
+    """Blocks of stage 0 in the run's static plan (they share torch's first-stage backward rule)."""
+    from moepipe.placement.plan import static_plan
+    from moepipe.sim.schedules import plan_style
+
+    p = static_plan(cfg.model.n_layers, moe_layer_ids(cfg.model, cfg.moe), cfg.moe.num_experts, cfg.parallel.pp, cfg.parallel.ep,
+                    cfg.schedule.virtual_stages, plan_style(cfg.schedule.name), cfg.parallel.dp)
+    a, b = p.stage_layers[0]
+    return list(range(a, b))
+
+
+def _entry(fwd: float, fused: float, inp: float, wgt: float, split: bool, first_stage: bool) -> dict[str, float]:
+    """{fwd_s, bwd_input_s, bwd_weight_s} for one part under the schedule's backward style."""
+    if split:
+        if first_stage:  # torch: stage 0's I does nothing, its W runs the full backward
+            return {"fwd_s": fwd, "bwd_input_s": 0.0, "bwd_weight_s": fused}
+        return {"fwd_s": fwd, "bwd_input_s": inp, "bwd_weight_s": wgt}
+    frac = inp / (inp + wgt) if inp + wgt > 0 else 0.5
+    return {"fwd_s": fwd, "bwd_input_s": fused * frac, "bwd_weight_s": fused * (1 - frac)}
+
+
+def profile_for(profile: Mapping[str, Any], cfg: MoepipeConfig, split_backward: Optional[bool] = None) -> dict:
+    """The profile's cost-model entries rebuilt for `cfg`'s schedule (from `backward_detail`).
+
+    `split_backward`: None picks by schedule name (SPLIT_SCHEDULES use the I/W split times).
+    """
+    out = copy.deepcopy(dict(profile))
+    det = out["backward_detail"]
+    split = cfg.schedule.name in SPLIT_SCHEDULES if split_backward is None else bool(split_backward)
+    first = set(first_stage_layers(cfg)) if split else set()
+
+    def ent(d: Mapping[str, float], is_first: bool) -> dict[str, float]:
+        return _entry(d["fwd_s"], d["bwd_fused_s"], d["bwd_input_s"], d["bwd_weight_s"], split, is_first)
+
+    out["layers"] = {k: ent(d, int(k) in first) for k, d in det["layers"].items()}
+    out["expert_per_token_s"] = {k: ent(d, int(k) in first) for k, d in det["expert_per_token_s"].items()}
+    out["embedding"] = ent(det["embedding"], True)  # no input gradient: all of its backward is W
+    out["head"] = ent(det["head"], False)
+    out["meta"] = dict(out["meta"], schedule=cfg.schedule.name, backward="split" if split else "fused",
+                       first_stage_layers=sorted(first))
+    return out
+
+
+# ------------------------------------------------------------------ measurement
+
+
+class _Recorder:
+    """Per-part lists of samples; medians at the end."""
+
+    def __init__(self):
+        self.s: dict[str, dict[str, list[float]]] = {}
+
+    def add(self, part: str, key: str, t: float) -> None:
+        self.s.setdefault(part, {}).setdefault(key, []).append(t)
+
+    def med(self, part: str) -> dict[str, float]:
+        return {k: _median(v) for k, v in self.s.get(part, {}).items()}
+
+
+def _time_backward(clock: _Clock, fwd: Callable[[], tuple[torch.Tensor, list]], grad: Optional[torch.Tensor], params: list[nn.Parameter],
+                   rec: _Recorder, part: str, timed: bool, on_forward: Optional[Callable[[], None]] = None) -> None:
+    """Forward, fused backward; forward again, split backward (input, then weight), as torch runs them."""
+    from torch.distributed.pipelining._backward import stage_backward, stage_backward_input, stage_backward_weight
+
+    for mode in ("fused", "split"):
+        t_f, (out, inputs) = clock(fwd)
+        if on_forward is not None:
+            on_forward()
+        outs = [out]
+        grads = None if grad is None else [grad]  # None: `out` is the loss (last stage)
+        if mode == "fused":
+            t_b, _ = clock(lambda: stage_backward(out if grad is None else outs, None if grad is None else grads, inputs))
+            if timed:
+                rec.add(part, "fwd_s", t_f)
+                rec.add(part, "bwd_fused_s", t_b)
+        else:
+            t_i, (_, groups) = clock(lambda: stage_backward_input(outs, grads, inputs, iter(params)))
+            t_w, _ = clock(lambda: stage_backward_weight(iter(params), groups))
+            if timed:
+                rec.add(part, "fwd_s", t_f)
+                rec.add(part, "bwd_input_s", t_i)
+                rec.add(part, "bwd_weight_s", t_w)
+
+
+def measure_profile(
+    cfg: MoepipeConfig,
+    model: Optional[nn.Module] = None,
+    threads: Optional[int] = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    step: int = 0,
+    split_backward: Optional[bool] = None,
+    step_overhead: bool = True,
+) -> dict:
+    """Profile JSON (docs/SIMULATOR.md) of `cfg`'s model on this process's device.
+
+    `model`: the run's own model (left unchanged), else one is built from cfg (same seed, so
+    the same weights as the run's). `threads`: intra-op threads during the measurement
+    (default `default_threads(cfg)`; restored afterwards). Microbatch shape: the run's
+    (`microbatch_shape`). `step`: whose batch feeds the measurement. `split_backward`: see
+    `profile_for`. `step_overhead`: also time the per-step work outside the pipeline.
+    """
+    from moepipe.data import build_corpus, slice_for_rank, train_batch
+    from moepipe.model import build_model, lm_loss
+    from moepipe.model.moe import run_experts_sorted
+    from moepipe.train.loop import autocast_dtype, resolve_device
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    device = resolve_device(cfg)
+    amp = autocast_dtype(cfg, device)
+    threads = default_threads(cfg) if threads is None else int(threads)
+    b, seq = microbatch_shape(cfg)
+    m = cfg.schedule.microbatches
+    slices = cfg.parallel.ep * cfg.parallel.dp
+    clock = _Clock(device)
+
+    threads_before = torch.get_num_threads()
+    rng_state = torch.random.get_rng_state()
+    own_model = model is None
+    if own_model:
+        model = build_model(cfg.model, cfg.moe, cfg.train.seed).to(device)
+    saved = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    was_training, was_ckpt = model.training, getattr(model, "activation_checkpointing", False)
+    torch.set_num_threads(threads)
+    try:
+        model.train()
+        model.activation_checkpointing = False  # the cost model adds the recompute itself
+        autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp)) if amp is not None else None
+
+        def ctx(fn):
+            if autocast is None:
+                return fn
+            return lambda: _in(autocast, fn)
+
+        corpus = build_corpus(cfg.data, seq)
+        t_batch = []
+        for i in range(warmup + repeats):
+            t, (inputs, targets) = clock(lambda: train_batch(corpus, step, cfg.train.seed, cfg.train.batch_size, seq))
+            if i >= warmup:
+                t_batch.append(t)
+        x_all = slice_for_rank(inputs, 0, slices).to(device)
+        y_all = slice_for_rank(targets, 0, slices).to(device)
+        xs, ys = list(x_all.chunk(m)), list(y_all.chunk(m))
+        blocks = list(model.layers.values())
+        cos, sin = model.rope_cos, model.rope_sin
+        moe_ids = moe_layer_ids(cfg.model, cfg.moe)
+        E, k = cfg.moe.num_experts, cfg.moe.top_k
+
+        # Inputs of every block for every microbatch (no graph) and the routing counts.
+        counts = {l: torch.zeros(E, dtype=torch.float64) for l in moe_ids}
+        h_in: list[list[torch.Tensor]] = [[] for _ in blocks]
+        h_out: list[torch.Tensor] = []
+        with torch.no_grad():
+            for x in xs:
+                h = ctx(lambda: model.tok_embeddings(x))()
+                for li, blk in enumerate(blocks):
+                    h_in[li].append(h.detach())
+                    if blk.is_moe:
+                        blk.ffn.stats.reset()
+                    h = ctx(lambda blk=blk, h=h: blk(h, cos, sin))()
+                    if blk.is_moe:
+                        counts[blk.layer_id] += blk.ffn.stats.demand.double()
+                h_out.append(h.detach())
+        n_mb = len(xs)
+        gen = torch.Generator().manual_seed(1234)
+        g_hidden = [(torch.randn(h.shape, generator=gen) * 1e-3).to(device=device, dtype=h.dtype) for h in h_out]
+
+        rec = _Recorder()
+        reps = warmup + repeats
+
+        # Embedding: tokens carry no gradient, so its whole backward is the weight gradient.
+        emb_params = list(model.tok_embeddings.parameters())
+        for r in range(reps):
+            j = r % n_mb
+            _time_backward(clock, ctx(lambda j=j: (model.tok_embeddings(xs[j]), [xs[j]])), g_hidden[j], emb_params, rec, "embedding", r >= warmup)
+
+        # Blocks, and the routed experts inside each MoE block on the routing it produced.
+        for li, blk in enumerate(blocks):
+            lid = blk.layer_id
+            params = list(blk.parameters())
+            moe = blk.ffn if blk.is_moe else None
+            for r in range(reps):
+                j = r % n_mb
+                captured: list = []
+                if moe is not None:
+                    inner = moe.dispatcher
+
+                    def spy(flat, routing, experts, inner=inner, captured=captured):
+                        captured.append((flat.detach(), routing))
+                        return inner(flat, routing, experts)
+
+                    moe.dispatcher = spy
+
+                def fwd(li=li, j=j, blk=blk):
+                    x = h_in[li][j].clone().requires_grad_(True)
+                    return blk(x, cos, sin), [x]
+
+                try:
+                    _time_backward(clock, ctx(fwd), g_hidden[j], params, rec, f"block{lid}", r >= warmup)
+                finally:
+                    if moe is not None:
+                        moe.dispatcher = inner
+                if moe is None:
+                    continue
+                flat, routing = captured[-1]
+                ids = list(range(len(routing.kept_counts)))
+                sizes = routing.kept_counts.tolist()
+                n_assign = max(1, int(sum(sizes)))
+                x_sorted = flat[routing.token_idx]
+                g_sorted = torch.randn(x_sorted.shape, generator=gen).to(device=device, dtype=x_sorted.dtype) * 1e-3
+                e_params = [p for e in moe.experts.values() for p in e.parameters()]
+
+                def efwd(x_sorted=x_sorted, sizes=sizes, ids=ids, moe=moe):
+                    xx = x_sorted.clone().requires_grad_(True)
+                    return run_experts_sorted(xx, sizes, ids, moe.experts), [xx]
+
+                sub = _Recorder()
+                _time_backward(clock, ctx(efwd), g_sorted, e_params, sub, "e", True)
+                if r >= warmup:
+                    for key, vals in sub.s["e"].items():
+                        for v in vals:
+                            rec.add(f"experts{lid}", key, v)
+                    rec.add(f"experts{lid}", "assignments", float(n_assign))
+
+        # Head: final norm, output projection and the schedule's loss (divided by m, as the run's).
+        head_params = list(model.norm.parameters()) + list(model.output.parameters())
+        for r in range(reps):
+            j = r % n_mb
+
+            def hfwd(j=j):
+                x = h_out[j].clone().requires_grad_(True)
+                return lm_loss(model.output(model.norm(x)), ys[j]) / m, [x]
+
+            _time_backward(clock, ctx(hfwd), None, head_params, rec, "head", r >= warmup)
+
+        # ---------------------------------------------------------- assemble
+        tokens = b * seq
+        det_layers: dict[str, dict[str, float]] = {}
+        det_experts: dict[str, dict[str, float]] = {}
+        for blk in blocks:
+            lid = blk.layer_id
+            whole = rec.s[f"block{lid}"]
+            if blk.is_moe:
+                ex = rec.s[f"experts{lid}"]
+                # fwd_s has two samples per repetition (fused and split passes); pair them in order
+                dense = {key: _median([max(0.0, a - c) for a, c in zip(whole[key], ex[key])]) for key in whole}
+                n = ex["assignments"]
+                n2 = [a for a in n for _ in (0, 1)]  # fwd_s samples come in pairs
+                per_tok = {key: _median([t / a for t, a in zip(ex[key], n2 if key == "fwd_s" else n)]) for key in whole}
+                det_experts[str(lid)] = per_tok
+                det_layers[str(lid)] = dense
+            else:
+                det_layers[str(lid)] = {key: _median(v) for key, v in whole.items()}
+        detail = {
+            "layers": det_layers,
+            "expert_per_token_s": det_experts,
+            "embedding": rec.med("embedding"),
+            "head": rec.med("head"),
+            "note": "seconds per microbatch (experts: per token-expert assignment); bwd_fused_s = stage_backward, "
+                    "bwd_input_s/bwd_weight_s = stage_backward_input/stage_backward_weight (torch.distributed.pipelining)",
+        }
+        prof: dict[str, Any] = {
+            "version": PROFILE_VERSION,
+            "device": {"name": device.type if device.type == "cpu" else torch.cuda.get_device_name(device), "tflops": measure_tflops(device),
+                       "speed": 1.0},
+            "tokens_per_microbatch": float(tokens),
+            "routing": {str(l): [int(c) for c in counts[l].tolist()] for l in moe_ids},
+            "routing_tokens": int(n_mb * tokens),
+            "meta": {
+                "model": cfg.model.name, "microbatch_sequences": b, "seq_len": seq, "microbatches": m, "threads": threads,
+                "repeats": repeats, "warmup": warmup, "step": step, "dtype": str(amp or torch.float32), "device": str(device),
+                "top_k": k, "num_experts": E, "timer": "time.perf_counter, median of repeats after warmup",
+            },
+            "backward_detail": detail,
+        }
+        if step_overhead:
+            prof["step_overhead"] = _step_overhead(model, cfg, clock, warmup, repeats, slices, b, seq, m, device, amp)
+            prof["step_overhead"]["train_batch_s"] = _median(t_batch)
+        return profile_for(prof, cfg, split_backward)
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.random.set_rng_state(rng_state)
+        for n, p in model.named_parameters():
+            p.grad = saved[n]
+        model.train(was_training)
+        model.activation_checkpointing = was_ckpt
+        if hasattr(model, "reset_routing_stats"):
+            model.reset_routing_stats()
+
+
+def _in(cm_factory, fn):
+    with cm_factory():
+        return fn()
+
+
+def _step_overhead(model: nn.Module, cfg: MoepipeConfig, clock: _Clock, warmup: int, repeats: int, slices: int,
+                   b: int, seq: int, m: int, device: torch.device, amp) -> dict:
+    """Per-step work outside the pipeline that DistributedTrainer.train_step does, per part of
+    the model (a rank pays for the parts its stages hold): gradient bookkeeping
+    (`sync_gradients` without communication), the global-norm sum, clipping, the AdamW step
+    and zero_grad. Timed on copies; the model's own weights and optimizer are not touched.
+    Also the last stage's output merge (torch.cat of the m logits chunks the schedule returns).
+    Collectives (loss, norm, routing-stat all_reduces; STEP_COLLECTIVES of them) are left to
+    the caller, who has the process group to time them on."""
+    from moepipe.parallel.grad_sync import _all_reduce_mean, fill_missing_grads
+    from moepipe.train.optim import build_optimizer
+
+    parts: dict[str, nn.Module] = {"embedding": model.tok_embeddings}
+    for key, blk in model.layers.items():
+        parts[f"layer{key}"] = blk
+    parts["head"] = nn.ModuleList([model.norm, model.output])
+    out: dict[str, Any] = {"layers": {}}
+    for name, part in parts.items():
+        part = copy.deepcopy(part)
+        params = list(part.parameters())
+        grads = [torch.randn(p.shape, device=device) * 1e-3 for p in params]
+        opt = build_optimizer(part, cfg.optim)
+
+        def one() -> None:
+            fill_missing_grads(params)
+            _all_reduce_mean(params, None, slices)
+            sq = torch.zeros((), dtype=torch.float64, device=device)
+            for p in params:
+                sq += p.grad.detach().double().pow(2).sum()
+            norm = sq.sqrt()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, norm.float())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        ts = []
+        for r in range(warmup + repeats):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            t, _ = clock(one)
+            if r >= warmup:
+                ts.append(t)
+        if name.startswith("layer"):
+            out["layers"][name[len("layer"):]] = _median(ts)
+        else:
+            out[f"{name}_s"] = _median(ts)
+    logits = [torch.randn(b, seq, cfg.model.vocab_size, device=device, dtype=amp or torch.float32) for _ in range(m)]
+    out["last_stage_merge_s"] = _median([clock(lambda: torch.cat(logits))[0] for _ in range(warmup + repeats)][warmup:])
+    out["collectives_per_step"] = STEP_COLLECTIVES
+    out["note"] = ("seconds per optimizer step per part: grad bookkeeping + norm + clip + AdamW + zero_grad (no communication); "
+                   "a rank pays the sum over its parts, the last stage also last_stage_merge_s, every rank train_batch_s and "
+                   "collectives_per_step small all_reduces")
+    return out
+
+
+def step_overhead_s(profile: Mapping[str, Any], plan, allreduce_s: float = 0.0) -> float:
+    """Per-step seconds outside the pipeline for a plan: the slowest pipeline rank's sum over
+    the parts it holds (+ the output merge on the last stage), plus the batch construction
+    and `collectives_per_step` small all_reduces of `allreduce_s` each."""
+    so = profile["step_overhead"]
+    worst = 0.0
+    for p in range(plan.pp):
+        t = 0.0
+        for s in plan.stages_of_rank(p):
+            a, e = plan.stage_layers[s]
+            t += sum(so["layers"][str(l)] for l in range(a, e))
+            if s == 0:
+                t += so["embedding_s"]
+            if s == plan.n_stages - 1:
+                t += so["head_s"] + so["last_stage_merge_s"]
+        worst = max(worst, t)
+    return worst + so.get("train_batch_s", 0.0) + so["collectives_per_step"] * allreduce_s
+
+
+def write_profile(path: str | Path, profile: Mapping[str, Any]) -> None:
+    """Write the profile as JSON (atomically: a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(profile, indent=1))
+    os.replace(tmp, path)
