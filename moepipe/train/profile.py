@@ -165,14 +165,12 @@ class _Recorder:
 
 
 def _time_backward(clock: _Clock, fwd: Callable[[], tuple[torch.Tensor, list]], grad: Optional[torch.Tensor], params: list[nn.Parameter],
-                   rec: _Recorder, part: str, timed: bool, on_forward: Optional[Callable[[], None]] = None) -> None:
+                   rec: _Recorder, part: str, timed: bool) -> None:
     """Forward, fused backward; forward again, split backward (input, then weight), as torch runs them."""
     from torch.distributed.pipelining._backward import stage_backward, stage_backward_input, stage_backward_weight
 
     for mode in ("fused", "split"):
         t_f, (out, inputs) = clock(fwd)
-        if on_forward is not None:
-            on_forward()
         outs = [out]
         grads = None if grad is None else [grad]  # None: `out` is the loss (last stage)
         if mode == "fused":
@@ -275,71 +273,72 @@ def measure_profile(
 
         rec = _Recorder()
         reps = warmup + repeats
-
-        # Embedding: tokens carry no gradient, so its whole backward is the weight gradient.
         emb_params = list(model.tok_embeddings.parameters())
-        for r in range(reps):
-            j = r % n_mb
-            _time_backward(clock, ctx(lambda j=j: (model.tok_embeddings(xs[j]), [xs[j]])), g_hidden[j], emb_params, rec, "embedding", r >= warmup)
-
-        # Blocks, and the routed experts inside each MoE block on the routing it produced.
-        for li, blk in enumerate(blocks):
-            lid = blk.layer_id
-            params = list(blk.parameters())
-            moe = blk.ffn if blk.is_moe else None
-            for r in range(reps):
-                j = r % n_mb
-                captured: list = []
-                if moe is not None:
-                    inner = moe.dispatcher
-
-                    def spy(flat, routing, experts, inner=inner, captured=captured):
-                        captured.append((flat.detach(), routing))
-                        return inner(flat, routing, experts)
-
-                    moe.dispatcher = spy
-
-                def fwd(li=li, j=j, blk=blk):
-                    x = h_in[li][j].clone().requires_grad_(True)
-                    return blk(x, cos, sin), [x]
-
-                try:
-                    _time_backward(clock, ctx(fwd), g_hidden[j], params, rec, f"block{lid}", r >= warmup)
-                finally:
-                    if moe is not None:
-                        moe.dispatcher = inner
-                if moe is None:
-                    continue
-                flat, routing = captured[-1]
-                ids = list(range(len(routing.kept_counts)))
-                sizes = routing.kept_counts.tolist()
-                n_assign = max(1, int(sum(sizes)))
-                x_sorted = flat[routing.token_idx]
-                g_sorted = torch.randn(x_sorted.shape, generator=gen).to(device=device, dtype=x_sorted.dtype) * 1e-3
-                e_params = [p for e in moe.experts.values() for p in e.parameters()]
-
-                def efwd(x_sorted=x_sorted, sizes=sizes, ids=ids, moe=moe):
-                    xx = x_sorted.clone().requires_grad_(True)
-                    return run_experts_sorted(xx, sizes, ids, moe.experts), [xx]
-
-                sub = _Recorder()
-                _time_backward(clock, ctx(efwd), g_sorted, e_params, sub, "e", True)
-                if r >= warmup:
-                    for key, vals in sub.s["e"].items():
-                        for v in vals:
-                            rec.add(f"experts{lid}", key, v)
-                    rec.add(f"experts{lid}", "assignments", float(n_assign))
-
-        # Head: final norm, output projection and the schedule's loss (divided by m, as the run's).
         head_params = list(model.norm.parameters()) + list(model.output.parameters())
-        for r in range(reps):
+
+        def embedding(r: int) -> None:
+            # Tokens carry no gradient, so the embedding's whole backward is its weight gradient.
+            j = r % n_mb
+            _time_backward(clock, ctx(lambda: (model.tok_embeddings(xs[j]), [xs[j]])), g_hidden[j], emb_params, rec, "embedding", r >= warmup)
+
+        def block(li: int, r: int) -> None:
+            # The whole block, then its routed experts alone on the routing the block produced.
+            j = r % n_mb
+            blk = blocks[li]
+            lid = blk.layer_id
+            moe = blk.ffn if blk.is_moe else None
+            captured: list = []
+            if moe is not None:
+                inner = moe.dispatcher
+
+                def spy(flat, routing, experts):
+                    captured.append((flat.detach(), routing))
+                    return inner(flat, routing, experts)
+
+                moe.dispatcher = spy
+
+            def fwd():
+                x = h_in[li][j].clone().requires_grad_(True)
+                return blk(x, cos, sin), [x]
+
+            try:
+                _time_backward(clock, ctx(fwd), g_hidden[j], list(blk.parameters()), rec, f"block{lid}", r >= warmup)
+            finally:
+                if moe is not None:
+                    moe.dispatcher = inner
+            if moe is None:
+                return
+            flat, routing = captured[-1]
+            sizes = routing.kept_counts.tolist()
+            ids = list(range(len(sizes)))
+            x_sorted = flat[routing.token_idx]
+            g_sorted = torch.randn(x_sorted.shape, generator=gen).to(device=device, dtype=x_sorted.dtype) * 1e-3
+
+            def efwd():
+                xx = x_sorted.clone().requires_grad_(True)
+                return run_experts_sorted(xx, sizes, ids, moe.experts), [xx]
+
+            e_params = [p for e in moe.experts.values() for p in e.parameters()]
+            _time_backward(clock, ctx(efwd), g_sorted, e_params, rec, f"experts{lid}", r >= warmup)
+            if r >= warmup:
+                rec.add(f"experts{lid}", "assignments", float(max(1, sum(sizes))))
+
+        def head(r: int) -> None:
+            # Final norm, output projection and the schedule's loss (divided by m, as the run's).
             j = r % n_mb
 
-            def hfwd(j=j):
+            def hfwd():
                 x = h_out[j].clone().requires_grad_(True)
                 return lm_loss(model.output(model.norm(x)), ys[j]) / m, [x]
 
             _time_backward(clock, ctx(hfwd), None, head_params, rec, "head", r >= warmup)
+
+        # Repetitions outermost: a slow spell (other processes on the cores) hits every part alike.
+        for r in range(reps):
+            embedding(r)
+            for li in range(len(blocks)):
+                block(li, r)
+            head(r)
 
         # ---------------------------------------------------------- assemble
         tokens = b * seq
@@ -350,10 +349,11 @@ def measure_profile(
             whole = rec.s[f"block{lid}"]
             if blk.is_moe:
                 ex = rec.s[f"experts{lid}"]
-                # fwd_s has two samples per repetition (fused and split passes); pair them in order
+                # Block minus its experts, paired sample by sample (same repetition, same routing);
+                # fwd_s has two samples per repetition (the fused and the split pass).
                 dense = {key: _median([max(0.0, a - c) for a, c in zip(whole[key], ex[key])]) for key in whole}
                 n = ex["assignments"]
-                n2 = [a for a in n for _ in (0, 1)]  # fwd_s samples come in pairs
+                n2 = [a for a in n for _ in (0, 1)]
                 per_tok = {key: _median([t / a for t, a in zip(ex[key], n2 if key == "fwd_s" else n)]) for key in whole}
                 det_experts[str(lid)] = per_tok
                 det_layers[str(lid)] = dense
