@@ -75,3 +75,7 @@ def test_cli_writes_metrics_summary_and_offline_wandb(tmp_path):
     assert summary["steps"] == 6 and summary["world_size"] == 1 and math.isfinite(summary["final_val_loss"])
     assert summary["config"]["train"]["steps"] == 6
     assert list(tmp_path.glob("wandb/offline-run-*")), "W&B offline run directory missing"
+    loads = [json.loads(line) for line in (tmp_path / "expert_load.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in loads] == [2, 4, 6]
+    tokens_per_step = 4 * 32 * summary["config"]["moe"]["top_k"]  # batch * seq * k assignments
+    assert all(sum(counts) == tokens_per_step for r in loads for counts in r["tokens_per_expert"].values())

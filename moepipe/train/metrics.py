@@ -138,6 +138,8 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        # tokens per expert per MoE layer at every logged step (heatmaps, placement studies)
+        self.load_file = open(os.path.join(run_dir, "expert_load.jsonl"), "a", buffering=1)
         if cfg.logger.name == "wandb" and cfg.logger.wandb.mode != "disabled":
             self.wandb = WandbSink(cfg, run_dir, config_dict)
         self.progress = Progress(cfg.logger.progress, cfg.train.steps)
@@ -148,6 +150,9 @@ class MetricsLogger:
             return
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self.file.write(json.dumps(row, default=_json_default) + "\n")
+        if expert_load:
+            load = {str(layer): counts for layer, counts in expert_load.items()}
+            self.load_file.write(json.dumps({"step": row["step"], "tokens_per_expert": load}, default=_json_default) + "\n")
         if self.wandb is not None:
             self.wandb.log(row, row["step"], expert_load)
         self.progress.update(row["step"], row)
@@ -177,4 +182,5 @@ class MetricsLogger:
             self.wandb = None
         if self.file is not None:
             self.file.close()
+            self.load_file.close()
             self.file = None

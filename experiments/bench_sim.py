@@ -1,0 +1,428 @@
+"""Simulator fidelity (issue 4): predicted vs measured iteration time of real CPU runs.
+
+For each schedule (gpipe, 1f1b, interleaved_1f1b, interleaved_zb, zbv, dualpipev; the last four
+with virtual_stages=2) the `tiny` model trains at pp=2, ep=1, dp=1 on 2 gloo processes with
+1 torch thread each (2 cores). Measured: the median `DistributedTrainer.train_step` seconds
+after warmup (each step's time is the slower rank's). Predicted: `simulate()` with the cost
+model calibrated from `measure_profile` (moepipe/train/profile.py), links from `probe_links`
+on the real gloo group applied to the `local_cpu` topology (whose device throughput is set to
+the profile's measured one, so calibrated times carry over unchanged), the routing counts the
+profile measured, plus the per-step work the simulator does not model (optimizer step,
+gradient bookkeeping, norm/clip, batch construction, output merge: `step_overhead` in the
+profile; and 3 small all_reduces timed on the group): prediction = iteration_time_s + that.
+
+Method (the cores are shared with other processes, so everything is interleaved): all six
+trainers live in the same two processes; R rounds, each = one `measure_profile` on both ranks
+at once (as the pipeline runs them: two busy cores) + K steps of every schedule (order rotated
+per round). Profile = element-wise median over rounds and ranks; measured = median step.
+
+Diagnostics (why a prediction is off): every stage's forward_one_chunk / backward_one_chunk /
+backward_weight_one_chunk and the loss are timed inside the real runs ("measured action
+durations", compared with the profile's), and the engine is replayed with those measured
+durations ("replay": schedule order + engine + p2p, with measured compute).
+
+    .venv/bin/python experiments/bench_sim.py                # writes results/bench_sim.json
+    .venv/bin/python experiments/bench_sim.py --rounds 3 --steps 2 --schedules 1f1b zbv
+
+The last line printed is `worst_relative_error=<x>` (max over schedules of |pred/meas - 1|).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict
+from datetime import timedelta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_runtime.py
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+CONF_DIR = os.path.join(ROOT, "conf")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
+BASE = ["model=tiny", "parallel=pp2", "train.seq_len=128", "train.dtype=fp32", "train.device=cpu", "train.num_threads=1",
+        "train.steps=1000", "logger.progress=none"]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from moepipe.config import register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return validate(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
+def overrides_for(name: str, args) -> list[str]:
+    v = 1 if name in ("gpipe", "1f1b") else 2
+    return BASE + [f"schedule={name}", f"schedule.virtual_stages={v}", f"schedule.microbatches={args.microbatches}",
+                   f"train.batch_size={args.batch_size}", f"optim.lr={args.lr:g}"]
+
+
+# ---------------------------------------------------------------------------- instrumentation
+
+
+class ActionTimer:
+    """Wall seconds of every compute action of a rank's stages (and the loss), per (stage, kind)."""
+
+    def __init__(self):
+        self.on = False
+        self.t: dict[str, list[float]] = {}
+
+    def _add(self, key: str, dt: float) -> None:
+        if self.on:
+            self.t.setdefault(key, []).append(dt)
+
+    def wrap_stage(self, stage) -> None:
+        s = stage.stage_index
+        fwd, bwd, wgt = stage.forward_one_chunk, stage.backward_one_chunk, stage.backward_weight_one_chunk
+
+        def forward_one_chunk(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fwd(*a, **k)
+            finally:
+                self._add(f"{s}F", time.perf_counter() - t0)
+
+        def backward_one_chunk(*a, **k):
+            full = k.get("full_backward", a[2] if len(a) > 2 else True)
+            t0 = time.perf_counter()
+            try:
+                return bwd(*a, **k)
+            finally:
+                self._add(f"{s}{'B' if full else 'I'}", time.perf_counter() - t0)
+
+        def backward_weight_one_chunk(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return wgt(*a, **k)
+            finally:
+                self._add(f"{s}W", time.perf_counter() - t0)
+
+        stage.forward_one_chunk = forward_one_chunk
+        stage.backward_one_chunk = backward_one_chunk
+        stage.backward_weight_one_chunk = backward_weight_one_chunk
+
+    def wrap_schedule(self, sched) -> None:
+        stages = getattr(sched, "_stages", None) or [sched._stage]
+        for st in stages:
+            self.wrap_stage(st)
+        loss = sched._maybe_compute_loss
+
+        def _maybe_compute_loss(stage, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return loss(stage, *a, **k)
+            finally:
+                if stage.is_last:
+                    self._add(f"{stage.stage_index}loss", time.perf_counter() - t0)
+
+        sched._maybe_compute_loss = _maybe_compute_loss
+        step = sched.step
+
+        def timed_step(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return step(*a, **k)
+            finally:
+                self._add("schedule.step", time.perf_counter() - t0)
+
+        sched.step = timed_step
+
+
+# ---------------------------------------------------------------------------- worker
+
+
+def worker(rank: int, world: int, cfgs: dict, base_cfg, args, out_path: str) -> None:
+    from moepipe.parallel.mesh import build_mesh
+    from moepipe.placement.topology import probe_links
+    from moepipe.train.distributed import DistributedTrainer
+    from moepipe.train.profile import measure_profile
+
+    mesh = build_mesh(2, 1, 1)
+    trainers, timers = {}, {}
+    for name, cfg in cfgs.items():
+        trainers[name] = DistributedTrainer(cfg, mesh)
+        timers[name] = ActionTimer()
+        timers[name].wrap_schedule(trainers[name].schedule)
+
+    probe = probe_links(mesh.pp_group, iters=args.probe_iters)
+    small = torch.zeros(4)
+    for _ in range(5):
+        dist.all_reduce(small)
+    ar = []
+    for _ in range(30):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(small)
+        ar.append(time.perf_counter() - t0)
+
+    next_step = {n: 0 for n in trainers}
+    secs: dict[str, list[float]] = {n: [] for n in trainers}
+
+    def step(name: str, record: bool) -> None:
+        res = trainers[name].train_step(next_step[name])
+        next_step[name] += 1
+        if record:
+            secs[name].append(res.seconds)
+
+    for name in trainers:  # warmup: first-step set-up (p2p connections, buffers, optimizer state)
+        for _ in range(args.warmup):
+            step(name, False)
+
+    profiles = []
+    names = list(trainers)
+    for r in range(args.rounds):
+        dist.barrier()
+        profiles.append(measure_profile(base_cfg, threads=1, repeats=args.profile_repeats, warmup=1))
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            dist.barrier()
+            timers[name].on = True
+            for _ in range(args.steps):
+                step(name, True)
+            timers[name].on = False
+
+    mine = {"rank": rank, "secs": secs, "profiles": profiles, "probe": probe, "allreduce_s": statistics.median(ar),
+            "actions": {n: t.t for n, t in timers.items()}, "stages": {n: list(tr.stage_ids) for n, tr in trainers.items()}}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(gathered, f)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    ok = False
+    try:
+        fn(rank, world, *args)
+        dist.barrier()
+        ok = True
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        if ok:
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, *args, timeout: float = 900.0) -> None:
+    ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world}-process run did not finish in {timeout:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        for p in ctx.processes:
+            p.join(5)
+    codes = [p.exitcode for p in ctx.processes]
+    if any(c != 0 for c in codes):
+        raise RuntimeError(f"worker exit codes {codes}")
+
+
+# ---------------------------------------------------------------------------- prediction
+
+
+def median_tree(trees: list):
+    """Element-wise median of identically shaped JSON trees (numbers; other leaves from the first)."""
+    t0 = trees[0]
+    if isinstance(t0, dict):
+        return {k: median_tree([t[k] for t in trees]) for k in t0}
+    if isinstance(t0, list):
+        return [median_tree([t[i] for t in trees]) for i in range(len(t0))]
+    if isinstance(t0, (int, float)) and not isinstance(t0, bool):
+        v = float(statistics.median(trees))
+        return int(v) if isinstance(t0, int) else v
+    return t0
+
+
+def topology_for(cfg, profile: dict, probe: dict | None):
+    """local_cpu with the profile's measured device throughput; links from the probe if given."""
+    from moepipe.placement.topology import apply_probe, from_config
+
+    tc = asdict(cfg.topology)
+    tc["device_groups"] = [dict(g, tflops=profile["device"]["tflops"], speed=profile["device"].get("speed", 1.0)) for g in tc["device_groups"]]
+    topo = from_config(tc, 2)
+    return apply_probe(topo, probe) if probe is not None else topo
+
+
+def predict(cfg, profile: dict, probe: dict | None, allreduce_s: float) -> dict:
+    from moepipe.placement.cost_model import CostModel
+    from moepipe.placement.model_spec import build_model_spec
+    from moepipe.sim.simulator import simulate
+    from moepipe.train.distributed import default_plan
+    from moepipe.train.profile import profile_for, step_overhead_s
+
+    prof = profile_for(profile, cfg)
+    spec = build_model_spec(cfg.model, cfg.moe, cfg.train, cfg.schedule.microbatches, cfg.parallel.dp, dtype_bytes=4)
+    cm = CostModel(spec, efficiency=cfg.sim.efficiency, profile=prof)
+    plan = default_plan(cfg)
+    topo = topology_for(cfg, prof, probe)
+    routing = {int(k): v for k, v in prof["routing"].items()}
+    res = simulate(plan, cfg.schedule.name, cfg.schedule.microbatches, topo, cm, routing)
+    over = step_overhead_s(prof, plan, allreduce_s)
+    return {"sim": res, "plan": plan, "costs": res.costs, "step_overhead_s": over, "predicted_s": res.iteration_time_s + over,
+            "profile": prof}
+
+
+def replay(name: str, cfg, plan, costs, measured_actions: dict[str, float]) -> float:
+    """Engine makespan with the measured median duration of every (stage, kind) action."""
+    from moepipe.sim.schedules import schedule_order
+    from moepipe.sim.simulator import simulate_order
+
+    order, s2r = schedule_order(name, plan.pp, plan.n_stages // plan.pp, cfg.schedule.microbatches)
+    S = plan.n_stages
+    comp = np.zeros((S, 3))
+    for s in range(S):
+        f = measured_actions.get(f"{s}F", 0.0) + measured_actions.get(f"{s}loss", 0.0)
+        if f"{s}I" in measured_actions:
+            b, w = measured_actions[f"{s}I"], measured_actions.get(f"{s}W", 0.0)
+            if f"{s}B" in measured_actions:  # both kinds in one order (dualpipev): B = I + W must hold
+                full = measured_actions[f"{s}B"]
+                b, w = full * b / max(b + w, 1e-12), full * w / max(b + w, 1e-12)
+        else:
+            b, w = measured_actions.get(f"{s}B", 0.0), 0.0
+        comp[s] = (f, b, w)
+    return float(simulate_order(order, s2r, cfg.schedule.microbatches, comp, None, costs.send).makespan), comp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per schedule per round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule first")
+    ap.add_argument("--profile-repeats", type=int, default=3, help="measure_profile repeats per round")
+    ap.add_argument("--probe-iters", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-12,
+                    help="default 1e-12: fp32 updates round away, so the weights (and routing) the profile measured stay those of every step")
+    ap.add_argument("--no-probe", action="store_true", help="use local_cpu's nominal links instead of probe_links")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_sim.json"))
+    args = ap.parse_args()
+
+    from moepipe.train.run_info import run_info
+
+    info = run_info()
+    t_start = time.perf_counter()
+    cfgs = {n: compose(overrides_for(n, args)) for n in args.schedules}
+    base_cfg = compose(overrides_for("1f1b", args))
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ranks.json")
+        run_distributed(worker, 2, cfgs, base_cfg, args, path)
+        with open(path) as f:
+            ranks = json.load(f)
+    load_after = os.getloadavg()
+
+    profile = median_tree([p for r in ranks for p in r["profiles"]])
+    probe = None if args.no_probe else median_tree([r["probe"] for r in ranks])
+    allreduce_s = max(r["allreduce_s"] for r in ranks)
+
+    rows = {}
+    for name in args.schedules:
+        cfg = cfgs[name]
+        n = len(ranks[0]["secs"][name])
+        steps = [max(r["secs"][name][i] for r in ranks) for i in range(n)]
+        measured = statistics.median(steps)
+        p = predict(cfg, profile, probe, allreduce_s)
+        # per-round spread of the prediction (each round's own profile, both ranks' medians)
+        per_round = [predict(cfg, median_tree([r["profiles"][i] for r in ranks]), probe, allreduce_s)["predicted_s"]
+                     for i in range(args.rounds)]
+        acts = {}
+        for r in ranks:
+            for k, v in r["actions"][name].items():
+                if k != "schedule.step":
+                    acts[k] = statistics.median(v)
+        sched_step = statistics.median(max(a, b) for a, b in zip(ranks[0]["actions"][name]["schedule.step"], ranks[1]["actions"][name]["schedule.step"]))
+        rep, comp_meas = replay(name, cfg, p["plan"], p["costs"], acts)
+        c = p["costs"]
+        sim = p["sim"]
+        busy_pred = [float(x) for x in sim.busy_s]
+        busy_meas = [0.0] * cfg.parallel.pp
+        for r in ranks:
+            tot = sum(sum(v) for k, v in r["actions"][name].items() if k != "schedule.step")
+            busy_meas[r["rank"]] = tot / n  # seconds of compute actions per step on this rank
+        rows[name] = {
+            "measured_s": measured,
+            "predicted_s": p["predicted_s"],
+            "relative_error": p["predicted_s"] / measured - 1.0,
+            "predicted_pipeline_s": sim.pipeline_time_s,
+            "predicted_grad_sync_s": sim.grad_sync_s,
+            "predicted_step_overhead_s": p["step_overhead_s"],
+            "predicted_per_round_s": per_round,
+            "measured_steps_s": steps,
+            "measured_schedule_step_s": sched_step,
+            "measured_outside_schedule_s": measured - sched_step,
+            "replay_pipeline_s": rep,
+            "busy_per_rank_predicted_s": busy_pred,
+            "busy_per_rank_measured_s": busy_meas,
+            "stage_costs_predicted_s": {"F": c.comp[:, 0].tolist(), "B": c.comp[:, 1].tolist(), "W": c.comp[:, 2].tolist(), "send": c.send.tolist()},
+            "stage_costs_measured_s": {"F": comp_meas[:, 0].tolist(), "B": comp_meas[:, 1].tolist(), "W": comp_meas[:, 2].tolist()},
+            "measured_action_medians_s": acts,
+            "bubble_fraction_predicted": sim.bubble_fraction,
+            "stage_to_pp_rank": sim.stage_to_pp_rank,
+            "backward": p["profile"]["meta"]["backward"],
+        }
+    worst = max(abs(r["relative_error"]) for r in rows.values())
+    result = {
+        "worst_relative_error": worst,
+        "rows": rows,
+        "config": {"overrides": {n: overrides_for(n, args) for n in args.schedules}, "args": vars(args), "world": 2, "threads_per_rank": 1,
+                   "topology": "local_cpu (device tflops := profile's measured) + probe_links" if probe else "local_cpu (device tflops := profile's)"},
+        "probe": probe,
+        "allreduce_small_s": allreduce_s,
+        "profile": profile,
+        "method": {"measured": "median over rounds x steps of max over ranks of StepResult.seconds",
+                   "predicted": "simulate(...).iteration_time_s + step_overhead_s(profile, plan, allreduce_s)",
+                   "profile": "element-wise median of measure_profile over rounds and both ranks (both measuring at once)",
+                   "replay": "engine.run with measured per-(stage, kind) median action durations and the model's send times"},
+        "loadavg_before_after": [list(load_before), list(load_after)],
+        "wall_s": time.perf_counter() - t_start,
+        "run_info": info,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+    print(f"{'schedule':<17} {'measured':>9} {'predicted':>9} {'rel.err':>8} {'pipe(sim)':>9} {'overhead':>8} {'sched.step':>10} {'replay':>8}")
+    for name, r in rows.items():
+        print(f"{name:<17} {r['measured_s']:>9.4f} {r['predicted_s']:>9.4f} {r['relative_error']:>+8.3f} {r['predicted_pipeline_s']:>9.4f} "
+              f"{r['predicted_step_overhead_s']:>8.4f} {r['measured_schedule_step_s']:>10.4f} {r['replay_pipeline_s']:>8.4f}")
+    print(f"probe: latency {probe and probe['latency_us'][0][1]:.1f} us, bandwidth {probe and probe['bandwidth_gbps'][0][1]:.2f} GB/s; "
+          f"small all_reduce {1e6 * allreduce_s:.0f} us; loadavg {load_before[0]:.1f}->{load_after[0]:.1f}; wall {result['wall_s']:.0f} s")
+    print(f"wrote {args.out}")
+    print(f"worst_relative_error={worst:.4f}")
+
+
+if __name__ == "__main__":
+    main()
