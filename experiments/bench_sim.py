@@ -83,16 +83,21 @@ class ActionTimer:
     def __init__(self):
         self.on = False
         self.t: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}  # thread CPU seconds of the same calls
+        self._c0: list[float] = []
 
     def _add(self, key: str, dt: float) -> None:
+        c = time.thread_time() - self._c0.pop()
         if self.on:
             self.t.setdefault(key, []).append(dt)
+            self.cpu.setdefault(key, []).append(c)
 
     def wrap_stage(self, stage) -> None:
         s = stage.stage_index
         fwd, bwd, wgt = stage.forward_one_chunk, stage.backward_one_chunk, stage.backward_weight_one_chunk
 
         def forward_one_chunk(*a, **k):
+            self._c0.append(time.thread_time())
             t0 = time.perf_counter()
             try:
                 return fwd(*a, **k)
@@ -101,6 +106,7 @@ class ActionTimer:
 
         def backward_one_chunk(*a, **k):
             full = k.get("full_backward", a[2] if len(a) > 2 else True)
+            self._c0.append(time.thread_time())
             t0 = time.perf_counter()
             try:
                 return bwd(*a, **k)
@@ -108,6 +114,7 @@ class ActionTimer:
                 self._add(f"{s}{'B' if full else 'I'}", time.perf_counter() - t0)
 
         def backward_weight_one_chunk(*a, **k):
+            self._c0.append(time.thread_time())
             t0 = time.perf_counter()
             try:
                 return wgt(*a, **k)
@@ -125,6 +132,7 @@ class ActionTimer:
         loss = sched._maybe_compute_loss
 
         def _maybe_compute_loss(stage, *a, **k):
+            self._c0.append(time.thread_time())
             t0 = time.perf_counter()
             try:
                 return loss(stage, *a, **k)
@@ -136,6 +144,7 @@ class ActionTimer:
         step = sched.step
 
         def timed_step(*a, **k):
+            self._c0.append(time.thread_time())
             t0 = time.perf_counter()
             try:
                 return step(*a, **k)
@@ -154,6 +163,8 @@ def worker(rank: int, world: int, cfgs: dict, base_cfg, args, out_path: str) -> 
     from moepipe.train.distributed import DistributedTrainer
     from moepipe.train.profile import measure_profile
 
+    if args.pin:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]})
     mesh = build_mesh(2, 1, 1)
     trainers, timers = {}, {}
     for name, cfg in cfgs.items():
@@ -173,33 +184,38 @@ def worker(rank: int, world: int, cfgs: dict, base_cfg, args, out_path: str) -> 
         ar.append(time.perf_counter() - t0)
 
     next_step = {n: 0 for n in trainers}
-    secs: dict[str, list[float]] = {n: [] for n in trainers}
 
-    def step(name: str, record: bool) -> None:
+    def step(name: str) -> float:
         res = trainers[name].train_step(next_step[name])
         next_step[name] += 1
-        if record:
-            secs[name].append(res.seconds)
+        return res.seconds
 
     for name in trainers:  # warmup: first-step set-up (p2p connections, buffers, optimizer state)
         for _ in range(args.warmup):
-            step(name, False)
+            step(name)
 
-    profiles = []
+    # Per-step work outside the pipeline: measured once (it does not depend on the schedule).
+    overhead = measure_profile(base_cfg, threads=1, repeats=args.profile_repeats, warmup=1)["step_overhead"]
+    rounds = []
     names = list(trainers)
     for r in range(args.rounds):
-        dist.barrier()
-        profiles.append(measure_profile(base_cfg, threads=1, repeats=args.profile_repeats, warmup=1))
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
+        entry = {}
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotated order
+            # A profile right before the steps it predicts: the cores' speed and our share of
+            # them drift by tens of percent within minutes when other processes run.
             dist.barrier()
-            timers[name].on = True
-            for _ in range(args.steps):
-                step(name, True)
-            timers[name].on = False
+            prof = measure_profile(cfgs[name], threads=1, repeats=args.profile_repeats, warmup=1, step_overhead=False)
+            prof["step_overhead"] = overhead
+            timer = timers[name]
+            timer.t, timer.cpu = {}, {}
+            dist.barrier()
+            timer.on = True
+            secs = [step(name) for _ in range(args.steps)]
+            timer.on = False
+            entry[name] = {"profile": prof, "secs": secs, "actions": timer.t, "actions_cpu": timer.cpu}
+        rounds.append(entry)
 
-    mine = {"rank": rank, "secs": secs, "profiles": profiles, "probe": probe, "allreduce_s": statistics.median(ar),
-            "actions": {n: t.t for n, t in timers.items()}, "stages": {n: list(tr.stage_ids) for n, tr in trainers.items()}}
+    mine = {"rank": rank, "rounds": rounds, "probe": probe, "allreduce_s": statistics.median(ar), "step_overhead": overhead}
     gathered = [None] * world
     dist.all_gather_object(gathered, mine)
     if rank == 0:
@@ -263,17 +279,21 @@ def median_tree(trees: list):
     return t0
 
 
-def topology_for(cfg, profile: dict, probe: dict | None):
-    """local_cpu with the profile's measured device throughput; links from the probe if given."""
+def topology_for(cfg, profile: dict, probe: dict | None, speed: list[float] | None = None):
+    """local_cpu with the profile's measured device throughput (optionally a relative speed per
+    rank); links from the probe if given."""
     from moepipe.placement.topology import apply_probe, from_config
 
     tc = asdict(cfg.topology)
-    tc["device_groups"] = [dict(g, tflops=profile["device"]["tflops"], speed=profile["device"].get("speed", 1.0)) for g in tc["device_groups"]]
+    n = sum(g["count"] for g in tc["device_groups"])
+    speed = list(speed or []) + [1.0] * (n - len(speed or []))
+    base = dict(tc["device_groups"][0], tflops=profile["device"]["tflops"])
+    tc["device_groups"] = [dict(base, count=1, speed=profile["device"].get("speed", 1.0) * sp) for sp in speed]
     topo = from_config(tc, 2)
     return apply_probe(topo, probe) if probe is not None else topo
 
 
-def predict(cfg, profile: dict, probe: dict | None, allreduce_s: float) -> dict:
+def predict(cfg, profile: dict, probe: dict | None, allreduce_s: float, speed: list[float] | None = None) -> dict:
     from moepipe.placement.cost_model import CostModel
     from moepipe.placement.model_spec import build_model_spec
     from moepipe.sim.simulator import simulate
@@ -284,7 +304,7 @@ def predict(cfg, profile: dict, probe: dict | None, allreduce_s: float) -> dict:
     spec = build_model_spec(cfg.model, cfg.moe, cfg.train, cfg.schedule.microbatches, cfg.parallel.dp, dtype_bytes=4)
     cm = CostModel(spec, efficiency=cfg.sim.efficiency, profile=prof)
     plan = default_plan(cfg)
-    topo = topology_for(cfg, prof, probe)
+    topo = topology_for(cfg, prof, probe, speed)
     routing = {int(k): v for k, v in prof["routing"].items()}
     res = simulate(plan, cfg.schedule.name, cfg.schedule.microbatches, topo, cm, routing)
     over = step_overhead_s(prof, plan, allreduce_s)
@@ -292,7 +312,7 @@ def predict(cfg, profile: dict, probe: dict | None, allreduce_s: float) -> dict:
             "profile": prof}
 
 
-def replay(name: str, cfg, plan, costs, measured_actions: dict[str, float]) -> float:
+def replay(name: str, cfg, plan, costs, measured_actions: dict[str, float]) -> tuple[float, np.ndarray]:
     """Engine makespan with the measured median duration of every (stage, kind) action."""
     from moepipe.sim.schedules import schedule_order
     from moepipe.sim.simulator import simulate_order
@@ -319,12 +339,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per schedule per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule first")
-    ap.add_argument("--profile-repeats", type=int, default=3, help="measure_profile repeats per round")
+    ap.add_argument("--profile-repeats", type=int, default=2, help="measure_profile repeats (one profile per schedule per round)")
     ap.add_argument("--probe-iters", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-12,
                     help="default 1e-12: fp32 updates round away, so the weights (and routing) the profile measured stay those of every step")
+    ap.add_argument("--pin", action="store_true", help="pin rank i to core i")
     ap.add_argument("--no-probe", action="store_true", help="use local_cpu's nominal links instead of probe_links")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_sim.json"))
     args = ap.parse_args()
@@ -344,54 +365,59 @@ def main() -> None:
             ranks = json.load(f)
     load_after = os.getloadavg()
 
-    profile = median_tree([p for r in ranks for p in r["profiles"]])
+    R = args.rounds
     probe = None if args.no_probe else median_tree([r["probe"] for r in ranks])
     allreduce_s = max(r["allreduce_s"] for r in ranks)
 
-    rows = {}
+    rows, profiles_used = {}, {}
     for name in args.schedules:
         cfg = cfgs[name]
-        n = len(ranks[0]["secs"][name])
-        steps = [max(r["secs"][name][i] for r in ranks) for i in range(n)]
-        measured = statistics.median(steps)
+        per_round = []
+        slot_profiles = [median_tree([r["rounds"][i][name]["profile"] for r in ranks]) for i in range(R)]  # both ranks measured at once
+        for i in range(R):
+            runs = [r["rounds"][i][name] for r in ranks]
+            steps = [max(x["secs"][j] for x in runs) for j in range(len(runs[0]["secs"]))]  # the slower rank's
+            p = predict(cfg, slot_profiles[i], probe, allreduce_s)
+            # load-corrected (diagnostic): each rank's device speed = CPU share its actions got / the profile's share
+            share = [sum(sum(v) for k, v in x["actions_cpu"].items() if k != "schedule.step")
+                     / sum(sum(v) for k, v in x["actions"].items() if k != "schedule.step") for x in runs]
+            pc = predict(cfg, slot_profiles[i], probe, allreduce_s, speed=[sh / slot_profiles[i]["meta"]["cpu_share"] for sh in share])
+            acts = {k: statistics.median(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step"}
+            sched = statistics.median(max(a, b) for a, b in zip(runs[0]["actions"]["schedule.step"], runs[1]["actions"]["schedule.step"]))
+            rep, comp_meas = replay(name, cfg, p["plan"], p["costs"], acts)
+            wall = sum(sum(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step")
+            cpu = sum(sum(v) for x in runs for k, v in x["actions_cpu"].items() if k != "schedule.step")
+            per_round.append({
+                "measured_s": statistics.median(steps), "steps_s": steps, "predicted_s": p["predicted_s"],
+                "predicted_pipeline_s": p["sim"].pipeline_time_s, "step_overhead_s": p["step_overhead_s"],
+                "schedule_step_s": sched, "replay_pipeline_s": rep,
+                "stage_pred_s": p["costs"].comp.tolist(), "stage_meas_s": comp_meas.tolist(),
+                "action_cpu_over_wall": cpu / wall, "action_cpu_share_per_rank": share,
+                "profile_cpu_share": slot_profiles[i]["meta"]["cpu_share"], "predicted_load_corrected_s": pc["predicted_s"],
+            })
+        profile = median_tree(slot_profiles)
+        profiles_used[name] = profile
         p = predict(cfg, profile, probe, allreduce_s)
-        # per-round spread of the prediction (each round's own profile, both ranks' medians)
-        per_round = [predict(cfg, median_tree([r["profiles"][i] for r in ranks]), probe, allreduce_s)["predicted_s"]
-                     for i in range(args.rounds)]
-        acts = {}
-        for r in ranks:
-            for k, v in r["actions"][name].items():
-                if k != "schedule.step":
-                    acts[k] = statistics.median(v)
-        sched_step = statistics.median(max(a, b) for a, b in zip(ranks[0]["actions"][name]["schedule.step"], ranks[1]["actions"][name]["schedule.step"]))
-        rep, comp_meas = replay(name, cfg, p["plan"], p["costs"], acts)
+        med = lambda key: statistics.median(x[key] for x in per_round)  # noqa: E731
+        measured = statistics.median(s for x in per_round for s in x["steps_s"])
         c = p["costs"]
-        sim = p["sim"]
-        busy_pred = [float(x) for x in sim.busy_s]
-        busy_meas = [0.0] * cfg.parallel.pp
-        for r in ranks:
-            tot = sum(sum(v) for k, v in r["actions"][name].items() if k != "schedule.step")
-            busy_meas[r["rank"]] = tot / n  # seconds of compute actions per step on this rank
         rows[name] = {
             "measured_s": measured,
             "predicted_s": p["predicted_s"],
             "relative_error": p["predicted_s"] / measured - 1.0,
-            "predicted_pipeline_s": sim.pipeline_time_s,
-            "predicted_grad_sync_s": sim.grad_sync_s,
+            "paired_relative_error": statistics.median(x["predicted_s"] / x["measured_s"] for x in per_round) - 1.0,
+            "load_corrected_relative_error": statistics.median(x["predicted_load_corrected_s"] / x["measured_s"] for x in per_round) - 1.0,
+            "predicted_pipeline_s": p["sim"].pipeline_time_s,
+            "predicted_grad_sync_s": p["sim"].grad_sync_s,
             "predicted_step_overhead_s": p["step_overhead_s"],
-            "predicted_per_round_s": per_round,
-            "measured_steps_s": steps,
-            "measured_schedule_step_s": sched_step,
-            "measured_outside_schedule_s": measured - sched_step,
-            "replay_pipeline_s": rep,
-            "busy_per_rank_predicted_s": busy_pred,
-            "busy_per_rank_measured_s": busy_meas,
+            "measured_schedule_step_s": med("schedule_step_s"),
+            "replay_pipeline_s": med("replay_pipeline_s"),
             "stage_costs_predicted_s": {"F": c.comp[:, 0].tolist(), "B": c.comp[:, 1].tolist(), "W": c.comp[:, 2].tolist(), "send": c.send.tolist()},
-            "stage_costs_measured_s": {"F": comp_meas[:, 0].tolist(), "B": comp_meas[:, 1].tolist(), "W": comp_meas[:, 2].tolist()},
-            "measured_action_medians_s": acts,
-            "bubble_fraction_predicted": sim.bubble_fraction,
-            "stage_to_pp_rank": sim.stage_to_pp_rank,
+            "stage_costs_measured_s": np.median(np.array([x["stage_meas_s"] for x in per_round]), axis=0).tolist(),
+            "bubble_fraction_predicted": p["sim"].bubble_fraction,
+            "stage_to_pp_rank": p["sim"].stage_to_pp_rank,
             "backward": p["profile"]["meta"]["backward"],
+            "rounds": per_round,
         }
     worst = max(abs(r["relative_error"]) for r in rows.values())
     result = {
@@ -401,10 +427,11 @@ def main() -> None:
                    "topology": "local_cpu (device tflops := profile's measured) + probe_links" if probe else "local_cpu (device tflops := profile's)"},
         "probe": probe,
         "allreduce_small_s": allreduce_s,
-        "profile": profile,
-        "method": {"measured": "median over rounds x steps of max over ranks of StepResult.seconds",
-                   "predicted": "simulate(...).iteration_time_s + step_overhead_s(profile, plan, allreduce_s)",
-                   "profile": "element-wise median of measure_profile over rounds and both ranks (both measuring at once)",
+        "profiles": profiles_used,
+        "method": {"measured": "median over rounds x steps of the slower rank's StepResult.seconds",
+                   "predicted": "simulate(...).iteration_time_s + step_overhead_s(profile, plan, allreduce_s), profile = element-wise median "
+                                "of the rounds' profiles (each the median of both ranks, which measure at once)",
+                   "paired": "median over rounds of predicted(round's profile) / measured(round) - 1",
                    "replay": "engine.run with measured per-(stage, kind) median action durations and the model's send times"},
         "loadavg_before_after": [list(load_before), list(load_after)],
         "wall_s": time.perf_counter() - t_start,
@@ -414,12 +441,13 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
-    print(f"{'schedule':<17} {'measured':>9} {'predicted':>9} {'rel.err':>8} {'pipe(sim)':>9} {'overhead':>8} {'sched.step':>10} {'replay':>8}")
+    print(f"{'schedule':<17} {'measured':>9} {'predicted':>9} {'rel.err':>8} {'paired':>7} {'loadcorr':>8} {'pipe(sim)':>9} {'overhead':>8} {'sched.step':>10} {'replay':>8}")
     for name, r in rows.items():
-        print(f"{name:<17} {r['measured_s']:>9.4f} {r['predicted_s']:>9.4f} {r['relative_error']:>+8.3f} {r['predicted_pipeline_s']:>9.4f} "
-              f"{r['predicted_step_overhead_s']:>8.4f} {r['measured_schedule_step_s']:>10.4f} {r['replay_pipeline_s']:>8.4f}")
-    print(f"probe: latency {probe and probe['latency_us'][0][1]:.1f} us, bandwidth {probe and probe['bandwidth_gbps'][0][1]:.2f} GB/s; "
-          f"small all_reduce {1e6 * allreduce_s:.0f} us; loadavg {load_before[0]:.1f}->{load_after[0]:.1f}; wall {result['wall_s']:.0f} s")
+        print(f"{name:<17} {r['measured_s']:>9.4f} {r['predicted_s']:>9.4f} {r['relative_error']:>+8.3f} {r['paired_relative_error']:>+7.3f} "
+              f"{r['load_corrected_relative_error']:>+8.3f} "
+              f"{r['predicted_pipeline_s']:>9.4f} {r['predicted_step_overhead_s']:>8.4f} {r['measured_schedule_step_s']:>10.4f} {r['replay_pipeline_s']:>8.4f}")
+    link = f"latency {probe['latency_us'][0][1]:.0f} us, bandwidth {probe['bandwidth_gbps'][0][1]:.2f} GB/s" if probe else "local_cpu nominal links"
+    print(f"links: {link}; small all_reduce {1e6 * allreduce_s:.0f} us; loadavg {load_before[0]:.1f}->{load_after[0]:.1f}; wall {result['wall_s']:.0f} s")
     print(f"wrote {args.out}")
     print(f"worst_relative_error={worst:.4f}")
 

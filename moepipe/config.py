@@ -313,6 +313,19 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
             f"parallel.pp*schedule.virtual_stages={n_stages} > model.n_layers={m.n_layers}: every stage needs a layer; "
             "lower parallel.pp or schedule.virtual_stages"
         )
+    if sch.name in ("zbv", "dualpipev") and sch.virtual_stages != 2:
+        raise ConfigError(f"schedule.virtual_stages={sch.virtual_stages} but schedule.name={sch.name} runs exactly 2 stages per rank: set schedule.virtual_stages=2")
+    if sch.name == "dualpipev" and sch.microbatches < n_stages:
+        raise ConfigError(f"schedule.microbatches={sch.microbatches} < {n_stages} stages: dualpipev needs schedule.microbatches >= 2*parallel.pp")
+    if sch.name in ("interleaved_1f1b", "interleaved_zb"):
+        rounds = max(1, sch.microbatches // par.pp)
+        if sch.microbatches % rounds:
+            raise ConfigError(
+                f"schedule.microbatches={sch.microbatches} does not split into rounds of parallel.pp={par.pp}: "
+                f"use a multiple of {par.pp} (or fewer than {par.pp})"
+            )
+    if par.backend == "nccl" and t.device == "cpu":
+        raise ConfigError("parallel.backend=nccl needs GPUs but train.device=cpu: use parallel.backend=gloo (or auto)")
     if par.pp > 1 and sch.microbatches < par.pp:
         raise ConfigError(
             f"schedule.microbatches={sch.microbatches} < parallel.pp={par.pp}: the pipeline cannot fill; "

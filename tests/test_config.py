@@ -89,6 +89,10 @@ BAD = [
     (["logger.wandb.mode=sometimes"], "logger.wandb.mode='sometimes' is not known"),
     (["parallel.ep=16"], "parallel.ep=16 > moe.num_experts=8"),
     (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be in (0, 1)"),
+    (["parallel=pp2", "schedule=dualpipev", "schedule.microbatches=2", "train.batch_size=16"], "dualpipev needs schedule.microbatches >= 2*parallel.pp"),
+    (["parallel=pp2", "schedule=zbv", "schedule.virtual_stages=1"], "runs exactly 2 stages per rank"),
+    (["parallel=pp2", "schedule=interleaved_1f1b", "schedule.microbatches=6", "train.batch_size=12"], "does not split into rounds"),
+    (["parallel.backend=nccl", "train.device=cpu"], "parallel.backend=nccl needs GPUs"),
 ]
 
 

@@ -31,6 +31,16 @@ def test_pp2_ep2_job_runs_from_one_hydra_job(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_bf16_pipeline_with_expert_parallelism_runs(tmp_path):
+    # The GPU default precision, exercised with CPU autocast: bf16 expert outputs cross the
+    # all-to-all, bf16 logits are the last stage's declared output.
+    proc = run_cli(tmp_path, "parallel=pp2_ep2", "train.dtype=bf16", "train.steps=2", "train.log_every=1", "train.eval_every=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dtype"] == "bfloat16" and summary["final_val_loss"] < 6
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind,expect", [("raise", "injected fault on rank 1 at step 2"), ("kill", "signal SIGKILL")])
 def test_failing_worker_fails_the_job_with_its_error(tmp_path, kind, expect):
     proc = run_cli(tmp_path, "parallel=pp2", "train.steps=6", "train.eval_every=0",

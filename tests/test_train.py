@@ -79,3 +79,19 @@ def test_cli_writes_metrics_summary_and_offline_wandb(tmp_path):
     assert [r["step"] for r in loads] == [2, 4, 6]
     tokens_per_step = 4 * 32 * summary["config"]["moe"]["top_k"]  # batch * seq * k assignments
     assert all(sum(counts) == tokens_per_step for r in loads for counts in r["tokens_per_expert"].values())
+
+
+def test_bf16_autocast_trains_and_routes_in_fp32():
+    # CPU autocast exercises the GPU default (bf16): expert outputs arrive in bf16 and must
+    # combine into the fp32 residual stream; the router must stay fp32.
+    cfg = compose_cfg(["train.dtype=bf16", "train.batch_size=8", "train.seq_len=32", "data.max_bytes=200000",
+                       "moe=aux_free"])
+    trainer = Trainer(cfg)
+    assert trainer.amp_dtype == torch.bfloat16
+    losses = [trainer.train_step(s).loss for s in range(3)]
+    assert all(math.isfinite(l) for l in losses)
+    _, moe = next(trainer.model.moe_layers())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = moe.router.logits(torch.randn(4, cfg.model.d_model))
+    assert logits.dtype == torch.float32
+    assert moe.router.expert_bias.abs().sum() > 0  # the bias update ran

@@ -58,8 +58,14 @@ def local_dispatch(x: torch.Tensor, routing: Routing, experts: nn.ModuleDict) ->
     x_sorted = x[routing.token_idx]
     counts = routing.kept_counts.tolist()
     y_sorted = run_experts_sorted(x_sorted, counts, list(range(len(counts))), experts)
-    y_sorted = y_sorted * routing.weights.unsqueeze(-1).to(y_sorted.dtype)
-    return torch.zeros_like(x).index_add_(0, routing.token_idx, y_sorted)
+    return combine(x, y_sorted, routing.weights, routing.token_idx)
+
+
+def combine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
+    """Weight expert outputs (fp32: under autocast they arrive in bf16) and sum them per token,
+    in the residual stream's dtype."""
+    y = (y.to(torch.promote_types(y.dtype, torch.float32)) * weights.unsqueeze(-1)).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token_idx, y)
 
 
 class RoutingStats:

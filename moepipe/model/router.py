@@ -129,13 +129,16 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(num_experts) if use_bias else None)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
-        return F.linear(x, self.weight.float())
+        # Autocast off: it would round the gate to bf16 and with it the top-k choice and losses.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.training and self.jitter > 0:
+                x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
+            return F.linear(x, self.weight.float())
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:
         """Nudge under-loaded experts up and over-loaded ones down by `rate` (sign update)."""
         if self.expert_bias is not None:
-            self.expert_bias += rate * torch.sign(load.float().mean() - load.float())
+            load = load.to(self.expert_bias.device, torch.float32)  # statistics live on the CPU
+            self.expert_bias += rate * torch.sign(load.mean() - load)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moepipe.model.moe import run_experts_sorted
+from moepipe.model.moe import combine, run_experts_sorted
 from moepipe.model.router import Routing
 
 
@@ -90,5 +90,4 @@ class ExpertParallelDispatcher:
 
         # 4. combine at home
         y = all_to_all(y_received, in_splits, out_splits, self.group)
-        y = y * routing.weights[order].unsqueeze(-1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, tokens, y)
+        return combine(x, y, routing.weights[order], tokens)

@@ -37,7 +37,8 @@ class Mesh:
 
     @property
     def is_metrics_rank(self) -> bool:
-        """First rank of the last pipeline rank: it holds the loss and writes results."""
+        """First rank of the last pipeline rank: it writes the results (the loss is all-reduced
+        to every rank, so this holds for V-shaped schedules too, whose last stage is on pp rank 0)."""
         return self.rank == global_rank(self.pp - 1, 0, 0, self.pp, self.ep, self.dp)
 
 

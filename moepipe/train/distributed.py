@@ -23,9 +23,9 @@ from moepipe.parallel.grad_sync import clip_gradients, global_grad_norm, split_p
 from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
-from moepipe.placement.plan import Plan, experts_on_rank, static_plan, validate_plan
+from moepipe.placement.plan import Plan, experts_on_rank, stage_assignment, static_plan, validate_plan
 from moepipe.sim.schedules import plan_style
-from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_dtype, resolve_device
+from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_dtype, resolve_device, seed_everything
 from moepipe.train.metrics import routing_metrics
 from moepipe.train.optim import build_optimizer, lr_at, set_lr
 
@@ -40,6 +40,24 @@ def inject_fault(rank: int, step: int) -> None:
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+
+
+def check_plan_for_job(plan: Plan, cfg: MoepipeConfig) -> Plan:
+    """A valid plan can still be wrong for this job: mesh sizes, or a stage placement other
+    than the one the schedule will execute (the engine fixes loop or V placement itself)."""
+    par, sch = cfg.parallel, cfg.schedule
+    if (plan.pp, plan.ep, plan.dp) != (par.pp, par.ep, par.dp):
+        raise ConfigError(f"plan mesh (pp, ep, dp)={(plan.pp, plan.ep, plan.dp)} != parallel=({par.pp}, {par.ep}, {par.dp}): make a plan for this mesh")
+    expected = stage_assignment(par.pp, sch.virtual_stages, plan_style(sch.name))
+    if list(plan.stage_to_pp_rank) != expected:
+        raise ConfigError(
+            f"plan.stage_to_pp_rank={list(plan.stage_to_pp_rank)} but schedule.name={sch.name} places stages as {expected}: "
+            "use that stage placement"
+        )
+    for layer, holders in plan.expert_map.items():
+        if any(len(h) != 1 for h in holders):
+            raise ConfigError(f"plan.expert_map[{layer}] replicates an expert: the runtime needs exactly one holder per expert for now")
+    return plan
 
 
 def default_plan(cfg: MoepipeConfig) -> Plan:
@@ -61,7 +79,10 @@ class DistributedTrainer:
         self.world_size = mesh.world_size
         self.device = resolve_device(cfg)
         self.amp_dtype = autocast_dtype(cfg, self.device)
-        self.plan = validate_plan(plan or default_plan(cfg), cfg.model.n_layers, moe_layer_ids(cfg.model, cfg.moe), cfg.moe.num_experts)
+        seed_everything(cfg.train.seed)
+        self.plan = check_plan_for_job(
+            validate_plan(plan or default_plan(cfg), cfg.model.n_layers, moe_layer_ids(cfg.model, cfg.moe), cfg.moe.num_experts), cfg
+        )
         self.corpus = build_corpus(cfg.data, cfg.train.seq_len)
         if self.corpus.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the data's vocabulary ({self.corpus.vocab_size}): raise model.vocab_size")

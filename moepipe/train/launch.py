@@ -100,11 +100,20 @@ def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, l
     from moepipe.train.distributed import DistributedTrainer
     from moepipe.train.loop import train
 
+    from moepipe.config import ConfigError
+
     use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or n)
     if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", n))
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise ConfigError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto")
+        if backend == "nccl" and gpus > 1 and local_world > gpus:
+            raise ConfigError(f"{local_world} ranks on a node with {gpus} GPUs: NCCL needs one GPU per rank; lower parallel.pp*ep*dp or add nodes")
+        torch.cuda.set_device(local_rank % gpus)
+    elif backend == "nccl":
+        raise ConfigError("parallel.backend=nccl but no GPU is used: set parallel.backend=gloo (or auto)")
     torch.set_num_threads(_threads_per_worker(cfg, local_world))
     timeout = timedelta(seconds=cfg.parallel.collective_timeout_s)
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=n, timeout=timeout)

@@ -81,17 +81,25 @@ def _median(xs: list[float]) -> float:
 
 
 class _Clock:
+    """Wall seconds of a call (CUDA synchronised); also sums the calling thread's CPU seconds
+    against wall seconds, so the profile can say what share of a core it got (other
+    processes on the cores stretch wall times)."""
+
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.wall = self.cpu = 0.0
 
     def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
         if self.cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         out = fn()
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
+        dt = time.perf_counter() - t0
+        self.wall += dt
+        self.cpu += time.thread_time() - c0
+        return dt, out
 
 
 def measure_tflops(device: torch.device, n: int = 512, repeats: int = 5) -> float:
@@ -378,6 +386,8 @@ def measure_profile(
                 "model": cfg.model.name, "microbatch_sequences": b, "seq_len": seq, "microbatches": m, "threads": threads,
                 "repeats": repeats, "warmup": warmup, "step": step, "dtype": str(amp or torch.float32), "device": str(device),
                 "top_k": k, "num_experts": E, "timer": "time.perf_counter, median of repeats after warmup",
+                # thread CPU / wall over all timed calls: 1.0 on an idle core; lower when other processes share it
+                "cpu_share": clock.cpu / clock.wall if clock.wall > 0 else 1.0,
             },
             "backward_detail": detail,
         }
