@@ -91,7 +91,7 @@ BAD = [
     (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be in (0, 1)"),
     (["parallel=pp2", "schedule=dualpipev", "schedule.microbatches=2", "train.batch_size=16"], "dualpipev needs schedule.microbatches >= 2*parallel.pp"),
     (["parallel=pp2", "schedule=zbv", "schedule.virtual_stages=1"], "runs exactly 2 stages per rank"),
-    (["parallel=pp2", "schedule=interleaved_1f1b", "schedule.microbatches=6", "train.batch_size=12"], "does not split into rounds"),
+    (["parallel=pp2", "schedule=interleaved_1f1b", "schedule.microbatches=5", "train.batch_size=10"], "does not split into rounds"),
     (["parallel.backend=nccl", "train.device=cpu"], "parallel.backend=nccl needs GPUs"),
 ]
 
