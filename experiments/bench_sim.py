@@ -11,10 +11,16 @@ profile measured, plus the per-step work the simulator does not model (optimizer
 gradient bookkeeping, norm/clip, batch construction, output merge: `step_overhead` in the
 profile; and 3 small all_reduces timed on the group): prediction = iteration_time_s + that.
 
-Method (the cores are shared with other processes, so everything is interleaved): all six
-trainers live in the same two processes; R rounds, each = one `measure_profile` on both ranks
-at once (as the pipeline runs them: two busy cores) + K steps of every schedule (order rotated
-per round). Profile = element-wise median over rounds and ranks; measured = median step.
+Method (the 2 vCPUs are shared with other processes: their speed and our share of them drift
+by tens of percent within minutes, and the two vCPUs differ): all six trainers live in the same
+two processes, rank i pinned to core i (--no-pin to disable). R rounds; in each, for every
+schedule (order rotated per round): `measure_profile` on both ranks at once (two busy cores, as
+in the run), then K steps of that schedule. A round's prediction uses the element-wise median
+of the two ranks' profiles for per-part costs and each rank's own profile total for its
+device's relative speed (topology `speed`). Reported: measured = median of the rounds'
+median steps, predicted = median of the rounds' predictions, relative_error =
+predicted / measured - 1, and paired = median over rounds of predicted/measured - 1 (each
+prediction against the steps right after its profile: robust to drift between rounds).
 
 Diagnostics (why a prediction is off): every stage's forward_one_chunk / backward_one_chunk /
 backward_weight_one_chunk and the loss are timed inside the real runs ("measured action
@@ -24,12 +30,12 @@ durations ("replay": schedule order + engine + p2p, with measured compute).
     .venv/bin/python experiments/bench_sim.py                # writes results/bench_sim.json
     .venv/bin/python experiments/bench_sim.py --rounds 3 --steps 2 --schedules 1f1b zbv
 
-The last line printed is `worst_relative_error=<x>` (max over schedules of |pred/meas - 1|).
+The last line printed is `worst_relative_error=<x>`: max over schedules of |paired relative error|
+(`worst_relative_error_unpaired` in the JSON uses predicted/measured - 1 of the medians).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import socket
@@ -84,13 +90,22 @@ class ActionTimer:
         self.on = False
         self.t: dict[str, list[float]] = {}
         self.cpu: dict[str, list[float]] = {}  # thread CPU seconds of the same calls
+        self.gaps: list[float] = []  # idle seconds between consecutive compute actions within a step
         self._c0: list[float] = []
+        self._last_end: float | None = None
 
     def _add(self, key: str, dt: float) -> None:
         c = time.thread_time() - self._c0.pop()
+        now = time.perf_counter()
         if self.on:
             self.t.setdefault(key, []).append(dt)
             self.cpu.setdefault(key, []).append(c)
+            if key == "schedule.step":
+                self._last_end = None
+            elif not key.endswith("loss"):
+                if self._last_end is not None:
+                    self.gaps.append(now - dt - self._last_end)
+                self._last_end = now
 
     def wrap_stage(self, stage) -> None:
         s = stage.stage_index
@@ -207,12 +222,12 @@ def worker(rank: int, world: int, cfgs: dict, base_cfg, args, out_path: str) -> 
             prof = measure_profile(cfgs[name], threads=1, repeats=args.profile_repeats, warmup=1, step_overhead=False)
             prof["step_overhead"] = overhead
             timer = timers[name]
-            timer.t, timer.cpu = {}, {}
+            timer.t, timer.cpu, timer.gaps, timer._last_end = {}, {}, [], None
             dist.barrier()
             timer.on = True
             secs = [step(name) for _ in range(args.steps)]
             timer.on = False
-            entry[name] = {"profile": prof, "secs": secs, "actions": timer.t, "actions_cpu": timer.cpu}
+            entry[name] = {"profile": prof, "secs": secs, "actions": timer.t, "actions_cpu": timer.cpu, "gaps": timer.gaps}
         rounds.append(entry)
 
     mine = {"rank": rank, "rounds": rounds, "probe": probe, "allreduce_s": statistics.median(ar), "step_overhead": overhead}
@@ -264,6 +279,16 @@ def run_distributed(fn, world: int, *args, timeout: float = 900.0) -> None:
 
 
 # ---------------------------------------------------------------------------- prediction
+
+
+def profile_seconds(p: dict) -> float:
+    """Seconds of one microbatch through the whole model (forward + fused backward) in a profile."""
+    d = p["backward_detail"]
+    per_mb = p["routing_tokens"] / p["tokens_per_microbatch"]
+    t = sum(d[k]["fwd_s"] + d[k]["bwd_fused_s"] for k in ("embedding", "head"))
+    t += sum(v["fwd_s"] + v["bwd_fused_s"] for v in d["layers"].values())
+    t += sum((v["fwd_s"] + v["bwd_fused_s"]) * sum(p["routing"][l]) / per_mb for l, v in d["expert_per_token_s"].items())
+    return t
 
 
 def median_tree(trees: list):
@@ -336,16 +361,18 @@ def replay(name: str, cfg, plan, costs, measured_actions: dict[str, float]) -> t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per schedule per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule first")
-    ap.add_argument("--profile-repeats", type=int, default=2, help="measure_profile repeats (one profile per schedule per round)")
+    ap.add_argument("--profile-repeats", type=int, default=3, help="measure_profile repeats (one profile per schedule per round)")
     ap.add_argument("--probe-iters", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-12,
                     help="default 1e-12: fp32 updates round away, so the weights (and routing) the profile measured stay those of every step")
-    ap.add_argument("--pin", action="store_true", help="pin rank i to core i")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="do not pin rank i to core i (pinned by default: a rank's profile then measures the core it runs on, and "
+                         "the scheduler cannot stack both ranks on one core after a wake-up)")
     ap.add_argument("--no-probe", action="store_true", help="use local_cpu's nominal links instead of probe_links")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_sim.json"))
     args = ap.parse_args()
@@ -373,31 +400,45 @@ def main() -> None:
     for name in args.schedules:
         cfg = cfgs[name]
         per_round = []
-        slot_profiles = [median_tree([r["rounds"][i][name]["profile"] for r in ranks]) for i in range(R)]  # both ranks measured at once
+        slot_profiles = []
         for i in range(R):
             runs = [r["rounds"][i][name] for r in ranks]
+            # Both ranks measured at once, each on its own core: the median profile gives the
+            # per-part costs, each rank's own total its device's relative speed (the two vCPUs
+            # of this VM run at visibly different speeds).
+            rank_profiles = [x["profile"] for x in runs]
+            prof = median_tree(rank_profiles)
+            slot_profiles.append(prof)
+            speed = [profile_seconds(prof) / profile_seconds(rp) for rp in rank_profiles]
             steps = [max(x["secs"][j] for x in runs) for j in range(len(runs[0]["secs"]))]  # the slower rank's
-            p = predict(cfg, slot_profiles[i], probe, allreduce_s)
-            # load-corrected (diagnostic): each rank's device speed = CPU share its actions got / the profile's share
+            p = predict(cfg, prof, probe, allreduce_s, speed=speed)
+            p_one = predict(cfg, prof, probe, allreduce_s)
+            # load-corrected (diagnostic, uses the run): speed x CPU share the rank's actions got / its profile's share
             share = [sum(sum(v) for k, v in x["actions_cpu"].items() if k != "schedule.step")
                      / sum(sum(v) for k, v in x["actions"].items() if k != "schedule.step") for x in runs]
-            pc = predict(cfg, slot_profiles[i], probe, allreduce_s, speed=[sh / slot_profiles[i]["meta"]["cpu_share"] for sh in share])
+            pc = predict(cfg, prof, probe, allreduce_s, speed=[sp * sh / rp["meta"]["cpu_share"] for sp, sh, rp in zip(speed, share, rank_profiles)])
             acts = {k: statistics.median(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step"}
             sched = statistics.median(max(a, b) for a, b in zip(runs[0]["actions"]["schedule.step"], runs[1]["actions"]["schedule.step"]))
             rep, comp_meas = replay(name, cfg, p["plan"], p["costs"], acts)
+            acts_mean = {k: statistics.fmean(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step"}
+            rep_mean, _ = replay(name, cfg, p["plan"], p["costs"], acts_mean)
             wall = sum(sum(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step")
             cpu = sum(sum(v) for x in runs for k, v in x["actions_cpu"].items() if k != "schedule.step")
+            # runtime cost per action the engine does not model: the median idle gap between two
+            # consecutive compute actions of a rank (most gaps are not waits for a peer), x actions per step
+            n_act = [sum(len(v) for k, v in x["actions"].items() if k != "schedule.step" and not k.endswith("loss")) / len(x["secs"]) for x in runs]
+            gap = statistics.median(g for x in runs for g in x["gaps"])
             per_round.append({
+                "median_action_gap_s": gap, "actions_per_rank_per_step": n_act,
+                "predicted_with_action_gaps_s": p["predicted_s"] + gap * max(n_act),
                 "measured_s": statistics.median(steps), "steps_s": steps, "predicted_s": p["predicted_s"],
                 "predicted_pipeline_s": p["sim"].pipeline_time_s, "step_overhead_s": p["step_overhead_s"],
-                "schedule_step_s": sched, "replay_pipeline_s": rep,
+                "device_speed_per_rank": speed, "predicted_one_speed_s": p_one["predicted_s"],
+                "schedule_step_s": sched, "replay_pipeline_s": rep, "replay_mean_pipeline_s": rep_mean,
                 "stage_pred_s": p["costs"].comp.tolist(), "stage_meas_s": comp_meas.tolist(),
                 "action_cpu_over_wall": cpu / wall, "action_cpu_share_per_rank": share,
-                "profile_cpu_share": slot_profiles[i]["meta"]["cpu_share"], "predicted_load_corrected_s": pc["predicted_s"],
+                "profile_cpu_share_per_rank": [rp["meta"]["cpu_share"] for rp in rank_profiles], "predicted_load_corrected_s": pc["predicted_s"],
             })
-        profile = median_tree(slot_profiles)
-        profiles_used[name] = profile
-        p = predict(cfg, profile, probe, allreduce_s)
         med = lambda key: statistics.median(x[key] for x in per_round)  # noqa: E731
         measured = statistics.median(s for x in per_round for s in x["steps_s"])
         c = p["costs"]
@@ -406,12 +447,16 @@ def main() -> None:
             "predicted_s": p["predicted_s"],
             "relative_error": p["predicted_s"] / measured - 1.0,
             "paired_relative_error": statistics.median(x["predicted_s"] / x["measured_s"] for x in per_round) - 1.0,
+            "with_action_gaps_relative_error": statistics.median(x["predicted_with_action_gaps_s"] / x["measured_s"] for x in per_round) - 1.0,
+            "median_action_gap_s": med("median_action_gap_s"),
+            "one_speed_relative_error": statistics.median(x["predicted_one_speed_s"] / x["measured_s"] for x in per_round) - 1.0,
             "load_corrected_relative_error": statistics.median(x["predicted_load_corrected_s"] / x["measured_s"] for x in per_round) - 1.0,
-            "predicted_pipeline_s": p["sim"].pipeline_time_s,
+            "predicted_pipeline_s": med("predicted_pipeline_s"),
             "predicted_grad_sync_s": p["sim"].grad_sync_s,
             "predicted_step_overhead_s": p["step_overhead_s"],
             "measured_schedule_step_s": med("schedule_step_s"),
             "replay_pipeline_s": med("replay_pipeline_s"),
+            "replay_mean_pipeline_s": med("replay_mean_pipeline_s"),
             "stage_costs_predicted_s": {"F": c.comp[:, 0].tolist(), "B": c.comp[:, 1].tolist(), "W": c.comp[:, 2].tolist(), "send": c.send.tolist()},
             "stage_costs_measured_s": np.median(np.array([x["stage_meas_s"] for x in per_round]), axis=0).tolist(),
             "bubble_fraction_predicted": p["sim"].bubble_fraction,
@@ -428,9 +473,12 @@ def main() -> None:
         "probe": probe,
         "allreduce_small_s": allreduce_s,
         "profiles": profiles_used,
-        "method": {"measured": "median over rounds x steps of the slower rank's StepResult.seconds",
-                   "predicted": "simulate(...).iteration_time_s + step_overhead_s(profile, plan, allreduce_s), profile = element-wise median "
-                                "of the rounds' profiles (each the median of both ranks, which measure at once)",
+        "method": {"measured": "median over rounds x steps of the slower rank's StepResult.seconds", "pinned": args.pin,
+                   "predicted": "median over rounds of simulate(...).iteration_time_s + step_overhead_s(profile, plan, allreduce_s); each "
+                                "round's profile = element-wise median of both ranks' (measured at once right before that schedule's steps), "
+                                "device speed of rank r = profile_seconds(median) / profile_seconds(rank r's)",
+                   "one_speed": "the same with both devices at the median profile's speed",
+                   "load_corrected": "diagnostic using the run: device speed also x (CPU share of the rank's actions / its profile's CPU share)",
                    "paired": "median over rounds of predicted(round's profile) / measured(round) - 1",
                    "replay": "engine.run with measured per-(stage, kind) median action durations and the model's send times"},
         "loadavg_before_after": [list(load_before), list(load_after)],
@@ -441,10 +489,11 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
-    print(f"{'schedule':<17} {'measured':>9} {'predicted':>9} {'rel.err':>8} {'paired':>7} {'loadcorr':>8} {'pipe(sim)':>9} {'overhead':>8} {'sched.step':>10} {'replay':>8}")
+    print(f"{'schedule':<17} {'measured':>9} {'predicted':>9} {'rel.err':>8} {'paired':>7} {'+gaps':>7} {'gap_ms':>6} {'1speed':>7} {'loadcorr':>8} {'pipe(sim)':>9} {'overhead':>8} {'sched.step':>10} {'replay':>8}")
     for name, r in rows.items():
         print(f"{name:<17} {r['measured_s']:>9.4f} {r['predicted_s']:>9.4f} {r['relative_error']:>+8.3f} {r['paired_relative_error']:>+7.3f} "
-              f"{r['load_corrected_relative_error']:>+8.3f} "
+              f"{r['with_action_gaps_relative_error']:>+7.3f} {1e3 * r['median_action_gap_s']:>6.2f} "
+              f"{r['one_speed_relative_error']:>+7.3f} {r['load_corrected_relative_error']:>+8.3f} "
               f"{r['predicted_pipeline_s']:>9.4f} {r['predicted_step_overhead_s']:>8.4f} {r['measured_schedule_step_s']:>10.4f} {r['replay_pipeline_s']:>8.4f}")
     link = f"latency {probe['latency_us'][0][1]:.0f} us, bandwidth {probe['bandwidth_gbps'][0][1]:.2f} GB/s" if probe else "local_cpu nominal links"
     print(f"links: {link}; small all_reduce {1e6 * allreduce_s:.0f} us; loadavg {load_before[0]:.1f}->{load_after[0]:.1f}; wall {result['wall_s']:.0f} s")

@@ -234,6 +234,7 @@ def measure_profile(
     if own_model:
         model = build_model(cfg.model, cfg.moe, cfg.train.seed).to(device)
     saved = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    saved_stats = {lid: copy.deepcopy(moe.stats) for lid, moe in model.moe_layers()}
     was_training, was_ckpt = model.training, getattr(model, "activation_checkpointing", False)
     torch.set_num_threads(threads)
     try:
@@ -402,8 +403,8 @@ def measure_profile(
             p.grad = saved[n]
         model.train(was_training)
         model.activation_checkpointing = was_ckpt
-        if hasattr(model, "reset_routing_stats"):
-            model.reset_routing_stats()
+        for lid, moe in model.moe_layers():
+            moe.stats = saved_stats[lid]
 
 
 def _in(cm_factory, fn):
