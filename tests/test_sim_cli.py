@@ -39,7 +39,7 @@ def test_cli_writes_summary_trace_gantt_plan(tmp_path):
 @pytest.mark.timeout(90)
 def test_cli_mixtral_on_128_gpus(tmp_path):
     p = run_cli(tmp_path, "model=mixtral_8x7b", "topology=ib_16x8", "parallel.pp=16", "parallel.ep=8", "schedule.microbatches=32",
-                "train.batch_size=64", "train.seq_len=4096", "sim.out_trace=false")
+                "train.batch_size=256", "train.seq_len=4096", "sim.out_trace=false")
     assert p.returncode == 0, p.stderr
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["world_size"] == 128 and len(s["peak_activation_bytes"]) == 128

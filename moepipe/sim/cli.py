@@ -1,7 +1,7 @@
 """`moepipe-sim`: simulate one iteration of the configured job (same conf/ tree as training).
 
     moepipe-sim model=mixtral_8x7b topology=ib_16x8 parallel.pp=16 parallel.ep=8 \
-        schedule=interleaved_1f1b schedule.microbatches=32 train.batch_size=64 train.seq_len=4096
+        schedule=interleaved_1f1b schedule.microbatches=32 train.batch_size=256 train.seq_len=4096
 
 Writes into the Hydra run directory: summary.json, plan.json, trace.json (Perfetto), gantt.png.
 Simulator options live under `sim` (moepipe.config.SimConfig): `sim.routing=zipf sim.zipf_s=1.2`.

@@ -25,7 +25,8 @@ The profile format has one (B, W) pair per part, so `profile_for(detail, cfg)` p
 All three are kept under `backward_detail`, so a profile can be re-targeted to another schedule
 (`profile_for(profile, other_cfg)`).
 
-Extra keys the cost model ignores: `meta` (shapes, threads, repetitions), `backward_detail`,
+Extra keys the cost model ignores: `meta` (shapes, threads, repetitions, `cpu_share` = thread CPU /
+wall of the timed calls: below 1 when other processes shared the core), `backward_detail`,
 `step_overhead` (per-step work outside the pipeline, which the simulator does not model:
 gradient bookkeeping + norm + clip + AdamW step per part, batch construction, the last
 stage's output merge; see `step_overhead_s`).
