@@ -49,23 +49,13 @@ import torch.distributed as dist  # noqa: E402
 
 from moepipe.parallel.spawn import run_distributed  # noqa: E402
 
-CONF_DIR = os.path.join(ROOT, "conf")
 BASE_OVERRIDES = [
     "model=tiny", "schedule=1f1b", "train.seq_len=128", "train.dtype=fp32", "train.device=cpu",
     "train.steps=1000", "logger.progress=none",
 ]
 
 
-def compose(overrides: list[str]):
-    """conf/ + overrides -> validated MoepipeConfig, as the CLI (and tests/conftest.py) do."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from moepipe.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return validate(hydra_compose(config_name="config", overrides=list(overrides)))
+from moepipe.config import compose_config as compose  # noqa: E402
 
 
 class Sections:

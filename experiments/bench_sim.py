@@ -55,21 +55,12 @@ import torch.distributed as dist  # noqa: E402
 
 from moepipe.parallel.spawn import run_distributed  # noqa: E402
 
-CONF_DIR = os.path.join(ROOT, "conf")
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
 BASE = ["model=tiny", "parallel=pp2", "train.seq_len=128", "train.dtype=fp32", "train.device=cpu", "train.num_threads=1",
         "train.steps=1000", "logger.progress=none"]
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from moepipe.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return validate(hydra_compose(config_name="config", overrides=list(overrides)))
+from moepipe.config import compose_config as compose  # noqa: E402
 
 
 def overrides_for(name: str, args) -> list[str]:

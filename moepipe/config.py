@@ -7,6 +7,7 @@ checked against (types at compose time, semantics in `validate`).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -385,6 +386,25 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     _one_of("logger.progress", cfg.logger.progress, ("auto", "rich", "plain", "none"))
     return cfg
+
+
+def conf_dir() -> str:
+    """The repository's conf/ (editable installs), or $MOEPIPE_CONF."""
+    path = os.environ.get("MOEPIPE_CONF") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
+    path = os.path.abspath(path)
+    if not os.path.isfile(os.path.join(path, "config.yaml")):
+        raise ConfigError(f"MOEPIPE_CONF={path} has no config.yaml: install moepipe editable from its checkout (pip install -e .) or point MOEPIPE_CONF at conf/")
+    return path
+
+
+def compose_config(overrides: list[str] | tuple = ()) -> MoepipeConfig:
+    """conf/ + command-line style overrides -> validated config, as the CLIs compose it
+    (for scripts, experiments and tests that do not go through @hydra.main)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return validate(compose(config_name="config", overrides=list(overrides)))
 
 
 def world_size(cfg: MoepipeConfig) -> int:

@@ -1,12 +1,11 @@
-import os
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from moepipe.config import register_configs, validate
+from moepipe.config import compose_config, conf_dir, register_configs
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+CONF_DIR = conf_dir()
 register_configs()
 
 
@@ -18,9 +17,10 @@ def compose_cfg(overrides=(), validated=True, single_process=True):
     overrides = list(overrides)
     if single_process and not any(o.startswith("parallel") for o in overrides):
         overrides = ["parallel=single"] + overrides
+    if validated:
+        return compose_config(overrides)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = compose(config_name="config", overrides=overrides)
-    return validate(dcfg) if validated else dcfg
+        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,3 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-
-@pytest.fixture
-def compose_config():
-    return compose_cfg

@@ -18,9 +18,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from moepipe.config import ConfigError, SimConfig, moe_layer_ids, register_configs, validate, world_size
+from moepipe.config import ConfigError, SimConfig, conf_dir, moe_layer_ids, register_configs, validate, world_size
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = conf_dir()
 
 
 def make_routing(n_moe: int, num_experts: int, sc: SimConfig) -> Optional[np.ndarray]:

@@ -5,24 +5,13 @@ fix, and exit status 2.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from moepipe.config import ConfigError, register_configs, validate
-
-
-def conf_dir() -> str:
-    """The repository's conf/ (editable installs), or $MOEPIPE_CONF."""
-    env = os.environ.get("MOEPIPE_CONF")
-    path = env or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "conf")
-    path = os.path.abspath(path)
-    if not os.path.isfile(os.path.join(path, "config.yaml")):
-        sys.exit(f"moepipe: no config.yaml in {path}: install moepipe editable from its checkout (pip install -e .) or set MOEPIPE_CONF")
-    return path
+from moepipe.config import ConfigError, conf_dir, register_configs, validate
 
 
 def print_summary(summary: dict) -> None:
@@ -40,7 +29,14 @@ def print_summary(summary: dict) -> None:
 register_configs()
 
 
-@hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")
+def _conf_dir() -> str:
+    try:
+        return conf_dir()
+    except ConfigError as err:
+        sys.exit(f"moepipe: {err}")
+
+
+@hydra.main(config_path=_conf_dir(), config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     try:
         cfg = validate(dcfg)
