@@ -23,7 +23,7 @@ from moepipe.parallel.grad_sync import clip_gradients, global_grad_norm, split_p
 from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
-from moepipe.placement.plan import Plan, experts_on_rank, stage_assignment, static_plan, validate_plan
+from moepipe.placement.plan import Plan, stage_assignment, static_plan, validate_plan
 from moepipe.sim.schedules import plan_style
 from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_dtype, resolve_device, seed_everything
 from moepipe.train.metrics import routing_metrics
@@ -231,6 +231,3 @@ class DistributedTrainer:
 
     def parameter_counts(self) -> dict[str, int]:
         return dict(self._param_counts)
-
-    def experts_here(self, layer_id: int) -> list[int]:
-        return experts_on_rank(self.plan, layer_id, self.mesh.ep_rank)
