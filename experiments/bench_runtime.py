@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from moepipe.parallel.spawn import run_distributed  # noqa: E402
+from moepipe.train.metrics import write_json  # noqa: E402
 
 BASE_OVERRIDES = [
     "model=tiny", "schedule=1f1b", "train.seq_len=128", "train.dtype=fp32", "train.device=cpu",
@@ -362,8 +363,7 @@ def main() -> None:
         "run_info": info,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)
 
     print(f"{'variant':<16} {'tokens/s':>10} {'vs single 1t':>13}")
     for k, r in rows.items():

@@ -54,6 +54,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from moepipe.parallel.spawn import run_distributed  # noqa: E402
+from moepipe.train.metrics import write_json  # noqa: E402
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
 BASE = ["model=tiny", "parallel=pp2", "train.seq_len=128", "train.dtype=fp32", "train.device=cpu", "train.num_threads=1",
@@ -445,8 +446,7 @@ def main() -> None:
         "run_info": info,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
 
     print(f"{'schedule':<17} {'measured':>9} {'predicted':>9} {'rel.err':>8} {'paired':>7} {'+gaps':>7} {'gap_ms':>6} {'1speed':>7} {'loadcorr':>8} {'pipe(sim)':>9} {'overhead':>8} {'sched.step':>10} {'replay':>8} {'replay_mean':>11}")
     for name, r in rows.items():
