@@ -97,66 +97,40 @@ class ActionTimer:
                     self.gaps.append(now - dt - self._last_end)
                 self._last_end = now
 
+    def _timed(self, fn, label_of):
+        """fn, timed: each call adds its wall time under label_of(*args, **kwargs) (None: not kept)."""
+
+        def timed(*a, **k):
+            self._c0.append(time.thread_time())
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                label = label_of(*a, **k)
+                if label is not None:
+                    self._add(label, time.perf_counter() - t0)
+
+        return timed
+
     def wrap_stage(self, stage) -> None:
         s = stage.stage_index
-        fwd, bwd, wgt = stage.forward_one_chunk, stage.backward_one_chunk, stage.backward_weight_one_chunk
 
-        def forward_one_chunk(*a, **k):
-            self._c0.append(time.thread_time())
-            t0 = time.perf_counter()
-            try:
-                return fwd(*a, **k)
-            finally:
-                self._add(f"{s}F", time.perf_counter() - t0)
-
-        def backward_one_chunk(*a, **k):
+        def backward_label(*a, **k):
             full = k.get("full_backward", a[2] if len(a) > 2 else True)
-            self._c0.append(time.thread_time())
-            t0 = time.perf_counter()
-            try:
-                return bwd(*a, **k)
-            finally:
-                self._add(f"{s}{'B' if full else 'I'}", time.perf_counter() - t0)
+            return f"{s}{'B' if full else 'I'}"
 
-        def backward_weight_one_chunk(*a, **k):
-            self._c0.append(time.thread_time())
-            t0 = time.perf_counter()
-            try:
-                return wgt(*a, **k)
-            finally:
-                self._add(f"{s}W", time.perf_counter() - t0)
-
-        stage.forward_one_chunk = forward_one_chunk
-        stage.backward_one_chunk = backward_one_chunk
-        stage.backward_weight_one_chunk = backward_weight_one_chunk
+        stage.forward_one_chunk = self._timed(stage.forward_one_chunk, lambda *a, **k: f"{s}F")
+        stage.backward_one_chunk = self._timed(stage.backward_one_chunk, backward_label)
+        stage.backward_weight_one_chunk = self._timed(stage.backward_weight_one_chunk, lambda *a, **k: f"{s}W")
 
     def wrap_schedule(self, sched) -> None:
         stages = getattr(sched, "_stages", None) or [sched._stage]
         for st in stages:
             self.wrap_stage(st)
-        loss = sched._maybe_compute_loss
-
-        def _maybe_compute_loss(stage, *a, **k):
-            self._c0.append(time.thread_time())
-            t0 = time.perf_counter()
-            try:
-                return loss(stage, *a, **k)
-            finally:
-                if stage.is_last:
-                    self._add(f"{stage.stage_index}loss", time.perf_counter() - t0)
-
-        sched._maybe_compute_loss = _maybe_compute_loss
-        step = sched.step
-
-        def timed_step(*a, **k):
-            self._c0.append(time.thread_time())
-            t0 = time.perf_counter()
-            try:
-                return step(*a, **k)
-            finally:
-                self._add("schedule.step", time.perf_counter() - t0)
-
-        sched.step = timed_step
+        sched._maybe_compute_loss = self._timed(
+            sched._maybe_compute_loss, lambda stage, *a, **k: f"{stage.stage_index}loss" if stage.is_last else None
+        )
+        sched.step = self._timed(sched.step, lambda *a, **k: "schedule.step")
 
 
 # ---------------------------------------------------------------------------- worker

@@ -4,7 +4,6 @@ single-process `Trainer`, so the loop, metrics and summary code are shared.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -25,8 +24,7 @@ from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
 from moepipe.placement.plan import Plan, stage_assignment, static_plan, validate_plan
 from moepipe.sim.schedules import plan_style
-from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_dtype, resolve_device, seed_everything
-from moepipe.train.metrics import routing_metrics
+from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_context, autocast_dtype, resolve_device, seed_everything
 from moepipe.train.optim import build_optimizer, lr_at, set_lr
 
 
@@ -153,15 +151,7 @@ class DistributedTrainer:
         for module in self.modules.values():
             for layer_id, moe in module.moe_layers():
                 moe.update_expert_bias(stats[layer_id].demand)  # global demand: replicas stay identical
-        return StepResult(
-            loss=loss,
-            grad_norm=float(norm),
-            lr=lr,
-            seconds=time.perf_counter() - start,
-            tokens=inputs.numel(),
-            routing=routing_metrics(stats),
-            expert_load={lid: s.demand.numpy().copy() for lid, s in stats.items()},
-        )
+        return StepResult.from_stats(loss, float(norm), lr, start, inputs.numel(), stats)
 
     def _global_routing_stats(self) -> dict[int, RoutingStats]:
         """Sum every rank's counters into whole-job per-layer statistics (on all ranks)."""
@@ -215,9 +205,7 @@ class DistributedTrainer:
         return float(local) / self.slices
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device, self.amp_dtype)
 
     @torch.no_grad()
     def evaluate(self) -> float:

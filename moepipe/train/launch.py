@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moepipe.config import MoepipeConfig, world_size
+from moepipe.parallel.spawn import free_port
 
 
 class WorkerFailed(RuntimeError):
@@ -40,12 +40,6 @@ def slurm_tasks() -> tuple[int, int, int, str] | None:
     env = submitit.JobEnvironment()
     port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
     return env.global_rank, env.num_tasks, env.local_rank, f"tcp://{env.hostnames[0]}:{port}"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(cfg: MoepipeConfig, run_dir: str) -> dict | None:

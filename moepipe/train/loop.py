@@ -42,6 +42,13 @@ def autocast_dtype(cfg: MoepipeConfig, device: torch.device) -> torch.dtype | No
     return None
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`, or nothing (fp32) when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -56,6 +63,19 @@ class StepResult:
     tokens: int
     routing: dict = field(default_factory=dict)
     expert_load: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_stats(cls, loss: float, grad_norm: float, lr: float, start: float, tokens: int, stats: dict) -> "StepResult":
+        """The step's record, timed from `start`, with routing metrics from per-layer stats."""
+        return cls(
+            loss=loss,
+            grad_norm=grad_norm,
+            lr=lr,
+            seconds=time.perf_counter() - start,
+            tokens=tokens,
+            routing=routing_metrics(stats),
+            expert_load={lid: s.demand.numpy().copy() for lid, s in stats.items()},
+        )
 
 
 class Trainer:
@@ -82,9 +102,7 @@ class Trainer:
         self.val_set = val_batches(self.corpus, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device, self.amp_dtype)
 
     def train_step(self, step: int) -> StepResult:
         cfg = self.cfg
@@ -115,15 +133,7 @@ class Trainer:
         stats = {lid: moe.stats for lid, moe in self.model.moe_layers()}
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return StepResult(
-            loss=total,
-            grad_norm=grad_norm,
-            lr=lr,
-            seconds=time.perf_counter() - start,
-            tokens=inputs.numel(),
-            routing=routing_metrics(stats),
-            expert_load={lid: s.demand.numpy().copy() for lid, s in stats.items()},
-        )
+        return StepResult.from_stats(total, grad_norm, lr, start, inputs.numel(), stats)
 
     def parameter_counts(self) -> dict[str, int]:
         return count_parameters(self.model)
