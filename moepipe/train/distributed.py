@@ -219,3 +219,12 @@ class DistributedTrainer:
 
     def parameter_counts(self) -> dict[str, int]:
         return dict(self._param_counts)
+
+    def after_step(self, done: int) -> list[dict]:
+        return []
+
+    def placer_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_placer_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass

@@ -138,6 +138,16 @@ class Trainer:
     def parameter_counts(self) -> dict[str, int]:
         return count_parameters(self.model)
 
+    def after_step(self, done: int) -> list[dict]:
+        """Between-step work after `done` steps (one process: nothing to re-place)."""
+        return []
+
+    def placer_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_placer_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
@@ -180,6 +190,8 @@ def _loop(cfg: MoepipeConfig, trainer, logger: MetricsLogger, run_dir: str, conf
     val_loss = None
     for step in range(t.steps):
         res = trainer.train_step(step)
+        for event in trainer.after_step(step + 1):  # re-placement and migration events
+            logger.event(event)
         window.append(res)
         if step > 0 or t.steps == 1:  # the first step pays one-off allocation costs
             step_seconds += res.seconds
