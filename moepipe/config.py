@@ -194,6 +194,28 @@ class SimConfig:
 
 
 @dataclass
+class WorkloadConfig:
+    """Injected, labelled routing skews and emulated slow devices for placement studies.
+
+    kind != none adds log(p_e * E) to every router's logits, where p is
+    moepipe.placement.workloads.expert_distribution(kind, step, layer, ...): a deterministic
+    function of (step, layer), so every layout sees the same routing. Off by default.
+    """
+
+    kind: str = "none"  # none | zipf | hot_expert | hot_rank | rotating | burst | lognormal
+    strength: float = 1.0
+    period: int = 50  # rotating: steps between hotspot moves
+    burst_every: int = 10  # burst: a hotspot on every k-th step
+    seed: int = 0
+    # Make each worker as slow as its topology device's `speed` says (sleep (1/speed - 1) x its
+    # measured block compute, forward and input-gradient backward); CPU heterogeneity studies.
+    emulate_speed: bool = False
+
+
+WORKLOAD_KINDS = ("none", "zipf", "hot_expert", "hot_rank", "rotating", "burst", "lognormal")
+
+
+@dataclass
 class MoepipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -206,6 +228,7 @@ class MoepipeConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     experiment_name: str = "default"
 
 
@@ -381,6 +404,12 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
         raise ConfigError(f"sim.efficiency={cfg.sim.efficiency} must be in (0, 1]: e.g. 0.5")
     if cfg.sim.zipf_s < 0:
         raise ConfigError(f"sim.zipf_s={cfg.sim.zipf_s} must be >= 0: 0 is uniform, ~1 is strongly skewed")
+
+    w = cfg.workload
+    _one_of("workload.kind", w.kind, WORKLOAD_KINDS)
+    _positive("workload.strength", w.strength, allow_zero=True)
+    _positive("workload.period", w.period)
+    _positive("workload.burst_every", w.burst_every)
 
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)

@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, owners: list[int], cfg: MoEConfig, out_dir: s
     for key in list(local.experts.keys()):
         if owners[int(key)] != rank:
             del local.experts[key]
-    local.dispatcher = ExpertParallelDispatcher(owners, rank, dist.group.WORLD, E)
+    local.dispatcher = ExpertParallelDispatcher([[o] for o in owners], rank, dist.group.WORLD, E)
     gen = torch.Generator().manual_seed(100 + rank)  # every rank routes different tokens
     x = torch.randn(5 + 3 * rank, 4, D, generator=gen, requires_grad=True)
     y = local(x)

@@ -127,6 +127,8 @@ class Router(nn.Module):
         # Aux-loss-free balancing (DeepSeek-V3): added to scores for the choice only, never to
         # the combine weights; updated outside autograd after each optimizer step.
         self.register_buffer("expert_bias", torch.zeros(num_experts) if use_bias else None)
+        # Injected routing skew (placement studies): added to the logits; not model state.
+        self.skew: torch.Tensor | None = None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # Autocast off: it would round the gate to bf16 and with it the top-k choice and losses.
@@ -134,7 +136,8 @@ class Router(nn.Module):
             x = x.float()
             if self.training and self.jitter > 0:
                 x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
-            return F.linear(x, self.weight.float())
+            logits = F.linear(x, self.weight.float())
+            return logits if self.skew is None else logits + self.skew.to(logits.device)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:

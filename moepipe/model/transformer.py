@@ -101,6 +101,11 @@ class MoETransformer(nn.Module):
         for _, moe in self.moe_layers():
             moe.update_expert_bias()
 
+    def set_routing_skew(self, skew: dict[int, torch.Tensor] | None) -> None:
+        """Per-layer logit offsets [E] (injected workloads); None removes them."""
+        for layer_id, moe in self.moe_layers():
+            moe.router.skew = None if skew is None else skew.get(layer_id)
+
 
 @torch.no_grad()
 def init_weights(module: nn.Module, seed: int) -> None:

@@ -56,28 +56,49 @@ def segment_permutation(counts: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertParallelDispatcher:
-    """Replaces a MoELayer's local dispatcher: experts live on the ranks the plan says."""
+    """Replaces a MoELayer's local dispatcher: experts live on the ranks the plan says.
 
-    def __init__(self, owner: list[int], ep_rank: int, group, num_experts: int):
-        self.owner = torch.tensor(owner, dtype=torch.long)  # [E] EP rank holding each expert
+    `holders[e]` lists the EP ranks with a copy of expert e. A replicated expert's tokens are
+    split evenly across its copies: the j-th assignment to e on source rank s goes to copy
+    (j + s) mod n. Copies hold identical weights (their gradients are summed, see grad_sync),
+    so the split changes where the work runs, not the result.
+    """
+
+    def __init__(self, holders: list[list[int]], ep_rank: int, group, num_experts: int):
+        if len(holders) != num_experts or any(not h for h in holders):
+            raise ValueError(f"expert holders must list at least one EP rank for each of {num_experts} experts")
         self.ep_rank, self.group, self.num_experts = ep_rank, group, num_experts
         self.ep = dist.get_world_size(group)
-        self.local_experts = [e for e in range(num_experts) if owner[e] == ep_rank]
+        width = max(len(h) for h in holders)
+        self.n_copies = torch.tensor([len(h) for h in holders], dtype=torch.long)
+        # [E, width] holder table, padded by repeating (never indexed past n_copies)
+        self.table = torch.tensor([h + [h[0]] * (width - len(h)) for h in holders], dtype=torch.long)
+        self.local_experts = [e for e in range(num_experts) if ep_rank in holders[e]]
+
+    def targets(self, expert_idx: torch.Tensor, kept_counts: torch.Tensor) -> torch.Tensor:
+        """EP rank each (expert-sorted) assignment is sent to."""
+        dev = expert_idx.device
+        table, n = self.table.to(dev), self.n_copies.to(dev)
+        starts = torch.cumsum(kept_counts, 0) - kept_counts
+        pos = torch.arange(expert_idx.numel(), device=dev) - starts[expert_idx]
+        return table[expert_idx, (pos + self.ep_rank) % n[expert_idx]]
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: nn.ModuleDict) -> torch.Tensor:
-        owner = self.owner.to(routing.expert_idx.device)
-        # 1. who sends how many tokens to which expert
+        E, dev = self.num_experts, routing.expert_idx.device
         counts = routing.kept_counts.to(torch.long)
-        gathered = [torch.empty_like(counts) for _ in range(self.ep)]
-        dist.all_gather(gathered, counts, group=self.group)
-        all_counts = torch.stack(gathered)  # [src, E]
-        per_owner = torch.zeros(self.ep, dtype=torch.long, device=counts.device).index_add_(0, owner, counts)
-        local = torch.tensor(self.local_experts, dtype=torch.long, device=counts.device)
-        recv_counts = all_counts[:, local]  # [src, L]
-        in_splits, out_splits = per_owner.tolist(), recv_counts.sum(1).tolist()
+        target = self.targets(routing.expert_idx, counts)
+        # 1. who sends how many tokens to which (rank, expert): [dst, E] per source
+        sent = torch.zeros(self.ep * E, dtype=torch.long, device=dev).index_add_(
+            0, target * E + routing.expert_idx, torch.ones_like(target)
+        ).view(self.ep, E)
+        gathered = [torch.empty_like(sent) for _ in range(self.ep)]
+        dist.all_gather(gathered, sent, group=self.group)
+        local = torch.tensor(self.local_experts, dtype=torch.long, device=dev)
+        recv_counts = torch.stack(gathered)[:, self.ep_rank][:, local]  # [src, L]
+        in_splits, out_splits = sent.sum(1).tolist(), recv_counts.sum(1).tolist()
 
-        # 2. dispatch: assignments are sorted by expert; a stable sort by owner keeps expert order
-        order = torch.argsort(owner[routing.expert_idx], stable=True)
+        # 2. dispatch: assignments are sorted by expert; a stable sort by target keeps expert order
+        order = torch.argsort(target, stable=True)
         tokens = routing.token_idx[order]
         received = all_to_all(x[tokens], out_splits, in_splits, self.group)
 

@@ -73,3 +73,54 @@ def global_grad_norm(dense: list, expert: list, mesh: Mesh) -> torch.Tensor:
 def clip_gradients(params: list, total_norm: torch.Tensor, max_norm: float) -> None:
     # torch's own scaling rule (coef = max/(norm+1e-6), clamped at 1): same as the reference run
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm.float())
+
+
+class ExpertReplicas:
+    """Experts the plan gives several EP ranks (replicas of hot experts).
+
+    Each copy saw only its share of the expert's tokens, so the expert's gradient is the sum
+    over copies: one all-reduce over the EP group of a buffer with a slot per replicated
+    expert (ranks without a copy add zeros). Every rank of the EP group holds the same
+    layers, so all build the same slot list. For the global norm only the first listed copy
+    counts (`primary_only`).
+    """
+
+    def __init__(self, modules: list[nn.Module], expert_map: dict[int, list[list[int]]], ep_rank: int, group, device: torch.device):
+        self.group, self.device, self.slots, self.secondary = group, device, [], set()
+        for module in modules:
+            for layer_id, moe in module.moe_layers():
+                held = {int(k): list(e.parameters()) for k, e in moe.experts.items()}
+                template = [p.numel() for p in next(iter(held.values()))] if held else []
+                for e, ranks in enumerate(expert_map[layer_id]):
+                    if len(ranks) < 2:
+                        continue
+                    params = held.get(e)
+                    self.slots.append((sum(template), params))
+                    if params is not None and ranks[0] != ep_rank:
+                        self.secondary.update(id(p) for p in params)
+
+    def __bool__(self) -> bool:
+        return bool(self.slots)
+
+    def sync(self) -> None:
+        if not self.slots:
+            return
+        parts = []
+        for size, params in self.slots:
+            if params is None:
+                parts.append(torch.zeros(size, device=self.device))
+            else:
+                parts.extend(p.grad.reshape(-1) for p in params)
+        flat = torch.cat(parts)
+        dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for size, params in self.slots:
+            if params is not None:
+                for p in params:
+                    p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+                    offset += p.numel()
+            else:
+                offset += size
+
+    def primary_only(self, expert: list[nn.Parameter]) -> list[nn.Parameter]:
+        return [p for p in expert if id(p) not in self.secondary]

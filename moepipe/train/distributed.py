@@ -18,14 +18,17 @@ from moepipe.data import build_corpus, slice_for_rank, train_batch, val_batches
 from moepipe.model import MoETransformer, count_parameters, lm_loss
 from moepipe.model.moe import RoutingStats
 from moepipe.parallel.expert_parallel import ExpertParallelDispatcher
-from moepipe.parallel.grad_sync import clip_gradients, global_grad_norm, split_params, sync_gradients
+from moepipe.parallel.grad_sync import ExpertReplicas, clip_gradients, global_grad_norm, split_params, sync_gradients
 from moepipe.parallel.mesh import Mesh
+from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
-from moepipe.placement.plan import Plan, stage_assignment, static_plan, validate_plan
+from moepipe.placement.plan import Plan, stage_assignment, static_plan, to_json, validate_plan
+from moepipe.placement.topology import from_config as topology_from_config
 from moepipe.sim.schedules import plan_style
 from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_context, autocast_dtype, resolve_device, seed_everything
 from moepipe.train.optim import build_optimizer, lr_at, set_lr
+from moepipe.train.workload import SlowDevice, routing_skew
 
 
 def inject_fault(rank: int, step: int) -> None:
@@ -52,9 +55,6 @@ def check_plan_for_job(plan: Plan, cfg: MoepipeConfig) -> Plan:
             f"plan.stage_to_pp_rank={list(plan.stage_to_pp_rank)} but schedule.name={sch.name} places stages as {expected}: "
             "use that stage placement"
         )
-    for layer, holders in plan.expert_map.items():
-        if any(len(h) != 1 for h in holders):
-            raise ConfigError(f"plan.expert_map[{layer}] replicates an expert: the runtime needs exactly one holder per expert for now")
     return plan
 
 
@@ -78,37 +78,46 @@ class DistributedTrainer:
         self.device = resolve_device(cfg)
         self.amp_dtype = autocast_dtype(cfg, self.device)
         seed_everything(cfg.train.seed)
-        self.plan = check_plan_for_job(
-            validate_plan(plan or default_plan(cfg), cfg.model.n_layers, moe_layer_ids(cfg.model, cfg.moe), cfg.moe.num_experts), cfg
-        )
         self.corpus = build_corpus(cfg.data, cfg.train.seq_len)
         if self.corpus.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the data's vocabulary ({self.corpus.vocab_size}): raise model.vocab_size")
         self.slices = mesh.ep * mesh.dp
-        self.stage_ids = self.plan.stages_of_rank(mesh.pp_rank)
-        self.modules: dict[int, MoETransformer] = {
-            s: build_stage_module(cfg.model, cfg.moe, self.plan, s, mesh.ep_rank, self.device, cfg.train.seed) for s in self.stage_ids
-        }
         self.moe_ids = moe_layer_ids(cfg.model, cfg.moe)
+        self.topology = topology_from_config(cfg.topology, mesh.world_size)
+        self.speed = self.topology.devices[mesh.rank].speed if cfg.workload.emulate_speed else 1.0
+        self.val_set = val_batches(self.corpus, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
+        with torch.device("meta"):
+            full = MoETransformer(cfg.model, cfg.moe)
+        self._param_counts = count_parameters(full)
+        self.layout = state_layout(full)  # name -> shape of every state entry (migration)
+        self.load_ema: dict[int, np.ndarray] = {}  # placer statistics: tokens per expert per step
+        self._build(check_plan_for_job(validate_plan(plan or default_plan(cfg), cfg.model.n_layers, self.moe_ids, cfg.moe.num_experts), cfg))
+
+    def _build(self, plan: Plan) -> None:
+        """Stages, dispatch, gradient bookkeeping, optimizer and schedule for `plan`."""
+        cfg, mesh = self.cfg, self.mesh
+        self.plan = plan
+        self.stage_ids = plan.stages_of_rank(mesh.pp_rank)
+        self.modules: dict[int, MoETransformer] = {
+            s: build_stage_module(cfg.model, cfg.moe, plan, s, mesh.ep_rank, self.device, cfg.train.seed) for s in self.stage_ids
+        }
+        self.slowdowns = [SlowDevice(m, self.speed) for m in self.modules.values()] if self.speed < 1 else []
         for module in self.modules.values():
             module.activation_checkpointing = cfg.train.activation_checkpointing
             for layer_id, moe in module.moe_layers():
                 if mesh.ep > 1:
-                    owners = [holders[0] for holders in self.plan.expert_map[layer_id]]
-                    moe.dispatcher = ExpertParallelDispatcher(owners, mesh.ep_rank, mesh.ep_group, cfg.moe.num_experts)
+                    moe.dispatcher = ExpertParallelDispatcher(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group, cfg.moe.num_experts)
         self.dense, self.expert = split_params(list(self.modules.values()))
+        self.replicas = ExpertReplicas(list(self.modules.values()), plan.expert_map, mesh.ep_rank, mesh.ep_group, self.device)
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)
         m = cfg.schedule.microbatches
         microbatch = (cfg.train.batch_size // (self.slices * m), cfg.train.seq_len)
         self.schedule = build_schedule(
-            cfg.schedule.name, self.modules, self.plan.n_stages, m, lambda out, y: lm_loss(out, y) / m, self.device, mesh.pp_group,
+            cfg.schedule.name, self.modules, plan.n_stages, m, lambda out, y: lm_loss(out, y) / m, self.device, mesh.pp_group,
             microbatch, cfg.model.d_model, cfg.model.vocab_size, self.amp_dtype or torch.float32,
         )
         self.holds_first = 0 in self.stage_ids
-        self.holds_last = (self.plan.n_stages - 1) in self.stage_ids
-        self.val_set = val_batches(self.corpus, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
-        with torch.device("meta"):
-            self._param_counts = count_parameters(MoETransformer(cfg.model, cfg.moe))
+        self.holds_last = (plan.n_stages - 1) in self.stage_ids
 
     # ------------------------------------------------------------------ one step
 
@@ -131,10 +140,12 @@ class DistributedTrainer:
         cfg = self.cfg
         inject_fault(self.mesh.rank, step)
         start = time.perf_counter()
+        skew = routing_skew(cfg, step)
         for module in self.modules.values():
             module.train()
             module.set_aux_loss_scale(1.0 / cfg.schedule.microbatches)
             module.reset_routing_stats()
+            module.set_routing_skew(skew)
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
@@ -143,7 +154,8 @@ class DistributedTrainer:
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss={loss} at step {step}: lower optim.lr or raise optim.warmup_steps")
         sync_gradients(self.dense, self.expert, self.mesh)
-        norm = global_grad_norm(self.dense, self.expert, self.mesh)
+        self.replicas.sync()  # copies of a replicated expert each saw part of its tokens
+        norm = global_grad_norm(self.dense, self.replicas.primary_only(self.expert), self.mesh)
         if cfg.optim.grad_clip > 0:
             clip_gradients(self.dense + self.expert, norm, cfg.optim.grad_clip)
         self.optimizer.step()
@@ -151,6 +163,7 @@ class DistributedTrainer:
         for module in self.modules.values():
             for layer_id, moe in module.moe_layers():
                 moe.update_expert_bias(stats[layer_id].demand)  # global demand: replicas stay identical
+        self._update_load(stats)
         return StepResult.from_stats(loss, float(norm), lr, start, inputs.numel(), stats)
 
     def _global_routing_stats(self) -> dict[int, RoutingStats]:
@@ -220,11 +233,106 @@ class DistributedTrainer:
     def parameter_counts(self) -> dict[str, int]:
         return dict(self._param_counts)
 
+    # ------------------------------------------------------------------ dynamic placement
+
+    def _update_load(self, stats: dict[int, RoutingStats]) -> None:
+        """Moving average of tokens per expert per step (identical on all ranks: reduced stats)."""
+        decay = getattr(self.cfg.placer, "ema_decay", 0.8)
+        for layer_id, s in stats.items():
+            demand = s.demand.double().numpy()
+            prev = self.load_ema.get(layer_id)
+            self.load_ema[layer_id] = demand.copy() if prev is None else decay * prev + (1 - decay) * demand
+
     def after_step(self, done: int) -> list[dict]:
-        return []
+        """Every `placer.interval` steps: re-plan from fresh statistics and migrate when the
+        placer predicts a saving over the next interval larger than the migration's cost."""
+        pc, total = self.cfg.placer, self.cfg.train.steps
+        if not pc.interval or done % pc.interval or done >= total:
+            return []
+        decision = self._decide(horizon=min(pc.interval, total - done))
+        event = {"step": done, "event": "replan", **{k: v for k, v in decision.items() if k != "plan"}}
+        if decision["migrate"]:
+            event.update(self.migrate(decision["plan"]))
+        return [event]
+
+    def _decide(self, horizon: int) -> dict:
+        """The placer runs on rank 0 and its decision is broadcast, so every rank applies the
+        same plan even if floating-point results could differ between machines."""
+        from moepipe.placement.placers import decide, inputs_from_config
+
+        pc = self.cfg.placer
+        box: list = [None]
+        if self.mesh.rank == 0:
+            inputs = inputs_from_config(self.cfg, self.topology, expert_load=dict(self.load_ema) or None)
+            d = decide(pc.name, inputs, self.plan, pc.replica_slots, horizon, getattr(pc, "min_gain_frac", 0.02))
+            box[0] = {
+                "placer": pc.name,
+                "migrate": bool(d.migrate and d.plan != self.plan),
+                "predicted_old_s": d.predicted_old_s,
+                "predicted_new_s": d.predicted_new_s,
+                "predicted_gain_s": d.predicted_gain_s,
+                "predicted_migration_s": d.migration_cost_s,
+                "solve_s": d.solve_time_s,
+                "reason": d.reason,
+                "plan": to_json(d.plan),
+            }
+        dist.broadcast_object_list(box, src=0)
+        decision = box[0]
+        from moepipe.placement.plan import from_json
+
+        decision["plan"] = from_json(decision["plan"])
+        return decision
+
+    def _entries(self) -> Entries:
+        """This rank's state by global name: [value] for buffers, [value, exp_avg, exp_avg_sq,
+        step] for parameters (zeros before the first optimizer step)."""
+        out: Entries = {}
+        for module in self.modules.values():
+            params = dict(module.named_parameters())
+            for name, t in module.state_dict(keep_vars=True).items():
+                if name not in params:
+                    out[name] = [t.detach()]
+                    continue
+                st = self.optimizer.state.get(t) or {}
+                zero = torch.zeros_like(t)
+                out[name] = [t.detach(), st.get("exp_avg", zero), st.get("exp_avg_sq", zero), st.get("step", torch.zeros(()))]
+        return out
+
+    @torch.no_grad()
+    def _load_entries(self, entries: Entries) -> None:
+        for module in self.modules.values():
+            params = dict(module.named_parameters())
+            for name, t in module.state_dict(keep_vars=True).items():
+                src = entries[name]
+                t.copy_(src[0])
+                if name in params:
+                    self.optimizer.state[t] = {
+                        "step": torch.tensor(float(src[3].reshape(-1)[0]), dtype=torch.float32),  # AdamW keeps it on the CPU
+                        "exp_avg": src[1].to(t.device, t.dtype).clone(),
+                        "exp_avg_sq": src[2].to(t.device, t.dtype).clone(),
+                    }
+
+    def migrate(self, new_plan: Plan) -> dict:
+        """Move to `new_plan`: parameters, buffers and AdamW state go point-to-point to their
+        new holders, then stages, dispatch maps, replica sync and the schedule are rebuilt."""
+        cfg = self.cfg
+        new_plan = check_plan_for_job(validate_plan(new_plan, cfg.model.n_layers, self.moe_ids, cfg.moe.num_experts), cfg)
+        start = time.perf_counter()
+        moves = transfers(self.plan, new_plan, self.layout)
+        entries = self._entries()
+        received, _ = exchange(self.mesh.rank, moves, entries, self.layout, self.device)
+        entries.update(received)
+        for slow in self.slowdowns:
+            slow.remove()
+        self._build(new_plan)
+        self._load_entries(entries)
+        took = torch.tensor(time.perf_counter() - start, dtype=torch.float64, device=self.device)
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        return {"bytes_moved": transfer_bytes(moves, self.layout), "migration_s": float(took), "plan": to_json(new_plan)}
 
     def placer_state(self) -> dict[str, torch.Tensor]:
-        return {}
+        """The placer's statistics (same on every rank), for checkpoints."""
+        return {f"load_ema.{lid}": torch.from_numpy(v.copy()) for lid, v in sorted(self.load_ema.items())}
 
     def load_placer_state(self, state: dict[str, torch.Tensor]) -> None:
-        pass
+        self.load_ema = {int(k.split(".", 1)[1]): v.double().numpy().copy() for k, v in state.items() if k.startswith("load_ema.")}

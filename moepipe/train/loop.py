@@ -21,6 +21,7 @@ from moepipe.parallel.grad_sync import fill_missing_grads
 from moepipe.train.metrics import MetricsLogger, routing_metrics
 from moepipe.train.optim import build_optimizer, lr_at, set_lr
 from moepipe.train.run_info import run_info
+from moepipe.train.workload import routing_skew
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,6 +115,7 @@ class Trainer:
         m = cfg.schedule.microbatches
         self.model.set_aux_loss_scale(1.0 / m)
         self.model.reset_routing_stats()
+        self.model.set_routing_skew(routing_skew(cfg, step))
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for x, y in zip(inputs.chunk(m), targets.chunk(m)):

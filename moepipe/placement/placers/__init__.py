@@ -1,0 +1,127 @@
+"""Placers: pure functions from (topology, model spec, statistics) to a Plan, the simulator's
+prediction of a plan, the cost of migrating between plans, and the re-planning decision.
+
+    static           even layer split, contiguous expert blocks
+    balance_by_time  min-max layer partition of measured/modelled block times (speed-weighted); experts static
+    eplb             layers static; DeepSeek EPLB expert replication + balanced packing (hierarchical across nodes)
+    topo             joint layer partition + speed/node-aware expert placement on the simulated time (topo.py)
+
+No process group is needed; the runtime calls `decide` between steps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from moepipe.config import PLACERS, ConfigError
+from moepipe.placement.plan import Plan, mesh_coords, stage_assignment, validate_plan
+from moepipe.placement.placers import baselines
+from moepipe.placement.placers.evaluate import Evaluation, Evaluator
+from moepipe.placement.placers.inputs import PlacementInputs, effective_cost_model, inputs_from_config, load_fractions, routing_of
+from moepipe.placement.placers.migration import migration_bytes, migration_time_s
+
+__all__ = [
+    "Decision", "Evaluator", "PlacementInputs", "check_memory", "decide", "inputs_from_config", "load_fractions",
+    "make_placement", "migration_bytes", "migration_time_s", "predict_iteration_time",
+]
+
+
+def check_memory(plan: Plan, ev: Evaluator, name: str, replica_slots: int, res: Optional[Evaluation] = None) -> Evaluation:
+    """Raise ConfigError (one line) unless parameters + AdamW state + activation peak fit every device."""
+    res = ev.evaluate(plan) if res is None else res
+    need = res.memory_bytes
+    over = need - ev.mem
+    if (over > 0).any():
+        r = int(np.argmax(over))
+        p, e, d = mesh_coords(r, plan.pp, plan.ep, plan.dp)
+        dev = ev.topo.devices[r]
+        rep = f" placer.replica_slots={replica_slots}" if replica_slots else ""
+        raise ConfigError(
+            f"placer.name={name}{rep} needs {need[r] / 1e9:.1f} GB on rank {r} (pp={p} ep={e} dp={d}, {dev.name} with "
+            f"{dev.memory_bytes / 1e9:.1f} GB: parameters+AdamW {res.param_bytes[r] / 1e9:.1f} GB, activations {res.act_bytes[r] / 1e9:.1f} GB): "
+            "use more pipeline/expert ranks (parallel.pp, parallel.ep), smaller microbatches (raise schedule.microbatches), "
+            "train.activation_checkpointing=true" + (" or fewer replica slots" if replica_slots else "")
+        )
+    return res
+
+
+def make_placement(name: str, inputs: PlacementInputs, replica_slots: int = 0, current: Optional[Plan] = None,
+                   evaluator: Optional[Evaluator] = None) -> Plan:
+    """The plan placer `name` chooses for `inputs`; valid, within memory, stage -> pp rank fixed
+    by the schedule. `current` (optional) is a candidate topo keeps on ties (no churn)."""
+    if name not in PLACERS:
+        raise ConfigError(f"placer.name={name!r} is not known: choose one of {', '.join(PLACERS)}")
+    if replica_slots < 0:
+        raise ConfigError(f"placer.replica_slots={replica_slots} must be >= 0: extra expert slots per EP rank")
+    t0 = time.perf_counter()
+    ev = Evaluator(inputs) if evaluator is None else evaluator
+    info: dict = {}
+    if name == "static":
+        plan = baselines.static(inputs)
+    elif name == "balance_by_time":
+        plan = baselines.balance_by_time(ev)
+    elif name == "eplb":
+        plan = baselines.eplb(ev, replica_slots)
+    else:
+        from moepipe.placement.placers.topo import topo
+
+        plan, info = topo(ev, replica_slots, current)
+    spec = inputs.spec
+    validate_plan(plan, spec.n_layers, spec.moe_layers, spec.num_experts if spec.moe_layers else None)
+    assert plan.stage_to_pp_rank == stage_assignment(inputs.pp, inputs.virtual_stages, inputs.style)
+    res = check_memory(plan, ev, name, replica_slots)
+    meta = dict(plan.meta) | {"placer": name, "style": inputs.style, "replica_slots": int(replica_slots),
+                              "predicted_s": res.iteration_time_s, "solve_time_s": time.perf_counter() - t0}
+    if info:
+        meta["candidates_s"] = info.get("candidates", {})
+    return Plan(plan.stage_layers, plan.stage_to_pp_rank, plan.expert_map, plan.pp, plan.ep, plan.dp, meta)
+
+
+def predict_iteration_time(plan: Plan, inputs: PlacementInputs) -> float:
+    """moepipe.sim.simulate's iteration time for the plan under the inputs' routing and layer times."""
+    from moepipe.sim import simulate
+
+    res = simulate(plan, inputs.schedule, inputs.microbatches, inputs.topology, effective_cost_model(inputs), routing_of(inputs))
+    return float(res.iteration_time_s)
+
+
+@dataclass
+class Decision:
+    plan: Plan  # the plan to run next: the new one when migrating, else the current one
+    migrate: bool
+    predicted_old_s: float
+    predicted_new_s: float
+    predicted_gain_s: float  # (old - new) * horizon_steps
+    migration_cost_s: float
+    bytes_moved: int
+    solve_time_s: float
+    reason: str
+    candidate: Optional[Plan] = None  # what the placer proposed (also when not migrating)
+
+
+def decide(name: str, inputs: PlacementInputs, current: Plan, replica_slots: int, horizon_steps: int, min_gain_frac: float = 0.02) -> Decision:
+    """Re-plan and migrate only when the predicted saving over the next `horizon_steps` exceeds
+    the migration time AND the per-step saving exceeds `min_gain_frac` of the current time
+    (hysteresis: noise and short bursts in an EMA'd load do not cause churn)."""
+    t0 = time.perf_counter()
+    ev = Evaluator(inputs)
+    new = make_placement(name, inputs, replica_slots, current, evaluator=ev)
+    solve = time.perf_counter() - t0
+    old_s = ev.evaluate(current).iteration_time_s
+    new_s = float(new.meta.get("predicted_s", ev.evaluate(new).iteration_time_s))
+    gain = (old_s - new_s) * horizon_steps
+    moved = migration_bytes(current, new, inputs)
+    cost = migration_time_s(current, new, inputs)
+    frac = (old_s - new_s) / old_s if old_s > 0 else 0.0
+    if moved.sum() == 0 and new.stage_layers == current.stage_layers:
+        ok, why = False, "the placer keeps the current layout"
+    elif frac <= min_gain_frac:
+        ok, why = False, f"saving {frac:.2%} per step <= min_gain_frac {min_gain_frac:.2%}"
+    elif gain <= cost:
+        ok, why = False, f"gain {gain:.3g} s over {horizon_steps} steps <= migration {cost:.3g} s"
+    else:
+        ok, why = True, f"gain {gain:.3g} s over {horizon_steps} steps > migration {cost:.3g} s, saving {frac:.2%} per step"
+    return Decision(new if ok else current, ok, old_s, new_s, gain, cost, int(moved.sum()), solve, why, new)

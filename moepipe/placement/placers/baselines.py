@@ -1,0 +1,98 @@
+"""The reference placers (static, balance_by_time, eplb) and the pieces topo shares with them:
+per-(layer, pipeline rank) times and the memory-capped partition search."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from moepipe.placement.plan import Plan, static_plan
+from moepipe.placement.placers.evaluate import Evaluator
+from moepipe.placement.placers.inputs import BYTES_PER_PARAM_TRAIN, PlacementInputs
+from moepipe.placement.placers.packing import eplb_layer
+from moepipe.placement.placers.partition import minmax_partition
+
+
+def static(inputs: PlacementInputs) -> Plan:
+    s = inputs.spec
+    return static_plan(s.n_layers, s.moe_layers, s.num_experts, inputs.pp, inputs.ep, inputs.virtual_stages, inputs.style, inputs.dp)
+
+
+def slots_per_rank(inputs: PlacementInputs, replica_slots: int) -> int:
+    return -(-inputs.spec.num_experts // inputs.ep) + max(0, int(replica_slots))
+
+
+def member_nodes(ev: Evaluator, p: int) -> tuple[int, ...]:
+    """Node of each EP member of pipeline rank p (dp replica 0; replicas repeat the layout)."""
+    return tuple(int(x) for x in ev.topo.node_of[ev.grid[p, 0]])
+
+
+def layer_cost(ev: Evaluator, routed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cost [L, pp]: seconds per microbatch of each block on each pipeline rank, forward and
+    backward, slowest member + all-to-alls; extra [S]: embedding and head per stage)."""
+    comp, a2a = ev.layer_times(routed)  # [L, pp, 3, dp], [L, pp, dp]
+    c = comp.max(-1)  # [L, pp, 3]
+    a = a2a.max(-1)  # one phase's dispatch + combine
+    f, b, w = c[..., 0] + a, c[..., 1] + a, c[..., 2]
+    if ev.spec.activation_checkpointing:
+        b = b + f
+    emb, head = ev.extras()
+    S, s2r = ev.n_stages, ev.s2r
+    extra = np.zeros(S)
+    extra[0] += emb[s2r[0]].max(-1).sum()
+    extra[-1] += head[s2r[-1]].max(-1).sum()
+    return f + b + w, extra
+
+
+def partition(ev: Evaluator, cost: np.ndarray, extra: np.ndarray, held: Optional[np.ndarray], routed: np.ndarray) -> list[tuple[int, int]]:
+    """Min-max contiguous partition of blocks over the stages (each on its fixed pipeline rank),
+    with each stage's parameters + AdamW state + activations within 1/v of its rank's memory.
+    `held` [L, ep]: experts each EP member holds per block (None: ceil(E/ep))."""
+    spec, s2r, S = ev.spec, ev.s2r, ev.n_stages
+    C = cost[:, s2r].T  # [S, L]
+    L = spec.n_layers
+    if held is None:
+        held = np.zeros((L, ev.inputs.ep))
+        held[ev.moe] = -(-spec.num_experts // ev.inputs.ep)
+    inflight = ev.inflight_estimate()
+    stage_layers = [(i, i + 1) for i in range(L)]  # per-layer activation bytes per microbatch
+    act_l = ev.act_bytes_per_mb(stage_layers, routed)  # [L, ep] (+ head on the last entry)
+    act_l[-1] -= spec.head_act_elems * ev.T_e * spec.dtype_bytes
+    per_layer = BYTES_PER_PARAM_TRAIN * (ev.dense_params[:, None] + ev.expert_params[:, None] * held)
+    mem = np.array([(per_layer + act_l * inflight[s]).max(1) for s in range(S)])  # [S, L] (worst member)
+    mem_extra = np.zeros(S)
+    mem_extra[0] += BYTES_PER_PARAM_TRAIN * spec.embed_params
+    mem_extra[-1] += BYTES_PER_PARAM_TRAIN * spec.head_params + spec.head_act_elems * ev.T_e * spec.dtype_bytes * inflight[-1]
+    v = ev.inputs.virtual_stages
+    cap = np.array([ev.mem[ev.grid[p].ravel()].min() / v for p in s2r])
+    out = minmax_partition(C, extra, mem, mem_extra, cap)
+    if out is None:  # the even memory split is too strict (or nothing fits): the final check decides
+        out = minmax_partition(C, extra)
+    return out
+
+
+def balance_by_time(ev: Evaluator) -> Plan:
+    """Layers: min-max partition of per-block times (measured `layer_times` through the
+    calibrated cost model, else analytic with the expert load), each stage's time on its
+    pipeline rank's slowest device. Experts: static."""
+    base = static(ev.inputs)
+    routed = ev.routed(base)
+    cost, extra = layer_cost(ev, routed)
+    return Plan(partition(ev, cost, extra, None, routed), base.stage_to_pp_rank, base.expert_map, base.pp, base.ep, base.dp,
+                {"placer": "balance_by_time", "style": ev.inputs.style})
+
+
+def eplb(ev: Evaluator, replica_slots: int) -> Plan:
+    """Layers: static. Experts: DeepSeek EPLB per layer (hierarchical when the EP group spans nodes)."""
+    base = static(ev.inputs)
+    slots = slots_per_rank(ev.inputs, replica_slots)
+    cache: dict = {}
+    expert_map = {}
+    for li, l in enumerate(ev.moe):
+        p = base.stage_to_pp_rank[base.stage_of_layer(l)]
+        key = (ev.loads[li].tobytes(), member_nodes(ev, p))
+        if key not in cache:
+            cache[key] = eplb_layer(ev.loads[li], ev.inputs.ep, slots, key[1])
+        expert_map[l] = [list(r) for r in cache[key]]
+    return Plan(base.stage_layers, base.stage_to_pp_rank, expert_map, base.pp, base.ep, base.dp,
+                {"placer": "eplb", "style": ev.inputs.style, "replica_slots": int(replica_slots)})

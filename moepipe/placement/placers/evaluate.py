@@ -1,0 +1,223 @@
+"""Fast, exact evaluation of plans for the placers.
+
+`moepipe.sim.simulate` recomputes everything per plan with Python loops over layers; a placer
+compares many plans of one job, so this module computes the same per-stage costs
+(`cost_model.stage_costs`) with the plan-independent parts cached and the per-layer work
+vectorised over layers and pipeline ranks, then runs the same event engine. The iteration time
+and the activation peak equal simulate()'s (tests/test_placers.py checks this).
+
+It also gives the per-(layer, pp rank) times the partition search works on, and the memory a
+plan needs on every device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from moepipe.config import ConfigError
+from moepipe.placement.plan import Plan, rank_grid
+from moepipe.placement.placers.inputs import BYTES_PER_PARAM_TRAIN, PlacementInputs, effective_cost_model, load_fractions
+from moepipe.sim import engine
+from moepipe.sim.schedules import schedule_order
+
+GRAD_BYTES = 4  # fp32 gradients in the data-parallel all-reduce (as the simulator)
+
+
+@dataclass
+class Evaluation:
+    iteration_time_s: float
+    param_bytes: np.ndarray  # [world] parameters + AdamW state held
+    act_bytes: np.ndarray  # [world] activation peak
+    inflight: np.ndarray  # [n_stages] most microbatches a stage holds at once
+
+    @property
+    def memory_bytes(self) -> np.ndarray:
+        return self.param_bytes + self.act_bytes
+
+
+class Evaluator:
+    """Everything about one job that does not depend on the plan, cached."""
+
+    def __init__(self, inputs: PlacementInputs):
+        self.inputs = inputs
+        self.cm = cm = effective_cost_model(inputs)
+        self.spec = spec = cm.spec
+        self.topo = topo = inputs.topology
+        pp, ep, dp = inputs.pp, inputs.ep, inputs.dp
+        if topo.n_devices < pp * ep * dp:
+            raise ConfigError(f"parallel.pp*ep*dp={pp * ep * dp} > topology devices={topo.n_devices}: pick a larger topology")
+        self.grid = rank_grid(pp, ep, dp)  # [pp, dp, ep]
+        self.rates = cm.rate(topo, self.grid)  # [pp, dp, ep]
+        self.order, self.s2r = schedule_order(inputs.schedule, pp, inputs.virtual_stages, inputs.microbatches)
+        self.n_stages = len(self.s2r)
+        self.frac = load_fractions(inputs)  # [n_moe, E]
+        self.moe = list(spec.moe_layers)
+        self.moe_row = {l: i for i, l in enumerate(self.moe)}
+        self.is_moe = np.array([l.is_moe for l in spec.layers], dtype=bool)
+        T = spec.tokens_per_microbatch
+        self.T_e = T / ep if cm.ep_splits_tokens else T
+        self.assign = T * spec.top_k  # token-expert assignments per microbatch per layer
+        self.loads = self.frac * self.assign  # [n_moe, E]
+        self.bpt = spec.hidden_bytes_per_token
+        self.dense_params = np.array([l.params for l in spec.layers], dtype=np.float64)
+        self.expert_params = np.array([l.expert_params for l in spec.layers], dtype=np.float64)
+        self.mem = np.array([d.memory_bytes for d in topo.devices], dtype=np.float64)[: pp * ep * dp]
+        # dense (non-expert) seconds per layer on every member, [L, pp, 3, dp, ep]
+        self.dense_t = cm.dense_work[:, None, :, None, None] * self.T_e / self.rates[None, :, None]
+        self._inflight: Optional[np.ndarray] = None
+
+    # ------------------------------------------------------------------ per-layer times
+    def routed(self, plan: Plan) -> np.ndarray:
+        """[n_moe, ep] token-expert assignments per microbatch on each EP rank (replicas share equally)."""
+        ep = plan.ep
+        out = np.zeros((len(self.moe), ep))
+        for li, l in enumerate(self.moe):
+            share = np.zeros((self.frac.shape[1], ep))
+            rows, cols, vals = [], [], []
+            for e, ranks in enumerate(plan.expert_map[l]):
+                k = 1.0 / len(ranks)
+                for r in ranks:
+                    rows.append(e)
+                    cols.append(r)
+                    vals.append(k)
+            share[rows, cols] = vals
+            out[li] = self.frac[li] @ share
+        return out * self.assign
+
+    def layer_times(self, routed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(comp [L, pp, 3, dp]: slowest EP member per layer, a2a [L, pp, dp]: dispatch + combine
+        of one phase) for a given routed-token table, on every pipeline rank."""
+        cm, L = self.cm, self.spec.n_layers
+        t = self.dense_t.copy()
+        if self.moe:
+            idx = np.array(self.moe)
+            t[idx] += cm.expert_work[idx][:, None, :, None, None] * routed[:, None, None, None, :] / self.rates[None, :, None]
+        comp = t.max(-1)
+        a2a = np.zeros((L, self.inputs.pp, self.inputs.dp))
+        if self.moe and self.inputs.ep > 1:
+            for p in range(self.inputs.pp):
+                for d in range(self.inputs.dp):
+                    a2a[self.moe, p, d] = 2 * self.topo.dispatch_time(routed * self.bpt, self.grid[p, d])
+        return comp, a2a
+
+    def extras(self) -> tuple[np.ndarray, np.ndarray]:
+        """Embedding (first stage) and head (last stage) seconds, [pp, 3, dp] each."""
+        cm = self.cm
+        emb = (cm.embed_work[None, :, None, None] * self.T_e / self.rates[:, None]).max(-1)
+        head = (cm.head_work[None, :, None, None] * self.T_e / self.rates[:, None]).max(-1)
+        return emb, head
+
+    # ------------------------------------------------------------------ stage costs (= cost_model.stage_costs)
+    def stage_costs(self, plan: Plan, routed: Optional[np.ndarray] = None):
+        routed = self.routed(plan) if routed is None else routed
+        comp_l, a2a_l = self.layer_times(routed)
+        return self.stage_costs_from(plan.stage_layers, comp_l, a2a_l, routed)
+
+    def stage_costs_from(self, stage_layers, comp_l, a2a_l, routed):
+        spec, S, s2r = self.spec, self.n_stages, self.s2r
+        emb, head = self.extras()
+        Pc = np.concatenate([np.zeros((1,) + comp_l.shape[1:]), np.cumsum(comp_l, 0)])
+        Pa = np.concatenate([np.zeros((1,) + a2a_l.shape[1:]), np.cumsum(a2a_l, 0)])
+        comp = np.zeros((S, 3))
+        a2a = np.zeros((S, 3))
+        for s, (a, b) in enumerate(stage_layers):
+            p = s2r[s]
+            c = Pc[b, p] - Pc[a, p]  # [3, dp]
+            if s == 0:
+                c = c + emb[p]
+            if s == S - 1:
+                c = c + head[p]
+            comp[s] = c.max(-1)
+            a2a[s, 0] = a2a[s, 1] = (Pa[b, p] - Pa[a, p]).max()
+        if spec.activation_checkpointing:
+            comp[:, 1] += comp[:, 0]
+            a2a[:, 1] += a2a[:, 0]
+        send = np.zeros(S)
+        for s in range(S - 1):
+            p, q = s2r[s], s2r[s + 1]
+            if p != q:
+                send[s] = float(np.max(self.topo.p2p_time(self.T_e * self.bpt, self.grid[p], self.grid[q])))
+        return comp, a2a, send
+
+    def act_bytes_per_mb(self, stage_layers, routed: np.ndarray) -> np.ndarray:
+        """[S, ep] activation bytes one in-flight microbatch keeps on each EP member of a stage."""
+        spec = self.spec
+        per_layer = np.array([l.act_elems for l in spec.layers])[:, None] * self.T_e * spec.dtype_bytes * np.ones((1, self.inputs.ep))
+        if self.moe:
+            per_layer[self.moe] += np.array([spec.layers[l].expert_act_elems for l in self.moe])[:, None] * routed * spec.dtype_bytes
+        P = np.concatenate([np.zeros((1, self.inputs.ep)), np.cumsum(per_layer, 0)])
+        out = np.array([P[b] - P[a] for a, b in stage_layers])
+        out[-1] += spec.head_act_elems * self.T_e * spec.dtype_bytes
+        return out
+
+    def param_bytes(self, plan: Plan) -> np.ndarray:
+        """[world] bytes of parameters + AdamW state each global rank holds."""
+        spec, pp, ep, dp = self.spec, plan.pp, plan.ep, plan.dp
+        per = np.zeros((pp, ep))
+        for s, (a, b) in enumerate(plan.stage_layers):
+            p = plan.stage_to_pp_rank[s]
+            per[p] += self.dense_params[a:b].sum()
+            if s == 0:
+                per[p] += spec.embed_params
+            if s == plan.n_stages - 1:
+                per[p] += spec.head_params
+            for l in range(a, b):
+                if l in self.moe_row:
+                    cnt = np.bincount([r for rs in plan.expert_map[l] for r in rs], minlength=ep)
+                    per[p] += cnt * self.expert_params[l]
+        out = np.zeros(pp * ep * dp)
+        for d in range(dp):
+            out[self.grid[:, d, :]] = per
+        return out * BYTES_PER_PARAM_TRAIN
+
+    def grad_sync(self, plan: Plan) -> float:
+        """= cost_model._grad_sync: ring all-reduce per pipeline rank after the pipeline drains."""
+        spec, topo, grid = self.spec, self.topo, self.grid
+        worst = 0.0
+        for p in range(plan.pp):
+            stages = plan.stages_of_rank(p)
+            layers = [l for s in stages for l in range(*plan.stage_layers[s])]
+            dense = sum(spec.layers[l].params for l in layers)
+            dense += spec.embed_params * (0 in stages) + spec.head_params * (plan.n_stages - 1 in stages)
+            groups = [grid[p].ravel()] if self.cm.ep_splits_tokens else [grid[p, :, e] for e in range(plan.ep)]
+            t = max(topo.all_reduce_time(dense * GRAD_BYTES, g) for g in groups)
+            t_exp = 0.0
+            if plan.dp > 1:
+                n_exp = np.zeros(plan.ep)
+                for l in layers:
+                    if spec.layers[l].is_moe:
+                        n_exp += np.bincount([r for rs in plan.expert_map[l] for r in rs], minlength=plan.ep) * spec.layers[l].expert_params
+                t_exp = max(topo.all_reduce_time(float(n_exp[e]) * GRAD_BYTES, grid[p, :, e]) for e in range(plan.ep))
+            worst = max(worst, t + t_exp)
+        return worst
+
+    # ------------------------------------------------------------------ whole plan
+    def evaluate(self, plan: Plan) -> Evaluation:
+        if list(plan.stage_to_pp_rank) != self.s2r:
+            raise ConfigError(f"plan.stage_to_pp_rank={list(plan.stage_to_pp_rank)} does not match schedule {self.inputs.schedule} ({self.s2r}): "
+                              "build the plan with the schedule's style")
+        routed = self.routed(plan)
+        comp, a2a, send = self.stage_costs(plan, routed)
+        res = engine.run(self.order, self.s2r, self.inputs.microbatches, comp, a2a, send)
+        act_mb = self.act_bytes_per_mb(plan.stage_layers, routed)  # [S, ep]
+        act = np.zeros(plan.world_size)
+        for r, snaps in res.inflight.items():
+            peak = (snaps.astype(np.float64) @ act_mb).max(0)  # [ep]; every dp replica holds the same
+            act[self.grid[r].ravel()] = np.tile(peak, plan.dp)
+        inflight = np.zeros(self.n_stages, dtype=np.int64)
+        for snaps in res.inflight.values():
+            inflight = np.maximum(inflight, snaps.max(0))
+        if self._inflight is None:
+            self._inflight = inflight
+        return Evaluation(float(res.makespan + self.grad_sync(plan)), self.param_bytes(plan), act, inflight)
+
+    def inflight_estimate(self) -> np.ndarray:
+        """Microbatches in flight per stage (depends on the schedule, barely on the plan)."""
+        if self._inflight is None:
+            from moepipe.placement.plan import static_plan
+
+            i = self.inputs
+            self.evaluate(static_plan(self.spec.n_layers, self.moe, self.spec.num_experts, i.pp, i.ep, i.virtual_stages, i.style, i.dp))
+        return self._inflight

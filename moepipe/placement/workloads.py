@@ -1,0 +1,84 @@
+"""Synthetic expert-load patterns for placer studies: probabilities over experts per MoE layer
+and step. Pure and deterministic in their arguments (numpy only).
+
+Every distribution is strictly positive ("smooth"): the runtime injects a skew by adding
+log(p * E) to the router logits, which needs no zeros, and a placer reading the counts sees
+every expert. Definitions (s = strength, E = num_experts):
+
+  none        uniform, p_e = 1/E
+  zipf        p ~ 1/rank^s, the expert holding each rank shuffled per layer (by seed)
+  hot_expert  one expert per layer (chosen per layer by seed) gets s times the share of each
+              other expert: p_hot = s/(s + E - 1), others 1/(s + E - 1); s = 1 is uniform
+  hot_rank    the experts EP rank 0 holds under the static contiguous blocks (the first
+              ceil(E/ep)) each get s times the share of every other expert
+  rotating    hot_expert whose hot expert moves to the next expert every `period` steps
+  burst       uniform, except hot_expert on steps where step % burst_every == 0
+  lognormal   p ~ exp(s * z), z ~ N(0, 1) per expert, drawn per layer (sigma = s); fixed over steps
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from moepipe.config import ConfigError
+
+WORKLOADS = ("none", "zipf", "hot_expert", "hot_rank", "rotating", "burst", "lognormal")
+
+
+def _rng(seed: int, layer: int, salt: int) -> np.random.Generator:
+    # Independent, reproducible stream per (seed, layer, use): no global state.
+    return np.random.default_rng([int(seed), int(layer), int(salt)])
+
+
+def _hot(num_experts: int, hot: int, strength: float) -> np.ndarray:
+    w = np.ones(num_experts)
+    w[hot] = strength
+    return w
+
+
+def expert_distribution(
+    kind: str,
+    step: int,
+    layer: int,
+    num_experts: int,
+    ep: int = 1,
+    strength: float = 1.0,
+    period: int = 50,
+    burst_every: int = 10,
+    seed: int = 0,
+) -> np.ndarray:
+    """Probabilities over the `num_experts` experts of MoE layer `layer` at `step` (sum 1, all > 0)."""
+    E = int(num_experts)
+    if kind not in WORKLOADS:
+        raise ConfigError(f"workload kind={kind!r} is not known: choose one of {', '.join(WORKLOADS)}")
+    if E < 1:
+        raise ConfigError(f"workload num_experts={num_experts} must be >= 1: give the model's moe.num_experts")
+    if not np.isfinite(strength) or strength <= 0:
+        raise ConfigError(f"workload strength={strength} must be a finite number > 0: e.g. 1.0 (zipf exponent, hot factor, sigma)")
+    if period < 1 or burst_every < 1 or ep < 1:
+        raise ConfigError(f"workload period={period}/burst_every={burst_every}/ep={ep} must be >= 1: use positive integers")
+    hot_expert = int(_rng(seed, layer, 1).integers(E))
+    if kind == "none":
+        w = np.ones(E)
+    elif kind == "zipf":
+        w = _rng(seed, layer, 2).permutation(1.0 / np.arange(1, E + 1) ** strength)
+    elif kind == "hot_expert":
+        w = _hot(E, hot_expert, strength)
+    elif kind == "hot_rank":
+        w = np.ones(E)
+        w[: -(-E // min(ep, E))] = strength  # static_plan gives rank 0 the first ceil(E/ep) experts
+    elif kind == "rotating":
+        w = _hot(E, (hot_expert + step // period) % E, strength)
+    elif kind == "burst":
+        w = _hot(E, hot_expert, strength) if step % burst_every == 0 else np.ones(E)
+    else:  # lognormal
+        w = np.exp(strength * _rng(seed, layer, 3).standard_normal(E))
+    return w / w.sum()
+
+
+def routing_counts(
+    kind: str, step: int, moe_layers: Sequence[int], num_experts: int, tokens: float, top_k: int, **kw
+) -> dict[int, np.ndarray]:
+    """Expected token-expert assignments per expert for each MoE layer: p * tokens * top_k."""
+    return {int(l): expert_distribution(kind, step, int(l), num_experts, **kw) * tokens * top_k for l in moe_layers}
