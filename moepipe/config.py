@@ -90,7 +90,9 @@ class ScheduleConfig:
 class PlacerConfig:
     name: str = "static"
     interval: int = 0  # re-plan every N steps; 0 never re-plans
-    replica_slots: int = 0  # extra expert slots per device for replicas of hot experts
+    replica_slots: int = 0  # extra expert slots per EP rank per MoE layer (above ceil(E/ep)) for replicas of hot experts
+    min_gain_frac: float = 0.02  # migrate only when the predicted per-step saving exceeds this fraction (hysteresis)
+    ema_decay: float = 0.8  # weight of the past in the EMA of expert load and block times the placer reads
 
 
 @dataclass
@@ -178,6 +180,13 @@ class TrainConfig:
     activation_checkpointing: bool = False
     num_threads: int = 0  # torch intra-op threads per process; 0 leaves torch's default
     out_dir: Optional[str] = None  # None: Hydra's run directory
+    # Checkpoints (docs/ARCHITECTURE.md, "Checkpoints and restarts").
+    ckpt_every: int = 0  # save every N steps and at the last step; 0: only on SIGTERM
+    ckpt_dir: Optional[str] = None  # None: <run dir>/ckpt
+    ckpt_keep: int = 2  # complete checkpoints kept (oldest deleted first); 0 keeps all
+    resume: str = "auto"  # auto: from <ckpt_dir>/latest when present | never | a checkpoint, ckpt or run dir
+    max_restarts: int = 0  # moepipe's launcher respawns all workers this often after a crash
+    on_nonfinite: str = "stop"  # a non-finite loss: stop the run, or skip the step's update
 
 
 @dataclass
@@ -368,6 +377,10 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     _one_of("placer.name", cfg.placer.name, PLACERS)
     _positive("placer.interval", cfg.placer.interval, allow_zero=True)
     _positive("placer.replica_slots", cfg.placer.replica_slots, allow_zero=True)
+    if not 0 <= cfg.placer.min_gain_frac < 1:
+        raise ConfigError(f"placer.min_gain_frac={cfg.placer.min_gain_frac} must be in [0, 1): e.g. 0.02 (2% per step)")
+    if not 0 <= cfg.placer.ema_decay < 1:
+        raise ConfigError(f"placer.ema_decay={cfg.placer.ema_decay} must be in [0, 1): e.g. 0.8")
 
     _one_of("data.name", d.name, DATASETS)
     if not 0 < d.val_fraction < 1:
@@ -383,6 +396,14 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     _positive("train.num_threads", t.num_threads, allow_zero=True)
     _one_of("train.device", t.device, DEVICES)
     _one_of("train.dtype", t.dtype, DTYPES)
+    for name in ("ckpt_every", "ckpt_keep", "max_restarts"):
+        _positive(f"train.{name}", getattr(t, name), allow_zero=True)
+    _one_of("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
+    if t.resume not in ("auto", "never") and not os.path.exists(t.resume):
+        raise ConfigError(
+            f"train.resume={t.resume} does not exist: give a checkpoint (.../ckpt/step_N), a ckpt dir or a run dir, or use auto|never"
+        )
+    _check_topology(cfg.topology)
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} > model.max_seq_len={m.max_seq_len}: lower train.seq_len or raise model.max_seq_len")
     # Every pipeline (one per (ep, dp) coordinate) trains on its own slice of the batch.
@@ -415,6 +436,14 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     _one_of("logger.progress", cfg.logger.progress, ("auto", "rich", "plain", "none"))
     return cfg
+
+
+def _check_topology(topology: TopologyConfig) -> None:
+    """A broken topology file fails here, at start-up, with the topology module's one-line error
+    (device counts, link figures, matrices), whether or not the placer reads it later."""
+    from moepipe.placement.topology import from_config  # imports this module: import late
+
+    from_config(topology)
 
 
 def conf_dir() -> str:

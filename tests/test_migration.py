@@ -146,3 +146,38 @@ def test_home_and_transfers():
         (0, 2): ["layers.1.ffn.experts.0.w1.weight", "layers.1.ffn.router.expert_bias", "layers.1.ffn.router.weight"],
         (1, 3): ["layers.1.ffn.experts.1.w1.weight", "layers.1.ffn.router.expert_bias", "layers.1.ffn.router.weight"],
     }
+
+
+# ------------------------------------------------------------------ the placer in the loop
+
+
+def _placer_worker(rank: int, world: int, out_dir: str) -> None:
+    mesh = build_mesh(1, 2, 1)
+    base = BASE + ["parallel.pp=1", "parallel.ep=2", "parallel.dp=1", "schedule.microbatches=1",
+                   "workload.kind=hot_rank", "workload.strength=6.0"]
+    results = {}
+    for placer in ("static", "topo"):
+        cfg = compose_cfg(base + [f"placer.name={placer}", "placer.interval=2", "placer.replica_slots=1"])
+        trainer = DistributedTrainer(cfg, mesh)
+        losses, events = [], []
+        for step in range(STEPS):
+            losses.append(trainer.train_step(step).loss)
+            events += trainer.after_step(step + 1)
+        results[placer] = {"losses": losses, "events": events, "plan": to_json(trainer.plan)}
+    if rank == 0:
+        save(results, os.path.join(out_dir, "placer.pt"))
+
+
+@pytest.mark.timeout(300)
+def test_topo_replans_under_skew_without_changing_the_function(tmp_path):
+    run_distributed(_placer_worker, 2, str(tmp_path), timeout=280)
+    res = torch.load(tmp_path / "placer.pt", weights_only=False)
+    static, topo = res["static"], res["topo"]
+    # re-planned at steps 2 and 4 (not after the last step); static never moves anything
+    assert [e["step"] for e in topo["events"]] == [2, 4]
+    assert not any(e["migrate"] for e in static["events"])
+    moved = [e for e in topo["events"] if e["migrate"]]
+    assert moved, f"topo did not migrate under a 6x hot rank: {[e['reason'] for e in topo['events']]}"
+    assert all(e["bytes_moved"] > 0 and e["predicted_new_s"] < e["predicted_old_s"] for e in moved)
+    assert topo["plan"] != static["plan"]
+    torch.testing.assert_close(torch.tensor(topo["losses"]), torch.tensor(static["losses"]), rtol=1e-5, atol=0)

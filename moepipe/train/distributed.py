@@ -28,6 +28,7 @@ from moepipe.placement.topology import from_config as topology_from_config
 from moepipe.sim.schedules import plan_style
 from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_context, autocast_dtype, resolve_device, seed_everything
 from moepipe.train.optim import build_optimizer, lr_at, set_lr
+from moepipe.train.block_clock import BlockClock
 from moepipe.train.workload import SlowDevice, routing_skew
 
 
@@ -56,6 +57,15 @@ def check_plan_for_job(plan: Plan, cfg: MoepipeConfig) -> Plan:
             "use that stage placement"
         )
     return plan
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def default_plan(cfg: MoepipeConfig) -> Plan:
@@ -91,6 +101,7 @@ class DistributedTrainer:
         self._param_counts = count_parameters(full)
         self.layout = state_layout(full)  # name -> shape of every state entry (migration)
         self.load_ema: dict[int, np.ndarray] = {}  # placer statistics: tokens per expert per step
+        self.time_ema: np.ndarray | None = None  # measured seconds per block per step (see _update_times)
         self._build(check_plan_for_job(validate_plan(plan or default_plan(cfg), cfg.model.n_layers, self.moe_ids, cfg.moe.num_experts), cfg))
 
     def _build(self, plan: Plan) -> None:
@@ -102,6 +113,7 @@ class DistributedTrainer:
             s: build_stage_module(cfg.model, cfg.moe, plan, s, mesh.ep_rank, self.device, cfg.train.seed) for s in self.stage_ids
         }
         self.slowdowns = [SlowDevice(m, self.speed) for m in self.modules.values()] if self.speed < 1 else []
+        self.clock = BlockClock(list(self.modules.values()), cfg.model.n_layers)
         for module in self.modules.values():
             module.activation_checkpointing = cfg.train.activation_checkpointing
             for layer_id, moe in module.moe_layers():
@@ -141,6 +153,7 @@ class DistributedTrainer:
         inject_fault(self.mesh.rank, step)
         start = time.perf_counter()
         skew = routing_skew(cfg, step)
+        self.clock.take()  # drop evaluation forwards: only training steps count
         for module in self.modules.values():
             module.train()
             module.set_aux_loss_scale(1.0 / cfg.schedule.microbatches)
@@ -164,6 +177,7 @@ class DistributedTrainer:
             for layer_id, moe in module.moe_layers():
                 moe.update_expert_bias(stats[layer_id].demand)  # global demand: replicas stay identical
         self._update_load(stats)
+        self._update_times()
         return StepResult.from_stats(loss, float(norm), lr, start, inputs.numel(), stats)
 
     def _global_routing_stats(self) -> dict[int, RoutingStats]:
@@ -243,6 +257,20 @@ class DistributedTrainer:
             prev = self.load_ema.get(layer_id)
             self.load_ema[layer_id] = demand.copy() if prev is None else decay * prev + (1 - decay) * demand
 
+    def _update_times(self) -> None:
+        """Moving average of each block's step time on a nominal-speed device: forward time
+        measured here x 3 (backward ~ 2 forwards), x this device's speed, max over the ranks
+        holding the block. Only without expert parallelism: with EP a block's forward also
+        waits in the all-to-alls for its peers, which says nothing about the block's own cost,
+        so the placer models those blocks from the routed-token counts instead."""
+        fwd = torch.from_numpy(self.clock.take() * self.speed * 3.0).to(self.device)
+        if self.mesh.ep > 1:
+            return
+        dist.all_reduce(fwd, op=dist.ReduceOp.MAX)
+        now = fwd.cpu().double().numpy()
+        decay = getattr(self.cfg.placer, "ema_decay", 0.8)
+        self.time_ema = now if self.time_ema is None else decay * self.time_ema + (1 - decay) * now
+
     def after_step(self, done: int) -> list[dict]:
         """Every `placer.interval` steps: re-plan from fresh statistics and migrate when the
         placer predicts a saving over the next interval larger than the migration's cost."""
@@ -253,6 +281,9 @@ class DistributedTrainer:
         event = {"step": done, "event": "replan", **{k: v for k, v in decision.items() if k != "plan"}}
         if decision["migrate"]:
             event.update(self.migrate(decision["plan"]))
+        rss = torch.tensor(resident_bytes(), dtype=torch.float64, device=self.device)
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+        event["max_rank_rss_mb"] = float(rss) / 2**20  # leak watch over long runs (soak)
         return [event]
 
     def _decide(self, horizon: int) -> dict:
@@ -263,7 +294,8 @@ class DistributedTrainer:
         pc = self.cfg.placer
         box: list = [None]
         if self.mesh.rank == 0:
-            inputs = inputs_from_config(self.cfg, self.topology, expert_load=dict(self.load_ema) or None)
+            times = self.time_ema if self.time_ema is not None and (self.time_ema > 0).all() else None
+            inputs = inputs_from_config(self.cfg, self.topology, expert_load=dict(self.load_ema) or None, layer_times=times)
             d = decide(pc.name, inputs, self.plan, pc.replica_slots, horizon, getattr(pc, "min_gain_frac", 0.02))
             box[0] = {
                 "placer": pc.name,
@@ -322,8 +354,8 @@ class DistributedTrainer:
         entries = self._entries()
         received, _ = exchange(self.mesh.rank, moves, entries, self.layout, self.device)
         entries.update(received)
-        for slow in self.slowdowns:
-            slow.remove()
+        for hooks in self.slowdowns + [self.clock]:
+            hooks.remove()
         self._build(new_plan)
         self._load_entries(entries)
         took = torch.tensor(time.perf_counter() - start, dtype=torch.float64, device=self.device)
@@ -332,7 +364,11 @@ class DistributedTrainer:
 
     def placer_state(self) -> dict[str, torch.Tensor]:
         """The placer's statistics (same on every rank), for checkpoints."""
-        return {f"load_ema.{lid}": torch.from_numpy(v.copy()) for lid, v in sorted(self.load_ema.items())}
+        out = {f"load_ema.{lid}": torch.from_numpy(v.copy()) for lid, v in sorted(self.load_ema.items())}
+        if self.time_ema is not None:
+            out["time_ema"] = torch.from_numpy(self.time_ema.copy())
+        return out
 
     def load_placer_state(self, state: dict[str, torch.Tensor]) -> None:
         self.load_ema = {int(k.split(".", 1)[1]): v.double().numpy().copy() for k, v in state.items() if k.startswith("load_ema.")}
+        self.time_ema = state["time_ema"].double().numpy().copy() if "time_ema" in state else None

@@ -72,11 +72,12 @@ def make_placement(name: str, inputs: PlacementInputs, replica_slots: int = 0, c
     spec = inputs.spec
     validate_plan(plan, spec.n_layers, spec.moe_layers, spec.num_experts if spec.moe_layers else None)
     assert plan.stage_to_pp_rank == stage_assignment(inputs.pp, inputs.virtual_stages, inputs.style)
-    res = check_memory(plan, ev, name, replica_slots)
+    res = check_memory(plan, ev, name, replica_slots, info.get("evaluation"))
     meta = dict(plan.meta) | {"placer": name, "style": inputs.style, "replica_slots": int(replica_slots),
                               "predicted_s": res.iteration_time_s, "solve_time_s": time.perf_counter() - t0}
     if info:
         meta["candidates_s"] = info.get("candidates", {})
+        meta["boundary_evals"] = info.get("boundary_evals", 0)
     return Plan(plan.stage_layers, plan.stage_to_pp_rank, plan.expert_map, plan.pp, plan.ep, plan.dp, meta)
 
 

@@ -63,20 +63,32 @@ def partition(ev: Evaluator, cost: np.ndarray, extra: np.ndarray, held: Optional
     mem_extra = np.zeros(S)
     mem_extra[0] += BYTES_PER_PARAM_TRAIN * spec.embed_params
     mem_extra[-1] += BYTES_PER_PARAM_TRAIN * spec.head_params + spec.head_act_elems * ev.T_e * spec.dtype_bytes * inflight[-1]
-    v = ev.inputs.virtual_stages
-    cap = np.array([ev.mem[ev.grid[p].ravel()].min() / v for p in s2r])
-    out = minmax_partition(C, extra, mem, mem_extra, cap)
-    if out is None:  # the even memory split is too strict (or nothing fits): the final check decides
-        out = minmax_partition(C, extra)
-    return out
+    # A rank's memory is shared by its v stages: start uncapped; while a rank overflows, cap its
+    # largest stage a little below its current size and solve again (the DP is cheap).
+    rank_mem = np.array([ev.mem[ev.grid[p].ravel()].min() for p in range(ev.inputs.pp)])
+    cap = np.full(S, np.inf)
+    best = part = minmax_partition(C, extra)
+    for _ in range(48):
+        used = np.array([mem_extra[s] + mem[s, a:b].sum() for s, (a, b) in enumerate(part)])
+        need = np.bincount(s2r, weights=used, minlength=ev.inputs.pp)
+        if not (need > rank_mem).any():
+            return part
+        for p in np.flatnonzero(need > rank_mem):
+            mine = [s for s in range(S) if s2r[s] == p]
+            s = max(mine, key=lambda k: (used[k], -k))
+            cap[s] = min(cap[s], used[s] - (need[p] - rank_mem[p]) / 2, used[s] * 0.97)
+        part = minmax_partition(C, extra, mem, mem_extra, cap)
+        if part is None:
+            break
+    return best  # nothing found that fits: the final memory check reports it
 
 
-def balance_by_time(ev: Evaluator) -> Plan:
+def balance_by_time(ev: Evaluator, base: Optional[Plan] = None) -> Plan:
     """Layers: min-max partition of per-block times (measured `layer_times` through the
     calibrated cost model, else analytic with the expert load), each stage's time on its
-    pipeline rank's slowest device. Experts: static."""
-    base = static(ev.inputs)
-    routed = ev.routed(base)
+    pipeline rank's slowest device. Experts: static (`base`'s map object when given)."""
+    base = static(ev.inputs) if base is None else base
+    routed, _ = ev._layers_of(base)
     cost, extra = layer_cost(ev, routed)
     return Plan(partition(ev, cost, extra, None, routed), base.stage_to_pp_rank, base.expert_map, base.pp, base.ep, base.dp,
                 {"placer": "balance_by_time", "style": ev.inputs.style})

@@ -12,6 +12,7 @@ plan needs on every device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Optional
 
 import numpy as np
@@ -67,6 +68,8 @@ class Evaluator:
         # dense (non-expert) seconds per layer on every member, [L, pp, 3, dp, ep]
         self.dense_t = cm.dense_work[:, None, :, None, None] * self.T_e / self.rates[None, :, None]
         self._inflight: Optional[np.ndarray] = None
+        self._memo: dict = {}
+        self._extras = None
 
     # ------------------------------------------------------------------ per-layer times
     def routed(self, plan: Plan) -> np.ndarray:
@@ -74,17 +77,24 @@ class Evaluator:
         ep = plan.ep
         out = np.zeros((len(self.moe), ep))
         for li, l in enumerate(self.moe):
-            share = np.zeros((self.frac.shape[1], ep))
-            rows, cols, vals = [], [], []
-            for e, ranks in enumerate(plan.expert_map[l]):
-                k = 1.0 / len(ranks)
-                for r in ranks:
-                    rows.append(e)
-                    cols.append(r)
-                    vals.append(k)
-            share[rows, cols] = vals
-            out[li] = self.frac[li] @ share
+            m = plan.expert_map[l]
+            lens = np.fromiter(map(len, m), dtype=np.int64, count=len(m))
+            cols = np.fromiter(chain.from_iterable(m), dtype=np.int64, count=int(lens.sum()))
+            out[li] = np.bincount(cols, weights=np.repeat(self.frac[li] / lens, lens), minlength=ep)
         return out * self.assign
+
+    def _layers_of(self, plan: Plan):
+        """(routed, (comp, a2a)) of a plan's expert map, memoised on the map object (placers
+        evaluate many partitions of one expert placement)."""
+        key = id(plan.expert_map)
+        hit = self._memo.get(key)
+        if hit is None or hit[0] is not plan.expert_map:
+            routed = self.routed(plan)
+            hit = (plan.expert_map, routed, self.layer_times(routed))
+            if len(self._memo) > 16:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit[1], hit[2]
 
     def layer_times(self, routed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(comp [L, pp, 3, dp]: slowest EP member per layer, a2a [L, pp, dp]: dispatch + combine
@@ -104,9 +114,12 @@ class Evaluator:
 
     def extras(self) -> tuple[np.ndarray, np.ndarray]:
         """Embedding (first stage) and head (last stage) seconds, [pp, 3, dp] each."""
+        if self._extras is not None:
+            return self._extras
         cm = self.cm
         emb = (cm.embed_work[None, :, None, None] * self.T_e / self.rates[:, None]).max(-1)
         head = (cm.head_work[None, :, None, None] * self.T_e / self.rates[:, None]).max(-1)
+        self._extras = (emb, head)
         return emb, head
 
     # ------------------------------------------------------------------ stage costs (= cost_model.stage_costs)
@@ -165,7 +178,7 @@ class Evaluator:
                 per[p] += spec.head_params
             for l in range(a, b):
                 if l in self.moe_row:
-                    cnt = np.bincount([r for rs in plan.expert_map[l] for r in rs], minlength=ep)
+                    cnt = np.bincount(np.fromiter(chain.from_iterable(plan.expert_map[l]), dtype=np.int64), minlength=ep)
                     per[p] += cnt * self.expert_params[l]
         out = np.zeros(pp * ep * dp)
         for d in range(dp):
@@ -188,7 +201,7 @@ class Evaluator:
                 n_exp = np.zeros(plan.ep)
                 for l in layers:
                     if spec.layers[l].is_moe:
-                        n_exp += np.bincount([r for rs in plan.expert_map[l] for r in rs], minlength=plan.ep) * spec.layers[l].expert_params
+                        n_exp += np.bincount(np.fromiter(chain.from_iterable(plan.expert_map[l]), dtype=np.int64), minlength=plan.ep) * spec.layers[l].expert_params
                 t_exp = max(topo.all_reduce_time(float(n_exp[e]) * GRAD_BYTES, grid[p, :, e]) for e in range(plan.ep))
             worst = max(worst, t + t_exp)
         return worst
@@ -198,8 +211,8 @@ class Evaluator:
         if list(plan.stage_to_pp_rank) != self.s2r:
             raise ConfigError(f"plan.stage_to_pp_rank={list(plan.stage_to_pp_rank)} does not match schedule {self.inputs.schedule} ({self.s2r}): "
                               "build the plan with the schedule's style")
-        routed = self.routed(plan)
-        comp, a2a, send = self.stage_costs(plan, routed)
+        routed, (comp_l, a2a_l) = self._layers_of(plan)
+        comp, a2a, send = self.stage_costs_from(plan.stage_layers, comp_l, a2a_l, routed)
         res = engine.run(self.order, self.s2r, self.inputs.microbatches, comp, a2a, send)
         act_mb = self.act_bytes_per_mb(plan.stage_layers, routed)  # [S, ep]
         act = np.zeros(plan.world_size)

@@ -99,10 +99,6 @@ def pack(
     return bins
 
 
-def bin_loads(bins: list[list[int]], w: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    return np.array([sum(w[e] / counts[e] for e in b) for b in bins], dtype=np.float64)
-
-
 def refine(
     bins: list[list[int]], w: np.ndarray, slots: int, rate: np.ndarray, base: np.ndarray, max_rounds: int = 8
 ) -> list[list[int]]:
@@ -112,24 +108,26 @@ def refine(
     w = np.asarray(w, dtype=np.float64)
     rate, base = np.asarray(rate, dtype=np.float64), np.asarray(base, dtype=np.float64)
     n, E = len(bins), len(w)
-    bins = [list(b) for b in bins]
     if n < 2:
-        return bins
+        return [list(b) for b in bins]
     held = np.zeros((n, E), dtype=bool)
     for b, xs in enumerate(bins):
         held[b, xs] = True
     pw = w / held.sum(0).clip(min=1)
     ar = np.arange(n)
+    changed = False
+    bound = (base.sum() + w.sum()) / rate.sum()  # no packing finishes before the perfectly even split
     for _ in range(max_rounds):
         size = held.sum(1)
         load = base + held @ pw
         fin = load / rate
         order = np.argsort(-fin, kind="stable")
         h = int(order[0])
-        second = fin[order[1]]
+        if fin[h] <= bound * (1 + 1e-4):
+            break
         third = fin[order[2]] if n > 2 else 0.0
-        rest = np.where(ar == order[1], third, second)  # slowest finish among bins other than h and b
-        xs = np.array(bins[h], dtype=np.int64)
+        rest = np.where(ar == order[1], third, fin[order[1]])  # slowest finish among bins other than h and b
+        xs = np.flatnonzero(held[h])
         px = pw[xs]
         best, act = fin[h] * (1 - 1e-9), None
         if len(xs) > 1:
@@ -138,10 +136,10 @@ def refine(
             m = np.where(can, m, np.inf)
             i, b = np.unravel_index(int(np.argmin(m)), m.shape)
             if m[i, b] < best:
-                best, act = m[i, b], ("move", int(i), int(b), -1)
-        bj = np.concatenate([np.full(len(bins[b]), b) for b in range(n) if b != h]).astype(np.int64)
-        yj = np.concatenate([np.array(bins[b], dtype=np.int64) for b in range(n) if b != h])
-        jj = np.concatenate([np.arange(len(bins[b])) for b in range(n) if b != h]).astype(np.int64)
+                best, act = m[i, b], (int(xs[i]), int(b), -1)
+        bj, yj = np.nonzero(held)
+        keep = bj != h
+        bj, yj = bj[keep], yj[keep]
         if len(yj):
             py = pw[yj]
             ok = ~held[h, yj][None, :] & ~held[bj[None, :], xs[:, None]] & (py[None, :] < px[:, None])
@@ -150,22 +148,18 @@ def refine(
             m = np.where(ok, m, np.inf)
             i, j = np.unravel_index(int(np.argmin(m)), m.shape)
             if m[i, j] < best:
-                best, act = m[i, j], ("swap", int(i), int(bj[j]), int(jj[j]))
+                best, act = m[i, j], (int(xs[i]), int(bj[j]), int(yj[j]))
         if act is None:
             break
-        kind, i, b, j = act
-        x = bins[h][i]
-        held[h, x] = False
-        held[b, x] = True
-        if kind == "move":
-            bins[h].pop(i)
-            bins[b].append(x)
-        else:
-            y = bins[b][j]
-            held[b, y] = False
-            held[h, y] = True
-            bins[h][i], bins[b][j] = y, x
-    return bins
+        x, b, y = act
+        held[h, x], held[b, x] = False, True
+        if y >= 0:
+            held[b, y], held[h, y] = False, True
+        changed = True
+    if not changed:
+        return [list(b) for b in bins]
+    rows, cols = np.nonzero(held)  # row-major: grouped by bin, experts ascending
+    return [c.tolist() for c in np.split(cols, np.cumsum(np.bincount(rows, minlength=n))[:-1])]
 
 
 def to_expert_map(bins: list[list[int]], num_experts: int) -> list[list[int]]:

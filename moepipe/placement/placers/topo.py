@@ -19,6 +19,7 @@ minimise the simulated iteration time.
 """
 from __future__ import annotations
 
+from itertools import chain
 from typing import Optional
 
 import numpy as np
@@ -28,7 +29,9 @@ from moepipe.placement.placers import baselines
 from moepipe.placement.placers.evaluate import Evaluator
 from moepipe.placement.placers.packing import node_groups, pack, pieces_of, refine, replicate_counts, to_expert_map
 
-EVAL_ACTION_BUDGET = 12000  # engine actions the boundary search may simulate (a few tenths of a second)
+EVAL_ACTION_BUDGET = 6000  # engine actions the boundary search may simulate (a few tenths of a second)
+LARGE_GROUP_SLOTS = 256  # EP group slots above which a layer tries fewer packing variants (solve time)
+REFINE_ROUNDS = 6  # moves/swaps per packing refinement
 
 
 def _replicas_to_fit(w: np.ndarray, share: float, budget: int, max_copies: int) -> int:
@@ -51,7 +54,7 @@ def _flat(w, X, dense, rate, K, R):
     ids, loads = pieces_of(range(E), w, counts)
     base = np.full(ep, dense)
     bins = pack(ids, loads * X, ep, K, rate, base)
-    return refine(bins, w * X, K, rate, base)
+    return refine(bins, w * X, K, rate, base, max_rounds=REFINE_ROUNDS)
 
 
 def _hier(w, X, dense, rate, K, groups, in_node_R):
@@ -71,14 +74,11 @@ def _hier(w, X, dense, rate, K, groups, in_node_R):
         counts = np.ones(E, dtype=np.int64)
         counts[experts] = replicate_counts(wn, R, len(g))
         pids, ploads = pieces_of(experts, w, counts)
-        base = np.full(len(g), dense)
-        sub = pack(pids, ploads * X, len(g), K, rate[g], base)
-        wsub = np.zeros(E)
-        wsub[experts] = w[experts]
-        sub = refine(sub, wsub * X, K, rate[g], base)
-        for local, b in enumerate(sub):
+        for local, b in enumerate(pack(pids, ploads * X, len(g), K, rate[g], np.full(len(g), dense))):
             bins[g[local]] = b
-    return bins
+    # one refine over the whole group (cheaper than per node); it only moves a copy across
+    # nodes when that strictly shortens the slowest member
+    return refine(bins, w * X, K, rate, np.full(len(rate), dense), max_rounds=REFINE_ROUNDS)
 
 
 def layer_placement(ev: Evaluator, li: int, rate: np.ndarray, nodes: tuple, group: np.ndarray, K: int) -> list[list[int]]:
@@ -92,24 +92,28 @@ def layer_placement(ev: Evaluator, li: int, rate: np.ndarray, nodes: tuple, grou
     Rmax = max(0, ep * K - E)
     Rfit = _replicas_to_fit(w, w.sum() / ep, Rmax, ep)
     groups = node_groups(nodes)
-    cands = []  # in order of preference on ties
-    if len(groups) > 1:
+    cands = []  # in order of preference on ties: fewer replicas, then in-node replicas
+    large = ep * K > LARGE_GROUP_SLOTS  # solve-time budget: fewer variants on large groups
+    multi = len(groups) > 1
+    if multi:
         cands.append(_hier(w, X, dense, rate, K, groups, "fit"))
-    for R in dict.fromkeys([0, Rfit, Rmax]):
-        cands.append(_flat(w, X, dense, rate, K, R))
-    if len(groups) > 1:
-        cands.append(_hier(w, X, dense, rate, K, groups, "all"))
+    if not large:
+        cands.append(_flat(w, X, dense, rate, K, Rfit))
+        if multi:
+            cands.append(_hier(w, X, dense, rate, K, groups, "all"))
+    if Rmax != Rfit or large:
+        cands.append(_flat(w, X, dense, rate, K, Rmax))
     cands = [c for c in cands if c is not None and all(c)]
-    maps = [to_expert_map(c, E) for c in cands]
-    routed = np.zeros((len(maps), ep))
-    for i, m in enumerate(maps):
-        for e, ranks in enumerate(m):
-            routed[i, ranks] += w[e] / len(ranks)
+    routed = np.zeros((len(cands), ep))
+    for i, bins in enumerate(cands):
+        counts = np.bincount(np.fromiter(chain.from_iterable(bins), dtype=np.int64), minlength=E).clip(min=1)
+        pw = w / counts
+        routed[i] = [pw[b].sum() for b in bins]
     comp = ((dense + X * routed) / rate[None, :]).max(1)
     if ep > 1:
         comp = comp + 4 * np.atleast_1d(ev.topo.dispatch_time(routed * ev.bpt, group))  # F and B: dispatch + combine
     best = comp.min()
-    return maps[int(np.flatnonzero(comp <= best * (1 + 1e-6))[0])]
+    return to_expert_map(cands[int(np.flatnonzero(comp <= best * (1 + 1e-6))[0])], E)
 
 
 def _profiles(ev: Evaluator) -> tuple[list[int], dict]:
@@ -127,11 +131,13 @@ def _profiles(ev: Evaluator) -> tuple[list[int], dict]:
 
 
 def _with_layers(stage_layers, s2r, kinds, maps_by_kind, moe) -> dict:
+    if len(maps_by_kind) == 1:  # one kind of rank: the same map object for every partition (evaluation memo)
+        return maps_by_kind[0]
     out = {}
     for s, (a, b) in enumerate(stage_layers):
         for l in range(a, b):
             if l in maps_by_kind[kinds[s2r[s]]]:
-                out[l] = [list(r) for r in maps_by_kind[kinds[s2r[s]]][l]]
+                out[l] = maps_by_kind[kinds[s2r[s]]][l]
     return out
 
 
@@ -150,7 +156,7 @@ def topo(ev: Evaluator, replica_slots: int, current: Optional[Plan] = None) -> t
             key = ev.loads[li].tobytes() + ev.cm.expert_work[l].tobytes() + ev.cm.dense_work[l].tobytes()
             if key not in cache:
                 cache[key] = layer_placement(ev, li, rate, nodes, ev.grid[p, 0], K)
-            maps[l] = cache[key]
+            maps[l] = [list(r) for r in cache[key]]
         maps_by_kind.append(maps)
         base = baselines.static(i)
         routed_by_kind.append(ev.routed(Plan(base.stage_layers, base.stage_to_pp_rank, maps, i.pp, i.ep, i.dp)))
@@ -177,24 +183,30 @@ def topo(ev: Evaluator, replica_slots: int, current: Optional[Plan] = None) -> t
     cands = []
     if current is not None and list(current.stage_to_pp_rank) == s2r and current.n_layers == L:
         cands.append(("current", current))
+    bbt = baselines.balance_by_time(ev, base)
     cands += [("joint", make(stage_layers, "joint")), ("static_layers", make(base.stage_layers, "static_layers")),
-              ("static", base), ("balance_by_time", baselines.balance_by_time(ev)), ("eplb", baselines.eplb(ev, replica_slots))]
-    scored = []
+              ("static", base), ("balance_by_time", bbt), ("eplb", baselines.eplb(ev, replica_slots))]
+    seen, scored = set(), []
     for tag, plan in cands:
+        key = (tuple(plan.stage_layers), id(plan.expert_map))
+        if key in seen:  # same layout as an earlier candidate (e.g. the DP chose the even split)
+            continue
+        seen.add(key)
         res = ev.evaluate(plan)
         fits = bool((res.memory_bytes <= ev.mem).all())
-        scored.append((not fits, res.iteration_time_s, tag, plan))
+        scored.append((not fits, res.iteration_time_s, tag, plan, res))
     order = sorted(range(len(scored)), key=lambda j: (scored[j][0], scored[j][1], j))
-    _, best_t, best_tag, best = scored[order[0]]
-    info = {"candidates": {t: s for _, s, t, _ in scored}, "chosen": best_tag}
+    _, best_t, best_tag, best, best_res = scored[order[0]]
+    info = {"candidates": {t: s for _, s, t, _, _ in scored}, "chosen": best_tag}
     if not scored[order[0]][0] and best_tag in ("joint", "static_layers"):
-        best, best_t, n = _boundary_search(ev, best, best_t, make, best_tag)
+        best, best_t, best_res, n = _boundary_search(ev, best, best_t, best_res, make, best_tag)
         info["boundary_evals"] = n
+    info["evaluation"] = best_res
     meta = dict(best.meta) | {"placer": "topo", "replica_slots": int(replica_slots), "variant": best_tag, "predicted_s": best_t}
     return Plan(best.stage_layers, best.stage_to_pp_rank, best.expert_map, best.pp, best.ep, best.dp, meta), info
 
 
-def _boundary_search(ev: Evaluator, plan: Plan, t: float, make, tag):
+def _boundary_search(ev: Evaluator, plan: Plan, t: float, res0, make, tag):
     """Move one stage boundary by one block while the simulated time drops (first improvement,
     boundaries in order), within a deterministic evaluation budget."""
     n_actions = sum(len(a) for a in ev.order.values()) * ev.inputs.dp
@@ -208,7 +220,7 @@ def _boundary_search(ev: Evaluator, plan: Plan, t: float, make, tag):
             for d in (-1, 1):
                 if n >= budget:
                     break
-                (a, b), (c, e) = layers[s], layers[s + 1]
+                (a, b), (_, e) = layers[s], layers[s + 1]
                 if not (a < b + d < e):
                     continue
                 trial = layers[:s] + [(a, b + d), (b + d, e)] + layers[s + 2:]
@@ -216,6 +228,6 @@ def _boundary_search(ev: Evaluator, plan: Plan, t: float, make, tag):
                 res = ev.evaluate(p)
                 n += 1
                 if res.iteration_time_s < t * (1 - 1e-9) and (res.memory_bytes <= ev.mem).all():
-                    layers, plan, t, improved = trial, p, res.iteration_time_s, True
+                    layers, plan, t, res0, improved = trial, p, res.iteration_time_s, res, True
                     break
-    return plan, t, n
+    return plan, t, res0, n

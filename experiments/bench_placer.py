@@ -1,0 +1,222 @@
+"""Placers compared in simulation (issue 5): static, balance_by_time, eplb and topo at the same
+replica budget, on six expert-load workloads x four cluster presets, plus the solve time of topo
+at 1,024 devices (64 layers, 256 experts).
+
+Protocol per (topology, workload): every placer plans from the load it observed, the mean
+routing distribution over the `interval` steps before step s0 (what an EMA of the runtime's
+statistics gives), and then runs the next `interval` steps, whose loads may differ (rotating
+hot spot, bursts). Reported per placer:
+  predicted_s   simulated iteration time on the observed load (what the placer optimised)
+  realised_s    mean simulated iteration time over the next interval's actual loads
+  lower_bound_s / balanced_bound_s  the simulator's bounds (observed load)
+  load_max_over_mean  max / mean device compute seconds per iteration (observed load)
+  a2a_bytes_inter_node  all-to-all bytes crossing nodes per iteration
+  migrated_bytes_from_static / migration_time_from_static_s, solve_time_s
+Skewed workloads are all but `balanced`. Writes results/bench_placer.json (config, commit,
+environment) and prints `geomean_speedup_topo_vs_static_skewed=` (static / topo realised
+time, geometric mean over topologies x skewed workloads) last.
+
+    PYTHONPATH=. python experiments/bench_placer.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from moepipe.config import DeviceGroupConfig, ModelConfig, MoEConfig, TopologyConfig, TrainConfig, compose_config  # noqa: E402
+from moepipe.placement.cost_model import CostModel  # noqa: E402
+from moepipe.placement.model_spec import build_model_spec  # noqa: E402
+from moepipe.placement.placers import (  # noqa: E402
+    Evaluator, inputs_from_config, make_placement, migration_bytes, migration_time_s,
+)
+from moepipe.placement.placers.inputs import PlacementInputs  # noqa: E402
+from moepipe.placement.topology import from_config  # noqa: E402
+from moepipe.placement.workloads import expert_distribution  # noqa: E402
+from moepipe.sim import simulate  # noqa: E402
+from moepipe.train.metrics import write_json  # noqa: E402
+
+PLACERS = ("static", "balance_by_time", "eplb", "topo")
+# name -> (workload kind, strength); the rotating hot spot moves every 25 steps, bursts every 10th step
+WORKLOADS = {
+    "balanced": ("none", 1.0),
+    "hot_expert": ("hot_expert", 8.0),
+    "hot_rank": ("hot_rank", 4.0),
+    "rotating": ("rotating", 8.0),
+    "burst": ("burst", 8.0),
+    "lognormal": ("lognormal", 1.0),
+}
+COMMON = ["train.seq_len=4096", "sim.efficiency=0.5"]
+CASES = {  # topology -> overrides (a model that fits every device's 80 GB with fp32 AdamW state)
+    "nvlink_8gpu": ["topology=nvlink_8gpu", "model=deepseek_v2_lite", "parallel.pp=2", "parallel.ep=4", "parallel.dp=1",
+                    "schedule=1f1b", "schedule.microbatches=16", "train.batch_size=64"],
+    "ib_4x8": ["topology=ib_4x8", "model=deepseek_v2_lite", "parallel.pp=2", "parallel.ep=16", "parallel.dp=1",
+               "schedule=1f1b", "schedule.microbatches=16", "train.batch_size=256"],
+    "ib_16x8": ["topology=ib_16x8", "model=mixtral_8x7b", "parallel.pp=8", "parallel.ep=8", "parallel.dp=2",
+                "schedule=interleaved_1f1b", "schedule.virtual_stages=2", "schedule.microbatches=16", "train.batch_size=256",
+                "train.activation_checkpointing=true"],
+    "hetero_a100_h100": ["topology=hetero_a100_h100", "model=mixtral_8x7b", "parallel.pp=4", "parallel.ep=8", "parallel.dp=1",
+                         "schedule=interleaved_1f1b", "schedule.virtual_stages=2", "schedule.microbatches=16", "train.batch_size=128",
+                         "train.activation_checkpointing=true"],
+}
+
+
+def distributions(kind: str, strength: float, steps, moe_layers, E: int, ep: int) -> np.ndarray:
+    """[len(steps), n_moe, E] routing distributions."""
+    return np.array([[expert_distribution(kind, s, l, E, ep=ep, strength=strength, period=25, burst_every=10) for l in moe_layers] for s in steps])
+
+
+def as_load(dist: np.ndarray, moe_layers) -> dict:
+    return {l: dist[i] for i, l in enumerate(moe_layers)}
+
+
+def device_load_ratio(res) -> float:
+    c = res.costs
+    busy = np.zeros((res.pp, res.dp, res.ep))
+    for s, p in enumerate(res.stage_to_pp_rank):
+        busy[p] += res.microbatches * c.ep_busy[s].sum(0)
+    return float(busy.max() / busy.mean())
+
+
+def run_case(topo_name: str, overrides: list, args) -> dict:
+    cfg = compose_config(overrides + COMMON)
+    base = inputs_from_config(cfg)
+    moe, E, ep = base.spec.moe_layers, base.spec.num_experts, base.ep
+    s0, n = args.s0, args.interval
+    out = {"overrides": overrides + COMMON, "world": base.world, "model": cfg.model.name, "workloads": {}}
+    for wname, (kind, strength) in WORKLOADS.items():
+        observed = distributions(kind, strength, range(s0 - n, s0), moe, E, ep).mean(0)
+        future = distributions(kind, strength, range(s0, s0 + n), moe, E, ep)
+        uniq, weight = np.unique(future.reshape(n, -1), axis=0, return_counts=True)
+        inp = PlacementInputs(**{**base.__dict__, "expert_load": as_load(observed, moe)})
+        rows, plans = {}, {}
+        for name in PLACERS:
+            t0 = time.perf_counter()
+            plan = make_placement(name, inp, replica_slots=args.replica_slots)
+            solve = time.perf_counter() - t0
+            plans[name] = plan
+            res = simulate(plan, inp.schedule, inp.microbatches, inp.topology, inp.cost_model, observed)
+            realised = 0.0
+            for u, k in zip(uniq, weight):
+                ev = Evaluator(PlacementInputs(**{**base.__dict__, "expert_load": as_load(u.reshape(len(moe), E), moe)}))
+                realised += k * ev.evaluate(plan).iteration_time_s
+            rows[name] = {
+                "predicted_s": res.iteration_time_s, "realised_s": realised / n,
+                "lower_bound_s": res.lower_bound_s, "balanced_bound_s": res.balanced_bound_s,
+                "load_max_over_mean": device_load_ratio(res), "a2a_bytes_inter_node": res.a2a_bytes_inter_node,
+                "a2a_bytes_intra_node": res.a2a_bytes_intra_node, "solve_time_s": solve,
+                "stage_layers": [list(x) for x in plan.stage_layers],
+                "replicas": int(sum(len(r) - 1 for m in plan.expert_map.values() for r in m)),
+                "topo_variant": plan.meta.get("variant"),
+            }
+        for name in PLACERS:
+            rows[name]["migrated_bytes_from_static"] = float(migration_bytes(plans["static"], plans[name], inp).sum())
+            rows[name]["migration_time_from_static_s"] = migration_time_s(plans["static"], plans[name], inp)
+        out["workloads"][wname] = rows
+        r = rows
+        print(f"{topo_name:<17} {wname:<11} " + " ".join(f"{p}={r[p]['realised_s']:.3f}" for p in PLACERS)
+              + f"  bal={r['topo']['balanced_bound_s']:.3f} topo/static={r['static']['realised_s'] / r['topo']['realised_s']:.2f}x"
+              f" solve={r['topo']['solve_time_s']:.2f}s", flush=True)
+    return out
+
+
+def scale_case(repeats: int) -> dict:
+    """Solve time at 1,024 devices: 128 nodes x 8 H100, pp=16 x ep=64, 64 layers, 256 experts, top-8, Zipf(0.5) load."""
+    model = ModelConfig(name="bench", vocab_size=32000, d_model=4096, n_layers=64, n_heads=32, n_kv_heads=8, ffn_hidden=14336, max_seq_len=4096)
+    moe = MoEConfig(num_experts=256, top_k=8, expert_hidden=2048, num_shared_experts=1)
+    world, pp, ep, m = 1024, 16, 64, 64
+    train = TrainConfig(batch_size=m * 16, seq_len=4096)
+    topo = from_config(TopologyConfig(
+        name="ib_128x8", nodes=world // 8, devices_per_node=8,
+        device_groups=[DeviceGroupConfig(count=world, name="H100-SXM", tflops=690.0, memory_gb=80.0)],
+        intra_node_bw_gbps=450.0, intra_node_latency_us=5.0, inter_node_bw_gbps=50.0, inter_node_latency_us=10.0), world)
+    spec = build_model_spec(model, moe, train, microbatches=m, dp=1)
+    load = {l: expert_distribution("zipf", 0, l, 256, strength=0.5) for l in spec.moe_layers}
+    inp = PlacementInputs(topo, spec, CostModel(spec), pp, ep, 1, 1, "loop", "1f1b", m, expert_load=load)
+    out = {"devices": world, "layers": 64, "experts": 256, "pp": pp, "ep": ep, "microbatches": m, "workload": "zipf(0.5)", "replica_slots": 1}
+    for name in ("static", "eplb", "topo"):
+        times, plan = [], None
+        for _ in range(repeats if name == "topo" else 1):
+            t0 = time.perf_counter()
+            plan = make_placement(name, inp, replica_slots=1)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"predicted_s": plan.meta["predicted_s"], "solve_times_s": times, "solve_time_s": statistics.median(times)}
+    out["loadavg"] = list(os.getloadavg())
+    return out
+
+
+def summarise(cases: dict) -> dict:
+    skewed, bal_ratio, topo_vs_eplb, pred_skewed = [], [], [], []
+    for c in cases.values():
+        for w, r in c["workloads"].items():
+            bal_ratio.append(r["topo"]["predicted_s"] / r["topo"]["balanced_bound_s"])
+            topo_vs_eplb.append(r["topo"]["realised_s"] / r["eplb"]["realised_s"])
+            if w != "balanced":
+                skewed.append(r["static"]["realised_s"] / r["topo"]["realised_s"])
+                pred_skewed.append(r["static"]["predicted_s"] / r["topo"]["predicted_s"])
+    gm = lambda x: float(np.exp(np.mean(np.log(x))))  # noqa: E731
+    return {
+        "geomean_speedup_topo_vs_static_skewed": gm(skewed),
+        "geomean_speedup_topo_vs_static_skewed_predicted": gm(pred_skewed),
+        "min_speedup_topo_vs_static_skewed": float(min(skewed)),
+        "mean_topo_over_balanced_bound": float(np.mean(bal_ratio)),
+        "max_topo_over_balanced_bound": float(np.max(bal_ratio)),
+        "worst_topo_over_eplb_realised": float(max(topo_vs_eplb)),
+        "cases_topo_slower_than_eplb_realised": int(sum(x > 1 + 1e-9 for x in topo_vs_eplb)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--topologies", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--replica-slots", type=int, default=1)
+    ap.add_argument("--interval", type=int, default=50, help="steps between re-plans (observed and future window)")
+    ap.add_argument("--s0", type=int, default=100, help="the step the placer runs at")
+    ap.add_argument("--scale-repeats", type=int, default=3)
+    ap.add_argument("--no-scale", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_placer.json"))
+    args = ap.parse_args()
+    from moepipe.train.run_info import run_info
+
+    info = run_info()
+    t_start = time.perf_counter()
+    import torch.distributed.pipelining.schedules  # noqa: F401,E501  (imported before timing: we time placers, not imports)
+
+    cases = {t: run_case(t, CASES[t], args) for t in args.topologies}
+    scale = None if args.no_scale else scale_case(args.scale_repeats)
+    summary = summarise(cases)
+    aims = {
+        "topo_within_1.15x_of_balanced_bound_on_average": summary["mean_topo_over_balanced_bound"] <= 1.15,
+        "topo_1.3x_over_static_on_skewed": summary["geomean_speedup_topo_vs_static_skewed"] >= 1.3,
+        "topo_never_slower_than_eplb": summary["cases_topo_slower_than_eplb_realised"] == 0,
+        "solve_under_1s_at_1024_devices": None if scale is None else scale["topo"]["solve_time_s"] < 1.0,
+    }
+    result = summary | {
+        "aims": aims, "cases": cases, "scale_1024": scale,
+        "config": {"args": vars(args), "workloads": WORKLOADS, "placers": PLACERS, "common_overrides": COMMON},
+        "method": {"observed": "mean routing distribution over steps [s0-interval, s0)", "realised": "mean over steps [s0, s0+interval) of the "
+                   "simulated iteration time with that step's distribution", "skewed": "every workload but balanced",
+                   "speedup": "static realised_s / topo realised_s, geometric mean over topologies x skewed workloads"},
+        "loadavg_end": list(os.getloadavg()), "wall_s": time.perf_counter() - t_start, "run_info": info,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_json(args.out, result)
+    for k, v in summary.items():
+        if k != "geomean_speedup_topo_vs_static_skewed":
+            print(f"{k}={v:.4g}")
+    if scale:
+        print(f"solve_time_s_1024={scale['topo']['solve_time_s']:.3f} (static {scale['static']['predicted_s']:.3f}s eplb "
+              f"{scale['eplb']['predicted_s']:.3f}s topo {scale['topo']['predicted_s']:.3f}s predicted; loadavg {scale['loadavg'][0]:.1f})")
+    print(f"aims={aims}")
+    print(f"geomean_speedup_topo_vs_static_skewed={summary['geomean_speedup_topo_vs_static_skewed']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

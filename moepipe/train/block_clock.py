@@ -1,0 +1,38 @@
+"""Measured forward time of every block a rank holds: the placer's per-layer statistics.
+
+Pre/post forward hooks on each block (registered after any slow-device emulation, so an
+emulated device's sleep counts like real slowness). Activation-checkpointing recomputes
+are forwards too and count; that is time the stage really spends.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from torch import nn
+
+
+class BlockClock:
+    def __init__(self, modules: list[nn.Module], n_layers: int):
+        self.seconds = np.zeros(n_layers)
+        self.handles = []
+        for module in modules:
+            for block in module.layers.values():
+                self.handles.append(block.register_forward_pre_hook(self._start))
+                self.handles.append(block.register_forward_hook(self._stop))
+
+    def _start(self, block: nn.Module, args: tuple) -> None:
+        block._clock_t0 = time.perf_counter()
+
+    def _stop(self, block: nn.Module, args: tuple, out) -> None:
+        self.seconds[block.layer_id] += time.perf_counter() - block._clock_t0
+
+    def take(self) -> np.ndarray:
+        """Seconds per block since the last call (zeros for blocks held elsewhere)."""
+        out, self.seconds = self.seconds, np.zeros_like(self.seconds)
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

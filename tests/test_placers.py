@@ -1,0 +1,239 @@
+"""Placers on hand-made cases with known answers, memory, migration and the re-plan decision."""
+import numpy as np
+import pytest
+
+from moepipe.config import ConfigError, DeviceGroupConfig, ModelConfig, MoEConfig, TopologyConfig, TrainConfig
+from moepipe.placement.cost_model import CostModel
+from moepipe.placement.model_spec import build_model_spec
+from moepipe.placement.plan import Plan, to_json, validate_plan
+from moepipe.placement.placers import (
+    Evaluator, PlacementInputs, decide, make_placement, migration_bytes, migration_time_s, predict_iteration_time,
+)
+from moepipe.placement.placers.inputs import routing_of
+from moepipe.placement.placers.packing import eplb_layer, pack, pieces_of, replicate_counts
+from moepipe.placement.placers.partition import minmax_partition
+from moepipe.placement.topology import from_config
+from moepipe.placement.workloads import routing_counts
+from moepipe.sim import simulate
+
+PLACERS = ("static", "balance_by_time", "eplb", "topo")
+
+
+def topology(nodes=1, per_node=8, speeds=None, memory_gb=80.0, name="test"):
+    n = nodes * per_node
+    speeds = [1.0] * n if speeds is None else speeds
+    groups = [DeviceGroupConfig(count=1, name="gpu", tflops=100.0, memory_gb=memory_gb, speed=s) for s in speeds]
+    return from_config(TopologyConfig(name=name, nodes=nodes, devices_per_node=per_node, device_groups=groups,
+                                      intra_node_bw_gbps=300.0, intra_node_latency_us=5.0, inter_node_bw_gbps=25.0,
+                                      inter_node_latency_us=10.0))
+
+
+def inputs(pp=1, ep=2, dp=1, topo=None, n_layers=4, experts=8, top_k=2, schedule="1f1b", v=1, m=4, load=None,
+           layer_times=None, vocab=64, d=256, batch=None, seq=256, ckpt=False):
+    model = ModelConfig(name="t", vocab_size=vocab, d_model=d, n_layers=n_layers, n_heads=4, ffn_hidden=4 * d, max_seq_len=seq)
+    moe = MoEConfig(num_experts=experts, top_k=top_k, expert_hidden=2 * d)
+    train = TrainConfig(batch_size=batch or ep * dp * m * 2, seq_len=seq, activation_checkpointing=ckpt)
+    spec = build_model_spec(model, moe, train, microbatches=m, dp=dp)
+    topo = topo or topology(1, pp * ep * dp)
+    style = "v" if schedule in ("zbv", "dualpipev") else "loop"
+    return PlacementInputs(topo, spec, CostModel(spec), pp, ep, dp, v, style, schedule, m, expert_load=load, layer_times=layer_times)
+
+
+def skew(inp, kind="zipf", strength=1.2, seed=0):
+    return routing_counts(kind, 0, inp.spec.moe_layers, inp.spec.num_experts, 1000, inp.spec.top_k, strength=strength, ep=inp.ep, seed=seed)
+
+
+# ------------------------------------------------------------------ partition
+
+
+def test_minmax_partition_known_optimum_and_not_worse_than_fairscale():
+    assert minmax_partition(np.array([[1, 1, 1, 5]] * 2)) == [(0, 3), (3, 4)]
+    # a 2x faster second stage takes more blocks: stage time = cost / speed
+    assert minmax_partition(np.array([[1.0] * 6, [0.5] * 6])) == [(0, 2), (2, 6)]
+    from fairscale.nn.pipe.balance import blockpartition
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        seq = [int(x) for x in rng.integers(1, 20, size=12)]
+        k = int(rng.integers(2, 5))
+        ours = minmax_partition(np.array([seq] * k, dtype=float))
+        fs = blockpartition.solve(seq, k)
+        assert max(sum(seq[a:b]) for a, b in ours) <= max(sum(p) for p in fs)
+
+
+def test_minmax_partition_memory_caps():
+    # without the cap stage 0 would take three blocks; it may hold only two
+    out = minmax_partition(np.array([[1, 1, 1, 5]] * 2, dtype=float), mem=np.ones((2, 4)), cap=np.array([2.0, 9.0]))
+    assert out == [(0, 2), (2, 4)]
+    assert minmax_partition(np.ones((2, 4)), mem=np.ones((2, 4)), cap=np.array([1.0, 1.0])) is None
+
+
+def test_balance_by_time_uses_layer_times():
+    inp = inputs(pp=2, ep=1, n_layers=4, experts=4, vocab=8, layer_times=np.array([1.0, 1.0, 1.0, 5.0]))
+    plan = make_placement("balance_by_time", inp)
+    assert plan.stage_layers == [(0, 3), (3, 4)] and plan.meta["placer"] == "balance_by_time"
+
+
+def test_balance_by_time_gives_a_faster_rank_more_blocks():
+    inp = inputs(pp=2, ep=1, n_layers=6, experts=4, vocab=8, topo=topology(1, 2, speeds=[1.0, 2.0]))
+    plan = make_placement("balance_by_time", inp)
+    assert plan.stage_layers == [(0, 2), (2, 6)]
+
+
+# ------------------------------------------------------------------ eplb
+
+
+def test_eplb_replicates_heaviest_and_packs_to_known_max():
+    w = np.array([10.0, 2, 2, 2, 2, 2, 2, 2])
+    # 2 ranks x 5 slots = 10 copies: expert 0 twice (max copies = ep), then expert 1
+    assert replicate_counts(w, 2, max_copies=2).tolist() == [2, 2, 1, 1, 1, 1, 1, 1]
+    emap = eplb_layer(w, ep=2, slots=5)
+    assert emap[0] == [0, 1] and emap[1] == [0, 1]
+    load = np.zeros(2)
+    for e, ranks in enumerate(emap):
+        load[ranks] += w[e] / len(ranks)
+    assert load.max() == 12.0 and all(sum(r in rs for rs in emap) == 5 for r in range(2))
+    # no spare slot: the hot expert alone bounds the max load
+    emap = eplb_layer(w, ep=2, slots=4)
+    load = np.zeros(2)
+    for e, ranks in enumerate(emap):
+        load[ranks] += w[e]
+    assert load.max() == 16.0  # 4 slots each: the hot expert shares its rank with three 2s (optimal)
+
+
+def test_eplb_hierarchical_keeps_replicas_in_node():
+    w = np.array([40.0] + [1.0] * 15)
+    nodes = [0, 0, 1, 1]
+    emap = eplb_layer(w, ep=4, slots=5, member_node=nodes)
+    for ranks in emap:
+        assert len({nodes[r] for r in ranks}) == 1
+    assert len(emap[0]) == 2  # the hot expert got both ranks of its node
+
+
+def test_pack_is_speed_weighted():
+    ids, loads = pieces_of(range(6), np.ones(6), np.ones(6, dtype=np.int64))
+    bins = pack(ids, loads, 2, 6, rate=np.array([1.0, 2.0]))
+    assert [len(b) for b in bins] == [2, 4]
+
+
+# ------------------------------------------------------------------ topo
+
+
+def test_topo_gives_a_2x_faster_device_more_tokens():
+    inp = inputs(pp=1, ep=2, topo=topology(1, 2, speeds=[1.0, 2.0]), experts=8)
+    plan = make_placement("topo", inp, replica_slots=2)
+    routed = Evaluator(inp).routed(plan)
+    assert (routed[:, 1] > 1.5 * routed[:, 0]).all()
+    assert predict_iteration_time(plan, inp) < predict_iteration_time(make_placement("static", inp), inp)
+
+
+def test_topo_gives_a_2x_faster_pipeline_rank_more_layers():
+    inp = inputs(pp=2, ep=1, n_layers=8, topo=topology(1, 2, speeds=[1.0, 2.0]), m=8)
+    plan = make_placement("topo", inp)
+    (a, b), (c, d) = plan.stage_layers
+    assert d - c > b - a
+
+
+def test_topo_keeps_a_hot_experts_replica_in_node():
+    inp = inputs(pp=1, ep=8, topo=topology(2, 4), experts=16, top_k=2)
+    inp.expert_load = skew(inp, "hot_expert", strength=4.0)  # a hot expert one node can absorb
+    plan = make_placement("topo", inp, replica_slots=1)
+    node = inp.topology.node_of
+    for l, emap in plan.expert_map.items():
+        hot = int(np.argmax(inp.expert_load[l]))
+        assert len(emap[hot]) > 1 and len({int(node[r]) for r in emap[hot]}) == 1
+
+
+@pytest.mark.parametrize("kind", ["none", "zipf", "hot_expert", "hot_rank", "lognormal"])
+def test_topo_never_worse_than_static_and_eplb(kind):
+    inp = inputs(pp=2, ep=4, dp=1, topo=topology(2, 4), n_layers=6, experts=8, m=8)
+    inp.expert_load = skew(inp, kind, strength=4.0 if kind != "zipf" else 1.2)
+    t = {n: predict_iteration_time(make_placement(n, inp, replica_slots=1), inp) for n in PLACERS}
+    assert t["topo"] <= min(t["static"], t["eplb"]) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("name", PLACERS)
+def test_plans_are_valid_fixed_stage_ranks_deterministic_and_fit(name):
+    inp = inputs(pp=2, ep=2, dp=2, n_layers=8, schedule="interleaved_1f1b", v=2, m=4, topo=topology(1, 8, speeds=[1, 1, 2, 2, 1, 1, 2, 2]))
+    inp.expert_load = skew(inp)
+    a = make_placement(name, inp, replica_slots=1)
+    b = make_placement(name, inp, replica_slots=1)
+    validate_plan(a, 8, inp.spec.moe_layers, 8)
+    assert a.stage_to_pp_rank == [0, 1, 0, 1] and a.meta["placer"] == name
+    assert to_json(Plan(a.stage_layers, a.stage_to_pp_rank, a.expert_map, 2, 2, 2)) == to_json(Plan(b.stage_layers, b.stage_to_pp_rank, b.expert_map, 2, 2, 2))
+    ev = Evaluator(inp).evaluate(a)
+    assert (ev.memory_bytes <= np.array([d.memory_bytes for d in inp.topology.devices])).all()
+
+
+def test_v_schedule_keeps_v_assignment():
+    inp = inputs(pp=2, ep=2, n_layers=8, schedule="zbv", v=2, m=4)
+    inp.expert_load = skew(inp)
+    plan = make_placement("topo", inp, replica_slots=1)
+    assert plan.stage_to_pp_rank == [0, 1, 1, 0]
+
+
+def test_infeasible_memory_is_a_one_line_error_naming_the_field():
+    inp = inputs(pp=1, ep=2, topo=topology(1, 2, memory_gb=0.001))
+    for name in PLACERS:
+        with pytest.raises(ConfigError, match=rf"^placer.name={name} .*needs .* GB on rank \d") as exc:
+            make_placement(name, inp)
+        assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="placer.name='nope' is not known"):
+        make_placement("nope", inp)
+
+
+# ------------------------------------------------------------------ evaluation = simulator
+
+
+@pytest.mark.parametrize("schedule,v,ckpt", [("1f1b", 1, False), ("interleaved_1f1b", 2, True), ("zbv", 2, False)])
+def test_evaluator_matches_the_simulator(schedule, v, ckpt):
+    inp = inputs(pp=2, ep=4, dp=2, n_layers=8, schedule=schedule, v=v, m=4, topo=topology(2, 8, speeds=[1] * 8 + [2] * 8), ckpt=ckpt)
+    inp.expert_load = skew(inp)
+    plan = make_placement("eplb", inp, replica_slots=1)
+    sim = simulate(plan, schedule, 4, inp.topology, inp.cost_model, routing_of(inp))
+    ev = Evaluator(inp).evaluate(plan)
+    assert np.isclose(ev.iteration_time_s, sim.iteration_time_s, rtol=1e-12)
+    assert np.allclose(ev.act_bytes, sim.peak_activation_bytes, rtol=1e-12)
+
+
+# ------------------------------------------------------------------ migration and decision
+
+
+def test_migration_bytes_zero_for_same_plan_and_3x_fp32_per_moved_expert():
+    inp = inputs(pp=2, ep=2, dp=2, n_layers=4, topo=topology(1, 8))
+    old = make_placement("static", inp)
+    assert migration_bytes(old, old, inp).sum() == 0 and migration_time_s(old, old, inp) == 0.0
+    emap = {l: [list(r) for r in v] for l, v in old.expert_map.items()}
+    l = inp.spec.moe_layers[0]
+    emap[l][0] = [0, 1]  # a replica of expert 0 on EP rank 1 (pipeline rank of layer l), both dp replicas
+    new = Plan(old.stage_layers, old.stage_to_pp_rank, emap, 2, 2, 2)
+    b = migration_bytes(old, new, inp)
+    per = 12 * inp.spec.layers[l].expert_params
+    assert b.sum() == 2 * per and np.count_nonzero(b) == 2
+    assert migration_time_s(old, new, inp) > 0
+    # moving a block to the other pipeline rank: its dense parameters to each of that rank's ep x dp members
+    moved = Plan([(0, 1), (1, 4)], old.stage_to_pp_rank, old.expert_map, 2, 2, 2)
+    b = migration_bytes(old, moved, inp)
+    lay = inp.spec.layers[1]
+    assert b.sum() == 4 * 12 * lay.params + 4 * 12 * lay.expert_params * 4  # E=8 over ep=2: 4 experts per EP rank
+
+
+def test_decide_migrates_on_persistent_skew_not_on_noise_or_a_burst():
+    inp = inputs(pp=2, ep=4, n_layers=6, experts=8, m=8, topo=topology(1, 8))
+    current = make_placement("static", inp)
+    rng = np.random.default_rng(0)
+    uni = routing_counts("none", 0, inp.spec.moe_layers, 8, 1000, 2)
+    inp.expert_load = {l: c * (1 + 0.01 * rng.standard_normal(8)) for l, c in uni.items()}
+    d = decide("topo", inp, current, replica_slots=1, horizon_steps=50)
+    assert not d.migrate and d.plan is current
+    # one burst step folded into an EMA (decay 0.9) of uniform load: below the threshold
+    burst = routing_counts("burst", 0, inp.spec.moe_layers, 8, 1000, 2, strength=1.3, burst_every=10)
+    inp.expert_load = {l: 0.9 * uni[l] + 0.1 * burst[l] for l in uni}
+    d = decide("topo", inp, current, replica_slots=1, horizon_steps=50)
+    assert not d.migrate and "min_gain_frac" in d.reason or "keeps" in d.reason
+    inp.expert_load = skew(inp, "zipf", 1.2)
+    d = decide("topo", inp, current, replica_slots=1, horizon_steps=50)
+    assert d.migrate and d.plan is not current and d.predicted_gain_s > d.migration_cost_s and d.bytes_moved > 0
+    # a one-step horizon cannot pay for the move
+    d = decide("topo", inp, current, replica_slots=1, horizon_steps=0)
+    assert not d.migrate
