@@ -26,5 +26,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Paper reproductions (issue 7): each script runs its small CPU variant, writes results/fig_*.json
+# and .csv and draws figures/fig_*.png; the last line redraws every figure from results/ alone
+# (also figures/fig_sim_vs_measured.png from results/bench_sim.json). About 10 minutes on 2 cores.
+FIGURE_SCRIPTS := fig_bubble fig_memory fig_interleaved fig_zero_bubble fig_capacity fig_balance
+# item 7, dynamic placement under skew and layer rebalancing: add fig_placement here (lead).
+
+figures: $(STAMP)
+	$(foreach s,$(FIGURE_SCRIPTS),$(PY) experiments/$(s).py &&) true
+	$(PY) analysis/make_figures.py
+
 clean:
 	rm -rf runs results/*.tmp .pytest_cache

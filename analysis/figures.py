@@ -77,22 +77,31 @@ def _gantt_legend(fig, kinds: set[str]) -> None:
 def draw_bubble(res: dict, figures_dir: str) -> list[str]:
     rows = res["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, pp in zip(axes, sorted({r["pp"] for r in rows if r.get("simulated") is not None})[:1] + [res["measured_pp"]]):
-        sel = [r for r in rows if r["pp"] == pp]
-        ms = sorted({r["m"] for r in sel})
-        ax.plot(ms, [next(r["formula"] for r in sel if r["m"] == m) for m in ms], "k-", lw=1, label="(p-1)/(m+p-1)")
-        for sched in ("gpipe", "1f1b"):
-            s = sorted((r for r in sel if r["schedule"] == sched), key=lambda r: r["m"])
-            c = SCHEDULE_COLORS[sched]
-            ax.plot([r["m"] for r in s], [r["simulated"] for r in s], "s", mfc="none", color=c, ms=8, label=f"{sched} simulated")
-            meas = [r for r in s if r.get("measured") is not None]
-            if meas:
-                ax.plot([r["m"] for r in meas], [r["measured"] for r in meas], "o-", color=c, label=f"{sched} measured")
-                ax.plot([r["m"] for r in meas], [r["replay"] for r in meas], "x--", color=c, alpha=0.7, label=f"{sched} replay (measured actions)")
+    ax = axes[0]  # formula and simulation, every simulated pipeline depth
+    for pp in sorted({r["pp"] for r in rows}):
+        sel = sorted((r for r in rows if r["pp"] == pp and r["schedule"] == "gpipe"), key=lambda r: r["m"])
+        line, = ax.plot([r["m"] for r in sel], [r["formula"] for r in sel], "-", lw=1, label=f"p={pp}: (p-1)/(m+p-1)")
+        for sched, marker in (("gpipe", "s"), ("1f1b", "o")):
+            s = sorted((r for r in rows if r["pp"] == pp and r["schedule"] == sched), key=lambda r: r["m"])
+            ax.plot([r["m"] for r in s], [r["simulated"] for r in s], marker, mfc="none", ms=8 if marker == "s" else 5,
+                    color=line.get_color(), label=f"p={pp} {sched} simulated")
+    ax.set_title("simulated (moepipe.sim, uniform stages, free communication) vs formula", fontsize=9)
+    ax = axes[1]  # real runs
+    pp = res["measured_pp"]
+    sel = [r for r in rows if r["pp"] == pp and r.get("measured") is not None]
+    ms = sorted({r["m"] for r in sel})
+    ax.plot(ms, [next(r["formula"] for r in sel if r["m"] == m) for m in ms], "k-", lw=1, label="(p-1)/(m+p-1)")
+    for sched in ("gpipe", "1f1b"):
+        s = sorted((r for r in sel if r["schedule"] == sched), key=lambda r: r["m"])
+        c = SCHEDULE_COLORS[sched]
+        if s:
+            ax.plot([r["m"] for r in s], [r["measured"] for r in s], "o-", color=c, label=f"{sched} measured")
+            ax.plot([r["m"] for r in s], [r["replay"] for r in s], "x--", color=c, alpha=0.7, label=f"{sched} replay (measured actions)")
+    ax.set_title(f"real CPU runs: tiny model, pp={pp}, 1 thread per rank (shared, noisy cores)", fontsize=9)
+    for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("microbatches m")
         ax.set_ylabel("bubble fraction")
-        ax.set_title(f"pp={pp}" + (" (real CPU runs, tiny model)" if pp == res["measured_pp"] else " (simulated, uniform stages)"), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     _stamp(fig, res)
@@ -131,10 +140,11 @@ def draw_memory(res: dict, figures_dir: str) -> list[str]:
                 ax.text(xi, s[st]["measured_inflight"] + 0.1, f"{s[st]['peak_saved_mib']:.1f} MiB", ha="center", fontsize=6, rotation=90, va="bottom")
         ax.set_xticks(range(len(stages)))
         ax.set_xticklabels([f"stage {s}" for s in stages])
+        ax.set_ylim(0, m * 1.3)  # room for the MiB labels
         ax.set_ylabel("peak saved activations (microbatches)")
         ax.set_title(f"pp={pp}, m={m}: bars measured, black ticks m (GPipe) / p-s (1F1B)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
     _stamp(fig, res)
     return [_save(fig, figures_dir, "fig_memory")]
 
@@ -186,32 +196,28 @@ def draw_interleaved(res: dict, figures_dir: str) -> list[str]:
 
 
 def draw_zero_bubble(res: dict, figures_dir: str) -> list[str]:
-    sim = res["rows"]
-    meas = res.get("measured", [])
+    sim, meas = res["rows"], {r["schedule"]: r for r in res.get("measured", [])}
+    names = list(dict.fromkeys(r["schedule"] for r in sim))
+    pps = sorted({r["pp"] for r in sim}, reverse=True)
+    series = [(f"simulated p={p}", {r["schedule"]: r for r in sim if r["pp"] == p}, None) for p in pps]
+    series.append((f"measured p={res.get('measured_pp')} (CPU)", meas, "//"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    names = [r["schedule"] for r in sim]
     x = np.arange(len(names))
-    ax = axes[0]
-    ax.bar(x - 0.2, [r["bubble_simulated"] for r in sim], 0.4, color=[SCHEDULE_COLORS[n] for n in names], label="simulated")
-    by = {r["schedule"]: r for r in meas}
-    ax.bar(x + 0.2, [by[n]["bubble_measured"] if n in by else 0 for n in names], 0.4, color="none",
-           edgecolor=[SCHEDULE_COLORS[n] for n in names], hatch="//", label=f"measured (pp={res.get('measured_pp')}, CPU)")
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=20, fontsize=7)
-    ax.set_ylabel("bubble fraction")
-    ax.set_title(f"bubble: simulated p={sim[0]['pp']} m={sim[0]['m']} (F=I=W per chunk)", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, axis="y")
-    ax = axes[1]
-    ax.bar(x - 0.2, [r["memory_units_max_rank"] for r in sim], 0.4, color=[SCHEDULE_COLORS[n] for n in names], label="simulated (microbatch units)")
-    ax.bar(x + 0.2, [by[n]["peak_saved_rel_1f1b"] * by.get("1f1b", {}).get("units_ref", 1) if n in by else 0 for n in names], 0.4,
-           color="none", edgecolor=[SCHEDULE_COLORS[n] for n in names], hatch="//", label="measured (x 1F1B's simulated units)")
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=20, fontsize=7)
-    ax.set_ylabel("peak activations of the fullest rank")
-    ax.set_title("memory: microbatches x one rank's share of the model", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, axis="y")
+    w = 0.8 / len(series)
+    for ax, keys, title in ((axes[0], ("bubble_simulated", "bubble_measured"), "bubble fraction"),
+                            (axes[1], ("memory_rel_1f1b", "peak_saved_rel_1f1b"), "peak activations of the fullest rank / 1F1B's")):
+        for j, (label, by, hatch) in enumerate(series):
+            vals = [next((by[n][k] for k in keys if n in by and by[n].get(k) is not None), 0.0) for n in names]
+            ax.bar(x + (j - (len(series) - 1) / 2) * w, vals, w, color=[SCHEDULE_COLORS[n] for n in names], alpha=1.0 - 0.3 * j,
+                   hatch=hatch, edgecolor="black" if hatch else None, linewidth=0.5, label=label)
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=15, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("bubble fraction")
+    axes[1].set_ylabel("relative to 1F1B")
+    fig.suptitle(f"zero-bubble vs 1F1B: simulated with 2 blocks per rank, F=I=W, m={sim[0]['m']}; measured tiny model on CPU", fontsize=9)
     _stamp(fig, res)
     return [_save(fig, figures_dir, "fig_zero_bubble")]
 

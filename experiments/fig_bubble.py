@@ -11,7 +11,7 @@ Narayanan et al. 2019), against (p-1)/(m+p-1).
   action and free transfers: the part of the measured bubble that stage imbalance explains
   (the rest is the runtime's per-action cost, transfers and noise).
 Also writes Gantt charts (figures/fig_gantt.png): the simulated uniform schedules and the
-measured timelines of the last timed step.
+measured timeline of the median-bubble timed step.
 
     .venv/bin/python experiments/fig_bubble.py            # small: pp=2 real runs, ~1-2 min on 2 cores
     # GPU cluster (one process per GPU; NCCL is chosen by moepipe's launcher only in moepipe-train,
@@ -85,7 +85,7 @@ def main() -> None:
     for s in args.schedules:
         x = measured.get(f"{s}_m{m_g}")
         if x:
-            gantt[f"{s} measured (tiny, pp={args.pp}, m={m_g}, CPU): bubble {x['bubble_per_step'][-1]:.1%}"] = {"pp": args.pp, "rows": x["timeline_last_step"]}
+            gantt[f"{s} measured (tiny, pp={args.pp}, m={m_g}, CPU): bubble {x['typical_step_bubble']:.1%}"] = {"pp": args.pp, "rows": x["timeline_typical_step"]}
 
     payload = {
         "figure": "bubble fraction vs microbatches (GPipe, 1F1B)",

@@ -128,9 +128,9 @@ def uniform_profile(n_layers: int, seconds: float = 1e-3) -> dict:
     }
 
 
-def simulate_uniform(schedule: str, pp: int, m: int, v: int = 1):
-    """moepipe.sim.simulate on uniform stages (one block per stage, F = I = W = 1 ms) with free
-    communication: the setting in which the papers' formulas hold."""
+def simulate_uniform(schedule: str, pp: int, m: int, v: int = 1, n_layers: int | None = None):
+    """moepipe.sim.simulate on uniform stages (n_layers/(pp*v) blocks per stage, default one;
+    F = I = W = 1 ms per block) with free communication: the setting of the papers' formulas."""
     from moepipe.config import ModelConfig, MoEConfig, TrainConfig, moe_layer_ids
     from moepipe.placement.cost_model import CostModel
     from moepipe.placement.model_spec import build_model_spec
@@ -139,7 +139,7 @@ def simulate_uniform(schedule: str, pp: int, m: int, v: int = 1):
     from moepipe.sim import simulate
     from moepipe.sim.schedules import plan_style
 
-    n_layers = pp * v
+    n_layers = n_layers or pp * v
     model = ModelConfig(vocab_size=256, d_model=64, n_layers=n_layers, n_heads=4, ffn_hidden=128, max_seq_len=64)
     moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=64)
     train = TrainConfig(batch_size=16 * m, seq_len=64)
@@ -407,7 +407,9 @@ def summarise(name: str, ranks: list[dict], m: int) -> dict:
         for x in per_rank:
             for kind, s, _mb, a, e in x["events"]:
                 durations[f"{s}{kind}"].append(e - a)
-    last = [r["timing"][name][-1] for r in ranks]
+    # Timeline of the median-bubble step (a typical one; single steps can catch a preemption).
+    typical = sorted(range(n_steps), key=lambda i: bubbles[i])[n_steps // 2]
+    last = [r["timing"][name][typical] for r in ranks]
     t0 = min(x["span"][0] for x in last)
     timeline = [[r["rank"], kind, s, mb, a - t0, e - t0] for r, x in zip(ranks, last) for kind, s, mb, a, e in x["events"]]
     out = {
@@ -416,7 +418,8 @@ def summarise(name: str, ranks: list[dict], m: int) -> dict:
         "makespan_s": statistics.median(makespans),
         "busy_s_per_rank": [statistics.median(b[r] for b in busy) for r in range(pp)],
         "action_median_s": {k: statistics.median(v) for k, v in sorted(durations.items())},
-        "timeline_last_step": timeline,
+        "timeline_typical_step": timeline,
+        "typical_step_bubble": bubbles[typical],
         "stages_per_rank": [r["stages"][name] for r in ranks],
     }
     if ranks[0]["memory"]:
@@ -447,3 +450,39 @@ def replay_bubble(schedule: str, pp: int, v: int, m: int, action_s: dict[str, fl
         comp[s] = (f, b, w)
     res = simulate_order(order, s2r, m, comp)
     return float(1.0 - res.busy.sum() / (pp * res.makespan))
+
+
+# ---------------------------------------------------------------------------- short training runs
+
+
+def train_runs(variants: dict[str, list[str]], out_root: str, threads: int = 1) -> dict[str, str]:
+    """Train each variant (config overrides) in this process, one after another, each into its own
+    run dir under out_root (metrics.jsonl, expert_load.jsonl, summary.json); return the dirs."""
+    import torch
+
+    from moepipe.config import compose_config
+    from moepipe.train.loop import train
+
+    torch.set_num_threads(threads)
+    dirs = {}
+    for name, ov in variants.items():
+        run_dir = os.path.join(out_root, name)
+        if os.path.isdir(run_dir):  # a rerun starts clean: the logger appends to metrics.jsonl
+            for f in ("metrics.jsonl", "expert_load.jsonl", "summary.json"):
+                if os.path.exists(os.path.join(run_dir, f)):
+                    os.remove(os.path.join(run_dir, f))
+        t0 = time.perf_counter()
+        train(compose_config(ov), run_dir)
+        print(f"  {name}: {time.perf_counter() - t0:.0f} s -> {run_dir}", flush=True)
+        dirs[name] = run_dir
+    return dirs
+
+
+def read_run(run_dir: str) -> dict:
+    """A run's logged rows (metrics.jsonl, step rows only), validation rows and summary.json."""
+    from analysis.loadstats import read_jsonl
+
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    return {"rows": [r for r in rows if r.get("loss") is not None], "val": [r for r in rows if r.get("val_loss") is not None], "summary": summary}

@@ -431,6 +431,13 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     _positive("workload.strength", w.strength, allow_zero=True)
     _positive("workload.period", w.period)
     _positive("workload.burst_every", w.burst_every)
+    devices = cfg.topology.nodes * cfg.topology.devices_per_node
+    needs_topology = (cfg.placer.interval > 0 and cfg.placer.name != "static") or w.emulate_speed
+    if needs_topology and world_size(cfg) > 1 and world_size(cfg) > devices:
+        raise ConfigError(
+            f"parallel.pp*ep*dp={world_size(cfg)} > topology devices={devices} (topology={cfg.topology.name}) but the placer "
+            "or workload.emulate_speed reads the topology: pick a topology with a device per worker (e.g. topology.devices_per_node)"
+        )
 
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)

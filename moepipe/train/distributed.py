@@ -93,7 +93,7 @@ class DistributedTrainer:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the data's vocabulary ({self.corpus.vocab_size}): raise model.vocab_size")
         self.slices = mesh.ep * mesh.dp
         self.moe_ids = moe_layer_ids(cfg.model, cfg.moe)
-        self.topology = topology_from_config(cfg.topology, mesh.world_size)
+        self._topology = None
         self.speed = self.topology.devices[mesh.rank].speed if cfg.workload.emulate_speed else 1.0
         self.val_set = val_batches(self.corpus, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
         with torch.device("meta"):
@@ -102,7 +102,16 @@ class DistributedTrainer:
         self.layout = state_layout(full)  # name -> shape of every state entry (migration)
         self.load_ema: dict[int, np.ndarray] = {}  # placer statistics: tokens per expert per step
         self.time_ema: np.ndarray | None = None  # measured seconds per block per step (see _update_times)
+        self.step_time_ema: float | None = None  # measured seconds per training step
+        self.rebuild_s = 0.0  # measured migration time beyond the placer's transfer estimate
         self._build(check_plan_for_job(validate_plan(plan or default_plan(cfg), cfg.model.n_layers, self.moe_ids, cfg.moe.num_experts), cfg))
+
+    @property
+    def topology(self):
+        """The job's topology (built when first needed: static runs never read it)."""
+        if self._topology is None:
+            self._topology = topology_from_config(self.cfg.topology, self.mesh.world_size)
+        return self._topology
 
     def _build(self, plan: Plan) -> None:
         """Stages, dispatch, gradient bookkeeping, optimizer and schedule for `plan`."""
@@ -178,7 +187,11 @@ class DistributedTrainer:
                 moe.update_expert_bias(stats[layer_id].demand)  # global demand: replicas stay identical
         self._update_load(stats)
         self._update_times()
-        return StepResult.from_stats(loss, float(norm), lr, start, inputs.numel(), stats)
+        result = StepResult.from_stats(loss, float(norm), lr, start, inputs.numel(), stats)
+        if step > 0:  # the first step pays one-off allocations
+            prev = self.step_time_ema
+            self.step_time_ema = result.seconds if prev is None else 0.8 * prev + 0.2 * result.seconds
+        return result
 
     def _global_routing_stats(self) -> dict[int, RoutingStats]:
         """Sum every rank's counters into whole-job per-layer statistics (on all ranks)."""
@@ -251,7 +264,7 @@ class DistributedTrainer:
 
     def _update_load(self, stats: dict[int, RoutingStats]) -> None:
         """Moving average of tokens per expert per step (identical on all ranks: reduced stats)."""
-        decay = getattr(self.cfg.placer, "ema_decay", 0.8)
+        decay = self.cfg.placer.ema_decay
         for layer_id, s in stats.items():
             demand = s.demand.double().numpy()
             prev = self.load_ema.get(layer_id)
@@ -268,7 +281,7 @@ class DistributedTrainer:
             return
         dist.all_reduce(fwd, op=dist.ReduceOp.MAX)
         now = fwd.cpu().double().numpy()
-        decay = getattr(self.cfg.placer, "ema_decay", 0.8)
+        decay = self.cfg.placer.ema_decay
         self.time_ema = now if self.time_ema is None else decay * self.time_ema + (1 - decay) * now
 
     def after_step(self, done: int) -> list[dict]:
@@ -281,6 +294,7 @@ class DistributedTrainer:
         event = {"step": done, "event": "replan", **{k: v for k, v in decision.items() if k != "plan"}}
         if decision["migrate"]:
             event.update(self.migrate(decision["plan"]))
+            self.rebuild_s = max(0.0, event["migration_s"] - (decision["predicted_migration_s"] - self.rebuild_s))
         rss = torch.tensor(resident_bytes(), dtype=torch.float64, device=self.device)
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         event["max_rank_rss_mb"] = float(rss) / 2**20  # leak watch over long runs (soak)
@@ -296,24 +310,39 @@ class DistributedTrainer:
         if self.mesh.rank == 0:
             times = self.time_ema if self.time_ema is not None and (self.time_ema > 0).all() else None
             inputs = inputs_from_config(self.cfg, self.topology, expert_load=dict(self.load_ema) or None, layer_times=times)
-            d = decide(pc.name, inputs, self.plan, pc.replica_slots, horizon, getattr(pc, "min_gain_frac", 0.02))
-            box[0] = {
-                "placer": pc.name,
-                "migrate": bool(d.migrate and d.plan != self.plan),
-                "predicted_old_s": d.predicted_old_s,
-                "predicted_new_s": d.predicted_new_s,
-                "predicted_gain_s": d.predicted_gain_s,
-                "predicted_migration_s": d.migration_cost_s,
-                "solve_s": d.solve_time_s,
-                "reason": d.reason,
-                "plan": to_json(d.plan),
-            }
+            d = decide(pc.name, inputs, self.plan, pc.replica_slots, horizon, pc.min_gain_frac)
+            box[0] = self._judge(d, horizon)
         dist.broadcast_object_list(box, src=0)
         decision = box[0]
         from moepipe.placement.plan import from_json
 
         decision["plan"] = from_json(decision["plan"])
         return decision
+
+    def _judge(self, d, horizon: int) -> dict:
+        """Re-check the placer's decision in measured units. The cost model's absolute times
+        can be far off on a given machine (CPU workers especially), so the predicted saving
+        is rescaled by measured / predicted step time, and the migration cost gains the
+        rebuild time measured at the previous migration (stages, optimizer, schedule)."""
+        scale = self.step_time_ema / d.predicted_old_s if self.step_time_ema and d.predicted_old_s > 0 else 1.0
+        gain = d.predicted_gain_s * scale
+        cost = d.migration_cost_s + self.rebuild_s
+        migrate, reason = bool(d.migrate and d.plan != self.plan), d.reason
+        if migrate and gain <= cost:
+            migrate, reason = False, f"measured-scale gain {gain:.3g} s over {horizon} steps <= migration {cost:.3g} s (incl. rebuild)"
+        return {
+            "placer": self.cfg.placer.name,
+            "migrate": migrate,
+            "predicted_old_s": d.predicted_old_s,
+            "predicted_new_s": d.predicted_new_s,
+            "predicted_gain_s": d.predicted_gain_s,
+            "time_scale": scale,
+            "expected_gain_s": gain,
+            "predicted_migration_s": cost,
+            "solve_s": d.solve_time_s,
+            "reason": reason,
+            "plan": to_json(d.plan if migrate else self.plan),
+        }
 
     def _entries(self) -> Entries:
         """This rank's state by global name: [value] for buffers, [value, exp_avg, exp_avg_sq,
