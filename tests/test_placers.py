@@ -10,7 +10,7 @@ from moepipe.placement.placers import (
     Evaluator, PlacementInputs, decide, make_placement, migration_bytes, migration_time_s, predict_iteration_time,
 )
 from moepipe.placement.placers.inputs import routing_of
-from moepipe.placement.placers.packing import eplb_layer, pack, pieces_of, replicate_counts
+from moepipe.placement.placers.packing import bins_of, eplb_layer, pack, pieces_array, pieces_of, refine, refine_batch, replicate_counts
 from moepipe.placement.placers.partition import minmax_partition
 from moepipe.placement.topology import from_config
 from moepipe.placement.workloads import routing_counts
@@ -116,6 +116,41 @@ def test_pack_is_speed_weighted():
     assert [len(b) for b in bins] == [2, 4]
 
 
+def _max_finish(bins, w, rate, base):
+    held = np.zeros((len(bins), len(w)), dtype=bool)
+    for b, xs in enumerate(bins):
+        held[b, xs] = True
+    return ((base + held @ (w / held.sum(0).clip(min=1))) / rate).max()
+
+
+def test_refine_lowers_the_slowest_bin_and_keeps_every_copy():
+    w = np.array([9.0, 1, 1, 1, 1, 1])
+    bins = [[0, 1, 2], [3, 4, 5]]  # 11 vs 3: moving a light piece of bin 0 over helps
+    out = refine(bins, w, 4, np.ones(2), np.zeros(2))
+    assert _max_finish(out, w, np.ones(2), np.zeros(2)) < 11
+    assert sorted(e for b in out for e in b) == list(range(6)) and all(len(b) <= 4 for b in out)
+
+
+def test_refine_batch_equals_refining_each_problem_alone():
+    rng = np.random.default_rng(3)
+    n, K, probs, ws, rates, bases = 5, 4, [], [], [], []
+    for t in range(12):
+        E = int(rng.integers(n, n * K - 2))
+        w = rng.lognormal(0, 1.5, E) if t % 3 else np.ones(E)
+        w = np.concatenate([w, np.zeros(n * K - E)])  # pad to one expert count; zero-load experts hold no piece
+        rate = rng.choice([1.0, 2.0], n) if t % 2 else np.ones(n)
+        base = np.full(n, float(rng.random() * w.sum() / n))
+        ids, loads = pieces_of(range(E), w, replicate_counts(w[:E], n * K - E - int(rng.integers(0, 3)), n))
+        probs.append(pack(ids, loads, n, K, rate, base))
+        ws.append(w), rates.append(rate), bases.append(base)
+    pb, pe, valid = pieces_array(probs)
+    out = refine_batch(pb, pe, valid, np.array(ws), K, np.array(rates), np.array(bases), 6)
+    for i, bins in enumerate(probs):
+        alone = refine(bins, ws[i], K, rates[i], bases[i], 6)
+        assert bins_of(out[i], pe[i], valid[i], n) == alone
+        assert _max_finish(alone, ws[i], rates[i], bases[i]) <= _max_finish(bins, ws[i], rates[i], bases[i]) * (1 + 1e-12)
+
+
 # ------------------------------------------------------------------ topo
 
 
@@ -194,6 +229,30 @@ def test_evaluator_matches_the_simulator(schedule, v, ckpt):
     ev = Evaluator(inp).evaluate(plan)
     assert np.isclose(ev.iteration_time_s, sim.iteration_time_s, rtol=1e-12)
     assert np.allclose(ev.act_bytes, sim.peak_activation_bytes, rtol=1e-12)
+
+
+def test_evaluator_shares_all_to_all_times_only_between_identical_groups():
+    # two nodes of 3, EP groups of 2: ranks (0, 1) and (4, 5) are inside a node, (2, 3) spans both
+    inp = inputs(pp=1, ep=2, dp=3, topo=topology(2, 3), n_layers=4)
+    inp.expert_load = skew(inp)
+    ev = Evaluator(inp)
+    assert len(ev.class_group) == 2 and ev.group_class[0].tolist() == [0, 1, 0]
+    routed = ev.routed(make_placement("eplb", inp, replica_slots=1))
+    _, a2a = ev.layer_times(routed)
+    for d in range(3):  # the shared value is exactly the direct computation for every group
+        want = 2 * inp.topology.dispatch_time(routed * ev.bpt, ev.grid[0, d])
+        assert np.array_equal(a2a[inp.spec.moe_layers, 0, d], want)
+
+
+def test_evaluate_is_memoised_per_layout_and_equals_a_fresh_evaluation():
+    inp = inputs(pp=2, ep=4, n_layers=6, experts=8, m=8, topo=topology(1, 8))
+    inp.expert_load = skew(inp)
+    plan = make_placement("topo", inp, replica_slots=1)
+    ev = Evaluator(inp)
+    a = ev.evaluate(plan)
+    assert ev.evaluate(plan) is a
+    moved = Plan([(0, 2), (2, 6)], plan.stage_to_pp_rank, plan.expert_map, plan.pp, plan.ep, plan.dp)
+    assert ev.evaluate(moved).iteration_time_s == Evaluator(inp).evaluate(moved).iteration_time_s
 
 
 # ------------------------------------------------------------------ migration and decision

@@ -55,6 +55,26 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def sweep_identity(experiment: str, run_dir: str) -> tuple[str | None, str]:
+    """(W&B group, run name). A Hydra multirun job's dir is <sweep dir>/<job num> with
+    multirun.yaml in the sweep dir: its jobs share a group named after the sweep, and each
+    run is named by its job number and overrides. Works in spawned workers too, where
+    Hydra's runtime config is not available."""
+    run_dir = os.path.abspath(run_dir.rstrip("/"))
+    sweep = os.path.dirname(run_dir)
+    job = os.path.basename(run_dir)
+    if not os.path.isfile(os.path.join(sweep, "multirun.yaml")):
+        return None, f"{experiment}-{job}"
+    overrides = []
+    path = os.path.join(run_dir, ".hydra", "overrides.yaml")
+    if os.path.isfile(path):
+        from omegaconf import OmegaConf
+
+        overrides = [str(o) for o in OmegaConf.load(path)]
+    suffix = " ".join(overrides)
+    return f"{experiment}-{os.path.basename(sweep)}", f"{experiment}-{job}" + (f" {suffix}"[:80] if suffix else "")
+
+
 class WandbSink:
     def __init__(self, cfg, run_dir: str, config_dict: dict):
         import wandb
@@ -62,12 +82,13 @@ class WandbSink:
         self.wandb = wandb
         w = cfg.logger.wandb
         os.makedirs(w.dir or run_dir, exist_ok=True)
+        group, name = sweep_identity(cfg.experiment_name, run_dir)
         self.run = wandb.init(
             project=w.project,
             entity=w.entity,
-            group=w.group,
+            group=w.group or group,
             tags=list(w.tags),
-            name=f"{cfg.experiment_name}-{os.path.basename(run_dir.rstrip('/'))}",
+            name=name,
             mode=w.mode,
             dir=w.dir or run_dir,
             config=config_dict,

@@ -87,7 +87,7 @@ def balance_by_time(ev: Evaluator, base: Optional[Plan] = None) -> Plan:
     """Layers: min-max partition of per-block times (measured `layer_times` through the
     calibrated cost model, else analytic with the expert load), each stage's time on its
     pipeline rank's slowest device. Experts: static (`base`'s map object when given)."""
-    base = static(ev.inputs) if base is None else base
+    base = ev.static_plan() if base is None else base
     routed, _ = ev._layers_of(base)
     cost, extra = layer_cost(ev, routed)
     return Plan(partition(ev, cost, extra, None, routed), base.stage_to_pp_rank, base.expert_map, base.pp, base.ep, base.dp,

@@ -67,9 +67,26 @@ class Evaluator:
         self.mem = np.array([d.memory_bytes for d in topo.devices], dtype=np.float64)[: pp * ep * dp]
         # dense (non-expert) seconds per layer on every member, [L, pp, 3, dp, ep]
         self.dense_t = cm.dense_work[:, None, :, None, None] * self.T_e / self.rates[None, :, None]
+        # EP groups whose links are identical (same bandwidths, latencies, node layout) have the
+        # same all-to-all time: dispatch_time runs once per class, not once per (pp, dp) group
+        classes: dict = {}
+        self.group_class = np.zeros((pp, dp), dtype=np.int64)
+        self.class_group: list[np.ndarray] = []  # one representative group per class
+        for p in range(pp):
+            for d in range(dp):
+                g = self.grid[p, d]
+                ix = np.ix_(g, g)
+                node = topo.node_of[g]
+                key = (topo.bandwidth[ix].tobytes(), topo.latency[ix].tobytes(), (node[:, None] == node[None, :]).tobytes())
+                if key not in classes:
+                    classes[key] = len(classes)
+                    self.class_group.append(g)
+                self.group_class[p, d] = classes[key]
         self._inflight: Optional[np.ndarray] = None
         self._memo: dict = {}
+        self._evals: dict = {}
         self._extras = None
+        self._static: Optional[Plan] = None
 
     # ------------------------------------------------------------------ per-layer times
     def routed(self, plan: Plan) -> np.ndarray:
@@ -107,9 +124,8 @@ class Evaluator:
         comp = t.max(-1)
         a2a = np.zeros((L, self.inputs.pp, self.inputs.dp))
         if self.moe and self.inputs.ep > 1:
-            for p in range(self.inputs.pp):
-                for d in range(self.inputs.dp):
-                    a2a[self.moe, p, d] = 2 * self.topo.dispatch_time(routed * self.bpt, self.grid[p, d])
+            per_class = np.stack([2 * np.atleast_1d(self.topo.dispatch_time(routed * self.bpt, g)) for g in self.class_group], -1)
+            a2a[self.moe] = per_class[:, self.group_class]  # [n_moe, pp, dp]
         return comp, a2a
 
     def extras(self) -> tuple[np.ndarray, np.ndarray]:
@@ -208,6 +224,19 @@ class Evaluator:
 
     # ------------------------------------------------------------------ whole plan
     def evaluate(self, plan: Plan) -> Evaluation:
+        """The plan's Evaluation, memoised on (stage_layers, expert map object): plans are treated
+        as immutable, and placers evaluate the same layout more than once (the static plan)."""
+        key = (tuple(map(tuple, plan.stage_layers)), id(plan.expert_map))
+        hit = self._evals.get(key)
+        if hit is not None and hit[0] is plan.expert_map and list(plan.stage_to_pp_rank) == self.s2r:
+            return hit[1]
+        res = self._evaluate(plan)
+        if len(self._evals) > 64:
+            self._evals.clear()
+        self._evals[key] = (plan.expert_map, res)
+        return res
+
+    def _evaluate(self, plan: Plan) -> Evaluation:
         if list(plan.stage_to_pp_rank) != self.s2r:
             raise ConfigError(f"plan.stage_to_pp_rank={list(plan.stage_to_pp_rank)} does not match schedule {self.inputs.schedule} ({self.s2r}): "
                               "build the plan with the schedule's style")
@@ -226,11 +255,17 @@ class Evaluator:
             self._inflight = inflight
         return Evaluation(float(res.makespan + self.grad_sync(plan)), self.param_bytes(plan), act, inflight)
 
-    def inflight_estimate(self) -> np.ndarray:
-        """Microbatches in flight per stage (depends on the schedule, barely on the plan)."""
-        if self._inflight is None:
+    def static_plan(self) -> Plan:
+        """The job's static plan, one object per evaluator (so its evaluation is shared)."""
+        if self._static is None:
             from moepipe.placement.plan import static_plan
 
             i = self.inputs
-            self.evaluate(static_plan(self.spec.n_layers, self.moe, self.spec.num_experts, i.pp, i.ep, i.virtual_stages, i.style, i.dp))
+            self._static = static_plan(self.spec.n_layers, self.moe, self.spec.num_experts, i.pp, i.ep, i.virtual_stages, i.style, i.dp)
+        return self._static
+
+    def inflight_estimate(self) -> np.ndarray:
+        """Microbatches in flight per stage (depends on the schedule, barely on the plan)."""
+        if self._inflight is None:
+            self.evaluate(self.static_plan())
         return self._inflight

@@ -11,6 +11,7 @@ With base = 0 and rate = 1 this is plain load balancing (EPLB).
 from __future__ import annotations
 
 import heapq
+from itertools import chain
 from typing import Optional, Sequence
 
 import numpy as np
@@ -104,62 +105,122 @@ def refine(
 ) -> list[list[int]]:
     """Local search on the slowest bin: apply the best single move of one of its pieces to a bin
     with a free slot, or swap with a lighter piece of another bin, while that lowers the slowest
-    finish time. `w` is the load of each expert (split over its copies). Vectorised over pairs."""
-    w = np.asarray(w, dtype=np.float64)
-    rate, base = np.asarray(rate, dtype=np.float64), np.asarray(base, dtype=np.float64)
-    n, E = len(bins), len(w)
-    if n < 2:
-        return [list(b) for b in bins]
-    held = np.zeros((n, E), dtype=bool)
-    for b, xs in enumerate(bins):
-        held[b, xs] = True
-    pw = w / held.sum(0).clip(min=1)
+    finish time. `w` is the load of each expert (split over its copies). One problem of `refine_batch`."""
+    pb, pe, valid = pieces_array([bins])
+    out = refine_batch(pb, pe, valid, np.asarray(w, dtype=np.float64)[None], slots, np.asarray(rate, dtype=np.float64)[None],
+                       np.asarray(base, dtype=np.float64)[None], max_rounds)
+    return bins_of(out[0], pe[0], valid[0], len(bins))
+
+
+def pieces_array(problems: Sequence[list[list[int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bin [B, P], expert [B, P], valid [B, P]) of every piece of B packings (bins -> experts),
+    padded to the longest; the form `refine_batch` works on."""
+    P = max(sum(map(len, bins)) for bins in problems)
+    pb = np.zeros((len(problems), P), dtype=np.int64)
+    pe = np.zeros((len(problems), P), dtype=np.int64)
+    valid = np.zeros((len(problems), P), dtype=bool)
+    for i, bins in enumerate(problems):
+        lens = [len(x) for x in bins]
+        k = sum(lens)
+        pb[i, :k] = np.repeat(np.arange(len(bins)), lens)
+        pe[i, :k] = list(chain.from_iterable(bins))
+        valid[i, :k] = True
+    return pb, pe, valid
+
+
+def bins_of(pb: np.ndarray, pe: np.ndarray, valid: np.ndarray, n_bins: int) -> list[list[int]]:
+    """One problem's pieces back to bins -> ascending experts."""
+    b, e = pb[valid], pe[valid]
+    o = np.lexsort((e, b))
+    b, e = b[o], e[o]
+    return [x.tolist() for x in np.split(e, np.cumsum(np.bincount(b, minlength=n_bins))[:-1])]
+
+
+def refine_batch(pb: np.ndarray, pe: np.ndarray, valid: np.ndarray, w: np.ndarray, slots: int, rate: np.ndarray, base: np.ndarray,
+                 max_rounds: int = 8) -> np.ndarray:
+    """`refine` for B independent packings at once (all on n bins), one numpy pass per round for
+    the whole batch: a Python loop per problem made this the placer's hot spot at 64 layers.
+
+    pb/pe/valid [B, P]: bin and expert of each piece (`pieces_array`); w [B, E]; rate/base [B, n].
+    Per problem and round: h = slowest bin; candidates are moving a piece x of h to a bin b with a
+    free slot that lacks x (h keeps >= 1 piece), or swapping x with a lighter piece y of bin b
+    (neither bin holding the other's expert); the candidate with the smallest resulting slowest
+    finish is applied if it beats h's finish. Ties: lowest x, then b (moves) or (b, y) (swaps);
+    moves before swaps. Stops at `max_rounds`, when nothing improves, or within 1e-4 of the even
+    split. Returns the new bins [B, P]."""
+    B, P = pb.shape
+    n, E = rate.shape[1], w.shape[1]
+    pb = pb.copy()
+    if n < 2 or B == 0:
+        return pb
+    rows = np.arange(B)
+    held = np.zeros((B, n, E), dtype=bool)
+    held[np.broadcast_to(rows[:, None], (B, P))[valid], pb[valid], pe[valid]] = True
+    pw = w / held.sum(1).clip(min=1)
+    ppw = np.where(valid, np.take_along_axis(pw, pe, 1), 0.0)  # each piece's load (copies count never changes)
+    bound = (base.sum(1) + w.sum(1)) / rate.sum(1)  # no packing finishes before the perfectly even split
+    active = np.ones(B, dtype=bool)
     ar = np.arange(n)
-    changed = False
-    bound = (base.sum() + w.sum()) / rate.sum()  # no packing finishes before the perfectly even split
+    K = int(slots)
+    Kx = max(K, int(np.bincount((rows[:, None] * n + pb)[valid], minlength=B * n).max()))  # pieces a bin can hold now
     for _ in range(max_rounds):
-        size = held.sum(1)
-        load = base + held @ pw
+        flat = (rows[:, None] * n + pb)[valid]
+        size = np.bincount(flat, minlength=B * n).reshape(B, n)
+        load = base + np.bincount(flat, weights=ppw[valid], minlength=B * n).reshape(B, n)
         fin = load / rate
-        order = np.argsort(-fin, kind="stable")
-        h = int(order[0])
-        if fin[h] <= bound * (1 + 1e-4):
+        order = np.argsort(-fin, axis=1, kind="stable")
+        h = order[:, 0]
+        fh = fin[rows, h]
+        active &= fh > bound * (1 + 1e-4)
+        if not active.any():
             break
-        third = fin[order[2]] if n > 2 else 0.0
-        rest = np.where(ar == order[1], third, fin[order[1]])  # slowest finish among bins other than h and b
-        xs = np.flatnonzero(held[h])
-        px = pw[xs]
-        best, act = fin[h] * (1 - 1e-9), None
-        if len(xs) > 1:
-            can = (size < slots)[None, :] & ~held[:, xs].T & (ar != h)[None, :]
-            m = np.maximum(np.maximum(((load[h] - px) / rate[h])[:, None], (load[None, :] + px[:, None]) / rate[None, :]), rest[None, :])
-            m = np.where(can, m, np.inf)
-            i, b = np.unravel_index(int(np.argmin(m)), m.shape)
-            if m[i, b] < best:
-                best, act = m[i, b], (int(xs[i]), int(b), -1)
-        bj, yj = np.nonzero(held)
-        keep = bj != h
-        bj, yj = bj[keep], yj[keep]
-        if len(yj):
-            py = pw[yj]
-            ok = ~held[h, yj][None, :] & ~held[bj[None, :], xs[:, None]] & (py[None, :] < px[:, None])
-            m = np.maximum(np.maximum((load[h] - px[:, None] + py[None, :]) / rate[h], (load[bj][None, :] - py[None, :] + px[:, None]) / rate[bj][None, :]),
-                           rest[bj][None, :])
-            m = np.where(ok, m, np.inf)
-            i, j = np.unravel_index(int(np.argmin(m)), m.shape)
-            if m[i, j] < best:
-                best, act = m[i, j], (int(xs[i]), int(bj[j]), int(yj[j]))
-        if act is None:
+        third = fin[rows, order[:, 2]] if n > 2 else np.zeros(B)
+        rest = np.where(ar[None, :] == order[:, 1:2], third[:, None], fin[rows, order[:, 1]][:, None])  # slowest other than h and b
+        inh = valid & (pb == h[:, None])
+        sel = np.argsort(np.where(inh, pe, E), axis=1, kind="stable")[:, :Kx]  # pieces of h, by expert
+        xv = np.take_along_axis(inh, sel, 1)
+        xs = np.take_along_axis(pe, sel, 1)
+        px = np.take_along_axis(ppw, sel, 1)
+        lh, rh = load[rows, h], rate[rows, h]
+        # moves: [B, K, n]
+        can = ((size < K)[:, None, :] & ~held[rows[:, None, None], ar[None, None, :], xs[:, :, None]] & (ar[None, None, :] != h[:, None, None])
+               & xv[:, :, None] & (size[rows, h] > 1)[:, None, None])
+        m = np.maximum(np.maximum(((lh[:, None] - px) / rh[:, None])[:, :, None], (load[:, None, :] + px[:, :, None]) / rate[:, None, :]), rest[:, None, :])
+        m = np.where(can, m, np.inf).reshape(B, -1)
+        j = np.argmin(m, 1)
+        mv = m[rows, j]
+        best = fh * (1 - 1e-9)
+        use_move = mv < best
+        best = np.where(use_move, mv, best)
+        # swaps with pieces of other bins in (bin, expert) order: [B, K, P]
+        po = np.argsort(np.where(valid, pb * E + pe, n * E), axis=1, kind="stable")
+        yb, ye, py = (np.take_along_axis(a, po, 1) for a in (pb, pe, ppw))
+        yv = np.take_along_axis(valid, po, 1) & (yb != h[:, None]) & ~held[rows[:, None], h[:, None], ye]
+        ok = yv[:, None, :] & xv[:, :, None] & ~held[rows[:, None, None], yb[:, None, :], xs[:, :, None]] & (py[:, None, :] < px[:, :, None])
+        ly, ry = np.take_along_axis(load, yb, 1), np.take_along_axis(rate, yb, 1)
+        m2 = np.maximum(np.maximum((lh[:, None, None] - px[:, :, None] + py[:, None, :]) / rh[:, None, None],
+                                   (ly[:, None, :] - py[:, None, :] + px[:, :, None]) / ry[:, None, :]), np.take_along_axis(rest, yb, 1)[:, None, :])
+        m2 = np.where(ok, m2, np.inf).reshape(B, -1)
+        j2 = np.argmin(m2, 1)
+        use_swap = m2[rows, j2] < best
+        use_move &= ~use_swap & active
+        use_swap &= active
+        if not (use_move.any() or use_swap.any()):
             break
-        x, b, y = act
-        held[h, x], held[b, x] = False, True
-        if y >= 0:
-            held[b, y], held[h, y] = False, True
-        changed = True
-    if not changed:
-        return [list(b) for b in bins]
-    rows, cols = np.nonzero(held)  # row-major: grouped by bin, experts ascending
-    return [c.tolist() for c in np.split(cols, np.cumsum(np.bincount(rows, minlength=n))[:-1])]
+        r = np.flatnonzero(use_move)  # move piece sel[i] of h to bin b
+        i, b = np.divmod(j[r], n)
+        x = xs[r, i]
+        held[r, h[r], x], held[r, b, x] = False, True
+        pb[r, sel[r, i]] = b
+        r = np.flatnonzero(use_swap)  # swap piece sel[i] of h with piece po[k] of bin yb
+        i, k = np.divmod(j2[r], P)
+        x, y, b = xs[r, i], ye[r, k], yb[r, k]
+        held[r, h[r], x], held[r, b, x] = False, True
+        held[r, b, y], held[r, h[r], y] = False, True
+        pb[r, sel[r, i]] = b
+        pb[r, po[r, k]] = h[r]
+        active &= use_move | use_swap
+    return pb
 
 
 def to_expert_map(bins: list[list[int]], num_experts: int) -> list[list[int]]:

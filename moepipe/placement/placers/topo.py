@@ -8,7 +8,7 @@ minimise the simulated iteration time.
    replica counts are packed (none, just enough that no copy exceeds a rank's fair share, all
    slots), and, when the EP group spans nodes, a hierarchical variant packs experts onto nodes
    by node speed and keeps every replica inside its expert's node. Each is refined by moves and
-   swaps on the slowest member; the layer keeps the variant with the least compute + all-to-all
+   swaps on the slowest member (all layers' candidates in one batched pass); the layer keeps the variant with the least compute + all-to-all
    time (ties: fewer replicas, in-node first: cheaper to migrate and to route).
 2. Layers: exact min-max partition of per-(block, pipeline rank) times that include each MoE
    block's critical path (slowest EP member + dispatch/combine), within each rank's memory.
@@ -19,7 +19,6 @@ minimise the simulated iteration time.
 """
 from __future__ import annotations
 
-from itertools import chain
 from typing import Optional
 
 import numpy as np
@@ -27,7 +26,7 @@ import numpy as np
 from moepipe.placement.plan import Plan
 from moepipe.placement.placers import baselines
 from moepipe.placement.placers.evaluate import Evaluator
-from moepipe.placement.placers.packing import node_groups, pack, pieces_of, refine, replicate_counts, to_expert_map
+from moepipe.placement.placers.packing import node_groups, pack, pieces_array, pieces_of, refine_batch, replicate_counts
 
 EVAL_ACTION_BUDGET = 6000  # engine actions the boundary search may simulate (a few tenths of a second)
 LARGE_GROUP_SLOTS = 256  # EP group slots above which a layer tries fewer packing variants (solve time)
@@ -52,9 +51,7 @@ def _flat(w, X, dense, rate, K, R):
     E, ep = len(w), len(rate)
     counts = replicate_counts(w, R, ep)
     ids, loads = pieces_of(range(E), w, counts)
-    base = np.full(ep, dense)
-    bins = pack(ids, loads * X, ep, K, rate, base)
-    return refine(bins, w * X, K, rate, base, max_rounds=REFINE_ROUNDS)
+    return pack(ids, loads * X, ep, K, rate, np.full(ep, dense))
 
 
 def _hier(w, X, dense, rate, K, groups, in_node_R):
@@ -76,23 +73,21 @@ def _hier(w, X, dense, rate, K, groups, in_node_R):
         pids, ploads = pieces_of(experts, w, counts)
         for local, b in enumerate(pack(pids, ploads * X, len(g), K, rate[g], np.full(len(g), dense))):
             bins[g[local]] = b
-    # one refine over the whole group (cheaper than per node); it only moves a copy across
-    # nodes when that strictly shortens the slowest member
-    return refine(bins, w * X, K, rate, np.full(len(rate), dense), max_rounds=REFINE_ROUNDS)
+    # the refinement runs over the whole group (cheaper than per node); it only moves a copy
+    # across nodes when that strictly shortens the slowest member
+    return bins
 
 
-def layer_placement(ev: Evaluator, li: int, rate: np.ndarray, nodes: tuple, group: np.ndarray, K: int) -> list[list[int]]:
-    """Expert -> EP ranks for MoE layer row `li` on an EP group of member FLOP/s `rate`."""
-    l = ev.moe[li]
-    w = ev.loads[li]
+def _candidates(ev: Evaluator, li: int, rate: np.ndarray, groups: list, K: int) -> list[list[list[int]]]:
+    """Unrefined packings (EP rank -> experts) of MoE layer row `li`, in order of preference on
+    ties: fewer replicas, then in-node replicas."""
+    l, w = ev.moe[li], ev.loads[li]
     E, ep = len(w), len(rate)
-    cm = ev.cm
-    X = float(cm.expert_work[l].sum())
-    dense = float(cm.dense_work[l].sum()) * ev.T_e
+    X = float(ev.cm.expert_work[l].sum())
+    dense = float(ev.cm.dense_work[l].sum()) * ev.T_e
     Rmax = max(0, ep * K - E)
     Rfit = _replicas_to_fit(w, w.sum() / ep, Rmax, ep)
-    groups = node_groups(nodes)
-    cands = []  # in order of preference on ties: fewer replicas, then in-node replicas
+    cands = []
     large = ep * K > LARGE_GROUP_SLOTS  # solve-time budget: fewer variants on large groups
     multi = len(groups) > 1
     if multi:
@@ -103,17 +98,48 @@ def layer_placement(ev: Evaluator, li: int, rate: np.ndarray, nodes: tuple, grou
             cands.append(_hier(w, X, dense, rate, K, groups, "all"))
     if Rmax != Rfit or large:
         cands.append(_flat(w, X, dense, rate, K, Rmax))
-    cands = [c for c in cands if c is not None and all(c)]
-    routed = np.zeros((len(cands), ep))
-    for i, bins in enumerate(cands):
-        counts = np.bincount(np.fromiter(chain.from_iterable(bins), dtype=np.int64), minlength=E).clip(min=1)
-        pw = w / counts
-        routed[i] = [pw[b].sum() for b in bins]
-    comp = ((dense + X * routed) / rate[None, :]).max(1)
+    return [c for c in cands if c is not None and all(c)]
+
+
+def layer_placements(ev: Evaluator, rows: list[int], rate: np.ndarray, nodes: tuple, group: np.ndarray, K: int) -> dict[int, list[list[int]]]:
+    """Expert -> EP ranks for each MoE layer row in `rows` on an EP group of member FLOP/s `rate`:
+    every layer's candidate packings are refined together (`refine_batch`), then each layer keeps
+    the candidate with the least compute + all-to-all time (ties: the earlier candidate)."""
+    groups = node_groups(nodes)
+    ep = len(rate)
+    owner, problems = [], []
+    for li in rows:
+        for c in _candidates(ev, li, rate, groups, K):
+            owner.append(li)
+            problems.append(c)
+    if not problems:
+        return {}
+    owner_a = np.array(owner)
+    l_ids = np.array(ev.moe)[owner_a]
+    X = ev.cm.expert_work[l_ids].sum(1)
+    dense = ev.cm.dense_work[l_ids].sum(1) * ev.T_e
+    w = ev.loads[owner_a]  # [C, E]
+    C, E = w.shape
+    pb, pe, valid = pieces_array(problems)
+    base = np.repeat(dense[:, None], ep, 1)
+    pb = refine_batch(pb, pe, valid, w * X[:, None], K, np.broadcast_to(rate, (C, ep)), base, REFINE_ROUNDS)
+    # tokens each member receives: replicas split their expert's load evenly
+    crow = np.broadcast_to(np.arange(C)[:, None], pb.shape)[valid]
+    copies = np.bincount(crow * E + pe[valid], minlength=C * E).reshape(C, E).clip(min=1)
+    routed = np.bincount(crow * ep + pb[valid], weights=(w / copies)[crow, pe[valid]], minlength=C * ep).reshape(C, ep)
+    comp = ((dense[:, None] + X[:, None] * routed) / rate[None, :]).max(1)
     if ep > 1:
         comp = comp + 4 * np.atleast_1d(ev.topo.dispatch_time(routed * ev.bpt, group))  # F and B: dispatch + combine
-    best = comp.min()
-    return to_expert_map(cands[int(np.flatnonzero(comp <= best * (1 + 1e-6))[0])], E)
+    out = {}
+    for li in rows:
+        mine = np.flatnonzero(owner_a == li)
+        if not len(mine):
+            continue
+        c = int(mine[np.flatnonzero(comp[mine] <= comp[mine].min() * (1 + 1e-6))[0]])
+        e, r = pe[c][valid[c]], pb[c][valid[c]]
+        o = np.lexsort((r, e))
+        out[li] = [x.tolist() for x in np.split(r[o], np.cumsum(np.bincount(e, minlength=E))[:-1])]
+    return out
 
 
 def _profiles(ev: Evaluator) -> tuple[list[int], dict]:
@@ -150,13 +176,11 @@ def topo(ev: Evaluator, replica_slots: int, current: Optional[Plan] = None) -> t
     for k in range(len(keys)):
         p = kinds.index(k)
         rate, nodes = ev.rates[p].min(0), baselines.member_nodes(ev, p)
-        cache: dict = {}
-        maps = {}
-        for li, l in enumerate(ev.moe):
-            key = ev.loads[li].tobytes() + ev.cm.expert_work[l].tobytes() + ev.cm.dense_work[l].tobytes()
-            if key not in cache:
-                cache[key] = layer_placement(ev, li, rate, nodes, ev.grid[p, 0], K)
-            maps[l] = [list(r) for r in cache[key]]
+        first: dict = {}  # layers with the same load and work share one solve
+        of_row = [first.setdefault(ev.loads[li].tobytes() + ev.cm.expert_work[l].tobytes() + ev.cm.dense_work[l].tobytes(), li)
+                  for li, l in enumerate(ev.moe)]
+        solved = layer_placements(ev, sorted(set(of_row)), rate, nodes, ev.grid[p, 0], K)
+        maps = {l: [list(r) for r in solved[of_row[li]]] for li, l in enumerate(ev.moe)}
         maps_by_kind.append(maps)
         base = baselines.static(i)
         routed_by_kind.append(ev.routed(Plan(base.stage_layers, base.stage_to_pp_rank, maps, i.pp, i.ep, i.dp)))
@@ -174,7 +198,7 @@ def topo(ev: Evaluator, replica_slots: int, current: Optional[Plan] = None) -> t
     routed_max = np.max(routed_by_kind, axis=0) if routed_by_kind else np.zeros((0, i.ep))
     stage_layers = baselines.partition(ev, cost, extra, held, routed_max)
     s2r = ev.s2r
-    base = baselines.static(i)
+    base = ev.static_plan()
 
     def make(layers, tag):
         return Plan(list(layers), list(s2r), _with_layers(layers, s2r, kinds, maps_by_kind, ev.moe), i.pp, i.ep, i.dp,
