@@ -29,8 +29,7 @@ test: $(STAMP)
 # Paper reproductions (issue 7): each script runs its small CPU variant, writes results/fig_*.json
 # and .csv and draws figures/fig_*.png; the last line redraws every figure from results/ alone
 # (also figures/fig_sim_vs_measured.png from results/bench_sim.json). About 10 minutes on 2 cores.
-FIGURE_SCRIPTS := fig_bubble fig_memory fig_interleaved fig_zero_bubble fig_capacity fig_balance
-# item 7, dynamic placement under skew and layer rebalancing: add fig_placement here (lead).
+FIGURE_SCRIPTS := fig_bubble fig_memory fig_interleaved fig_zero_bubble fig_capacity fig_balance fig_placement
 
 figures: $(STAMP)
 	$(foreach s,$(FIGURE_SCRIPTS),$(PY) experiments/$(s).py &&) true

@@ -330,6 +330,56 @@ def draw_sim_vs_measured(results_dir: str, figures_dir: str) -> list[str]:
     return [_save(fig, figures_dir, "fig_sim_vs_measured")]
 
 
+# ---------------------------------------------------------------------------- 7. dynamic placement
+
+
+PLACER_COLORS = {"static": "tab:gray", "eplb": "tab:orange", "topo": "tab:blue", "balance_by_time": "tab:green"}
+
+
+def draw_placement(res: dict, figures_dir: str) -> list[str]:
+    """Measured step throughput over the run with re-plan markers (skew, slow device), the
+    measured wall-time speedups, and the simulated speedups over cluster sizes."""
+    meas, sim = res.get("measured", []), res.get("simulated", [])
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    for ax, scen in zip(axes[:2], ("skew", "slow")):
+        for r in (x for x in meas if x["scenario"] == scen):
+            c = r["curve"]
+            color = PLACER_COLORS.get(r["placer"], "black")
+            ax.plot([p["step"] for p in c], [p["tokens_per_s"] for p in c], label=r["placer"], color=color)
+            for e in r["events"]:
+                if e["migrate"]:
+                    ax.axvline(e["step"], color=color, lw=0.8, ls=":")
+                    if e.get("stage_layers") and scen == "slow":
+                        split = "|".join(str(b - a) for a, b in e["stage_layers"])
+                        ax.annotate(f"blocks {split}", (e["step"], ax.get_ylim()[0]), fontsize=6, rotation=90, color=color)
+        ax.set_title(f"measured ({scen}): tokens/s per logged window; dotted = migration", fontsize=8)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    scens = sorted({r["scenario"] for r in meas})
+    width = 0.8 / max(1, len({r["placer"] for r in meas}))
+    for i, placer in enumerate(dict.fromkeys(r["placer"] for r in meas)):
+        vals = [next((r["speedup_vs_static"] for r in meas if r["scenario"] == s and r["placer"] == placer), 0) for s in scens]
+        axes[2].bar([j + i * width for j in range(len(scens))], vals, width, label=placer, color=PLACER_COLORS.get(placer))
+    axes[2].set_xticks([j + width for j in range(len(scens))], scens)
+    axes[2].axhline(1.0, color="k", lw=0.8)
+    axes[2].set_title("measured wall-time speedup over static (placer + migration included)", fontsize=8)
+    axes[2].legend(fontsize=7)
+    for hetero, ls in ((False, "-"), (True, "--")):
+        for placer in dict.fromkeys(r["placer"] for r in sim):
+            pts = sorted((r["devices"], r["speedup_vs_static"]) for r in sim if r["hetero"] == hetero and r["placer"] == placer)
+            if pts:
+                axes[3].plot(*zip(*pts), ls, marker="o", color=PLACER_COLORS.get(placer),
+                             label=f"{placer} ({'A100+H100' if hetero else 'H100'})")
+    axes[3].set_xscale("log", base=2)
+    axes[3].set_xlabel("GPUs")
+    axes[3].set_title("simulated speedup over static, log-normal expert skew", fontsize=8)
+    axes[3].grid(alpha=0.3)
+    axes[3].legend(fontsize=6)
+    _stamp(fig, res)
+    return [_save(fig, figures_dir, "fig_placement")]
+
+
 DRAWERS = {
     "fig_bubble": draw_bubble,
     "fig_memory": draw_memory,
@@ -337,7 +387,7 @@ DRAWERS = {
     "fig_zero_bubble": draw_zero_bubble,
     "fig_capacity": draw_capacity,
     "fig_balance": draw_balance,
-    # "fig_placement": item 7 (dynamic placement under skew, layer rebalancing): added by the lead.
+    "fig_placement": draw_placement,
 }
 
 

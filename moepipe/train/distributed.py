@@ -32,13 +32,15 @@ from moepipe.train.block_clock import BlockClock
 from moepipe.train.workload import SlowDevice, routing_skew
 
 
-def inject_fault(rank: int, step: int) -> None:
-    """Test hook: MOEPIPE_INJECT_FAULT="<rank>:<step>:raise|kill" fails that rank at that step."""
+def inject_fault(rank: int, step: int, where: str = "step") -> None:
+    """Test hook: MOEPIPE_INJECT_FAULT="<rank>:<step>:raise|kill[:migration]" fails that rank as
+    step index <step> starts, or (":migration") in the middle of the migration after <step>
+    steps: state sent and received, new stages not built yet."""
     spec = os.environ.get("MOEPIPE_INJECT_FAULT")
     if not spec:
         return
-    want_rank, want_step, kind = spec.split(":")
-    if int(want_rank) == rank and int(want_step) == step:
+    want_rank, want_step, kind, *at = spec.split(":")
+    if int(want_rank) == rank and int(want_step) == step and (at[0] if at else "step") == where:
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
@@ -94,6 +96,8 @@ class DistributedTrainer:
         self.slices = mesh.ep * mesh.dp
         self.moe_ids = moe_layer_ids(cfg.model, cfg.moe)
         self._topology = None
+        self._skew = None  # this step's injected routing skew (workload.kind)
+        self._done = 0  # steps completed when the current re-plan started
         self.speed = self.topology.devices[mesh.rank].speed if cfg.workload.emulate_speed else 1.0
         self.val_set = val_batches(self.corpus, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
         with torch.device("meta"):
@@ -161,7 +165,7 @@ class DistributedTrainer:
         cfg = self.cfg
         inject_fault(self.mesh.rank, step)
         start = time.perf_counter()
-        skew = routing_skew(cfg, step)
+        skew = self._skew = routing_skew(cfg, step)
         self.clock.take()  # drop evaluation forwards: only training steps count
         for module in self.modules.values():
             module.train()
@@ -290,6 +294,7 @@ class DistributedTrainer:
         pc, total = self.cfg.placer, self.cfg.train.steps
         if not pc.interval or done % pc.interval or done >= total:
             return []
+        self._done = done
         decision = self._decide(horizon=min(pc.interval, total - done))
         event = {"step": done, "event": "replan", **{k: v for k, v in decision.items() if k != "plan"}}
         if decision["migrate"]:
@@ -383,10 +388,13 @@ class DistributedTrainer:
         entries = self._entries()
         received, _ = exchange(self.mesh.rank, moves, entries, self.layout, self.device)
         entries.update(received)
+        inject_fault(self.mesh.rank, self._done, "migration")
         for hooks in self.slowdowns + [self.clock]:
             hooks.remove()
         self._build(new_plan)
         self._load_entries(entries)
+        for module in self.modules.values():  # evaluations before the next step see the same routing
+            module.set_routing_skew(self._skew)
         took = torch.tensor(time.perf_counter() - start, dtype=torch.float64, device=self.device)
         dist.all_reduce(took, op=dist.ReduceOp.MAX)
         return {"bytes_moved": transfer_bytes(moves, self.layout), "migration_s": float(took), "plan": to_json(new_plan)}
