@@ -8,14 +8,19 @@ model calibrated from `measure_profile` (moepipe/train/profile.py), links from `
 on the real gloo group applied to the `local_cpu` topology (whose device throughput is set to
 the profile's measured one, so calibrated times carry over unchanged), the routing counts the
 profile measured, plus the per-step work the simulator does not model (optimizer step,
-gradient bookkeeping, norm/clip, batch construction, output merge: `step_overhead` in the
-profile; and 3 small all_reduces timed on the group): prediction = iteration_time_s + that.
+gradient bookkeeping, norm/clip, batch construction: `step_overhead` in the profile; and 3
+small all_reduces timed on the group): prediction = iteration_time_s + that. The runtime's
+own cost per action (schedule bookkeeping, sends/receives) comes from a "null step": the same
+schedule on compute-free stand-in stages (`measure_schedule_overhead`), turned into a per-action
+cost by `moepipe.sim.calibrate.fit_action_overhead` and given to `simulate(action_overhead_s=)`.
+Links: the measured one-way time of the stage-boundary message (ping-pong of that tensor).
+Profiles combine their repeats by the mean (`--statistic`): a step sums many actions.
 
 Method (the 2 vCPUs are shared with other processes: their speed and our share of them drift
 by tens of percent within minutes, and the two vCPUs differ): all six trainers live in the same
 two processes, rank i pinned to core i (--no-pin to disable). R rounds; in each, for every
 schedule (order rotated per round): `measure_profile` on both ranks at once (two busy cores, as
-in the run), then K steps of that schedule. A round's prediction uses the element-wise median
+in the run), then the schedule's null step, then K steps of that schedule. A round's prediction uses the element-wise median
 of the two ranks' profiles for per-part costs and each rank's own profile total for its
 device's relative speed (topology `speed`). Reported: measured = median of the rounds'
 median steps, predicted = median of the rounds' predictions, relative_error =
@@ -140,7 +145,7 @@ def worker(rank: int, world: int, cfgs: dict, base_cfg, args, out_path: str) -> 
     from moepipe.parallel.mesh import build_mesh
     from moepipe.placement.topology import probe_links
     from moepipe.train.distributed import DistributedTrainer
-    from moepipe.train.profile import measure_profile
+    from moepipe.train.profile import measure_profile, measure_schedule_overhead
 
     if args.pin:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]})
@@ -152,6 +157,25 @@ def worker(rank: int, world: int, cfgs: dict, base_cfg, args, out_path: str) -> 
         timers[name].wrap_schedule(trainers[name].schedule)
 
     probe = probe_links(mesh.pp_group, iters=args.probe_iters)
+    # The stage-boundary message itself (one microbatch's activations), ping-ponged: its one-way
+    # time is what every transfer of the run costs; a two-size fit on a busy machine can come
+    # out with an absurd latency/bandwidth split.
+    cfg0 = next(iter(cfgs.values()))
+    act = torch.zeros(cfg0.train.batch_size // cfg0.schedule.microbatches, cfg0.train.seq_len, cfg0.model.d_model)
+    rtt = []
+    for i in range(args.probe_iters + 3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(act, 1)
+            dist.recv(act, 1)
+        else:
+            dist.recv(act, 0)
+            dist.send(act, 0)
+        if i >= 3:
+            rtt.append(time.perf_counter() - t0)
+    probe["activation_one_way_s"] = statistics.median(rtt) / 2
+    probe["activation_bytes"] = act.numel() * act.element_size()
     small = torch.zeros(4)
     for _ in range(5):
         dist.all_reduce(small)
@@ -184,15 +208,20 @@ def worker(rank: int, world: int, cfgs: dict, base_cfg, args, out_path: str) -> 
             # A profile right before the steps it predicts: the cores' speed and our share of
             # them drift by tens of percent within minutes when other processes run.
             dist.barrier()
-            prof = measure_profile(cfgs[name], threads=1, repeats=args.profile_repeats, warmup=1, step_overhead=False)
+            prof = measure_profile(cfgs[name], threads=1, repeats=args.profile_repeats, warmup=1, step_overhead=False,
+                                   statistic=args.statistic)
             prof["step_overhead"] = overhead
+            # the runtime's cost besides compute: the same schedule on compute-free stand-in stages
+            null_cpu: list[float] = []
+            null_steps = measure_schedule_overhead(cfgs[name], mesh.pp_group, steps=args.null_steps, warmup=1, threads=1, cpu=null_cpu)
             timer = timers[name]
             timer.t, timer.cpu, timer.gaps, timer._last_end = {}, {}, [], None
             dist.barrier()
             timer.on = True
             secs = [step(name) for _ in range(args.steps)]
             timer.on = False
-            entry[name] = {"profile": prof, "secs": secs, "actions": timer.t, "actions_cpu": timer.cpu, "gaps": timer.gaps}
+            entry[name] = {"profile": prof, "secs": secs, "actions": timer.t, "actions_cpu": timer.cpu, "gaps": timer.gaps,
+                           "null_steps": null_steps, "null_comm_cpu": null_cpu}
         rounds.append(entry)
 
     mine = {"rank": rank, "rounds": rounds, "probe": probe, "allreduce_s": statistics.median(ar), "step_overhead": overhead}
@@ -243,8 +272,14 @@ def topology_for(cfg, profile: dict, probe: dict | None, speed: list[float] | No
     return apply_probe(topo, probe) if probe is not None else topo
 
 
-def predict(cfg, profile: dict, probe: dict | None, allreduce_s: float, speed: list[float] | None = None) -> dict:
-    from moepipe.placement.cost_model import CostModel
+def predict(cfg, profile: dict, probe: dict | None, allreduce_s: float, speed: list[float] | None = None,
+            null_step_s: float | None = None, comm_cpu_s: list[float] | None = None) -> dict:
+    """Simulated iteration + per-step overhead. `null_step_s`: measured schedule step on compute-free
+    stages (measure_schedule_overhead), calibrating the engine's per-action runtime cost; None: no such cost.
+    `comm_cpu_s`: per rank, CPU seconds per step of the communication threads in the null step (they share
+    the rank's one core with compute here), spread over the rank's actions."""
+    from moepipe.placement.cost_model import CostModel, stage_costs
+    from moepipe.sim.calibrate import comm_cpu_per_action, fit_action_overhead
     from moepipe.placement.model_spec import build_model_spec
     from moepipe.sim.simulator import simulate
     from moepipe.train.distributed import default_plan
@@ -256,10 +291,17 @@ def predict(cfg, profile: dict, probe: dict | None, allreduce_s: float, speed: l
     plan = default_plan(cfg)
     topo = topology_for(cfg, prof, probe, speed)
     routing = {int(k): v for k, v in prof["routing"].items()}
-    res = simulate(plan, cfg.schedule.name, cfg.schedule.microbatches, topo, cm, routing)
-    over = step_overhead_s(prof, plan, allreduce_s)
+    o = 0.0
+    if null_step_s is not None:
+        send = stage_costs(cm, plan, topo, routing).send
+        o = fit_action_overhead(cfg.schedule.name, plan.pp, plan.n_stages // plan.pp, cfg.schedule.microbatches, null_step_s, send=send)
+    if comm_cpu_s is not None:
+        o = np.asarray(comm_cpu_per_action(cfg.schedule.name, plan.pp, plan.n_stages // plan.pp, cfg.schedule.microbatches, comm_cpu_s)) + o
+    res = simulate(plan, cfg.schedule.name, cfg.schedule.microbatches, topo, cm, routing, action_overhead_s=o)
+    # the null step already contains the last stage's output merge
+    over = step_overhead_s(prof, plan, allreduce_s, merge=null_step_s is None)
     return {"sim": res, "plan": plan, "costs": res.costs, "step_overhead_s": over, "predicted_s": res.iteration_time_s + over,
-            "profile": prof}
+            "profile": prof, "action_overhead_s": float(np.max(o))}
 
 
 def replay(name: str, cfg, plan, costs, measured_actions: dict[str, float]) -> tuple[float, np.ndarray]:
@@ -290,6 +332,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per schedule per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule first")
     ap.add_argument("--profile-repeats", type=int, default=3, help="measure_profile repeats (one profile per schedule per round)")
+    ap.add_argument("--statistic", default="mean", choices=("mean", "median"),
+                    help="how measure_profile combines its repeats (mean: a step sums many actions whose durations have a long tail here)")
+    ap.add_argument("--null-steps", type=int, default=3, help="timed steps of the schedule on compute-free stages (per schedule per round)")
     ap.add_argument("--probe-iters", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--microbatches", type=int, default=8)
@@ -319,6 +364,12 @@ def main() -> None:
 
     R = args.rounds
     probe = None if args.no_probe else median_tree([r["probe"] for r in ranks])
+    if probe is not None:  # links: the measured one-way time of the stage-boundary message, all of it latency
+        fitted = {k: probe[k] for k in ("latency_us", "bandwidth_gbps")}
+        one_way = max(r["probe"]["activation_one_way_s"] for r in ranks)
+        probe["fitted_by_probe_links"] = fitted
+        probe["latency_us"] = [[0.0 if i == j else 1e6 * one_way for j in range(2)] for i in range(2)]
+        probe["bandwidth_gbps"] = [[float("inf") if i == j else 1e12 for j in range(2)] for i in range(2)]  # size already in the latency
     allreduce_s = max(r["allreduce_s"] for r in ranks)
 
     rows, profiles_used = {}, {}
@@ -336,12 +387,16 @@ def main() -> None:
             slot_profiles.append(prof)
             speed = [profile_seconds(prof) / profile_seconds(rp) for rp in rank_profiles]
             steps = [max(x["secs"][j] for x in runs) for j in range(len(runs[0]["secs"]))]  # the slower rank's
-            p = predict(cfg, prof, probe, allreduce_s, speed=speed)
-            p_one = predict(cfg, prof, probe, allreduce_s)
+            null = statistics.median(max(t) for t in zip(*(x["null_steps"] for x in runs)))
+            ccpu = [statistics.median(x["null_comm_cpu"]) for x in runs]
+            p = predict(cfg, prof, probe, allreduce_s, speed=speed, null_step_s=null, comm_cpu_s=ccpu)
+            p_one = predict(cfg, prof, probe, allreduce_s, null_step_s=null, comm_cpu_s=ccpu)
+            p_ideal = predict(cfg, prof, probe, allreduce_s, speed=speed)  # without the runtime's per-action cost
             # load-corrected (diagnostic, uses the run): speed x CPU share the rank's actions got / its profile's share
             share = [sum(sum(v) for k, v in x["actions_cpu"].items() if k != "schedule.step")
                      / sum(sum(v) for k, v in x["actions"].items() if k != "schedule.step") for x in runs]
-            pc = predict(cfg, prof, probe, allreduce_s, speed=[sp * sh / rp["meta"]["cpu_share"] for sp, sh, rp in zip(speed, share, rank_profiles)])
+            pc = predict(cfg, prof, probe, allreduce_s, speed=[sp * sh / rp["meta"]["cpu_share"] for sp, sh, rp in zip(speed, share, rank_profiles)],
+                         null_step_s=null, comm_cpu_s=ccpu)
             acts = {k: statistics.median(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step"}
             sched = statistics.median(max(a, b) for a, b in zip(runs[0]["actions"]["schedule.step"], runs[1]["actions"]["schedule.step"]))
             rep, comp_meas = replay(name, cfg, p["plan"], p["costs"], acts)
@@ -359,6 +414,7 @@ def main() -> None:
                 "measured_s": statistics.median(steps), "steps_s": steps, "predicted_s": p["predicted_s"],
                 "predicted_pipeline_s": p["sim"].pipeline_time_s, "step_overhead_s": p["step_overhead_s"],
                 "device_speed_per_rank": speed, "predicted_one_speed_s": p_one["predicted_s"],
+                "null_step_s": null, "null_comm_cpu_s": ccpu, "action_overhead_s": p["action_overhead_s"], "predicted_no_action_overhead_s": p_ideal["predicted_s"],
                 "schedule_step_s": sched, "replay_pipeline_s": rep, "replay_mean_pipeline_s": rep_mean,
                 "stage_pred_s": p["costs"].comp.tolist(), "stage_meas_s": comp_meas.tolist(),
                 "action_cpu_over_wall": cpu / wall, "action_cpu_share_per_rank": share,
@@ -369,7 +425,8 @@ def main() -> None:
         profile = median_tree(slot_profiles)
         profile["device_speed_per_rank"] = median_tree([x["device_speed_per_rank"] for x in per_round])
         profiles_used[name] = profile
-        p = predict(cfg, profile, probe, allreduce_s, speed=profile["device_speed_per_rank"])
+        p = predict(cfg, profile, probe, allreduce_s, speed=profile["device_speed_per_rank"], null_step_s=med("null_step_s"),
+                    comm_cpu_s=median_tree([x["null_comm_cpu_s"] for x in per_round]))
         measured, predicted = med("measured_s"), med("predicted_s")
         c = p["costs"]
         rows[name] = {
@@ -379,6 +436,9 @@ def main() -> None:
             "paired_relative_error": statistics.median(x["predicted_s"] / x["measured_s"] for x in per_round) - 1.0,
             "with_action_gaps_relative_error": statistics.median(x["predicted_with_action_gaps_s"] / x["measured_s"] for x in per_round) - 1.0,
             "median_action_gap_s": med("median_action_gap_s"),
+            "null_step_s": med("null_step_s"),
+            "action_overhead_s": med("action_overhead_s"),
+            "no_action_overhead_relative_error": statistics.median(x["predicted_no_action_overhead_s"] / x["measured_s"] for x in per_round) - 1.0,
             "one_speed_relative_error": statistics.median(x["predicted_one_speed_s"] / x["measured_s"] for x in per_round) - 1.0,
             "load_corrected_relative_error": statistics.median(x["predicted_load_corrected_s"] / x["measured_s"] for x in per_round) - 1.0,
             "predicted_pipeline_s": med("predicted_pipeline_s"),
@@ -406,9 +466,14 @@ def main() -> None:
         "profiles": profiles_used,
         "method": {"measured": "median over rounds of the median over a round's K steps of the slower rank's StepResult.seconds",
                    "pinned": args.pin, "worst_relative_error": "max over schedules of |paired_relative_error|",
-                   "predicted": "median over rounds of simulate(...).iteration_time_s + step_overhead_s(profile, plan, allreduce_s); each "
+                   "predicted": "median over rounds of simulate(..., action_overhead_s=o).iteration_time_s + step_overhead_s(profile, plan, "
+                                "allreduce_s, merge=False); o = fit_action_overhead(schedule, null step): the per-action cost for which the engine "
+                                "reproduces the round's median null step (the same schedule on compute-free stand-in stages, slower rank), plus per "
+                                "rank comm_cpu_per_action (the comm threads' CPU per null step over the rank's actions: they share its core); each "
                                 "round's profile = element-wise median of both ranks' (measured at once right before that schedule's steps), "
                                 "device speed of rank r = profile_seconds(median) / profile_seconds(rank r's)",
+                   "no_action_overhead": "the same with o = 0 and the output merge in step_overhead_s (the model before the null step)",
+                   "profile_statistic": args.statistic,
                    "one_speed": "the same with both devices at the median profile's speed",
                    "load_corrected": "diagnostic using the run: device speed also x (CPU share of the rank's actions / its profile's CPU share)",
                    "paired": "median over rounds of predicted(round's profile) / measured(round) - 1",
@@ -422,13 +487,13 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json(args.out, result)
 
-    print(f"{'schedule':<17} {'measured':>9} {'predicted':>9} {'rel.err':>8} {'paired':>7} {'+gaps':>7} {'gap_ms':>6} {'1speed':>7} {'loadcorr':>8} {'pipe(sim)':>9} {'overhead':>8} {'sched.step':>10} {'replay':>8} {'replay_mean':>11}")
+    print(f"{'schedule':<17} {'measured':>9} {'predicted':>9} {'rel.err':>8} {'paired':>7} {'no_ovh':>7} {'ovh_ms':>6} {'1speed':>7} {'loadcorr':>8} {'pipe(sim)':>9} {'overhead':>8} {'sched.step':>10} {'replay':>8} {'replay_mean':>11}")
     for name, r in rows.items():
         print(f"{name:<17} {r['measured_s']:>9.4f} {r['predicted_s']:>9.4f} {r['relative_error']:>+8.3f} {r['paired_relative_error']:>+7.3f} "
-              f"{r['with_action_gaps_relative_error']:>+7.3f} {1e3 * r['median_action_gap_s']:>6.2f} "
+              f"{r['no_action_overhead_relative_error']:>+7.3f} {1e3 * r['action_overhead_s']:>6.2f} "
               f"{r['one_speed_relative_error']:>+7.3f} {r['load_corrected_relative_error']:>+8.3f} "
               f"{r['predicted_pipeline_s']:>9.4f} {r['predicted_step_overhead_s']:>8.4f} {r['measured_schedule_step_s']:>10.4f} {r['replay_pipeline_s']:>8.4f} {r['replay_mean_pipeline_s']:>11.4f}")
-    link = f"latency {probe['latency_us'][0][1]:.0f} us, bandwidth {probe['bandwidth_gbps'][0][1]:.2f} GB/s" if probe else "local_cpu nominal links"
+    link = f"activation transfer {probe['latency_us'][0][1]:.0f} us one way" if probe else "local_cpu nominal links"
     print(f"links: {link}; small all_reduce {1e6 * allreduce_s:.0f} us; loadavg {load_before[0]:.1f}->{load_after[0]:.1f}; wall {result['wall_s']:.0f} s")
     print(f"wrote {args.out}")
     print(f"worst_relative_error={worst:.4f}")

@@ -123,3 +123,43 @@ def test_dense_model():
     assert p["routing"] == {} and p["expert_per_token_s"] == {}
     spec = build_model_spec(cfg.model, cfg.moe, cfg.train, cfg.schedule.microbatches, 1, dtype_bytes=4)
     CostModel(spec, profile=p)
+
+
+def test_statistic_mean_and_bad_statistic():
+    cfg = cfg_for()
+    p = measure_profile(cfg, repeats=2, warmup=0, step_overhead=False, statistic="mean")
+    assert "mean" in p["meta"]["timer"]
+    assert all(v > 0 for v in phases(p["layers"]["1"])[:1])
+    with pytest.raises(ValueError, match="statistic"):
+        measure_profile(cfg, repeats=1, warmup=0, step_overhead=False, statistic="mode")
+
+
+def _null_worker(rank, world, names, out):
+    import torch.distributed as dist
+
+    from moepipe.parallel.mesh import build_mesh
+    from moepipe.train.profile import measure_schedule_overhead
+
+    mesh = build_mesh(2, 1, 1)
+    res = {}
+    for n in names:
+        cpu = []
+        res[n] = measure_schedule_overhead(cfg_for(n, ["schedule.microbatches=4"]), mesh.pp_group, steps=2, warmup=1, threads=1, cpu=cpu)
+        assert len(cpu) == 2 and all(c >= 0 for c in cpu)
+    g = [None] * world
+    dist.all_gather_object(g, res)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(g, f)
+
+
+def test_measure_schedule_overhead_runs_every_schedule_kind(tmp_path):
+    from dist_utils import run_distributed
+
+    names = ["1f1b", "interleaved_zb", "dualpipev"]
+    out = str(tmp_path / "null.json")
+    run_distributed(_null_worker, 2, names, out, timeout=300)
+    with open(out) as f:
+        g = json.load(f)
+    for n in names:
+        assert all(len(r[n]) == 2 and all(t > 0 for t in r[n]) for r in g)

@@ -180,3 +180,47 @@ def test_dp_replicas_and_grad_sync():
     assert len(r.peak_activation_bytes) == 4
     free = simulate(plan, "1f1b", 4, free_topology(4, tflops=0.01), cm)
     assert free.grad_sync_s == 0
+
+
+@pytest.mark.parametrize("name,v", [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)])
+def test_action_overhead_is_a_fixed_cost_per_action(name, v):
+    # F/B-only orders: a per-action overhead o on zero compute is the same as F = B = o
+    order, s2r = schedule_order(name, 2, v, 4)
+    S = len(s2r)
+    o = 0.3
+    with_over = simulate_order(order, s2r, 4, np.zeros((S, 3)), send=[0.1] * S, overhead=o)
+    as_comp = simulate_order(order, s2r, 4, np.tile([o, o, 0.0], (S, 1)), send=[0.1] * S)
+    assert with_over.makespan == pytest.approx(as_comp.makespan)
+    base = simulate_order(order, s2r, 4, np.ones((S, 3)))
+    assert simulate_order(order, s2r, 4, np.ones((S, 3)), overhead=[0.0, 0.0]).makespan == pytest.approx(base.makespan)
+    assert simulate_order(order, s2r, 4, np.ones((S, 3)), overhead=o).makespan > base.makespan
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev"])
+def test_fit_action_overhead_recovers_a_known_overhead(name):
+    from moepipe.sim.calibrate import fit_action_overhead
+
+    v = 1 if name in ("gpipe", "1f1b") else 2
+    order, s2r = schedule_order(name, 2, v, 8)
+    S = len(s2r)
+    send = [2e-4 if s2r[s] != s2r[s + 1] else 0.0 for s in range(S - 1)] + [0.0]
+    measured = simulate_order(order, s2r, 8, np.zeros((S, 3)), send=send, overhead=7e-4).makespan
+    assert fit_action_overhead(name, 2, v, 8, measured, send=send) == pytest.approx(7e-4, rel=1e-3)
+    assert fit_action_overhead(name, 2, v, 8, 1e-6, send=send) == 0.0  # faster than the transfers alone: no overhead
+
+
+def test_simulate_action_overhead_default_keeps_numbers():
+    plan, topo, cm = setup()
+    a = simulate(plan, "1f1b", 4, topo, cm)
+    b = simulate(plan, "1f1b", 4, topo, cm, action_overhead_s=0.0)
+    assert a.iteration_time_s == b.iteration_time_s
+    c = simulate(plan, "1f1b", 4, topo, cm, action_overhead_s=1e-3)
+    assert c.iteration_time_s > a.iteration_time_s
+
+
+def test_comm_cpu_is_spread_over_each_ranks_actions():
+    from moepipe.sim.calibrate import actions_per_rank, comm_cpu_per_action
+
+    assert actions_per_rank("1f1b", 2, 1, 4) == [8, 8]
+    assert actions_per_rank("interleaved_zb", 2, 2, 4) == [24, 24]  # F, I, W per chunk per microbatch
+    assert comm_cpu_per_action("1f1b", 2, 1, 4, [8e-3, 4e-3]) == pytest.approx([1e-3, 5e-4])

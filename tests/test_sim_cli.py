@@ -52,7 +52,7 @@ def test_cli_mixtral_on_128_gpus(tmp_path):
     "overrides,start",
     [
         (["parallel.pp=8"], "parallel.pp*schedule.virtual_stages=8 > model.n_layers=4"),
-        (["parallel.pp=4", "parallel.ep=4", "schedule.microbatches=4"], "parallel.pp*ep*dp=16 > topology devices=4"),
+        (["parallel.pp=4", "parallel.ep=8", "schedule.microbatches=4", "train.batch_size=32"], "parallel.pp*ep*dp=32 > topology devices=16"),  # local_cpu: 16
         (["sim.routing=bogus"], "sim.routing='bogus' is not known"),
     ],
 )

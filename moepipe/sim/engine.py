@@ -5,13 +5,16 @@ an action starts when the rank is free and its inputs have arrived:
   F(s, i): F(s-1, i) finished + the activation transfer (none for stage 0 or on the same rank)
   B/I(s, i): F(s, i) finished and B/I(s+1, i) finished + the gradient transfer (last stage: F only)
   W(s, i): I(s, i) finished (always earlier on the same rank)
-Transfers run on a separate stream and never contend. The order is swept rank by rank until
+Every action also pays a fixed `overhead` on its rank (the runtime's own cost per action:
+schedule bookkeeping, posting and completing its sends/receives; an overlapped F+B pair pays
+it twice). Transfers run on a separate stream and never contend. The order is swept rank by rank until
 no rank can advance; a stall with work left is a deadlock in the order (an error).
 Everything here is deterministic: no clocks, no randomness, fixed iteration order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -71,10 +74,13 @@ def _dur(a: Action, comp: np.ndarray, a2a: np.ndarray) -> tuple[float, float]:
     return max(cf + cb, af + ab, cf + af, cb + ab), af + ab
 
 
-def run(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: np.ndarray, send: np.ndarray) -> EngineResult:
-    """Execute `order`; comp/a2a are [n_stages, 3] seconds (F, B, W), send[s] the s -> s+1 transfer."""
+def run(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: np.ndarray, send: np.ndarray,
+        overhead: Any = 0.0) -> EngineResult:
+    """Execute `order`; comp/a2a are [n_stages, 3] seconds (F, B, W), send[s] the s -> s+1 transfer,
+    `overhead` seconds per action (a scalar or one per pipeline rank)."""
     S = len(stage_to_rank)
     pp = len(order)
+    over = np.broadcast_to(np.asarray(overhead, dtype=np.float64), (pp,)).tolist()
     comp_a, a2a_a = np.asarray(comp, dtype=np.float64), np.asarray(a2a, dtype=np.float64)
     send_l = np.asarray(send, dtype=np.float64).tolist()
     fdone = [[None] * m for _ in range(S)]
@@ -146,6 +152,7 @@ def run(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: n
                 if start > free[r]:
                     ev.append((r, COMPUTE, K["idle"], -1, -1, free[r], start))
                 d, comm = _dur(a, comp_a, a2a_a)
+                d += over[r] * (2 if a.kind == "FB" else 1)
                 end = start + d
                 ev.append((r, COMPUTE, K[a.kind], a.stage, a.mb, start, end))
                 if comm > 0:

@@ -90,12 +90,14 @@ def peak_inflight(res: engine.EngineResult, n_stages: int) -> np.ndarray:
     return out
 
 
-def simulate_order(order: Order, stage_to_rank: list[int], m: int, comp: Any, a2a: Any = None, send: Any = None) -> engine.EngineResult:
-    """The engine alone, for hand-built costs: comp/a2a [n_stages, 3] seconds (F, B, W)."""
+def simulate_order(order: Order, stage_to_rank: list[int], m: int, comp: Any, a2a: Any = None, send: Any = None,
+                   overhead: Any = 0.0) -> engine.EngineResult:
+    """The engine alone, for hand-built costs: comp/a2a [n_stages, 3] seconds (F, B, W);
+    `overhead` seconds per action (scalar or per pipeline rank)."""
     comp = np.asarray(comp, dtype=np.float64)
     a2a = np.zeros_like(comp) if a2a is None else np.asarray(a2a, dtype=np.float64)
     send = np.zeros(len(stage_to_rank)) if send is None else np.asarray(send, dtype=np.float64)
-    return engine.run(order, stage_to_rank, m, comp, a2a, send)
+    return engine.run(order, stage_to_rank, m, comp, a2a, send, overhead)
 
 
 def simulate(
@@ -106,9 +108,12 @@ def simulate(
     cost_model: CostModel,
     routing: Any = None,
     free_comm: bool = False,
+    action_overhead_s: Any = 0.0,
 ) -> SimResult:
     """Simulate one iteration. `routing`: tokens per expert per MoE layer ([n_moe, E] or
-    {layer: [E]}; proportions only; None = uniform). `free_comm`: all transfers cost nothing."""
+    {layer: [E]}; proportions only; None = uniform). `free_comm`: all transfers cost nothing.
+    `action_overhead_s`: the runtime's fixed cost per action (scalar or per pipeline rank;
+    `moepipe.sim.calibrate.fit_action_overhead` measures it), 0 = an ideal runtime."""
     spec = cost_model.spec
     validate_plan(plan, spec.n_layers, spec.moe_layers, spec.num_experts if spec.moe_layers else None)
     v = plan.n_stages // plan.pp
@@ -121,7 +126,7 @@ def simulate(
             "build the plan with the schedule's style (loop for interleaved, v for zbv/dualpipev)"
         )
     costs = stage_costs(cost_model, plan, topology, routing, free_comm=free_comm)
-    res = engine.run(order, s2r, microbatches, costs.comp, costs.a2a, costs.send)
+    res = engine.run(order, s2r, microbatches, costs.comp, costs.a2a, costs.send, action_overhead_s)
     m, S = microbatches, plan.n_stages
     pipeline = res.makespan
     iteration = pipeline + costs.grad_sync_s
@@ -149,7 +154,7 @@ def simulate(
     # Balanced: every action of a phase lasts W_phase * pp / (n_stages * replica throughput).
     replica_rate = costs.rates.sum(axis=(0, 2)).min()
     t_bal = work_mb * plan.pp / (S * replica_rate)
-    bal = engine.run(order, s2r, m, np.tile(t_bal, (S, 1)), np.zeros((S, 3)), np.zeros(S))
+    bal = engine.run(order, s2r, m, np.tile(t_bal, (S, 1)), np.zeros((S, 3)), np.zeros(S), action_overhead_s)
 
     return SimResult(
         schedule=schedule,

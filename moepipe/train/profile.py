@@ -81,6 +81,13 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else 0.0
 
 
+def _mean(xs: list[float]) -> float:
+    return float(statistics.fmean(xs)) if xs else 0.0
+
+
+STATISTICS = {"median": _median, "mean": _mean}
+
+
 class _Clock:
     """Wall seconds of a call (CUDA synchronised); also sums the calling thread's CPU seconds
     against wall seconds, so the profile can say what share of a core it got (other
@@ -163,14 +170,15 @@ def profile_for(profile: Mapping[str, Any], cfg: MoepipeConfig, split_backward: 
 class _Recorder:
     """Per-part lists of samples; medians at the end."""
 
-    def __init__(self):
+    def __init__(self, stat: Callable[[list[float]], float] = _median):
         self.s: dict[str, dict[str, list[float]]] = {}
+        self.stat = stat
 
     def add(self, part: str, key: str, t: float) -> None:
         self.s.setdefault(part, {}).setdefault(key, []).append(t)
 
     def med(self, part: str) -> dict[str, float]:
-        return {k: _median(v) for k, v in self.s.get(part, {}).items()}
+        return {k: self.stat(v) for k, v in self.s.get(part, {}).items()}
 
 
 def _time_backward(clock: _Clock, fwd: Callable[[], tuple[torch.Tensor, list]], grad: Optional[torch.Tensor], params: list[nn.Parameter],
@@ -205,6 +213,7 @@ def measure_profile(
     step: int = 0,
     split_backward: Optional[bool] = None,
     step_overhead: bool = True,
+    statistic: str = "median",
 ) -> dict:
     """Profile JSON (docs/SIMULATOR.md) of `cfg`'s model on this process's device.
 
@@ -213,6 +222,8 @@ def measure_profile(
     (default `default_threads(cfg)`; restored afterwards). Microbatch shape: the run's
     (`microbatch_shape`). `step`: whose batch feeds the measurement. `split_backward`: see
     `profile_for`. `step_overhead`: also time the per-step work outside the pipeline.
+    `statistic`: how repeats combine, "median" (robust to a slow spell) or "mean" (what a run
+    of many actions adds up to when durations have a long tail, as on a shared machine).
     """
     from moepipe.data import build_corpus, slice_for_rank, train_batch
     from moepipe.model import build_model, lm_loss
@@ -221,6 +232,9 @@ def measure_profile(
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic={statistic!r} is not one of {sorted(STATISTICS)}")
+    stat = STATISTICS[statistic]
     device = resolve_device(cfg)
     amp = autocast_dtype(cfg, device)
     threads = default_threads(cfg) if threads is None else int(threads)
@@ -281,7 +295,7 @@ def measure_profile(
         gen = torch.Generator().manual_seed(1234)
         g_hidden = [(torch.randn(h.shape, generator=gen) * 1e-3).to(device=device, dtype=h.dtype) for h in h_out]
 
-        rec = _Recorder()
+        rec = _Recorder(stat)
         reps = warmup + repeats
         emb_params = list(model.tok_embeddings.parameters())
         head_params = list(model.norm.parameters()) + list(model.output.parameters())
@@ -361,14 +375,14 @@ def measure_profile(
                 ex = rec.s[f"experts{lid}"]
                 # Block minus its experts, paired sample by sample (same repetition, same routing);
                 # fwd_s has two samples per repetition (the fused and the split pass).
-                dense = {key: _median([max(0.0, a - c) for a, c in zip(whole[key], ex[key])]) for key in whole}
+                dense = {key: stat([max(0.0, a - c) for a, c in zip(whole[key], ex[key])]) for key in whole}
                 n = ex["assignments"]
                 n2 = [a for a in n for _ in (0, 1)]
-                per_tok = {key: _median([t / a for t, a in zip(ex[key], n2 if key == "fwd_s" else n)]) for key in whole}
+                per_tok = {key: stat([t / a for t, a in zip(ex[key], n2 if key == "fwd_s" else n)]) for key in whole}
                 det_experts[str(lid)] = per_tok
                 det_layers[str(lid)] = dense
             else:
-                det_layers[str(lid)] = {key: _median(v) for key, v in whole.items()}
+                det_layers[str(lid)] = {key: stat(v) for key, v in whole.items()}
         detail = {
             "layers": det_layers,
             "expert_per_token_s": det_experts,
@@ -387,7 +401,7 @@ def measure_profile(
             "meta": {
                 "model": cfg.model.name, "microbatch_sequences": b, "seq_len": seq, "microbatches": m, "threads": threads,
                 "repeats": repeats, "warmup": warmup, "step": step, "dtype": str(amp or torch.float32), "device": str(device),
-                "top_k": k, "num_experts": E, "timer": "time.perf_counter, median of repeats after warmup",
+                "top_k": k, "num_experts": E, "timer": f"time.perf_counter, {statistic} of repeats after warmup",
                 # thread CPU / wall over all timed calls: 1.0 on an idle core; lower when other processes share it
                 "cpu_share": clock.cpu / clock.wall if clock.wall > 0 else 1.0,
             },
@@ -468,10 +482,71 @@ def _step_overhead(model: nn.Module, cfg: MoepipeConfig, clock: _Clock, warmup: 
     return out
 
 
-def step_overhead_s(profile: Mapping[str, Any], plan, allreduce_s: float = 0.0) -> float:
+class _NullStage(nn.Module):
+    """Stand-in pipeline stage: the run's input and output shapes, one scalar weight and next
+    to no compute, so a schedule step on it costs only the runtime's own work per action."""
+
+    def __init__(self, first: bool, last: bool, d_model: int, vocab_size: int):
+        super().__init__()
+        self.first, self.last, self.d, self.vocab = first, last, d_model, vocab_size
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:  # token ids in
+            x = torch.zeros(*x.shape, self.d, device=x.device)
+        h = x * self.w
+        return h[..., :1].repeat(1, 1, self.vocab) if self.last else h
+
+
+def measure_schedule_overhead(cfg: MoepipeConfig, group, plan=None, steps: int = 5, warmup: int = 2,
+                              threads: Optional[int] = None, cpu: Optional[list] = None) -> list[float]:
+    """Seconds of `steps` steps of cfg's schedule (torch.distributed.pipelining, the run's
+    stage layout, microbatch count and activation shapes) on stand-in stages that compute
+    next to nothing: what the runtime costs besides compute (schedule bookkeeping, sends and
+    receives). Every pipeline rank of `group` calls it; each returns its own step times, the
+    caller takes the slowest rank's per step (`moepipe.sim.calibrate.fit_action_overhead`
+    turns that into a per-action cost). `cpu`, when given a list, receives per step the CPU
+    seconds the process's other threads (the communication backend's) spent during the step:
+    on a rank whose compute shares its cores with them, that time is taken from compute."""
+    import torch.distributed as dist
+
+    from moepipe.parallel.pipeline import build_schedule
+    from moepipe.train.distributed import default_plan
+    from moepipe.train.loop import resolve_device
+
+    plan = plan or default_plan(cfg)
+    device = resolve_device(cfg)
+    me = dist.get_rank(group)
+    m, S = cfg.schedule.microbatches, plan.n_stages
+    b, seq = microbatch_shape(cfg)
+    mods = {s: _NullStage(s == 0, s == S - 1, cfg.model.d_model, cfg.model.vocab_size).to(device) for s in plan.stages_of_rank(me)}
+    sched = build_schedule(cfg.schedule.name, mods, S, m, lambda out, y: out.mean(), device, group, (b, seq), cfg.model.d_model,
+                           cfg.model.vocab_size)
+    x = torch.zeros(b * m, seq, dtype=torch.long, device=device)
+    args = (x,) if 0 in mods else ()
+    kwargs = {"target": x, "losses": []} if S - 1 in mods else {}
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(default_threads(cfg) if threads is None else int(threads))
+    out = []
+    try:
+        for i in range(warmup + steps):
+            dist.barrier(group=group)
+            p0, c0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
+            sched.step(*args, **kwargs)
+            if i >= warmup:
+                out.append(time.perf_counter() - t0)
+                if cpu is not None:
+                    cpu.append(max(0.0, (time.process_time() - p0) - (time.thread_time() - c0)))
+    finally:
+        torch.set_num_threads(threads_before)
+    return out
+
+
+def step_overhead_s(profile: Mapping[str, Any], plan, allreduce_s: float = 0.0, merge: bool = True) -> float:
     """Per-step seconds outside the pipeline for a plan: the slowest pipeline rank's sum over
-    the parts it holds (+ the output merge on the last stage), plus the batch construction
-    and `collectives_per_step` small all_reduces of `allreduce_s` each."""
+    the parts it holds (+ the output merge on the last stage unless `merge` is False: a
+    measured schedule overhead already contains it), plus the batch construction and
+    `collectives_per_step` small all_reduces of `allreduce_s` each."""
     so = profile["step_overhead"]
     worst = 0.0
     for p in range(plan.pp):
@@ -482,7 +557,7 @@ def step_overhead_s(profile: Mapping[str, Any], plan, allreduce_s: float = 0.0) 
             if s == 0:
                 t += so["embedding_s"]
             if s == plan.n_stages - 1:
-                t += so["head_s"] + so["last_stage_merge_s"]
+                t += so["head_s"] + (so["last_stage_merge_s"] if merge else 0.0)
         worst = max(worst, t)
     return worst + so.get("train_batch_s", 0.0) + so["collectives_per_step"] * allreduce_s
 
