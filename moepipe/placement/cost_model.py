@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -309,10 +310,11 @@ def _grad_sync(cm: CostModel, plan: Plan, topology: Topology, grid: np.ndarray, 
         t = max(topology.all_reduce_time(dense * grad_bytes, g) for g in groups)
         t_exp = 0.0
         if plan.dp > 1:  # runs after the dense all-reduce on the same links
-            for e in range(plan.ep):
-                n_exp = sum(
-                    sum(1 for ranks in plan.expert_map[l] if e in ranks) * spec.layers[l].expert_params for l in layers if spec.layers[l].is_moe
-                )
-                t_exp = max(t_exp, topology.all_reduce_time(n_exp * grad_bytes, grid[p, :, e]))
+            n_exp = np.zeros(plan.ep)  # expert parameters each EP rank holds (replicas included)
+            for l in layers:
+                if spec.layers[l].is_moe:
+                    held = np.fromiter(chain.from_iterable(plan.expert_map[l]), dtype=np.int64)
+                    n_exp += np.bincount(held, minlength=plan.ep) * spec.layers[l].expert_params
+            t_exp = max(topology.all_reduce_time(float(n_exp[e]) * grad_bytes, grid[p, :, e]) for e in range(plan.ep))
         worst = max(worst, t + t_exp)
     return worst

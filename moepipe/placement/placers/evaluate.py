@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from moepipe.config import ConfigError
+from moepipe.placement.cost_model import _grad_sync
 from moepipe.placement.plan import Plan, rank_grid
 from moepipe.placement.placers.inputs import BYTES_PER_PARAM_TRAIN, PlacementInputs, effective_cost_model, load_fractions
 from moepipe.sim import engine
@@ -202,25 +203,8 @@ class Evaluator:
         return out * BYTES_PER_PARAM_TRAIN
 
     def grad_sync(self, plan: Plan) -> float:
-        """= cost_model._grad_sync: ring all-reduce per pipeline rank after the pipeline drains."""
-        spec, topo, grid = self.spec, self.topo, self.grid
-        worst = 0.0
-        for p in range(plan.pp):
-            stages = plan.stages_of_rank(p)
-            layers = [l for s in stages for l in range(*plan.stage_layers[s])]
-            dense = sum(spec.layers[l].params for l in layers)
-            dense += spec.embed_params * (0 in stages) + spec.head_params * (plan.n_stages - 1 in stages)
-            groups = [grid[p].ravel()] if self.cm.ep_splits_tokens else [grid[p, :, e] for e in range(plan.ep)]
-            t = max(topo.all_reduce_time(dense * GRAD_BYTES, g) for g in groups)
-            t_exp = 0.0
-            if plan.dp > 1:
-                n_exp = np.zeros(plan.ep)
-                for l in layers:
-                    if spec.layers[l].is_moe:
-                        n_exp += np.bincount(np.fromiter(chain.from_iterable(plan.expert_map[l]), dtype=np.int64), minlength=plan.ep) * spec.layers[l].expert_params
-                t_exp = max(topo.all_reduce_time(float(n_exp[e]) * GRAD_BYTES, grid[p, :, e]) for e in range(plan.ep))
-            worst = max(worst, t + t_exp)
-        return worst
+        """The simulator's data-parallel gradient all-reduce time after the pipeline drains."""
+        return _grad_sync(self.cm, plan, self.topo, self.grid, GRAD_BYTES)
 
     # ------------------------------------------------------------------ whole plan
     def evaluate(self, plan: Plan) -> Evaluation:
