@@ -1,10 +1,14 @@
 """`moepipe-train`: the Hydra application. Composes conf/, validates, trains, prints a summary.
 
 A bad value ends the run before any work with one line on stderr naming the field and the
-fix, and exit status 2.
+fix, and exit status 2. A non-finite loss (train.on_nonfinite=stop) or a failed worker: one
+line, status 1. SIGTERM: a checkpoint, one line, status 3 (EXIT_PREEMPTED). summary.json is
+written only by a run that completed all its steps.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 
 import hydra
@@ -36,8 +40,55 @@ def _conf_dir() -> str:
         sys.exit(f"moepipe: {err}")
 
 
+def _config_dirs(argv: list[str]) -> list[str]:
+    """conf/ plus the directories the command line adds (--config-dir, hydra.searchpath)."""
+    dirs = [_conf_dir()]
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(argv[i + 1])
+        elif arg.startswith("--config-dir="):
+            dirs.append(arg.split("=", 1)[1])
+        elif arg.startswith("hydra.searchpath="):
+            for entry in arg.split("=", 1)[1].strip("[]").split(","):
+                entry = entry.strip().strip("'\"")
+                if entry.startswith("file://"):
+                    dirs.append(entry[len("file://"):])
+    return dirs
+
+
+def check_yaml_files(argv: list[str]) -> None:
+    """Parse the group files the command line selects (`topology=mine`) before Hydra does: a
+    syntax error then gets one line naming the file and the place, not Hydra's traceback."""
+    import yaml
+
+    for arg in argv:
+        match = re.match(r"^\+{0,2}([A-Za-z_][\w/]*)=([\w./-]+)$", arg)
+        if not match or "." in match.group(1):
+            continue
+        group, option = match.groups()
+        for base in _config_dirs(argv):
+            path = os.path.join(base, group, f"{option}.yaml")
+            if not os.path.isfile(path):
+                continue
+            try:
+                with open(path) as f:
+                    yaml.safe_load(f)
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                print(f"moepipe: config error: {group}={option} reads {path}, which is not valid YAML ({where}{problem}): fix the file",
+                      file=sys.stderr)
+                sys.exit(2)
+
+
+def main() -> None:
+    check_yaml_files(sys.argv[1:])
+    _hydra_main()
+
+
 @hydra.main(config_path=_conf_dir(), config_name="config", version_base="1.3")
-def main(dcfg: DictConfig) -> None:
+def _hydra_main(dcfg: DictConfig) -> None:
     try:
         cfg = validate(dcfg)
     except ConfigError as err:
@@ -45,12 +96,20 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
     run_dir = cfg.train.out_dir or HydraConfig.get().runtime.output_dir
     from moepipe.train.launch import WorkerFailed, launch
+    from moepipe.train.loop import NonFiniteLossError
+    from moepipe.train.preempt import EXIT_PREEMPTED, Preempted
 
     try:
         summary = launch(cfg, run_dir)
     except ConfigError as err:
         print(f"moepipe: config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as err:
+        print(f"moepipe: train.on_nonfinite={cfg.train.on_nonfinite}: {err} (or set train.on_nonfinite=skip)", file=sys.stderr)
+        sys.exit(1)
+    except Preempted as err:
+        print(f"moepipe: {err}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except WorkerFailed as err:
         print(f"moepipe: {err}", file=sys.stderr)
         sys.exit(1)

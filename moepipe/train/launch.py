@@ -7,23 +7,39 @@
   process is one worker; rank 0's run dir is broadcast to all.
 Collectives carry `parallel.collective_timeout_s`, so a lost peer ends the job instead of
 hanging it.
+
+Restarts (`train.max_restarts`, this launcher only): when a worker dies or raises anything but
+a configuration error or a non-finite loss, all workers are stopped and respawned; they resume
+from the latest checkpoint. SIGTERM is passed on to the workers, which finish the step, save and
+exit with EXIT_PREEMPTED. Under torchrun, `--max-restarts` plays this role (see
+docs/ARCHITECTURE.md: the run dir must be fixed so the restarted workers find the checkpoints).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import sys
+import threading
+from dataclasses import replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moepipe.config import MoepipeConfig, world_size
+from moepipe.config import ConfigError, MoepipeConfig, world_size
 from moepipe.parallel.spawn import free_port
 
 
 class WorkerFailed(RuntimeError):
-    """A worker process raised or died; the message carries its error."""
+    """A worker process raised or died; the message carries its error. Restartable: errors a
+    restart would only repeat (configuration, non-finite loss) are raised as themselves."""
+
+
+# Fault-injection variables that fire in the first attempt only (a restart must not re-inject).
+FIRST_ATTEMPT_ONLY = ("MOEPIPE_INJECT_FAULT", "MOEPIPE_INJECT_SIGTERM")
 
 
 def under_torchrun() -> bool:
@@ -47,8 +63,6 @@ def launch(cfg: MoepipeConfig, run_dir: str) -> dict | None:
     n = world_size(cfg)
     if under_torchrun():
         if int(os.environ["WORLD_SIZE"]) != n:
-            from moepipe.config import ConfigError
-
             raise ConfigError(
                 f"parallel.pp*ep*dp={n} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']}: "
                 "make nnodes*nproc_per_node equal pp*ep*dp"
@@ -58,29 +72,122 @@ def launch(cfg: MoepipeConfig, run_dir: str) -> dict | None:
     if slurm is not None:
         rank, tasks, local_rank, init = slurm
         if tasks != n:
-            from moepipe.config import ConfigError
-
             raise ConfigError(f"parallel.pp*ep*dp={n} but SLURM runs {tasks} tasks: set nodes*tasks_per_node to pp*ep*dp")
         return run_worker(rank, n, cfg, run_dir, init, local_rank)
-    if n == 1:
+    preflight(cfg, run_dir)
+    if n == 1 and cfg.train.max_restarts == 0:
         from moepipe.train.loop import train
 
         return train(cfg, run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    init = f"tcp://127.0.0.1:{free_port()}"
-    try:
-        mp.start_processes(_spawned, args=(n, cfg, run_dir, init), nprocs=n, start_method="spawn", join=True)
-    except mp.ProcessRaisedException as err:
-        raise WorkerFailed(f"worker {err.error_index} failed:\n{err}") from None
-    except mp.ProcessExitedException as err:
-        raise WorkerFailed(f"worker {err.error_index} exited with code {err.exit_code} (signal {err.signal_name})") from None
-    path = os.path.join(run_dir, "summary.json")
-    with open(path) as f:
+    attempt = 0
+    while True:
+        os.environ["MOEPIPE_RESTART"] = str(attempt)
+        try:
+            _run_workers(cfg if attempt == 0 else _resume_config(cfg, run_dir), run_dir, n)
+            break
+        except WorkerFailed as err:
+            if attempt >= cfg.train.max_restarts:
+                raise
+            attempt += 1
+            print(f"moepipe: {str(err).splitlines()[0]}; restart {attempt}/{cfg.train.max_restarts} from the latest checkpoint",
+                  file=sys.stderr, flush=True)
+            for name in FIRST_ATTEMPT_ONLY:
+                os.environ.pop(name, None)
+    with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f)
 
 
+def preflight(cfg: MoepipeConfig, run_dir: str) -> None:
+    """Checks that need the file system, made once before any worker starts (each raises a
+    one-line ConfigError): the data file and the checkpoint to resume from."""
+    d = cfg.data
+    if d.name == "memmap" and d.path and not os.path.isfile(d.path):
+        raise ConfigError(f"data.path={d.path} does not exist: check the path or make it with moepipe-make-memmap --out {d.path} FILES...")
+    from moepipe.train.checkpoint import find_resume
+
+    find_resume(cfg, run_dir)
+
+
+def _resume_config(cfg: MoepipeConfig, run_dir: str) -> MoepipeConfig:
+    """A restart continues this job's own checkpoints (resume=auto) once it has written one;
+    before that it starts where the first attempt did."""
+    from moepipe.train.checkpoint import checkpoint_root, latest_checkpoint
+
+    if latest_checkpoint(checkpoint_root(cfg, run_dir)) is None:
+        return cfg
+    return replace(cfg, train=replace(cfg.train, resume="auto"))
+
+
+def _classify(index: int, trace: str) -> Exception:
+    """Turn a worker's traceback into the parent's error: its own one-line ConfigError or
+    non-finite loss (deterministic: a restart would fail again), else a restartable failure."""
+    last = next((line for line in reversed(trace.strip().splitlines()) if line.strip()), "")
+    match = re.match(r"^([\w.]+): (.*)$", last)
+    if match:
+        kind, message = match.group(1).rsplit(".", 1)[-1], match.group(2)
+        if kind == "ConfigError":
+            return ConfigError(message)
+        if kind == "NonFiniteLossError":
+            from moepipe.train.loop import NonFiniteLossError
+
+            return NonFiniteLossError(message)
+    return WorkerFailed(f"worker {index} failed:\n{trace}")
+
+
+def _run_workers(cfg: MoepipeConfig, run_dir: str, n: int) -> None:
+    """Spawn n workers and wait; SIGTERM to this process is passed on to them (they save and
+    exit with EXIT_PREEMPTED). The first failure ends the others within a few seconds."""
+    from moepipe.train.preempt import EXIT_PREEMPTED, Preempted
+
+    init = f"tcp://127.0.0.1:{free_port()}"
+    target = _spawned if n > 1 else _single
+    ctx = mp.start_processes(target, args=(n, cfg, run_dir, init), nprocs=n, start_method="spawn", join=False)
+
+    def forward(signum, frame):
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward) if threading.current_thread() is threading.main_thread() else None
+    try:
+        # A short grace period: after one worker fails the others are blocked in collectives with
+        # SIGTERM only setting a flag, so they are killed rather than waited for.
+        while not ctx.join(timeout=1.0, grace_period=2.0):
+            pass
+    except mp.ProcessRaisedException as err:
+        raise _classify(err.error_index, str(err)) from None
+    except mp.ProcessExitedException as err:
+        if err.exit_code == EXIT_PREEMPTED:
+            from moepipe.train.checkpoint import checkpoint_root, latest_checkpoint
+
+            path = latest_checkpoint(checkpoint_root(cfg, run_dir)) or "(none)"
+            raise Preempted(int(path.rsplit("_", 1)[-1]) if path[-1:].isdigit() else 0, path) from None
+        raise WorkerFailed(f"worker {err.error_index} exited with code {err.exit_code} (signal {err.signal_name})") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _spawned(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str) -> None:
-    run_worker(rank, n, cfg, run_dir, init, local_rank=rank)
+    from moepipe.train.preempt import EXIT_PREEMPTED, Preempted
+
+    try:
+        run_worker(rank, n, cfg, run_dir, init, local_rank=rank)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)  # the checkpoint is written; a distinct status, not a failure
+
+
+def _single(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str) -> None:
+    """One process under the restarting launcher (train.max_restarts > 0): the plain Trainer."""
+    from moepipe.train.loop import train
+    from moepipe.train.preempt import EXIT_PREEMPTED, Preempted
+
+    torch.set_num_threads(_threads_per_worker(cfg, 1))
+    try:
+        train(cfg, run_dir)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)
 
 
 def _threads_per_worker(cfg: MoepipeConfig, local_world: int) -> int:
@@ -93,8 +200,7 @@ def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, l
     from moepipe.parallel.mesh import build_mesh
     from moepipe.train.distributed import DistributedTrainer
     from moepipe.train.loop import train
-
-    from moepipe.config import ConfigError
+    from moepipe.train.preempt import Preempted
 
     use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
@@ -117,7 +223,12 @@ def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, l
         dist.broadcast_object_list(shared, src=0)  # under torchrun every rank's Hydra made its own dir
         run_dir = shared[0]
         mesh = build_mesh(cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.dp)
-        summary = train(cfg, run_dir, trainer_factory=lambda: DistributedTrainer(cfg, mesh), is_metrics_rank=mesh.is_metrics_rank)
+        try:
+            summary = train(cfg, run_dir, trainer_factory=lambda plan: DistributedTrainer(cfg, mesh, plan), is_metrics_rank=mesh.is_metrics_rank)
+        except Preempted:
+            dist.barrier()  # every rank saved and agreed to stop: leave together
+            ok = True
+            raise
         dist.barrier()
         ok = True
         return summary

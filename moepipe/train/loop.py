@@ -5,8 +5,10 @@ pipeline schedule performs, so this is the reference the distributed runtime mus
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -18,8 +20,10 @@ from moepipe.config import ConfigError, MoepipeConfig, world_size
 from moepipe.data import build_corpus, train_batch, val_batches
 from moepipe.model import MoETransformer, build_model, count_parameters, lm_loss
 from moepipe.parallel.grad_sync import fill_missing_grads
+from moepipe.train.checkpoint import attempt_number, checkpoint_root, find_resume, load_checkpoint, mesh_of, plan_for_resume, save_checkpoint
 from moepipe.train.metrics import MetricsLogger, routing_metrics
 from moepipe.train.optim import build_optimizer, lr_at, set_lr
+from moepipe.train.preempt import EXIT_PREEMPTED, Preempted, StopOnSignal, inject_sigterm
 from moepipe.train.run_info import run_info
 from moepipe.train.workload import routing_skew
 
@@ -129,6 +133,8 @@ class Trainer:
         fill_missing_grads(list(self.model.parameters()))
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if not math.isfinite(grad_norm):  # a finite loss can still overflow in backward
+            raise NonFiniteLossError(f"grad_norm={grad_norm} at step {step}: lower optim.lr or raise optim.warmup_steps")
         self.optimizer.step()
         # Aux-loss-free bias moves after the update, from this step's demand (DeepSeek-V3).
         self.model.update_expert_bias()
@@ -164,8 +170,11 @@ class Trainer:
 def train(cfg: MoepipeConfig, run_dir: str, trainer_factory=None, is_metrics_rank: bool = True) -> dict | None:
     """Train `cfg`, writing metrics.jsonl and summary.json into `run_dir` (metrics rank only).
 
-    `trainer_factory` builds this process's trainer (default: the single-process `Trainer`;
-    distributed workers pass one that builds a `DistributedTrainer`).
+    `trainer_factory(plan)` builds this process's trainer (default: the single-process `Trainer`;
+    distributed workers pass one that builds a `DistributedTrainer`); `plan` is the checkpoint's
+    plan when the run resumes under the same mesh and placer, else None (the default plan).
+    Resumes per train.resume; checkpoints every train.ckpt_every steps and on SIGTERM (then
+    raises `Preempted`). summary.json is written only when all train.steps are done.
     """
     if trainer_factory is None and world_size(cfg) != 1:
         raise ConfigError(
@@ -173,56 +182,123 @@ def train(cfg: MoepipeConfig, run_dir: str, trainer_factory=None, is_metrics_ran
             "start multi-process runs with moepipe-train (it launches the workers)"
         )
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    logger = MetricsLogger(cfg, run_dir, config_dict, enabled=is_metrics_rank)
-    summary, exit_code = None, 1
+    point = find_resume(cfg, run_dir)  # ConfigError (missing/broken/mismatched) before any work
+    logger, summary, exit_code = None, None, 1
     try:
-        trainer = trainer_factory() if trainer_factory else Trainer(cfg)
-        summary = _loop(cfg, trainer, logger, run_dir, config_dict)
+        plan = plan_for_resume(point, cfg)
+        trainer = trainer_factory(plan) if trainer_factory else Trainer(cfg)
+        start = load_checkpoint(trainer, point, cfg) if point is not None else 0
+        if point is not None and is_metrics_rank:
+            trim_records(run_dir, start)  # only once the checkpoint loaded: rows past it are redone
+        logger = MetricsLogger(cfg, run_dir, config_dict, enabled=is_metrics_rank)
+        if point is not None:
+            logger.event({"step": start, "event": "resume", "from": point.path, "plan": "kept" if plan is not None else "default"})
+            if is_metrics_rank:
+                print(f"moepipe: resumed from {point.path} (step {start})", file=sys.stderr, flush=True)
+        with StopOnSignal() as stop:
+            summary = _loop(cfg, trainer, logger, run_dir, config_dict, start, stop)
         exit_code = 0
         return summary if is_metrics_rank else None
+    except Preempted:
+        exit_code = EXIT_PREEMPTED
+        raise
     finally:
-        logger.close(summary, exit_code)
+        if logger is not None:
+            logger.close(summary, exit_code)
 
 
-def _loop(cfg: MoepipeConfig, trainer, logger: MetricsLogger, run_dir: str, config_dict: dict) -> dict:
+def trim_records(run_dir: str, step: int) -> None:
+    """Drop rows after `step` (and a torn last line) from the run's jsonl files, so a resumed run
+    leaves one consistent record instead of two versions of the steps it repeats."""
+    for name in ("metrics.jsonl", "expert_load.jsonl"):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
+        kept = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+# After this many non-finite steps in a row, train.on_nonfinite=skip gives up: the weights are
+# damaged, not one batch.
+MAX_CONSECUTIVE_SKIPS = 10
+
+
+def _loop(cfg: MoepipeConfig, trainer, logger: MetricsLogger, run_dir: str, config_dict: dict, start: int, stop: StopOnSignal) -> dict:
     t = cfg.train
+    rank = mesh_of(trainer)[0]
+    root = checkpoint_root(cfg, run_dir)
     wall_start = time.perf_counter()
     window: list[StepResult] = []
     step_seconds, step_tokens = 0.0, 0
-    val_loss = None
-    for step in range(t.steps):
-        res = trainer.train_step(step)
+    val_loss, last, latest = None, None, None
+    skipped, in_a_row = 0, 0
+    for step in range(start, t.steps):
+        inject_sigterm(rank, step)
+        try:
+            res = trainer.train_step(step)
+            in_a_row = 0
+        except NonFiniteLossError as err:
+            if t.on_nonfinite != "skip":
+                raise
+            skipped, in_a_row, res = skipped + 1, in_a_row + 1, None
+            if in_a_row > MAX_CONSECUTIVE_SKIPS:
+                raise NonFiniteLossError(f"{err} ({in_a_row} non-finite steps in a row, train.on_nonfinite=skip gives up)") from None
+            logger.event({"step": step + 1, "event": "skipped", "reason": str(err)})
         for event in trainer.after_step(step + 1):  # re-placement and migration events
             logger.event(event)
-        window.append(res)
-        if step > 0 or t.steps == 1:  # the first step pays one-off allocation costs
-            step_seconds += res.seconds
-            step_tokens += res.tokens
         done = step + 1
+        if res is not None:
+            last = res
+            window.append(res)
+            if step > start or t.steps - start == 1:  # the first step pays one-off allocation costs
+                step_seconds += res.seconds
+                step_tokens += res.tokens
         is_eval = t.eval_every and done % t.eval_every == 0
         if is_eval or done == t.steps:
             val_loss = trainer.evaluate()
-        if done % t.log_every == 0 or done == t.steps:
+        if window and (done % t.log_every == 0 or done == t.steps):
             row = {
                 "step": done,
                 "loss": float(np.mean([r.loss for r in window])),
-                "lr": res.lr,
-                "grad_norm": res.grad_norm,
+                "lr": window[-1].lr,
+                "grad_norm": window[-1].grad_norm,
                 "tokens_per_s": sum(r.tokens for r in window) / max(1e-9, sum(r.seconds for r in window)),
-                **res.routing,
+                **window[-1].routing,
             }
             if is_eval or done == t.steps:
                 row["val_loss"] = val_loss
-            logger.log(row, res.expert_load)
+            logger.log(row, window[-1].expert_load)
             window = []
-        elif is_eval:
+        elif is_eval or done == t.steps:
             logger.event({"step": done, "val_loss": val_loss})
         else:
             logger.tick(done)
+        stopping = stop.agreed(trainer)
+        if stopping or (t.ckpt_every and (done % t.ckpt_every == 0 or done == t.steps)):
+            began = time.perf_counter()
+            latest = save_checkpoint(trainer, cfg, root, done, config_dict)
+            logger.event({"step": done, "event": "checkpoint", "path": latest, "seconds": time.perf_counter() - began})
+        if stopping and done < t.steps:
+            if logger.enabled:
+                print(f"moepipe: stopped after step {done}/{t.steps}; checkpoint {latest}", file=sys.stderr, flush=True)
+            raise Preempted(done, latest)
+    if last is None:
+        raise NonFiniteLossError(f"every step from {start} to {t.steps} was non-finite: lower optim.lr or raise optim.warmup_steps")
     params = trainer.parameter_counts()
     return {
         "steps": t.steps,
-        "final_train_loss": res.loss,
+        "final_train_loss": last.loss,
         "final_val_loss": val_loss,
         "tokens_per_s": step_tokens / max(1e-9, step_seconds),
         "wall_time_s": time.perf_counter() - wall_start,
@@ -231,6 +307,10 @@ def _loop(cfg: MoepipeConfig, trainer, logger: MetricsLogger, run_dir: str, conf
         "dtype": str(trainer.amp_dtype or torch.float32).replace("torch.", ""),
         "parameters": params,
         "run_dir": os.path.abspath(run_dir),
+        "resumed_from_step": start,
+        "restarts": attempt_number(),
+        "skipped_steps": skipped,
+        "checkpoint": latest,
         "config": config_dict,
         **run_info(),
     }
