@@ -37,7 +37,7 @@ def inject_fault(rank: int, step: int, where: str = "step") -> None:
     step index <step> starts, or (":migration") in the middle of the migration after <step>
     steps: state sent and received, new stages not built yet."""
     spec = os.environ.get("MOEPIPE_INJECT_FAULT")
-    if not spec:
+    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # first attempt only
         return
     want_rank, want_step, kind, *at = spec.split(":")
     if int(want_rank) == rank and int(want_step) == step and (at[0] if at else "step") == where:
@@ -182,6 +182,8 @@ class DistributedTrainer:
         sync_gradients(self.dense, self.expert, self.mesh)
         self.replicas.sync()  # copies of a replicated expert each saw part of its tokens
         norm = global_grad_norm(self.dense, self.replicas.primary_only(self.expert), self.mesh)
+        if not math.isfinite(float(norm)):  # all-reduced: every rank takes the same branch
+            raise NonFiniteLossError(f"grad_norm={float(norm)} at step {step}: lower optim.lr or raise optim.warmup_steps")
         if cfg.optim.grad_clip > 0:
             clip_gradients(self.dense + self.expert, norm, cfg.optim.grad_clip)
         self.optimizer.step()
@@ -404,8 +406,13 @@ class DistributedTrainer:
         out = {f"load_ema.{lid}": torch.from_numpy(v.copy()) for lid, v in sorted(self.load_ema.items())}
         if self.time_ema is not None:
             out["time_ema"] = torch.from_numpy(self.time_ema.copy())
+        if self.step_time_ema is not None:
+            out["step_time_ema"] = torch.tensor(self.step_time_ema, dtype=torch.float64)
+        out["rebuild_s"] = torch.tensor(self.rebuild_s, dtype=torch.float64)
         return out
 
     def load_placer_state(self, state: dict[str, torch.Tensor]) -> None:
         self.load_ema = {int(k.split(".", 1)[1]): v.double().numpy().copy() for k, v in state.items() if k.startswith("load_ema.")}
         self.time_ema = state["time_ema"].double().numpy().copy() if "time_ema" in state else None
+        self.step_time_ema = float(state["step_time_ema"]) if "step_time_ema" in state else None
+        self.rebuild_s = float(state["rebuild_s"]) if "rebuild_s" in state else 0.0
