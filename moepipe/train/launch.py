@@ -169,9 +169,23 @@ def _run_workers(cfg: MoepipeConfig, run_dir: str, n: int) -> None:
             signal.signal(signal.SIGTERM, previous)
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker when the launcher dies (killed by a scheduler,
+    an OOM killer or a test timeout), instead of leaving it to wait out the collective timeout."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _spawned(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str) -> None:
     from moepipe.train.preempt import EXIT_PREEMPTED, Preempted
 
+    die_with_parent()
     try:
         run_worker(rank, n, cfg, run_dir, init, local_rank=rank)
     except Preempted:
@@ -183,6 +197,7 @@ def _single(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str) -> N
     from moepipe.train.loop import train
     from moepipe.train.preempt import EXIT_PREEMPTED, Preempted
 
+    die_with_parent()
     torch.set_num_threads(_threads_per_worker(cfg, 1))
     try:
         train(cfg, run_dir)
