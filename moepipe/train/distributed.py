@@ -96,6 +96,8 @@ class DistributedTrainer:
         self.slices = mesh.ep * mesh.dp
         self.moe_ids = moe_layer_ids(cfg.model, cfg.moe)
         self._topology = None
+        if cfg.topology.detect or cfg.topology.probe:
+            self._topology = self._measured_topology()  # collective: every rank, at start-up
         self._skew = None  # this step's injected routing skew (workload.kind)
         self._done = 0  # steps completed when the current re-plan started
         self.speed = self.topology.devices[mesh.rank].speed if cfg.workload.emulate_speed else 1.0
@@ -109,6 +111,15 @@ class DistributedTrainer:
         self.step_time_ema: float | None = None  # measured seconds per training step
         self.rebuild_s = 0.0  # measured migration time beyond the placer's transfer estimate
         self._build(check_plan_for_job(validate_plan(plan or default_plan(cfg), cfg.model.n_layers, self.moe_ids, cfg.moe.num_experts), cfg))
+
+    def _measured_topology(self):
+        """topology.detect: node grouping and device properties from the launcher and torch;
+        topology.probe: point-to-point and all-to-all figures measured on this job's group."""
+        from moepipe.placement.topology import apply_probe, detect_topology, probe_links
+
+        cfg, n = self.cfg, self.mesh.world_size
+        topo = detect_topology(n, base=cfg.topology, use_cuda=self.device.type == "cuda") if cfg.topology.detect else topology_from_config(cfg.topology, n)
+        return apply_probe(topo, probe_links()) if cfg.topology.probe else topo
 
     @property
     def topology(self):
