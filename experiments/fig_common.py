@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -467,10 +468,9 @@ def train_runs(variants: dict[str, list[str]], out_root: str, threads: int = 1) 
     dirs = {}
     for name, ov in variants.items():
         run_dir = os.path.join(out_root, name)
-        if os.path.isdir(run_dir):  # a rerun starts clean: the logger appends to metrics.jsonl
-            for f in ("metrics.jsonl", "expert_load.jsonl", "summary.json"):
-                if os.path.exists(os.path.join(run_dir, f)):
-                    os.remove(os.path.join(run_dir, f))
+        # A rerun starts clean: the logger appends to metrics.jsonl, and train.resume=auto would
+        # continue from a checkpoint an interrupted earlier run left behind.
+        shutil.rmtree(run_dir, ignore_errors=True)
         t0 = time.perf_counter()
         train(compose_config(ov), run_dir)
         print(f"  {name}: {time.perf_counter() - t0:.0f} s -> {run_dir}", flush=True)

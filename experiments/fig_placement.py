@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -60,6 +61,7 @@ def measured(steps: int, interval: int, out_root: str) -> list[dict]:
             over = MODEL + extra + [f"train.steps={steps}", f"placer={placer}", f"placer.interval={interval if placer != 'static' else 0}",
                                     "placer.replica_slots=1"]
             run_dir = os.path.join(out_root, f"{scen}_{placer}")
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: never resume an older one's checkpoint
             summary = launch(compose_config(over), run_dir)
             steps_rows, events = [], []
             with open(os.path.join(run_dir, "metrics.jsonl")) as f:
