@@ -53,8 +53,10 @@ def main() -> None:
     replans = [r for r in rows if r.get("event") == "replan"]
     rss = [(r["step"], r["max_rank_rss_mb"]) for r in replans]
     growth = rss[-1][1] / rss[1][1] - 1 if len(rss) > 2 else float("nan")
+    quarter = next((mb for st, mb in rss if st >= args.steps // 4), rss[-1][1])
+    late_growth = rss[-1][1] / quarter - 1  # after allocator warm-up: the leak signal
     result = {
-        "rss_growth": growth, "steps": summary["steps"], "wall_s": wall, "replans": len(replans),
+        "rss_growth": growth, "rss_growth_after_first_quarter": late_growth, "steps": summary["steps"], "wall_s": wall, "replans": len(replans),
         "migrations": sum(bool(r.get("migrate")) for r in replans),
         "bytes_moved": sum(r.get("bytes_moved", 0) for r in replans), "rss_mb_by_replan": rss,
         "final_train_loss": summary["final_train_loss"], "final_val_loss": summary["final_val_loss"],
@@ -62,7 +64,7 @@ def main() -> None:
     }
     write_json(args.out, result)
     print(f"{summary['steps']} steps in {wall:.0f} s, {result['replans']} re-plans, {result['migrations']} migrations, "
-          f"RSS {rss[1][1]:.0f} -> {rss[-1][1]:.0f} MB")
+          f"RSS {rss[1][1]:.0f} -> {rss[-1][1]:.0f} MB ({late_growth:+.2%} after step {args.steps // 4})")
     print(f"rss_growth={growth:.4f}")
 
 

@@ -181,3 +181,25 @@ def test_topo_replans_under_skew_without_changing_the_function(tmp_path):
     assert all(e["bytes_moved"] > 0 and e["predicted_new_s"] < e["predicted_old_s"] for e in moved)
     assert topo["plan"] != static["plan"]
     torch.testing.assert_close(torch.tensor(topo["losses"]), torch.tensor(static["losses"]), rtol=1e-5, atol=0)
+
+
+def _probe_worker(rank: int, world: int, out_dir: str) -> None:
+    mesh = build_mesh(2, 1, 1)
+    cfg = compose_cfg(BASE + ["parallel.pp=2", "parallel.ep=1", "parallel.dp=1", "topology.detect=true", "topology.probe=true",
+                              "placer.name=topo", "placer.interval=1", f"train.steps={STEPS}"])
+    trainer = DistributedTrainer(cfg, mesh)  # detection and the link probe run here, on both ranks
+    trainer.train_step(0)
+    events = trainer.after_step(1)
+    if rank == 0:
+        topo = trainer.topology
+        save({"name": topo.name, "n": topo.n_devices, "bw": float(topo.bandwidth[0, 1]), "events": events},
+             os.path.join(out_dir, "probe.pt"))
+
+
+@pytest.mark.timeout(200)
+def test_detected_and_probed_topology_feeds_the_placer(tmp_path):
+    run_distributed(_probe_worker, 2, str(tmp_path), timeout=180)
+    res = torch.load(tmp_path / "probe.pt", weights_only=False)
+    assert res["name"] == "detected+probe" and res["n"] == 2
+    assert 0 < res["bw"] < float("inf")  # a measured link, not the configured figure
+    assert len(res["events"]) == 1 and res["events"][0]["event"] == "replan"
