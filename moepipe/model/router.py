@@ -137,7 +137,7 @@ class Router(nn.Module):
             if self.training and self.jitter > 0:
                 x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
             logits = F.linear(x, self.weight.float())
-            return logits if self.skew is None else logits + self.skew.to(logits.device)
+            return logits if self.skew is None else logits + self.skew
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:

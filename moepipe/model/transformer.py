@@ -104,7 +104,8 @@ class MoETransformer(nn.Module):
     def set_routing_skew(self, skew: dict[int, torch.Tensor] | None) -> None:
         """Per-layer logit offsets [E] (injected workloads); None removes them."""
         for layer_id, moe in self.moe_layers():
-            moe.router.skew = None if skew is None else skew.get(layer_id)
+            offset = None if skew is None else skew.get(layer_id)
+            moe.router.skew = None if offset is None else offset.to(moe.router.weight.device)  # moved once per step
 
 
 @torch.no_grad()

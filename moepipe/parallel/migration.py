@@ -112,7 +112,7 @@ def _unpack(buf: torch.Tensor, names: list[str], layout: dict[str, EntrySpec]) -
         parts = [spec.numel] * (3 if spec.is_param else 1) + ([1] if spec.is_param else [])
         ts = []
         for k in parts:
-            ts.append(buf[offset : offset + k].clone())
+            ts.append(buf[offset : offset + k])  # views: the loader copies them into the new stages
             offset += k
         ts[0] = ts[0].view(spec.shape)
         if spec.is_param:

@@ -334,25 +334,30 @@ def detect_topology(
 # ------------------------------------------------------------------ measurement on a real group
 
 
-def probe_links(group: Any = None, small_bytes: int = 8, large_bytes: int = 1 << 20, iters: int = 5) -> dict:
+def probe_links(group: Any = None, small_bytes: int = 8, large_bytes: int = 1 << 20, iters: int = 5, device: Any = None) -> dict:
     """Measure alpha-beta figures on an initialised torch.distributed group (all ranks call it).
 
     Point-to-point: ping-pong between every ordered pair (i < j), timed on i, fitted to
     t = alpha + bytes/beta from a small and a large message. All-to-all: `all_to_all_single`
     of `large_bytes` per peer, reported as per-device bytes/s. Returns plain lists (JSON-able)
     identical on every rank: {"bandwidth_gbps": [[...]], "latency_us": [[...]], "all_to_all_gbps": x}.
+    `device`: where the buffers live (the job's device: NCCL only moves CUDA tensors).
     """
     import torch
     import torch.distributed as dist
 
+    device = torch.device("cpu") if device is None else torch.device(device)
+    # NCCL calls return before the transfer ends: synchronise before every clock read.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rank, n = dist.get_rank(group), dist.get_world_size(group)
     gr = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
-    small = torch.zeros(max(1, small_bytes // 4), dtype=torch.float32)
-    large = torch.zeros(max(1, large_bytes // 4), dtype=torch.float32)
-    bw = torch.zeros(n, n, dtype=torch.float64)
-    lat = torch.zeros(n, n, dtype=torch.float64)
+    small = torch.zeros(max(1, small_bytes // 4), dtype=torch.float32, device=device)
+    large = torch.zeros(max(1, large_bytes // 4), dtype=torch.float32, device=device)
+    bw = torch.zeros(n, n, dtype=torch.float64, device=device)
+    lat = torch.zeros(n, n, dtype=torch.float64, device=device)
 
     def pingpong(buf: torch.Tensor, peer: int, first: bool) -> float:
+        sync()
         t0 = time.perf_counter()
         for _ in range(iters):
             if first:
@@ -361,6 +366,7 @@ def probe_links(group: Any = None, small_bytes: int = 8, large_bytes: int = 1 <<
             else:
                 dist.recv(buf, gr(peer), group=group)
                 dist.send(buf, gr(peer), group=group)
+        sync()
         return (time.perf_counter() - t0) / (2 * iters)
 
     for i in range(n):
@@ -377,18 +383,21 @@ def probe_links(group: Any = None, small_bytes: int = 8, large_bytes: int = 1 <<
             dist.barrier(group=group)
     dist.all_reduce(bw, group=group)  # only the measuring rank wrote each entry
     dist.all_reduce(lat, group=group)
-    a2a_in = torch.zeros(n * large.numel(), dtype=torch.float32)
+    a2a_in = torch.zeros(n * large.numel(), dtype=torch.float32, device=device)
     a2a_out = torch.empty_like(a2a_in)
     dist.all_to_all_single(a2a_out, a2a_in, group=group)  # warm-up
     dist.barrier(group=group)
+    sync()
     t0 = time.perf_counter()
     for _ in range(iters):
         dist.all_to_all_single(a2a_out, a2a_in, group=group)
-    dt = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64)
+    sync()
+    dt = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64, device=device)
     dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=group)
     a2a = (n - 1) * large.numel() * 4 / float(dt) / GB if n > 1 else float("inf")
+    bw = bw.cpu()
     bw.fill_diagonal_(float("inf"))
-    return {"bandwidth_gbps": bw.tolist(), "latency_us": lat.tolist(), "all_to_all_gbps": a2a}
+    return {"bandwidth_gbps": bw.tolist(), "latency_us": lat.cpu().tolist(), "all_to_all_gbps": a2a}
 
 
 def apply_probe(topo: Topology, probe: Mapping[str, Any]) -> Topology:

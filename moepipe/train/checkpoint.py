@@ -191,6 +191,11 @@ def latest_checkpoint(root: str) -> Optional[str]:
     with open(pointer) as f:
         name = f.read().strip()
     path = os.path.join(root, name)
+    aside = path + ".old.tmp"
+    if name.startswith("step_") and "/" not in name and not os.path.isdir(path) and os.path.isdir(aside):
+        # save() died between moving an older copy of this step aside and renaming the new one
+        # in: the copy `latest` named is intact, under its aside name. Put it back.
+        os.rename(aside, path)
     if not name.startswith("step_") or "/" in name or not os.path.isdir(path):
         raise ConfigError(
             f"train.ckpt_dir={root} has a latest pointer naming {name!r}, which is not a checkpoint there: "
@@ -259,13 +264,17 @@ def save_checkpoint(trainer, cfg: MoepipeConfig, root: str, step: int, config_di
             "seconds": time.perf_counter() - started,
         }
         _write_durably(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+        old = final + ".old.tmp"  # the .tmp suffix: prune() clears it if we die before that
         if os.path.exists(final):
-            # A complete copy from an attempt that died before updating `latest` (which names an
-            # earlier step, or we would have resumed from this one): replace it.
-            shutil.rmtree(final)
+            # An earlier copy of this step (an attempt that died before updating `latest`, or a
+            # run resumed from an older checkpoint that `latest` may still name): move it aside,
+            # never delete it, until the new copy is in place and `latest` names it.
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(root)
         _write_durably(os.path.join(root, LATEST), f"step_{step}\n")
+        shutil.rmtree(old, ignore_errors=True)
         prune(root, cfg.train.ckpt_keep)
     _barrier(on)  # nobody runs ahead (or exits) before the checkpoint is in place
     return final

@@ -134,7 +134,7 @@ class DistributedTrainer:
 
         cfg, n = self.cfg, self.mesh.world_size
         topo = detect_topology(n, base=cfg.topology, use_cuda=self.device.type == "cuda") if cfg.topology.detect else topology_from_config(cfg.topology, n)
-        return apply_probe(topo, probe_links()) if cfg.topology.probe else topo
+        return apply_probe(topo, probe_links(device=self.device)) if cfg.topology.probe else topo
 
     @property
     def topology(self):
@@ -152,7 +152,7 @@ class DistributedTrainer:
             s: build_stage_module(cfg.model, cfg.moe, plan, s, mesh.ep_rank, self.device, cfg.train.seed) for s in self.stage_ids
         }
         self.slowdowns = [SlowDevice(m, self.speed) for m in self.modules.values()] if self.speed < 1 else []
-        self.clock = BlockClock(list(self.modules.values()), cfg.model.n_layers)
+        self.clock = BlockClock(list(self.modules.values()), cfg.model.n_layers, self.device)
         for module in self.modules.values():
             module.activation_checkpointing = cfg.train.activation_checkpointing
             for layer_id, moe in module.moe_layers():
@@ -308,9 +308,10 @@ class DistributedTrainer:
         holding the block. Only without expert parallelism: with EP a block's forward also
         waits in the all-to-alls for its peers, which says nothing about the block's own cost,
         so the placer models those blocks from the routed-token counts instead."""
-        fwd = torch.from_numpy(self.clock.take() * self.speed * 3.0).to(self.device)
+        seconds = self.clock.take()
         if self.mesh.ep > 1:
             return
+        fwd = torch.from_numpy(seconds * self.speed * 3.0).to(self.device)
         dist.all_reduce(fwd, op=dist.ReduceOp.MAX)
         now = fwd.cpu().double().numpy()
         decay = self.cfg.placer.ema_decay
@@ -341,12 +342,20 @@ class DistributedTrainer:
         pc = self.cfg.placer
         box: list = [None]
         if self.mesh.rank == 0:
-            times = self.time_ema if self.time_ema is not None and (self.time_ema > 0).all() else None
-            inputs = inputs_from_config(self.cfg, self.topology, expert_load=dict(self.load_ema) or None, layer_times=times)
-            d = decide(pc.name, inputs, self.plan, pc.replica_slots, horizon, pc.min_gain_frac)
-            box[0] = self._judge(d, horizon)
+            try:
+                times = self.time_ema if self.time_ema is not None and (self.time_ema > 0).all() else None
+                inputs = inputs_from_config(self.cfg, self.topology, expert_load=dict(self.load_ema) or None, layer_times=times)
+                box[0] = self._judge(decide(pc.name, inputs, self.plan, pc.replica_slots, horizon, pc.min_gain_frac), horizon)
+            except ConfigError as err:  # e.g. no plan fits the declared memory: keep training as is
+                box[0] = {"placer": pc.name, "migrate": False, "reason": f"placer error, layout kept: {err}", "plan": to_json(self.plan)}
+            except Exception as err:  # the other ranks must not wait in the broadcast forever
+                box[0] = {"error": f"{type(err).__name__}: {err}"}
+                dist.broadcast_object_list(box, src=0)
+                raise
         dist.broadcast_object_list(box, src=0)
         decision = box[0]
+        if "error" in decision:
+            raise RuntimeError(f"the placer failed on rank 0: {decision['error']}")
         from moepipe.placement.plan import from_json
 
         decision["plan"] = from_json(decision["plan"])

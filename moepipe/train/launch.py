@@ -144,7 +144,10 @@ def _run_workers(cfg: MoepipeConfig, run_dir: str, n: int) -> None:
     target = _spawned if n > 1 else _single
     ctx = mp.start_processes(target, args=(n, cfg, run_dir, init), nprocs=n, start_method="spawn", join=False)
 
+    stopping = []  # set once SIGTERM arrived: a worker that dies from it now is a stop, not a fault
+
     def forward(signum, frame):
+        stopping.append(signum)
         for p in ctx.processes:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
@@ -158,7 +161,9 @@ def _run_workers(cfg: MoepipeConfig, run_dir: str, n: int) -> None:
     except mp.ProcessRaisedException as err:
         raise _classify(err.error_index, str(err)) from None
     except mp.ProcessExitedException as err:
-        if err.exit_code == EXIT_PREEMPTED:
+        # A worker still starting (before its handler is installed) dies of the forwarded
+        # SIGTERM itself: that is the stop the scheduler asked for, never a reason to restart.
+        if err.exit_code == EXIT_PREEMPTED or stopping:
             from moepipe.train.checkpoint import checkpoint_root, latest_checkpoint
 
             path = latest_checkpoint(checkpoint_root(cfg, run_dir)) or "(none)"
