@@ -133,8 +133,7 @@ def test_figures_redraw_from_committed_results(tmp_path):
     from analysis.figures import DRAWERS, draw_all
 
     present = [n for n in DRAWERS if (ROOT / "results" / f"{n}.json").is_file()]
-    if not present:
-        pytest.skip("no results/fig_*.json yet: run make figures")
+    assert present == list(DRAWERS), f"results/ lacks {set(DRAWERS) - set(present)}: run make figures and commit results/"
     out = draw_all(str(ROOT / "results"), str(tmp_path))
     assert len(out) >= len(present)
     for p in out:
