@@ -148,6 +148,35 @@ def test_home_and_transfers():
     }
 
 
+def test_placer_estimate_moves_what_the_runtime_moves():
+    """The placer's migration estimate and the runtime's transfer list pick the same sources
+    (`plan.pick_source`) on a topology whose links differ: identical (source, destination) pairs."""
+    from moepipe.config import DeviceGroupConfig, TopologyConfig
+    from moepipe.model import build_model
+    from moepipe.parallel.migration import state_layout
+    from moepipe.placement.placers import inputs_from_config
+    from moepipe.placement.placers.migration import transfers as estimate
+    from moepipe.placement.topology import from_config
+
+    pp, ep, dp = 2, 2, 2
+    cfg = compose_cfg(BASE + [f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.dp={dp}"])
+    bw = [[10.0] * 8 for _ in range(8)]
+    for x, y in ((2, 4), (3, 5)):  # a fast link between pipeline ranks 0 and 1 across data-parallel replicas
+        bw[x][y] = bw[y][x] = 100.0
+    topo = from_config(TopologyConfig(nodes=1, devices_per_node=8, device_groups=[DeviceGroupConfig(count=8, tflops=1.0)],
+                                      bandwidth_matrix_gbps=bw), 8)
+    inputs = inputs_from_config(cfg, topo)
+    with torch.device("meta"):
+        layout = state_layout(build_model(cfg.model, cfg.moe))
+    old = static_plan(6, list(range(6)), 4, pp=pp, ep=ep, dp=dp)  # stages (0, 3), (3, 6)
+    for new, fast in zip(layouts(pp, ep, dp), ((2, 4), (4, 2))):  # block 3 moves to pp rank 0, then blocks 2-3 to pp rank 1
+        runtime = transfers(old, new, layout, topo.bandwidth[:8, :8])
+        placer = {(s, d) for s, d, _ in estimate(old, new, inputs) if s != d}
+        assert placer == set(runtime)
+        assert fast in runtime and fast not in transfers(old, new, layout)  # mesh order alone would not use the fast link
+        old = new
+
+
 # ------------------------------------------------------------------ the placer in the loop
 
 

@@ -109,10 +109,29 @@ def test_uniform_profile_full_path_matches_formula():
     assert list(r.peak_inflight) == [4, 3, 2, 1]
 
 
+def test_balanced_comm_bound_is_reached_by_an_even_plan_and_kept_under_skew():
+    # EP pairs span nodes (one device per node): the free-communication bound is out of reach,
+    # the one that keeps the unavoidable all-to-all, sends and gradient sync is met by the even plan
+    prof = {"device": {"tflops": 0.01}, "tokens_per_microbatch": 256,
+            "layers": {str(i): {"fwd_s": 1e-3, "bwd_input_s": 1e-3, "bwd_weight_s": 1e-3} for i in range(8)},
+            "embedding": {"fwd_s": 0, "bwd_s": 0}, "head": {"fwd_s": 0, "bwd_s": 0},
+            "expert_per_token_s": {"fwd_s": 1e-6, "bwd_s": 2e-6}}
+    plan, topo, cm = setup(pp=2, ep=2, m=4, nodes=4, per_node=1, profile=prof)
+    uni = simulate(plan, "1f1b", 4, topo, cm)
+    assert uni.balanced_bound_s < uni.balanced_comm_bound_s * 0.9
+    assert uni.balanced_comm_bound_s == pytest.approx(uni.iteration_time_s, rel=1e-3)  # embed/head grads differ by a norm
+    skew = np.tile([20.0, 1, 1, 1, 1, 1, 1, 1], (len(cm.spec.moe_layers), 1))
+    hot = simulate(plan, "1f1b", 4, topo, cm, routing=skew)
+    assert hot.balanced_comm_bound_s == pytest.approx(uni.balanced_comm_bound_s)
+    assert hot.iteration_time_s > hot.balanced_comm_bound_s * 1.2
+    free = simulate(plan, "1f1b", 4, topo, cm, free_comm=True)
+    assert free.balanced_comm_bound_s == pytest.approx(free.balanced_bound_s)
+
+
 def test_bounds_imbalance_and_replicas():
     plan, topo, cm = setup(pp=2, ep=4, m=4, per_node=8)
     uni = simulate(plan, "1f1b", 4, topo, cm)
-    assert uni.lower_bound_s <= uni.balanced_bound_s <= uni.iteration_time_s
+    assert uni.lower_bound_s <= uni.balanced_bound_s <= uni.balanced_comm_bound_s <= uni.iteration_time_s
     skew = np.tile([20.0, 1, 1, 1, 1, 1, 1, 1], (len(cm.spec.moe_layers), 1))
     hot = simulate(plan, "1f1b", 4, topo, cm, routing=skew)
     assert hot.iteration_time_s > uni.iteration_time_s * 1.5

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("iteration_time_s", "bubble_fraction", "lower_bound_s", "balanced_bound_s", "peak_activation_bytes", "a2a_bytes_inter_node")
+KEYS = ("iteration_time_s", "bubble_fraction", "lower_bound_s", "balanced_bound_s", "balanced_comm_bound_s", "peak_activation_bytes", "a2a_bytes_inter_node")
 
 
 def run_cli(tmp_path, *overrides, timeout=60):
@@ -28,7 +28,7 @@ def test_cli_writes_summary_trace_gantt_plan(tmp_path):
     for k in KEYS:
         assert k in s, k
     assert len(s["peak_activation_bytes"]) == 4 and min(s["peak_activation_bytes"]) > 0
-    assert 0 < s["lower_bound_s"] <= s["balanced_bound_s"] <= s["iteration_time_s"]
+    assert 0 < s["lower_bound_s"] <= s["balanced_bound_s"] <= s["balanced_comm_bound_s"] <= s["iteration_time_s"]
     assert 0 < s["bubble_fraction"] < 1 and s["sim"]["routing"] == "zipf"
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["stage_layers"] == [[0, 2], [2, 4]] and plan["ep"] == 2

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moepipe.placement.plan import Plan, global_rank, mesh_coords
+from moepipe.placement.plan import Plan, global_rank, pick_source
 
 
 @dataclass(frozen=True)
@@ -69,26 +69,16 @@ def held_by(rank: int, plan: Plan, layout: dict[str, EntrySpec]) -> list[str]:
     return [n for n in layout if rank in home(n, plan)]
 
 
-def _pick_source(dst: int, sources: list[int], plan: Plan) -> int:
-    """Prefer a copy in the destination's own data-parallel replica and EP rank (same node
-    under the usual rank order), then its replica, then the lowest rank."""
-    _, ep_d, dp_d = mesh_coords(dst, plan.pp, plan.ep, plan.dp)
-
-    def key(src: int):
-        _, ep_s, dp_s = mesh_coords(src, plan.pp, plan.ep, plan.dp)
-        return (dp_s != dp_d, ep_s != ep_d, src)
-
-    return min(sources, key=key)
-
-
-def transfers(old: Plan, new: Plan, layout: dict[str, EntrySpec]) -> dict[tuple[int, int], list[str]]:
-    """(source, destination) -> entry names, in a fixed order every rank agrees on."""
+def transfers(old: Plan, new: Plan, layout: dict[str, EntrySpec], bandwidth=None) -> dict[tuple[int, int], list[str]]:
+    """(source, destination) -> entry names, in a fixed order every rank agrees on. Sources:
+    `pick_source` (the fastest link when `bandwidth` is given, which must then be the same on
+    every rank)."""
     out: dict[tuple[int, int], list[str]] = defaultdict(list)
     for name in sorted(layout):
         before, after = home(name, old), home(name, new)
         for dst in after:
             if dst not in before:
-                out[(_pick_source(dst, before, old), dst)].append(name)
+                out[(pick_source(dst, before, old, bandwidth), dst)].append(name)
     return dict(out)
 
 

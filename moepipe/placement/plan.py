@@ -69,6 +69,21 @@ def mesh_coords(rank: int, pp: int, ep: int, dp: int = 1) -> tuple[int, int, int
     return (rank // ep) % pp, rank % ep, rank // (ep * pp)
 
 
+def pick_source(dst: int, sources: list[int], plan: "Plan", bandwidth=None) -> int:
+    """The holder a new copy of a state entry is fetched from, shared by the runtime's migration
+    and the placers' estimate of it so the two agree: the fastest link to `dst` when
+    `bandwidth` ([world, world]) is given, then a copy in dst's own data-parallel replica and EP
+    rank (the same node under the usual rank order), then its replica, then the lowest rank.
+    Every rank must pass the same bandwidth (or None): all derive the transfer list alone."""
+    _, ep_d, dp_d = mesh_coords(dst, plan.pp, plan.ep, plan.dp)
+
+    def key(src: int):
+        _, ep_s, dp_s = mesh_coords(src, plan.pp, plan.ep, plan.dp)
+        return (0.0 if bandwidth is None else -float(bandwidth[src, dst]), dp_s != dp_d, ep_s != ep_d, src)
+
+    return min(sources, key=key)
+
+
 def rank_grid(pp: int, ep: int, dp: int = 1):
     """numpy int array [pp, dp, ep] of global ranks (handy for vectorised costs)."""
     import numpy as np

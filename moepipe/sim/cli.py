@@ -86,7 +86,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     print(
         f"iteration_time_s={s['iteration_time_s']:.6g} bubble_fraction={s['bubble_fraction']:.4f} "
-        f"lower_bound_s={s['lower_bound_s']:.6g} balanced_bound_s={s['balanced_bound_s']:.6g}"
+        f"lower_bound_s={s['lower_bound_s']:.6g} balanced_bound_s={s['balanced_bound_s']:.6g} "
+        f"balanced_comm_bound_s={s['balanced_comm_bound_s']:.6g}"
     )
 
 

@@ -36,6 +36,7 @@ class SimResult:
     idle_fraction: float  # 1 - device compute / (world * iteration time): also counts EP imbalance and communication
     lower_bound_s: float  # total work / total device throughput
     balanced_bound_s: float  # same schedule, balanced stages and experts, free communication
+    balanced_comm_bound_s: float  # balanced, plus the communication no placement avoids (see balanced_comm_costs)
     peak_activation_bytes: np.ndarray  # [world] by global rank
     peak_inflight: np.ndarray  # [n_stages] most microbatches whose activations a stage holds at once
     a2a_bytes_intra_node: float
@@ -62,6 +63,7 @@ class SimResult:
             "idle_fraction": self.idle_fraction,
             "lower_bound_s": self.lower_bound_s,
             "balanced_bound_s": self.balanced_bound_s,
+            "balanced_comm_bound_s": self.balanced_comm_bound_s,
             "peak_activation_bytes": [float(x) for x in self.peak_activation_bytes],
             "peak_inflight_microbatches": [int(x) for x in self.peak_inflight],
             "a2a_bytes_intra_node": self.a2a_bytes_intra_node,
@@ -98,6 +100,40 @@ def simulate_order(order: Order, stage_to_rank: list[int], m: int, comp: Any, a2
     a2a = np.zeros_like(comp) if a2a is None else np.asarray(a2a, dtype=np.float64)
     send = np.zeros(len(stage_to_rank)) if send is None else np.asarray(send, dtype=np.float64)
     return engine.run(order, stage_to_rank, m, comp, a2a, send, overhead)
+
+
+def balanced_comm_costs(cost_model: CostModel, plan: Plan, topology: Topology, n_stages: int, grad_bytes: int = 4) -> tuple[np.ndarray, float]:
+    """The communication every placement on this mesh pays, spread evenly: ([3] all-to-all
+    seconds per action (F, B, W), gradient all-reduce seconds).
+
+    All-to-all: routed tokens start evenly spread over the EP group and replicas split their
+    expert's tokens evenly, so the bytes a layer's dispatch moves, and how many cross nodes, do
+    not depend on the placement; only their balance does, and an even split (every member
+    receiving T*top_k/ep tokens) is the fastest. Each MoE layer pays that on the cheapest
+    pipeline rank's EP group, and the layers are shared evenly by the stages. Stage-boundary
+    sends depend only on the schedule's stage -> rank map, so the simulator's own are used.
+    Gradient sync: every pipeline rank holding 1/pp of the dense (and, with dp > 1, expert)
+    parameters, on the cheapest rank's groups. Equal to the communication of a perfectly
+    balanced plan when all pipeline ranks' groups are alike; a lower estimate otherwise."""
+    spec = cost_model.spec
+    grid = rank_grid(plan.pp, plan.ep, plan.dp)  # [pp, dp, ep]
+    a2a = np.zeros(3)
+    if spec.moe_layers and plan.ep > 1:
+        even = np.full(plan.ep, spec.tokens_per_microbatch * spec.top_k / plan.ep * spec.hidden_bytes_per_token)
+        per_layer = min(max(2 * topology.dispatch_time(even, grid[p, d]) for d in range(plan.dp)) for p in range(plan.pp))
+        a2a[0] = a2a[1] = per_layer * len(spec.moe_layers) / n_stages
+        if spec.activation_checkpointing:  # backward first recomputes the forward, dispatch included
+            a2a[1] += a2a[0]
+    dense = (sum(l.params for l in spec.layers) + spec.embed_params + spec.head_params) / plan.pp
+    experts = sum(l.expert_params * spec.num_experts for l in spec.layers if l.is_moe) / (plan.pp * plan.ep)
+    grad = np.inf
+    for p in range(plan.pp):
+        groups = [grid[p].ravel()] if cost_model.ep_splits_tokens else [grid[p, :, e] for e in range(plan.ep)]
+        t = max(topology.all_reduce_time(dense * grad_bytes, g) for g in groups)
+        if plan.dp > 1:
+            t += max(topology.all_reduce_time(experts * grad_bytes, grid[p, :, e]) for e in range(plan.ep))
+        grad = min(grad, t)
+    return a2a, float(grad)
 
 
 def simulate(
@@ -155,6 +191,8 @@ def simulate(
     replica_rate = costs.rates.sum(axis=(0, 2)).min()
     t_bal = work_mb * plan.pp / (S * replica_rate)
     bal = engine.run(order, s2r, m, np.tile(t_bal, (S, 1)), np.zeros((S, 3)), np.zeros(S), action_overhead_s)
+    a2a_bal, grad_bal = (np.zeros(3), 0.0) if free_comm else balanced_comm_costs(cost_model, plan, topology, S)
+    bal_comm = engine.run(order, s2r, m, np.tile(t_bal, (S, 1)), np.tile(a2a_bal, (S, 1)), costs.send, action_overhead_s)
 
     return SimResult(
         schedule=schedule,
@@ -170,6 +208,7 @@ def simulate(
         idle_fraction=float(idle),
         lower_bound_s=lower,
         balanced_bound_s=float(bal.makespan),
+        balanced_comm_bound_s=float(bal_comm.makespan + grad_bal),
         peak_activation_bytes=peak_bytes,
         peak_inflight=peak_inflight(res, S),
         a2a_bytes_intra_node=float(costs.a2a_bytes_intra * m),

@@ -421,7 +421,11 @@ class DistributedTrainer:
         cfg = self.cfg
         new_plan = check_plan_for_job(validate_plan(new_plan, cfg.model.n_layers, self.moe_ids, cfg.moe.num_experts), cfg)
         start = time.perf_counter()
-        moves = transfers(self.plan, new_plan, self.layout)
+        # the fastest sources on a declared topology; a detected/probed one may differ between
+        # ranks, and every rank derives the transfer list alone, so then mesh order decides
+        n = self.mesh.world_size
+        bw = None if cfg.topology.detect or cfg.topology.probe else self.topology.bandwidth[:n, :n]
+        moves = transfers(self.plan, new_plan, self.layout, bw)
         entries = self._entries()
         received, _ = exchange(self.mesh.rank, moves, entries, self.layout, self.device)
         entries.update(received)

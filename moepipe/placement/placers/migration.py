@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from moepipe.placement.plan import Plan, rank_grid
+from moepipe.placement.plan import Plan, pick_source, rank_grid
 from moepipe.placement.placers.inputs import BYTES_PER_PARAM_MOVE, PlacementInputs
 
 
@@ -20,23 +20,23 @@ def _layer_rank(plan: Plan) -> np.ndarray:
 def transfers(old: Plan, new: Plan, inputs: PlacementInputs) -> list[tuple[int, int, float]]:
     """(source rank, destination rank, bytes) of every copy the move needs.
 
-    A block whose pipeline rank changes sends its dense parameters (+ AdamW moments) from the
-    old rank to every EP and DP member of the new one (same (ep, dp) coordinate). An expert copy
-    on an EP rank that did not hold it (on that pipeline rank) is fetched from the old holder
-    with the fastest link to it, one copy per dp replica. Embedding and head never move: the
-    first and last stage's pipeline ranks are fixed by the schedule."""
+    A block whose pipeline rank changes sends its dense parameters (+ AdamW moments) to every EP
+    and DP member of the new one; an expert copy on an EP rank that did not hold it (on that
+    pipeline rank) is fetched once per dp replica. Sources are the old holders the runtime
+    picks (`plan.pick_source`: the fastest link). Embedding and head never move: the first and
+    last stage's pipeline ranks are fixed by the schedule."""
     spec = inputs.spec
     grid = rank_grid(old.pp, old.ep, old.dp)
-    bw = inputs.topology.bandwidth
+    bw = inputs.topology.bandwidth[: old.world_size, : old.world_size]
     r_old, r_new = _layer_rank(old), _layer_rank(new)
     out = []
     for l, lay in enumerate(spec.layers):
         po, pn = int(r_old[l]), int(r_new[l])
         if po != pn:
             nbytes = float(lay.params) * BYTES_PER_PARAM_MOVE
-            for d in range(old.dp):
-                for e in range(old.ep):
-                    out.append((int(grid[po, d, e]), int(grid[pn, d, e]), nbytes))
+            holders = [int(r) for r in grid[po].ravel()]
+            for dst in grid[pn].ravel():
+                out.append((pick_source(int(dst), holders, old, bw), int(dst), nbytes))
         if not lay.is_moe:
             continue
         nbytes = float(lay.expert_params) * BYTES_PER_PARAM_MOVE
@@ -47,8 +47,7 @@ def transfers(old: Plan, new: Plan, inputs: PlacementInputs) -> list[tuple[int, 
                     continue
                 for d in range(old.dp):
                     dst = int(grid[pn, d, e])
-                    srcs = [int(grid[po, d, h]) for h in had]
-                    src = max(srcs, key=lambda s: (bw[s, dst], -s))
+                    src = pick_source(dst, [int(grid[po, dd, h]) for dd in range(old.dp) for h in had], old, bw)
                     out.append((src, dst, nbytes))
     return out
 
