@@ -10,7 +10,10 @@ from moepipe.placement.placers import (
     Evaluator, PlacementInputs, decide, make_placement, migration_bytes, migration_time_s, predict_iteration_time,
 )
 from moepipe.placement.placers.inputs import routing_of
-from moepipe.placement.placers.packing import bins_of, eplb_layer, pack, pieces_array, pieces_of, refine, refine_batch, replicate_counts
+from moepipe.placement.placers.packing import (
+    bins_of, eplb_batch, eplb_layer, pack, pack_batch, pieces_array, pieces_batch, pieces_of, refine, refine_batch, replicate_counts,
+    replicate_counts_batch,
+)
 from moepipe.placement.placers.partition import minmax_partition
 from moepipe.placement.topology import from_config
 from moepipe.placement.workloads import routing_counts
@@ -114,6 +117,109 @@ def test_pack_is_speed_weighted():
     ids, loads = pieces_of(range(6), np.ones(6), np.ones(6, dtype=np.int64))
     bins = pack(ids, loads, 2, 6, rate=np.array([1.0, 2.0]))
     assert [len(b) for b in bins] == [2, 4]
+
+
+def _pack_reference(ids, loads, n, cap, rate, base):
+    """The packing rule spelled out one piece at a time (plain Python)."""
+    bins, load = [[] for _ in range(n)], list(base)
+    for e, x in zip(ids.tolist(), loads.tolist()):
+        ok = [b for b in range(n) if len(bins[b]) < cap[b] and e not in bins[b]]
+        if not ok:
+            continue
+        fin = {b: (load[b] + x) / rate[b] for b in ok}
+        best = min(fin.values())
+        b = min((b for b in ok if fin[b] <= best * (1 + 1e-12)), key=lambda b: (len(bins[b]), b))
+        bins[b].append(e)
+        load[b] += x
+    for b in range(n):
+        if not bins[b]:
+            donor = max(range(n), key=lambda k: (len(bins[k]), -k))
+            if len(bins[donor]) > 1:
+                bins[b].append(bins[donor].pop())
+    return bins
+
+
+def _random_pack_problems(rng, count=40, n_max=6):
+    """Mixed rates, per-bin capacities (some 0), replicated experts and too few pieces to fill every bin."""
+    out = []
+    for t in range(count):
+        n = int(rng.integers(1, n_max + 1))
+        E = int(rng.integers(1, 14))
+        w = rng.lognormal(0, 1.5, E) if t % 4 else rng.integers(1, 4, E).astype(float)  # integer loads: exact ties
+        counts = rng.integers(1, min(n, 3) + 1, E)
+        ids, loads = pieces_of(range(E), w, counts)
+        cap = rng.integers(0 if t % 3 == 0 else 1, 5, n)
+        rate = rng.choice([1.0, 1.5, 2.0], n) if t % 2 else np.ones(n)
+        base = rng.random(n) * w.sum() / n if t % 5 else np.zeros(n)
+        out.append((ids, loads, n, cap, rate, base))
+    return out
+
+
+def test_pack_follows_the_greedy_rule():
+    for ids, loads, n, cap, rate, base in _random_pack_problems(np.random.default_rng(5)):
+        assert pack(ids, loads, n, cap, rate, base) == _pack_reference(ids, loads, n, cap, rate, base)
+
+
+def test_pack_batch_equals_packing_each_problem_alone():
+    probs = _random_pack_problems(np.random.default_rng(7), count=60)
+    C, P, n = len(probs), max(len(p[0]) for p in probs), max(p[2] for p in probs)
+    ids, loads, valid = np.zeros((C, P), dtype=np.int64), np.zeros((C, P)), np.zeros((C, P), dtype=bool)
+    cap, rate, base = np.zeros((C, n), dtype=np.int64), np.ones((C, n)), np.zeros((C, n))
+    for c, (i, x, k, cp, r, b) in enumerate(probs):
+        ids[c, :len(i)], loads[c, :len(i)], valid[c, :len(i)] = i, x, True
+        cap[c, :k], rate[c, :k], base[c, :k] = cp, r, b
+        cap[c, k:] = 9  # bins past n_bins must stay unused whatever their capacity
+    n_bins = np.array([p[2] for p in probs])
+    out = pack_batch(ids, loads, valid, cap, rate, base, n_bins)
+    assert (out[~valid] == -1).all() and (out < n_bins[:, None]).all()
+    for c, (i, x, k, cp, r, b) in enumerate(probs):
+        alone = pack(i, x, k, cp, r, b)
+        assert [ids[c][out[c] == bin_].tolist() for bin_ in range(k)] == alone
+    assert any(not all(pack(*p)) for p in probs) and any(len(p[0]) > sum(map(len, pack(*p))) for p in probs)  # empty bins, dropped pieces
+
+
+def _replicate_reference(w, n_extra, max_copies):
+    c = [1] * len(w)
+    for _ in range(n_extra):
+        ok = [e for e in range(len(w)) if c[e] < max_copies]
+        if not ok:
+            break
+        e = max(ok, key=lambda e: (w[e] / c[e], -e))
+        c[e] += 1
+    return c
+
+
+def test_replicate_counts_batch_equals_the_loop():
+    rng = np.random.default_rng(11)
+    C, E = 30, 9
+    w = np.where(rng.random((C, E)) < 0.3, rng.integers(1, 5, (C, E)), rng.lognormal(0, 1, (C, E)))  # some exact ties
+    valid = rng.random((C, E)) < 0.8
+    n_extra, max_copies = rng.integers(-1, 20, C), rng.integers(1, 5, C)
+    out = replicate_counts_batch(w, n_extra, max_copies, valid)
+    for c in range(C):
+        cols = np.flatnonzero(valid[c])
+        assert (out[c][~valid[c]] == 0).all()
+        assert out[c][cols].tolist() == _replicate_reference(w[c, cols].tolist(), max(0, int(n_extra[c])), int(max_copies[c]))
+        assert out[c][cols].tolist() == replicate_counts(w[c, cols], int(n_extra[c]), int(max_copies[c])).tolist()
+
+
+def test_pieces_batch_equals_pieces_of():
+    rng = np.random.default_rng(2)
+    w, counts = rng.integers(1, 4, (5, 7)).astype(float), rng.integers(0, 3, (5, 7))
+    col, load, valid = pieces_batch(w, counts)
+    for c in range(5):
+        ids, loads = pieces_of(range(7), w[c], counts[c])
+        assert col[c][valid[c]].tolist() == ids.tolist() and load[c][valid[c]].tolist() == loads.tolist()
+
+
+@pytest.mark.parametrize("nodes", [None, [0, 0, 1, 1], [0, 0, 0, 1, 1, 2]])
+def test_eplb_batch_equals_one_layer_at_a_time(nodes):
+    rng = np.random.default_rng(4)
+    ep = 4 if nodes is None else len(nodes)
+    w = rng.lognormal(0, 1.5, (6, 16))
+    w[0] = 1.0  # all tied
+    for slots in (4, 6):
+        assert eplb_batch(w, ep, slots, nodes) == [eplb_layer(x, ep, slots, nodes) for x in w]
 
 
 def _max_finish(bins, w, rate, base):

@@ -9,7 +9,7 @@ import numpy as np
 from moepipe.placement.plan import Plan, static_plan
 from moepipe.placement.placers.evaluate import Evaluator
 from moepipe.placement.placers.inputs import BYTES_PER_PARAM_TRAIN, PlacementInputs
-from moepipe.placement.placers.packing import eplb_layer
+from moepipe.placement.placers.packing import eplb_batch, node_groups
 from moepipe.placement.placers.partition import minmax_partition
 
 
@@ -95,16 +95,22 @@ def balance_by_time(ev: Evaluator, base: Optional[Plan] = None) -> Plan:
 
 
 def eplb(ev: Evaluator, replica_slots: int) -> Plan:
-    """Layers: static. Experts: DeepSeek EPLB per layer (hierarchical when the EP group spans nodes)."""
+    """Layers: static. Experts: DeepSeek EPLB per layer (hierarchical when the EP group spans
+    nodes); the layers on EP groups of one node layout are solved in one batch."""
     base = static(ev.inputs)
     slots = slots_per_rank(ev.inputs, replica_slots)
-    cache: dict = {}
-    expert_map = {}
+    by_layout: dict = {}  # node layout -> (member nodes, {load bytes: row}, [(layer, row)])
     for li, l in enumerate(ev.moe):
-        p = base.stage_to_pp_rank[base.stage_of_layer(l)]
-        key = (ev.loads[li].tobytes(), member_nodes(ev, p))
-        if key not in cache:
-            cache[key] = eplb_layer(ev.loads[li], ev.inputs.ep, slots, key[1])
-        expert_map[l] = [list(r) for r in cache[key]]
+        nodes = member_nodes(ev, base.stage_to_pp_rank[base.stage_of_layer(l)])
+        layout = tuple(map(tuple, node_groups(nodes)))
+        _, rows, users = by_layout.setdefault(layout, (nodes, {}, []))
+        users.append((l, rows.setdefault(ev.loads[li].tobytes(), li)))  # layers with the same load share one solve
+    expert_map = {}
+    for nodes, rows, users in by_layout.values():
+        solved = dict(zip(rows.values(), eplb_batch(ev.loads[list(rows.values())], ev.inputs.ep, slots, nodes)))
+        taken = set()
+        for l, li in users:  # the first layer of a solve takes its lists, later ones a copy
+            expert_map[l] = [list(r) for r in solved[li]] if li in taken else solved[li]
+            taken.add(li)
     return Plan(base.stage_layers, base.stage_to_pp_rank, expert_map, base.pp, base.ep, base.dp,
                 {"placer": "eplb", "style": ev.inputs.style, "replica_slots": int(replica_slots)})

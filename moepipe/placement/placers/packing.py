@@ -1,4 +1,6 @@
-"""Expert replication and balanced packing for one MoE layer (numpy + heapq, no plan types).
+"""Expert replication and balanced packing for MoE layers (numpy, no plan types), batched over
+many independent problems (layers, nodes, variants): one numpy step per piece or copy for all
+of them at once, since a Python loop per layer and node dominated the solve at 1,024 devices.
 
 A layer's experts become "pieces": an expert with c copies is c pieces of load w/c (the
 runtime splits a replicated expert's tokens evenly over its holders). Pieces are packed onto
@@ -10,29 +12,79 @@ With base = 0 and rate = 1 this is plain load balancing (EPLB).
 """
 from __future__ import annotations
 
-import heapq
 from itertools import chain
 from typing import Optional, Sequence
 
 import numpy as np
 
+TIE_REL = 1e-12  # finish times this close count as equal in `pack_batch`
+
+
+# ------------------------------------------------------------------ replication
+
+
+def replicate_counts_batch(w: np.ndarray, n_extra, max_copies, valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """Copies per expert for C problems at once (w [C, E]): every real expert (`valid` [C, E],
+    default all) starts at one copy, padding at zero; then problem c gives `n_extra[c]` more
+    copies one at a time to the expert with the largest load per copy (ties: lowest column),
+    never above `max_copies[c]`. n_extra / max_copies: [C] or scalars."""
+    w = np.asarray(w, dtype=np.float64)
+    C, E = w.shape
+    valid = np.ones((C, E), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    c = valid.astype(np.int64)
+    left = np.array(np.broadcast_to(np.asarray(n_extra, dtype=np.int64), (C,))).clip(min=0)
+    cap = np.broadcast_to(np.asarray(max_copies, dtype=np.int64), (C,))[:, None]
+    while True:
+        live = np.flatnonzero(left > 0)
+        if not len(live):
+            return c
+        cl = c[live]
+        per = np.where(valid[live] & (cl < cap[live]), w[live] / np.maximum(cl, 1), -np.inf)
+        e = per.argmax(1)
+        can = per[np.arange(len(live)), e] > -np.inf
+        left[live[~can]] = 0  # every expert is at max_copies
+        r = live[can]
+        c[r, e[can]] += 1
+        left[r] -= 1
+
 
 def replicate_counts(w: np.ndarray, n_extra: int, max_copies: int) -> np.ndarray:
     """Copies per expert: start at one, then `n_extra` times give one more copy to the expert
     with the largest load per copy (ties: lowest id), never above `max_copies`."""
+    return replicate_counts_batch(np.asarray(w, dtype=np.float64)[None], n_extra, max_copies)[0]
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def _pad_rows(row: np.ndarray, n_rows: int, *cols: np.ndarray) -> tuple:
+    """Entries grouped by ascending `row` into padded [n_rows, width] arrays (one per `cols`,
+    in entry order) plus the valid mask."""
+    per_row = np.bincount(row, minlength=n_rows)
+    width = int(per_row.max()) if n_rows else 0
+    pos = np.arange(len(row)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    valid = np.zeros((n_rows, width), dtype=bool)
+    valid[row, pos] = True
+    out = []
+    for x in cols:
+        a = np.zeros((n_rows, width), dtype=x.dtype)
+        a[row, pos] = x
+        out.append(a)
+    return (*out, valid)
+
+
+def pieces_batch(w: np.ndarray, counts: np.ndarray, key: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pieces of C problems (w, counts [C, E]): (column [C, P], load [C, P], valid [C, P]), each
+    row heaviest first, ties: lower `key` (default the column, i.e. the expert id)."""
     w = np.asarray(w, dtype=np.float64)
-    c = np.ones(len(w), dtype=np.int64)
-    heap = [(-float(x), e) for e, x in enumerate(w)]
-    heapq.heapify(heap)
-    for _ in range(max(0, n_extra)):
-        while heap and c[heap[0][1]] >= max_copies:
-            heapq.heappop(heap)
-        if not heap:
-            break
-        _, e = heapq.heappop(heap)
-        c[e] += 1
-        heapq.heappush(heap, (-float(w[e]) / c[e], e))
-    return c
+    C, E = w.shape
+    n = np.asarray(counts, dtype=np.int64).ravel()
+    key = np.broadcast_to(np.arange(E), (C, E)) if key is None else np.asarray(key)
+    src = np.repeat(np.arange(C * E), n)
+    row, col = np.divmod(src, E)
+    load = w.ravel()[src] / n[src]
+    o = np.lexsort((key.ravel()[src], -load, row))
+    return _pad_rows(row[o], C, col[o], load[o])
 
 
 def pieces_of(experts: Sequence[int], w: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -41,6 +93,79 @@ def pieces_of(experts: Sequence[int], w: np.ndarray, counts: np.ndarray) -> tupl
     loads = np.asarray(w, dtype=np.float64)[ids] / counts[ids]
     order = np.lexsort((ids, -loads))
     return ids[order], loads[order]
+
+
+# ------------------------------------------------------------------ packing
+
+
+def pack_batch(ids: np.ndarray, loads: np.ndarray, valid: np.ndarray, cap: np.ndarray, rate: Optional[np.ndarray] = None,
+               base: Optional[np.ndarray] = None, n_bins: Optional[np.ndarray] = None) -> np.ndarray:
+    """`pack` for C independent problems at once, one numpy step per piece position.
+
+    ids/loads/valid [C, P]: each problem's pieces, heaviest first, padded (valid False);
+    cap [C, n]: slots of each bin; rate/base [C, n] (default 1 / 0); n_bins [C]: problem c has
+    bins 0..n_bins[c]-1 (default n). Returns the bin of each piece [C, P]: -1 for padding and
+    dropped pieces."""
+    ids = np.asarray(ids, dtype=np.int64)
+    loads = np.asarray(loads, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool)
+    C, P = ids.shape
+    n = np.shape(cap)[1]
+    rate = None if rate is None else np.broadcast_to(np.asarray(rate, dtype=np.float64), (C, n))
+    out = np.full((C, P), -1, dtype=np.int64)
+    if not valid.any() or n == 0:
+        return out
+    load = np.zeros((C, n)) if base is None else np.broadcast_to(np.asarray(base, dtype=np.float64), (C, n)).copy()
+    exists = np.arange(n)[None, :] < (n if n_bins is None else np.asarray(n_bins)[:, None])
+    cap = np.where(exists, cap, 0)
+    count = np.zeros((C, n), dtype=np.int64)
+    rows = np.arange(C)
+    E = int(ids[valid].max()) + 1
+    repeats = np.bincount((rows[:, None] * E + ids)[valid]).max() > 1
+    held = np.zeros((C, E, n), dtype=bool) if repeats else None  # [problem, expert, bin]: only needed when experts have copies
+    never = np.iinfo(np.int64).max
+    for j in range(P):
+        e, x = ids[:, j], loads[:, j]
+        shut = count >= cap
+        if repeats:
+            shut |= held[rows, e]
+        fin = load + x[:, None]
+        if rate is not None:
+            fin /= rate
+        fin[shut] = np.inf
+        fmin = fin.min(1)
+        tie = fin <= fmin[:, None] * (1 + TIE_REL)  # among the fastest: fewer pieces, then lower index
+        b = np.where(tie, count, never).argmin(1)
+        r = np.flatnonzero(valid[:, j] & (fmin < np.inf))  # no bin can take it: dropped
+        if len(r) < C:
+            b, e, x = b[r], e[r], x[r]
+        out[r, j] = b
+        load[r, b] += x
+        count[r, b] += 1
+        if repeats:
+            held[r, e, b] = True
+    _fill_empty_bins(out, count, exists)
+    return out
+
+
+def _fill_empty_bins(out: np.ndarray, count: np.ndarray, exists: np.ndarray) -> None:
+    """An EP rank with no expert is not a valid plan: in bin order, each empty bin takes the
+    last-placed piece of the bin with the most pieces (ties: lowest index) while that has two."""
+    C, P = out.shape
+    rows = np.arange(C)
+    live = np.ones(C, dtype=bool)
+    while True:
+        empty = exists & (count == 0)
+        donor = count.argmax(1)
+        live &= empty.any(1) & (count[rows, donor] > 1)  # a donor with one piece stays so: done
+        if not live.any():
+            return
+        r = rows[live]
+        b, d = empty[r].argmax(1), donor[r]
+        last = P - 1 - (out[r, ::-1] == d[:, None]).argmax(1)
+        out[r, last] = b
+        count[r, d] -= 1
+        count[r, b] += 1
 
 
 def pack(
@@ -52,52 +177,15 @@ def pack(
     base: Optional[np.ndarray] = None,
 ) -> list[list[int]]:
     """Greedy largest-first: each piece (given heaviest first) goes to the bin whose finish time
-    after taking it is smallest, among bins with a free slot not holding that expert (ties: fewer
-    pieces, then lower index). A piece no bin can take is dropped (its expert keeps fewer copies).
-    Bins left empty take a piece from the bin with the most pieces (every EP rank needs one)."""
-    rate = np.ones(n_bins) if rate is None else np.asarray(rate, dtype=np.float64)
-    base = np.zeros(n_bins) if base is None else np.asarray(base, dtype=np.float64)
-    cap = np.full(n_bins, slots, dtype=np.int64) if np.isscalar(slots) else np.asarray(slots, dtype=np.int64)
-    load = base.astype(np.float64).copy()
-    bins: list[list[int]] = [[] for _ in range(n_bins)]
-    held: list[set] = [set() for _ in range(n_bins)]
-    uniform_rate = bool(np.all(rate == rate[0]))
-    if uniform_rate:
-        # min finish after adding x == min current load: a heap keyed on (load, count, index)
-        heap = [(float(load[b]), 0, b) for b in range(n_bins) if cap[b] > 0]
-        heapq.heapify(heap)
-        for e, x in zip(ids.tolist(), loads.tolist()):
-            skipped = []
-            while heap and e in held[heap[0][2]]:
-                skipped.append(heapq.heappop(heap))
-            if heap:
-                _, n, b = heapq.heappop(heap)
-                bins[b].append(e)
-                held[b].add(e)
-                load[b] += x
-                if n + 1 < cap[b]:
-                    heapq.heappush(heap, (float(load[b]), n + 1, b))
-            for item in skipped:
-                heapq.heappush(heap, item)
-    else:
-        count = np.zeros(n_bins, dtype=np.int64)
-        for e, x in zip(ids.tolist(), loads.tolist()):
-            ok = (count < cap) & np.array([e not in h for h in held])
-            if not ok.any():
-                continue
-            finish = np.where(ok, (load + x) / rate, np.inf)
-            best = np.flatnonzero(finish <= finish.min() * (1 + 1e-12))
-            b = int(best[np.lexsort((best, count[best]))[0]])
-            bins[b].append(e)
-            held[b].add(e)
-            load[b] += x
-            count[b] += 1
-    for b in range(n_bins):  # an EP rank with no expert is not a valid plan: borrow one
-        if not bins[b]:
-            donor = max(range(n_bins), key=lambda k: (len(bins[k]), -k))
-            if len(bins[donor]) > 1:
-                bins[b].append(bins[donor].pop())
-    return bins
+    after taking it is smallest, among bins with a free slot not holding that expert (ties within
+    1e-12: fewer pieces, then lower index). A piece no bin can take is dropped (its expert keeps
+    fewer copies). Bins left empty take a piece from the bin with the most pieces (every EP rank
+    needs one). One problem of `pack_batch`; bins list their experts in placement order."""
+    ids = np.asarray(ids, dtype=np.int64)
+    cap = np.broadcast_to(np.asarray(slots, dtype=np.int64), (n_bins,))
+    pb = pack_batch(ids[None], np.asarray(loads, dtype=np.float64)[None], np.ones((1, len(ids)), dtype=bool), cap[None],
+                    None if rate is None else np.asarray(rate)[None], None if base is None else np.asarray(base)[None])[0]
+    return [ids[pb == b].tolist() for b in range(n_bins)]
 
 
 def refine(
@@ -223,15 +311,6 @@ def refine_batch(pb: np.ndarray, pe: np.ndarray, valid: np.ndarray, w: np.ndarra
     return pb
 
 
-def to_expert_map(bins: list[list[int]], num_experts: int) -> list[list[int]]:
-    """bins (EP rank -> experts) to expert -> ascending EP ranks."""
-    out: list[list[int]] = [[] for _ in range(num_experts)]
-    for r, b in enumerate(bins):
-        for e in b:
-            out[e].append(r)
-    return [sorted(x) for x in out]
-
-
 def node_groups(member_node: Sequence[int]) -> list[list[int]]:
     """EP ranks grouped by node, in order of first appearance."""
     groups: dict[int, list[int]] = {}
@@ -240,31 +319,85 @@ def node_groups(member_node: Sequence[int]) -> list[list[int]]:
     return list(groups.values())
 
 
-def eplb_layer(w: np.ndarray, ep: int, slots: int, member_node: Optional[Sequence[int]] = None) -> list[list[int]]:
-    """DeepSeek EPLB for one layer: every EP rank has `slots` slots, all filled.
+def node_members(node: np.ndarray, col: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
+    """Experts each of G nodes took, in placement order: (members [C, G, M], valid [C, G, M])
+    from the node of each piece [C, P] (-1: none) and its expert `col` [C, P]."""
+    C = node.shape[0]
+    r, j = np.nonzero(node >= 0)  # row-major: placement order within each row
+    key = r * G + node[r, j]
+    o = np.argsort(key, kind="stable")
+    members, valid = _pad_rows(key[o], C * G, col[r[o], j[o]])
+    return members.reshape(C, G, -1), valid.reshape(C, G, -1)
+
+
+def pack_in_nodes(members: np.ndarray, counts: np.ndarray, w: np.ndarray, scale: np.ndarray, groups: list[list[int]], slots: int,
+                  rate: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pack each (problem, node)'s experts with their copies onto that node's EP ranks, all
+    problems and nodes in one `pack_batch`. members/counts [C, G, M]: expert ids and copies
+    (0: padding); w [C, E] expert loads, scale [C] work per unit load; groups: EP ranks of each
+    node; rate [ep] member speeds; base [C] each member's fixed work.
+    Returns (EP rank [C, G*P], expert [C, G*P]) of every piece; rank -1: padding / dropped."""
+    C, G, M = members.shape
+    ids = members.reshape(C * G, M)
+    wl = np.take_along_axis(w, members.reshape(C, G * M), 1).reshape(C * G, M)
+    col, load, ok = pieces_batch(wl, counts.reshape(C * G, M), key=ids)
+    size = np.array([len(g) for g in groups])
+    ranks = np.zeros((G, size.max()), dtype=np.int64)
+    rates = np.ones((G, size.max()))
+    for i, g in enumerate(groups):
+        ranks[i, :len(g)], rates[i, :len(g)] = g, rate[g]
+    node = np.tile(np.arange(G), C)
+    local = pack_batch(col, load * np.repeat(scale, G)[:, None], ok, np.full(ranks[node].shape, slots), rates[node],
+                       np.repeat(base, G)[:, None], size[node])
+    rank = np.where(local >= 0, np.take_along_axis(ranks[node], local.clip(min=0), 1), -1)
+    return rank.reshape(C, -1), np.take_along_axis(ids, col, 1).reshape(C, -1)
+
+
+def every_bin_used(rank: np.ndarray, n: int) -> np.ndarray:
+    """[C]: each of the n bins holds at least one piece."""
+    C = rank.shape[0]
+    r, j = np.nonzero(rank >= 0)
+    return (np.bincount(r * n + rank[r, j], minlength=C * n).reshape(C, n) > 0).all(1)
+
+
+def expert_maps(rank: np.ndarray, expert: np.ndarray, E: int) -> list[list[list[int]]]:
+    """Packings given as (EP rank, expert) of every piece [C, P] (rank -1: none) to C expert
+    maps (expert -> ascending EP ranks): one lexsort and list slicing, no per-expert sorting."""
+    C = rank.shape[0]
+    r, j = np.nonzero(rank >= 0)
+    e, k = expert[r, j], rank[r, j]
+    flat = k[np.lexsort((k, e, r))].tolist()
+    ends = np.cumsum(np.bincount(r * E + e, minlength=C * E)).tolist()
+    lists = [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
+    return [lists[c * E:(c + 1) * E] for c in range(C)]
+
+
+def eplb_batch(w: np.ndarray, ep: int, slots: int, member_node: Optional[Sequence[int]] = None) -> list[list[list[int]]]:
+    """DeepSeek EPLB for C layers at once (w [C, E]): every EP rank has `slots` slots, all filled.
 
     Flat: replicate the heaviest experts (largest load per copy) into the ep*slots - E spare
     slots, then pack the copies largest-first onto the least-loaded rank with a free slot.
     Hierarchical (the EP group spans nodes): pack experts onto nodes first (each node takes its
     share of the experts, E * ranks_in_node / ep rounded up), then replicate and pack inside each
-    node, so replicas stay in their expert's node. Returns expert -> EP ranks.
+    node, so replicas stay in their expert's node. Returns each layer's expert -> EP ranks.
     """
     w = np.asarray(w, dtype=np.float64)
-    E = len(w)
+    C, E = w.shape
     groups = node_groups(member_node) if member_node is not None else [list(range(ep))]
     if len(groups) == 1:
-        counts = replicate_counts(w, ep * slots - E, ep)
-        ids, loads = pieces_of(range(E), w, counts)
-        return to_expert_map(pack(ids, loads, ep, slots), E)
-    node_cap = [-(-E * len(g) // ep) for g in groups]
-    ids, loads = pieces_of(range(E), w, np.ones(E, dtype=np.int64))
-    per_node = pack(ids, loads, len(groups), node_cap)
-    bins: list[list[int]] = [[] for _ in range(ep)]
-    for g, experts in zip(groups, per_node):
-        counts = np.ones(E, dtype=np.int64)
-        extra = replicate_counts(w[experts], len(g) * slots - len(experts), len(g))
-        counts[experts] = extra
-        pids, ploads = pieces_of(experts, w, counts)
-        for local, b in enumerate(pack(pids, ploads, len(g), slots)):
-            bins[g[local]] = b
-    return to_expert_map(bins, E)
+        col, load, ok = pieces_batch(w, replicate_counts_batch(w, ep * slots - E, ep))
+        return expert_maps(pack_batch(col, load, ok, np.full((C, ep), slots)), col, E)
+    size = np.array([len(g) for g in groups])
+    col, load, ok = pieces_batch(w, np.ones((C, E), dtype=np.int64))
+    node = pack_batch(col, load, ok, np.broadcast_to(-(-E * size // ep), (C, len(groups))))
+    members, held = node_members(node, col, len(groups))
+    wl = np.take_along_axis(w, members.reshape(C, -1), 1).reshape(held.shape)
+    spare = size * slots - held.sum(2)  # [C, G]
+    counts = replicate_counts_batch(wl.reshape(-1, wl.shape[2]), spare.ravel(), np.tile(size, C), held.reshape(-1, held.shape[2]))
+    rank, expert = pack_in_nodes(members, counts.reshape(held.shape), w, np.ones(C), groups, slots, np.ones(ep), np.zeros(C))
+    return expert_maps(rank, expert, E)
+
+
+def eplb_layer(w: np.ndarray, ep: int, slots: int, member_node: Optional[Sequence[int]] = None) -> list[list[int]]:
+    """`eplb_batch` for one layer: expert -> EP ranks."""
+    return eplb_batch(np.asarray(w, dtype=np.float64)[None], ep, slots, member_node)[0]

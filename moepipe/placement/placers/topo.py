@@ -26,103 +26,129 @@ import numpy as np
 from moepipe.placement.plan import Plan
 from moepipe.placement.placers import baselines
 from moepipe.placement.placers.evaluate import Evaluator
-from moepipe.placement.placers.packing import node_groups, pack, pieces_array, pieces_of, refine_batch, replicate_counts
+from moepipe.placement.placers.packing import (
+    every_bin_used, expert_maps, node_groups, node_members, pack_batch, pack_in_nodes, pieces_batch, refine_batch, replicate_counts_batch,
+)
 
 EVAL_ACTION_BUDGET = 6000  # engine actions the boundary search may simulate (a few tenths of a second)
 LARGE_GROUP_SLOTS = 256  # EP group slots above which a layer tries fewer packing variants (solve time)
 REFINE_ROUNDS = 6  # moves/swaps per packing refinement
+# candidate preference on equal time: fewer replicas, then in-node replicas
+HIER_FIT, FLAT_FIT, HIER_ALL, FLAT_ALL = range(4)
 
 
-def _replicas_to_fit(w: np.ndarray, share: float, budget: int, max_copies: int) -> int:
-    """Fewest greedy replications (heaviest load per copy first) after which no copy exceeds `share`."""
-    c = np.ones(len(w))
-    for r in range(budget + 1):
-        per = w / c
-        e = int(np.argmax(per))
-        if per[e] <= share * (1 + 1e-9) or r == budget:
-            return r
-        if c[e] >= max_copies:
-            return r
-        c[e] += 1
-    return budget
+def _replicate_to_fit(w: np.ndarray, valid: np.ndarray, share: np.ndarray, budget: np.ndarray, max_copies) -> np.ndarray:
+    """Copies per expert [C, E] after the fewest greedy replications (heaviest load per copy
+    first, ties: lowest column) after which no copy exceeds `share` [C]; a problem stops early at
+    its `budget` or when its heaviest copy's expert already has `max_copies`."""
+    C = len(w)
+    rows = np.arange(C)
+    c = valid.astype(np.int64)
+    done = np.zeros(C, dtype=np.int64)
+    live = np.ones(C, dtype=bool)
+    limit = share * (1 + 1e-9)
+    while True:
+        per = np.where(valid, w / np.maximum(c, 1), -np.inf)
+        e = per.argmax(1)
+        live &= (per[rows, e] > limit) & (done < budget) & (c[rows, e] < max_copies)
+        if not live.any():
+            return c
+        r = rows[live]
+        c[r, e[r]] += 1
+        done[r] += 1
 
 
-def _flat(w, X, dense, rate, K, R):
-    E, ep = len(w), len(rate)
-    counts = replicate_counts(w, R, ep)
-    ids, loads = pieces_of(range(E), w, counts)
-    return pack(ids, loads * X, ep, K, rate, np.full(ep, dense))
+def _flat(w, X, dense, rate, K, counts):
+    """Every layer's copies packed onto the whole EP group: (EP rank, expert) of each piece."""
+    C, ep = len(w), len(rate)
+    col, load, ok = pieces_batch(w, counts)
+    rank = pack_batch(col, load * X[:, None], ok, np.full((C, ep), K), np.broadcast_to(rate, (C, ep)), np.repeat(dense[:, None], ep, 1))
+    return rank, col
 
 
-def _hier(w, X, dense, rate, K, groups, in_node_R):
-    """Experts onto nodes (node speed = sum of its members'), then replicas and packing inside nodes."""
-    E = len(w)
-    ids, loads = pieces_of(range(E), w, np.ones(E, dtype=np.int64))
+def _hier(w, X, dense, rate, K, groups, variants):
+    """Experts onto nodes (node speed = sum of its members'), then replicas and packing inside
+    nodes, for every layer and in-node replica variant ("fit", "all") at once. Returns
+    (variant, EP rank, expert) blocks over the layers, and which layers have experts on every node.
+    The refinement later runs over the whole group (cheaper than per node); it only moves a copy
+    across nodes when that strictly shortens the slowest member."""
+    C, E = w.shape
+    G = len(groups)
+    size = np.array([len(g) for g in groups])
+    col, load, ok = pieces_batch(w, np.ones((C, E), dtype=np.int64))
     n_rate = np.array([rate[g].sum() for g in groups])
-    n_base = np.array([dense * len(g) for g in groups])
-    per_node = pack(ids, loads * X, len(groups), [len(g) * K for g in groups], n_rate, n_base)
-    bins: list[list[int]] = [[] for _ in range(len(rate))]
-    for g, experts in zip(groups, per_node):
-        if not experts:
-            return None
-        wn = w[experts]
-        budget = len(g) * K - len(experts)
-        R = budget if in_node_R == "all" else _replicas_to_fit(wn, wn.sum() / len(g), budget, len(g))
-        counts = np.ones(E, dtype=np.int64)
-        counts[experts] = replicate_counts(wn, R, len(g))
-        pids, ploads = pieces_of(experts, w, counts)
-        for local, b in enumerate(pack(pids, ploads * X, len(g), K, rate[g], np.full(len(g), dense))):
-            bins[g[local]] = b
-    # the refinement runs over the whole group (cheaper than per node); it only moves a copy
-    # across nodes when that strictly shortens the slowest member
-    return bins
+    node = pack_batch(col, load * X[:, None], ok, np.broadcast_to(size * K, (C, G)), np.broadcast_to(n_rate, (C, G)), dense[:, None] * size)
+    members, held = node_members(node, col, G)
+    complete = held.any(2).all(1)
+    M = held.shape[2]
+    wl = np.take_along_axis(w, members.reshape(C, -1), 1).reshape(C * G, M) * held.reshape(C * G, M)
+    valid = held.reshape(C * G, M)
+    spare = (size * K - held.sum(2)).ravel()
+    copies = np.tile(size, C)
+    counts = []
+    for v in variants:
+        if v == "all":
+            counts.append(replicate_counts_batch(wl, spare, copies, valid))
+        else:
+            counts.append(_replicate_to_fit(wl, valid, wl.sum(1) / copies, spare, copies))
+    V = len(variants)
+    rank, expert = pack_in_nodes(np.tile(members, (V, 1, 1)), np.concatenate(counts).reshape(V * C, G, M), np.tile(w, (V, 1)),
+                                 np.tile(X, V), groups, K, rate, np.tile(dense, V))
+    return [(v, rank[i * C:(i + 1) * C], expert[i * C:(i + 1) * C]) for i, v in enumerate(variants)], complete
 
 
-def _candidates(ev: Evaluator, li: int, rate: np.ndarray, groups: list, K: int) -> list[list[list[int]]]:
-    """Unrefined packings (EP rank -> experts) of MoE layer row `li`, in order of preference on
-    ties: fewer replicas, then in-node replicas."""
-    l, w = ev.moe[li], ev.loads[li]
-    E, ep = len(w), len(rate)
-    X = float(ev.cm.expert_work[l].sum())
-    dense = float(ev.cm.dense_work[l].sum()) * ev.T_e
+def _candidates(w: np.ndarray, X: np.ndarray, dense: np.ndarray, rate: np.ndarray, groups: list, K: int):
+    """Unrefined packings of all layers (w [C, E]; X, dense [C]) as (layer [N], EP rank [N, P],
+    expert [N, P]; rank -1: no piece), sorted by layer and then preference on ties: fewer
+    replicas, then in-node replicas. Packings that leave an EP rank empty are left out."""
+    C, E = w.shape
+    ep = len(rate)
+    rows = np.arange(C)
     Rmax = max(0, ep * K - E)
-    Rfit = _replicas_to_fit(w, w.sum() / ep, Rmax, ep)
-    cands = []
     large = ep * K > LARGE_GROUP_SLOTS  # solve-time budget: fewer variants on large groups
-    multi = len(groups) > 1
-    if multi:
-        cands.append(_hier(w, X, dense, rate, K, groups, "fit"))
+    fit = _replicate_to_fit(w, np.ones((C, E), dtype=bool), w.sum(1) / ep, np.full(C, Rmax), ep)
+    blocks = []  # (layers, preference, rank, expert)
+    if len(groups) > 1:
+        hier, complete = _hier(w, X, dense, rate, K, groups, ("fit",) if large else ("fit", "all"))
+        for v, rank, expert in hier:
+            blocks.append((rows[complete], HIER_FIT if v == "fit" else HIER_ALL, rank[complete], expert[complete]))
     if not large:
-        cands.append(_flat(w, X, dense, rate, K, Rfit))
-        if multi:
-            cands.append(_hier(w, X, dense, rate, K, groups, "all"))
-    if Rmax != Rfit or large:
-        cands.append(_flat(w, X, dense, rate, K, Rmax))
-    return [c for c in cands if c is not None and all(c)]
+        blocks.append((rows, FLAT_FIT, *_flat(w, X, dense, rate, K, fit)))
+    more = rows if large else rows[fit.sum(1) - E != Rmax]
+    if len(more):
+        blocks.append((more, FLAT_ALL, *_flat(w[more], X[more], dense[more], rate, K, replicate_counts_batch(w[more], Rmax, ep))))
+    P = max(b[2].shape[1] for b in blocks)
+    pad = lambda a, v: np.pad(a, ((0, 0), (0, P - a.shape[1])), constant_values=v)  # noqa: E731
+    layer = np.concatenate([b[0] for b in blocks])
+    pref = np.concatenate([np.full(len(b[0]), b[1]) for b in blocks])
+    rank = np.concatenate([pad(b[2], -1) for b in blocks])
+    expert = np.concatenate([pad(b[3], 0) for b in blocks])
+    keep = every_bin_used(rank, ep)
+    o = np.lexsort((pref, layer))
+    o = o[keep[o]]
+    return layer[o], rank[o], expert[o]
 
 
 def layer_placements(ev: Evaluator, rows: list[int], rate: np.ndarray, nodes: tuple, group: np.ndarray, K: int) -> dict[int, list[list[int]]]:
     """Expert -> EP ranks for each MoE layer row in `rows` on an EP group of member FLOP/s `rate`:
-    every layer's candidate packings are refined together (`refine_batch`), then each layer keeps
-    the candidate with the least compute + all-to-all time (ties: the earlier candidate)."""
-    groups = node_groups(nodes)
-    ep = len(rate)
-    owner, problems = [], []
-    for li in rows:
-        for c in _candidates(ev, li, rate, groups, K):
-            owner.append(li)
-            problems.append(c)
-    if not problems:
+    every layer's candidate packings are built and refined together (`pack_batch`,
+    `refine_batch`), then each layer keeps the candidate with the least compute + all-to-all
+    time (ties: the earlier candidate)."""
+    if not rows:
         return {}
-    owner_a = np.array(owner)
-    l_ids = np.array(ev.moe)[owner_a]
-    X = ev.cm.expert_work[l_ids].sum(1)
-    dense = ev.cm.dense_work[l_ids].sum(1) * ev.T_e
-    w = ev.loads[owner_a]  # [C, E]
+    ep = len(rate)
+    rows_a = np.asarray(rows, dtype=np.int64)
+    l_ids = np.array(ev.moe)[rows_a]
+    X_l = ev.cm.expert_work[l_ids].sum(1)
+    dense_l = ev.cm.dense_work[l_ids].sum(1) * ev.T_e
+    owner, pb, pe = _candidates(ev.loads[rows_a], X_l, dense_l, rate, node_groups(nodes), K)
+    if not len(owner):
+        return {}
+    X, dense = X_l[owner], dense_l[owner]
+    w = ev.loads[rows_a[owner]]  # [C, E]
     C, E = w.shape
-    pb, pe, valid = pieces_array(problems)
-    base = np.repeat(dense[:, None], ep, 1)
-    pb = refine_batch(pb, pe, valid, w * X[:, None], K, np.broadcast_to(rate, (C, ep)), base, REFINE_ROUNDS)
+    valid = pb >= 0
+    pb = refine_batch(pb.clip(min=0), pe, valid, w * X[:, None], K, np.broadcast_to(rate, (C, ep)), np.repeat(dense[:, None], ep, 1), REFINE_ROUNDS)
     # tokens each member receives: replicas split their expert's load evenly
     crow = np.broadcast_to(np.arange(C)[:, None], pb.shape)[valid]
     copies = np.bincount(crow * E + pe[valid], minlength=C * E).reshape(C, E).clip(min=1)
@@ -130,16 +156,14 @@ def layer_placements(ev: Evaluator, rows: list[int], rate: np.ndarray, nodes: tu
     comp = ((dense[:, None] + X[:, None] * routed) / rate[None, :]).max(1)
     if ep > 1:
         comp = comp + 4 * np.atleast_1d(ev.topo.dispatch_time(routed * ev.bpt, group))  # F and B: dispatch + combine
-    out = {}
-    for li in rows:
-        mine = np.flatnonzero(owner_a == li)
-        if not len(mine):
-            continue
-        c = int(mine[np.flatnonzero(comp[mine] <= comp[mine].min() * (1 + 1e-6))[0]])
-        e, r = pe[c][valid[c]], pb[c][valid[c]]
-        o = np.lexsort((r, e))
-        out[li] = [x.tolist() for x in np.split(r[o], np.cumsum(np.bincount(e, minlength=E))[:-1])]
-    return out
+    # per layer the first candidate (in preference order) within 1e-6 of its fastest
+    fastest = np.full(len(rows_a), np.inf)
+    np.minimum.at(fastest, owner, comp)
+    near = np.flatnonzero(comp <= fastest[owner] * (1 + 1e-6))
+    layers, first = np.unique(owner[near], return_index=True)
+    chosen = near[first]
+    maps = expert_maps(np.where(valid[chosen], pb[chosen], -1), pe[chosen], E)
+    return {int(rows_a[i]): m for i, m in zip(layers, maps)}
 
 
 def _profiles(ev: Evaluator) -> tuple[list[int], dict]:
@@ -180,7 +204,10 @@ def topo(ev: Evaluator, replica_slots: int, current: Optional[Plan] = None) -> t
         of_row = [first.setdefault(ev.loads[li].tobytes() + ev.cm.expert_work[l].tobytes() + ev.cm.dense_work[l].tobytes(), li)
                   for li, l in enumerate(ev.moe)]
         solved = layer_placements(ev, sorted(set(of_row)), rate, nodes, ev.grid[p, 0], K)
-        maps = {l: [list(r) for r in solved[of_row[li]]] for li, l in enumerate(ev.moe)}
+        maps, taken = {}, set()
+        for li, l in enumerate(ev.moe):  # the first layer of a solve takes its lists, later ones a copy
+            maps[l] = [list(r) for r in solved[of_row[li]]] if of_row[li] in taken else solved[of_row[li]]
+            taken.add(of_row[li])
         maps_by_kind.append(maps)
         base = baselines.static(i)
         routed_by_kind.append(ev.routed(Plan(base.stage_layers, base.stage_to_pp_rank, maps, i.pp, i.ep, i.dp)))
