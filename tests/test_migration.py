@@ -70,6 +70,11 @@ def digests(trainer: DistributedTrainer) -> dict[str, set[str]]:
     return out
 
 
+def storage(trainer: DistributedTrainer) -> dict[str, tuple[int, ...]]:
+    """Where each of this rank's state entries lives: (value, exp_avg, exp_avg_sq) data pointers."""
+    return {name: tuple(t.data_ptr() for t in ts[:3]) for name, ts in trainer._entries().items()}
+
+
 def _worker(rank: int, world: int, layout: tuple, out_dir: str) -> None:
     pp, ep, dp = layout
     mesh = build_mesh(pp, ep, dp)
@@ -82,10 +87,18 @@ def _worker(rank: int, world: int, layout: tuple, out_dir: str) -> None:
             losses.append(trainer.train_step(step).loss)
             if moving and step in (1, 3):
                 before = digests(trainer)
+                ptrs = storage(trainer)
                 event = trainer.migrate(plans.pop(0))
                 after = digests(trainer)
-                checks.append((before, after, event["bytes_moved"], trainer.plan == layouts(pp, ep, dp)[0 if step == 1 else 1]))
+                now = storage(trainer)
+                kept = [n for n in ptrs if n in now]
+                copied = [n for n in kept if ptrs[n] != now[n]]  # an entry this rank keeps must not be copied
+                checks.append((before, after, event["bytes_moved"], trainer.plan == layouts(pp, ep, dp)[0 if step == 1 else 1],
+                               len(kept), copied))
         losses.append(trainer.evaluate())
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, [c[4:] for c in checks])
+        checks = [c[:4] + (sum(g[i][0] for g in gathered), [n for g in gathered for n in g[i][1]]) for i, c in enumerate(checks)]
         results[moving] = {"losses": losses, "state": gather_state(list(trainer.modules.values()), rank), "checks": checks}
     if rank == 0:
         save(results, os.path.join(out_dir, "result.pt"))
@@ -103,9 +116,10 @@ def test_migration_preserves_function_and_state(layout, tmp_path):
         diff = (moved["state"][name] - ref).norm()
         assert diff <= 1e-5 * ref.norm() + 1e-6, f"{name}: {diff}"
     assert len(moved["checks"]) == 2
-    for before, after, nbytes, applied in moved["checks"]:
+    for before, after, nbytes, applied, kept, copied in moved["checks"]:
         assert applied
         assert nbytes > 0
+        assert kept > 0 and copied == [], f"entries kept by their rank were copied by the migration: {copied[:3]}"
         assert set(before) == set(after)
         for name in before:
             assert len(after[name]) == 1, f"copies of {name} differ after migration"

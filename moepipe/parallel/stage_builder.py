@@ -8,6 +8,8 @@ which gives every layout the weights the single-process model starts from.
 """
 from __future__ import annotations
 
+from typing import Mapping, Optional
+
 import torch
 from torch import nn
 
@@ -36,23 +38,39 @@ def prune_to_stage(model: MoETransformer, plan: Plan, stage: int, ep_rank: int) 
 
 
 def build_stage_module(
-    model_cfg: ModelConfig, moe_cfg: MoEConfig, plan: Plan, stage: int, ep_rank: int, device: torch.device, seed: int
+    model_cfg: ModelConfig, moe_cfg: MoEConfig, plan: Plan, stage: int, ep_rank: int, device: torch.device, seed: int,
+    state: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> MoETransformer:
+    """Stage `stage` of `plan` as held by EP rank `ep_rank`, initialised by parameter name; or,
+    with `state` (name -> tensor for every entry the stage holds, already on `device`), adopting
+    those tensors without copying them: a live migration then holds one copy of the state it
+    keeps instead of the old and the new stages side by side."""
     if model_cfg.tie_embeddings and plan.n_stages > 1:
         raise ValueError("model.tie_embeddings=true cannot be split over pipeline stages: set it false or parallel.pp=1")
     with torch.device("meta"):
         module = MoETransformer(model_cfg, moe_cfg, seed)
     prune_to_stage(module, plan, stage, ep_rank)
-    module.to_empty(device=device)
-    init_weights(module, seed)
-    _reset_buffers(module, model_cfg, device)
+    if state is None:
+        module.to_empty(device=device)
+        init_weights(module, seed)
+        for _, moe in module.moe_layers():
+            if moe.router.expert_bias is not None:
+                moe.router.expert_bias.zero_()
+    else:
+        wanted = module.state_dict(keep_vars=True)
+        missing = [n for n in wanted if n not in state]
+        if missing:
+            raise KeyError(f"stage {stage} needs state entries it was not given: {missing[:3]}")
+        # .to() is a no-op (the same tensor) when device and dtype already match
+        module.load_state_dict({n: state[n].to(device=device, dtype=t.dtype) for n, t in wanted.items()}, strict=True, assign=True)
+    _reset_rotary(module, model_cfg, device)
+    left = [n for n, t in module.state_dict(keep_vars=True).items() if t is not None and t.is_meta]
+    if left:
+        raise RuntimeError(f"stage {stage} still has unmaterialised tensors: {left[:3]}")
     return module
 
 
-def _reset_buffers(module: nn.Module, cfg: ModelConfig, device: torch.device) -> None:
-    """Buffers are not parameters: recompute what to_empty left uninitialised."""
+def _reset_rotary(module: nn.Module, cfg: ModelConfig, device: torch.device) -> None:
+    """The rotary tables are non-persistent buffers (in no state dict): always recomputed."""
     cos, sin = rotary_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
     module.rope_cos, module.rope_sin = cos.to(device), sin.to(device)
-    for _, moe in module.moe_layers():
-        if moe.router.expert_bias is not None:
-            moe.router.expert_bias.zero_()

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -143,13 +144,15 @@ class DistributedTrainer:
             self._topology = topology_from_config(self.cfg.topology, self.mesh.world_size)
         return self._topology
 
-    def _build(self, plan: Plan) -> None:
-        """Stages, dispatch, gradient bookkeeping, optimizer and schedule for `plan`."""
+    def _build(self, plan: Plan, entries: Optional[Entries] = None) -> None:
+        """Stages, dispatch, gradient bookkeeping, optimizer and schedule for `plan`; with
+        `entries` (a migration), the stages and the optimizer adopt those tensors."""
         cfg, mesh = self.cfg, self.mesh
         self.plan = plan
         self.stage_ids = plan.stages_of_rank(mesh.pp_rank)
+        values = None if entries is None else {n: ts[0] for n, ts in entries.items()}
         self.modules: dict[int, MoETransformer] = {
-            s: build_stage_module(cfg.model, cfg.moe, plan, s, mesh.ep_rank, self.device, cfg.train.seed) for s in self.stage_ids
+            s: build_stage_module(cfg.model, cfg.moe, plan, s, mesh.ep_rank, self.device, cfg.train.seed, values) for s in self.stage_ids
         }
         self.slowdowns = [SlowDevice(m, self.speed) for m in self.modules.values()] if self.speed < 1 else []
         self.clock = BlockClock(list(self.modules.values()), cfg.model.n_layers, self.device)
@@ -401,19 +404,16 @@ class DistributedTrainer:
                 out[name] = [t.detach(), st.get("exp_avg", zero), st.get("exp_avg_sq", zero), st.get("step", torch.zeros(()))]
         return out
 
-    @torch.no_grad()
-    def _load_entries(self, entries: Entries) -> None:
+    def _load_optimizer_state(self, entries: Entries) -> None:
+        """AdamW state of every parameter from its entry, adopting the moment tensors."""
         for module in self.modules.values():
-            params = dict(module.named_parameters())
-            for name, t in module.state_dict(keep_vars=True).items():
+            for name, p in module.named_parameters():
                 src = entries[name]
-                t.copy_(src[0])
-                if name in params:
-                    self.optimizer.state[t] = {
-                        "step": torch.tensor(float(src[3].reshape(-1)[0]), dtype=torch.float32),  # AdamW keeps it on the CPU
-                        "exp_avg": src[1].to(t.device, t.dtype).clone(),
-                        "exp_avg_sq": src[2].to(t.device, t.dtype).clone(),
-                    }
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(float(src[3].reshape(-1)[0]), dtype=torch.float32),  # AdamW keeps it on the CPU
+                    "exp_avg": src[1].to(p.device, p.dtype),
+                    "exp_avg_sq": src[2].to(p.device, p.dtype),
+                }
 
     def migrate(self, new_plan: Plan) -> dict:
         """Move to `new_plan`: parameters, buffers and AdamW state go point-to-point to their
@@ -426,17 +426,23 @@ class DistributedTrainer:
         n = self.mesh.world_size
         bw = None if cfg.topology.detect or cfg.topology.probe else self.topology.bandwidth[:n, :n]
         moves = transfers(self.plan, new_plan, self.layout, bw)
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are not state: free them before anything new is allocated
         entries = self._entries()
         received, _ = exchange(self.mesh.rank, moves, entries, self.layout, self.device)
-        entries.update(received)
+        # compact each received entry out of its transfer buffer (views would keep whole buffers alive)
+        entries.update({n: [t.clone() for t in ts] for n, ts in received.items()})
+        del received
         inject_fault(self.mesh.rank, self._done, "migration")
         for hooks in self.slowdowns + [self.clock]:
             hooks.remove()
-        self._build(new_plan)
-        self._load_entries(entries)
+        # the new stages adopt the tensors this rank keeps (no copy): peak memory is the old
+        # state plus what arrives, not the old and new stages side by side
+        self.modules = self.optimizer = self.schedule = None
+        self._build(new_plan, entries)
+        self._load_optimizer_state(entries)
         for module in self.modules.values():  # evaluations before the next step see the same routing
             module.set_routing_skew(self._skew)
-        del entries, received
+        del entries
         release_freed_memory()
         took = torch.tensor(time.perf_counter() - start, dtype=torch.float64, device=self.device)
         dist.all_reduce(took, op=dist.ReduceOp.MAX)
