@@ -6,8 +6,8 @@ that hold it: all EP and DP ranks of its stage's pipeline rank, or for an expert
 ranks listing it. Comparing homes under the old and new plan gives, for every rank, what it
 must receive and from whom; every rank derives the same transfer list.
 
-The process-group half sends one flat buffer per (source, destination) pair with
-point-to-point operations posted together, so no ordering can deadlock. A parameter travels
+The process-group half sends every tensor as its own point-to-point message, all posted
+together, so no ordering can deadlock and nothing is packed or unpacked. A parameter travels
 with its AdamW state as [value, exp_avg, exp_avg_sq, step].
 """
 from __future__ import annotations
@@ -91,42 +91,55 @@ def transfer_bytes(plan_transfers: dict[tuple[int, int], list[str]], layout: dic
 Entries = dict[str, list[torch.Tensor]]  # name -> [value] or [value, exp_avg, exp_avg_sq, step]
 
 
-def _pack(names: list[str], entries: Entries, device: torch.device) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).to(device, torch.float32) for n in names for t in entries[n]])
-
-
-def _unpack(buf: torch.Tensor, names: list[str], layout: dict[str, EntrySpec]) -> Entries:
-    out, offset = {}, 0
+def _outgoing(names: list[str], entries: Entries, device: torch.device) -> list[torch.Tensor]:
+    """The tensors of one (source, destination) message, in the order both sides derive from the
+    names: each entry's value (and AdamW moments), then one float32 tensor of all its
+    parameters' step counts. A tensor already fp32, contiguous and on `device` goes as it is."""
+    out, steps = [], []
     for n in names:
-        spec = layout[n]
-        parts = [spec.numel] * (3 if spec.is_param else 1) + ([1] if spec.is_param else [])
-        ts = []
-        for k in parts:
-            ts.append(buf[offset : offset + k])  # views: the loader copies them into the new stages
-            offset += k
-        ts[0] = ts[0].view(spec.shape)
-        if spec.is_param:
-            ts[1], ts[2] = ts[1].view(spec.shape), ts[2].view(spec.shape)
-        out[n] = ts
+        ts = entries[n]
+        out += [t.detach().to(device, torch.float32).contiguous() for t in ts[:3]]
+        if len(ts) > 3:
+            steps.append(ts[3].detach().reshape(-1)[:1].to(device, torch.float32))
+    if steps:
+        out.append(torch.cat(steps))
     return out
 
 
+def _incoming(names: list[str], layout: dict[str, EntrySpec], device: torch.device) -> tuple[list[torch.Tensor], Entries]:
+    """Receive tensors matching `_outgoing`, and the entries they become: the final tensors
+    themselves, so nothing is unpacked or copied after arrival."""
+    out: list[torch.Tensor] = []
+    entries: Entries = {}
+    for n in names:
+        spec = layout[n]
+        entries[n] = [torch.empty(spec.shape, device=device) for _ in range(3 if spec.is_param else 1)]
+        out += entries[n]
+    params = [n for n in names if layout[n].is_param]
+    if params:
+        steps = torch.empty(len(params), device=device)
+        out.append(steps)
+        for i, n in enumerate(params):
+            entries[n].append(steps[i : i + 1])
+    return out, entries
+
+
 def exchange(rank: int, plan_transfers: dict[tuple[int, int], list[str]], entries: Entries, layout: dict[str, EntrySpec], device: torch.device) -> tuple[Entries, int]:
-    """Send what this rank must give and receive what it must get; returns (received, bytes sent)."""
-    ops, inbox, sent = [], [], 0
+    """Send what this rank must give and receive what it must get; returns (received, bytes sent).
+    Each tensor is its own message, all posted together: no packing copy on the sender, no
+    unpacking copy on the receiver (a migration's extra memory is just what arrives)."""
+    ops, sent = [], 0
+    received: Entries = {}
     for (src, dst), names in sorted(plan_transfers.items()):
         if src == rank:
-            buf = _pack(names, entries, device)
-            ops.append(dist.P2POp(dist.isend, buf, dst))
-            sent += buf.numel() * buf.element_size()
+            for t in _outgoing(names, entries, device):
+                ops.append(dist.P2POp(dist.isend, t, dst))
+                sent += t.numel() * t.element_size()
         elif dst == rank:
-            buf = torch.empty(sum(layout[n].width for n in names), device=device)
-            ops.append(dist.P2POp(dist.irecv, buf, src))
-            inbox.append((buf, names))
+            bufs, arriving = _incoming(names, layout, device)
+            ops += [dist.P2POp(dist.irecv, t, src) for t in bufs]
+            received.update(arriving)
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
-    received: Entries = {}
-    for buf, names in inbox:
-        received.update(_unpack(buf, names, layout))
     return received, sent

@@ -429,8 +429,7 @@ class DistributedTrainer:
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not state: free them before anything new is allocated
         entries = self._entries()
         received, _ = exchange(self.mesh.rank, moves, entries, self.layout, self.device)
-        # compact each received entry out of its transfer buffer (views would keep whole buffers alive)
-        entries.update({n: [t.clone() for t in ts] for n, ts in received.items()})
+        entries.update(received)
         del received
         inject_fault(self.mesh.rank, self._done, "migration")
         for hooks in self.slowdowns + [self.clock]:
