@@ -83,6 +83,8 @@ def _worker(rank: int, world: int, layout: tuple, out_dir: str) -> None:
     for moving in (False, True):
         trainer = DistributedTrainer(cfg, mesh)
         plans, losses, checks = layouts(pp, ep, dp), [], []
+        if moving:  # before any optimizer step: moments are zeros, and must stay two separate tensors
+            trainer.migrate(plans[1])
         for step in range(STEPS):
             losses.append(trainer.train_step(step).loss)
             if moving and step in (1, 3):

@@ -400,8 +400,9 @@ class DistributedTrainer:
                     out[name] = [t.detach()]
                     continue
                 st = self.optimizer.state.get(t) or {}
-                zero = torch.zeros_like(t)
-                out[name] = [t.detach(), st.get("exp_avg", zero), st.get("exp_avg_sq", zero), st.get("step", torch.zeros(()))]
+                # two separate zero tensors when there is no state yet: a migration adopts the moments
+                moments = [st[k] if k in st else torch.zeros_like(t) for k in ("exp_avg", "exp_avg_sq")]
+                out[name] = [t.detach(), *moments, st.get("step", torch.zeros(()))]
         return out
 
     def _load_optimizer_state(self, entries: Entries) -> None:
