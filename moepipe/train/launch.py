@@ -16,6 +16,7 @@ docs/ARCHITECTURE.md: the run dir must be fixed so the restarted workers find th
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -243,6 +244,11 @@ def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, l
         dist.broadcast_object_list(shared, src=0)  # under torchrun every rank's Hydra made its own dir
         run_dir = shared[0]
         mesh = build_mesh(cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.dp)
+        # What is alive now (torch, numpy, Hydra, the config) lives as long as the worker: keep
+        # it out of cyclic garbage collection, so the full collection after each migration
+        # scans only what the run itself made (it took 0.34 of a 0.61 s migration otherwise)
+        gc.collect()
+        gc.freeze()
         try:
             summary = train(cfg, run_dir, trainer_factory=lambda plan: DistributedTrainer(cfg, mesh, plan), is_metrics_rank=mesh.is_metrics_rank)
         except Preempted:
