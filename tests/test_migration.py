@@ -224,6 +224,7 @@ def test_topo_replans_under_skew_without_changing_the_function(tmp_path):
     moved = [e for e in topo["events"] if e["migrate"]]
     assert moved, f"topo did not migrate under a 6x hot rank: {[e['reason'] for e in topo['events']]}"
     assert all(e["bytes_moved"] > 0 and e["predicted_new_s"] < e["predicted_old_s"] for e in moved)
+    assert all(0.1 <= e["gain_efficiency"] <= 1.0 for e in topo["events"])
     assert topo["plan"] != static["plan"]
     torch.testing.assert_close(torch.tensor(topo["losses"]), torch.tensor(static["losses"]), rtol=1e-5, atol=0)
 

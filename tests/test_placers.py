@@ -402,3 +402,14 @@ def test_decide_migrates_on_persistent_skew_not_on_noise_or_a_burst():
     # a one-step horizon cannot pay for the move
     d = decide("topo", inp, current, replica_slots=1, horizon_steps=0)
     assert not d.migrate
+
+
+def test_realised_efficiency_is_the_share_of_the_predicted_saving_seen():
+    from moepipe.placement.placers import EFFICIENCY_FLOOR, realised_efficiency
+
+    # predicted 1.0 -> 0.5 s (50% saving); measured 2.0 -> 1.5 s (25%): half of it showed
+    assert realised_efficiency(1.0, 0.5, 2.0, 1.5) == pytest.approx(0.5)
+    assert realised_efficiency(1.0, 0.5, 2.0, 0.8) == 1.0  # never more trust than the model
+    assert realised_efficiency(1.0, 0.5, 2.0, 2.4) == EFFICIENCY_FLOOR  # the move made it slower
+    assert realised_efficiency(1.0, 1.0, 2.0, 1.5) is None  # nothing was predicted
+    assert realised_efficiency(1.0, 0.5, None, 1.5) is None

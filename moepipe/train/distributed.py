@@ -126,6 +126,8 @@ class DistributedTrainer:
         self.time_ema: np.ndarray | None = None  # measured seconds per block per step (see _update_times)
         self.step_time_ema: float | None = None  # measured seconds per training step
         self.rebuild_s = 0.0  # measured migration time beyond the placer's transfer estimate
+        self.gain_efficiency = 1.0  # share of predicted savings past migrations showed (realised_efficiency, EMA)
+        self._last_move: tuple | None = None  # (predicted old, new, measured step time) of the last migration
         self._build(check_plan_for_job(validate_plan(plan or default_plan(cfg), cfg.model.n_layers, self.moe_ids, cfg.moe.num_experts), cfg))
 
     def _measured_topology(self):
@@ -327,9 +329,17 @@ class DistributedTrainer:
         if not pc.interval or done % pc.interval or done >= total:
             return []
         self._done = done
+        if self._last_move is not None:  # what the previous migration actually saved, per step
+            from moepipe.placement.placers import realised_efficiency
+
+            eff = realised_efficiency(*self._last_move, self.step_time_ema)
+            if eff is not None:
+                self.gain_efficiency = 0.5 * self.gain_efficiency + 0.5 * eff
+            self._last_move = None
         decision = self._decide(horizon=min(pc.interval, total - done))
         event = {"step": done, "event": "replan", **{k: v for k, v in decision.items() if k != "plan"}}
         if decision["migrate"]:
+            self._last_move = (decision["predicted_old_s"], decision["predicted_new_s"], self.step_time_ema)
             event.update(self.migrate(decision["plan"]))
             self.rebuild_s = max(0.0, event["migration_s"] - (decision["predicted_migration_s"] - self.rebuild_s))
         rss = torch.tensor(resident_bytes(), dtype=torch.float64, device=self.device)
@@ -367,13 +377,18 @@ class DistributedTrainer:
     def _judge(self, d, horizon: int) -> dict:
         """Re-check the placer's decision in measured units. The cost model's absolute times
         can be far off on a given machine (CPU workers especially), so the predicted saving
-        is rescaled by measured / predicted step time, and the migration cost gains the
-        rebuild time measured at the previous migration (stages, optimizer, schedule)."""
+        is rescaled by measured / predicted step time and by the share of predicted savings
+        past migrations showed (`gain_efficiency`), and the migration cost gains the rebuild
+        time measured at the previous migration (stages, optimizer, schedule)."""
         scale = self.step_time_ema / d.predicted_old_s if self.step_time_ema and d.predicted_old_s > 0 else 1.0
-        gain = d.predicted_gain_s * scale
+        gain = d.predicted_gain_s * scale * self.gain_efficiency
         cost = d.migration_cost_s + self.rebuild_s
+        frac = (1 - d.predicted_new_s / d.predicted_old_s) * self.gain_efficiency if d.predicted_old_s > 0 else 0.0
         migrate, reason = bool(d.migrate and d.plan != self.plan), d.reason
-        if migrate and gain <= cost:
+        if migrate and frac <= self.cfg.placer.min_gain_frac:
+            migrate, reason = False, (f"expected saving {frac:.2%} per step (x{self.gain_efficiency:.2f}, the share past migrations "
+                                      f"showed) <= min_gain_frac {self.cfg.placer.min_gain_frac:.2%}")
+        elif migrate and gain <= cost:
             migrate, reason = False, f"measured-scale gain {gain:.3g} s over {horizon} steps <= migration {cost:.3g} s (incl. rebuild)"
         return {
             "placer": self.cfg.placer.name,
@@ -382,6 +397,7 @@ class DistributedTrainer:
             "predicted_new_s": d.predicted_new_s,
             "predicted_gain_s": d.predicted_gain_s,
             "time_scale": scale,
+            "gain_efficiency": self.gain_efficiency,
             "expected_gain_s": gain,
             "predicted_migration_s": cost,
             "solve_s": d.solve_time_s,
@@ -456,6 +472,7 @@ class DistributedTrainer:
         if self.step_time_ema is not None:
             out["step_time_ema"] = torch.tensor(self.step_time_ema, dtype=torch.float64)
         out["rebuild_s"] = torch.tensor(self.rebuild_s, dtype=torch.float64)
+        out["gain_efficiency"] = torch.tensor(self.gain_efficiency, dtype=torch.float64)
         return out
 
     def load_placer_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -463,3 +480,4 @@ class DistributedTrainer:
         self.time_ema = state["time_ema"].double().numpy().copy() if "time_ema" in state else None
         self.step_time_ema = float(state["step_time_ema"]) if "step_time_ema" in state else None
         self.rebuild_s = float(state["rebuild_s"]) if "rebuild_s" in state else 0.0
+        self.gain_efficiency = float(state["gain_efficiency"]) if "gain_efficiency" in state else 1.0

@@ -27,8 +27,10 @@ from moepipe.placement.placers.migration import migration_bytes, migration_time_
 
 __all__ = [
     "Decision", "Evaluator", "PlacementInputs", "check_memory", "decide", "inputs_from_config", "load_fractions",
-    "make_placement", "migration_bytes", "migration_time_s", "predict_iteration_time",
+    "make_placement", "migration_bytes", "migration_time_s", "predict_iteration_time", "realised_efficiency",
 ]
+
+EFFICIENCY_FLOOR = 0.1  # a large enough predicted saving can always still justify a move
 
 
 def check_memory(plan: Plan, ev: Evaluator, name: str, replica_slots: int, res: Optional[Evaluation] = None) -> Evaluation:
@@ -147,3 +149,16 @@ def decide(name: str, inputs: PlacementInputs, current: Plan, replica_slots: int
     else:
         ok, why = True, f"gain {gain:.3g} s over {horizon_steps} steps > migration {cost:.3g} s, saving {frac:.2%} per step"
     return Decision(new if ok else current, ok, old_s, new_s, gain, cost, int(moved.sum()), solve, why, new)
+
+
+def realised_efficiency(predicted_old_s: float, predicted_new_s: float, measured_before_s: float, measured_after_s: float) -> Optional[float]:
+    """The share of a migration's predicted per-step saving that the measured step time showed:
+    (1 - after/before) / (1 - new/old), clipped to [EFFICIENCY_FLOOR, 1] (never more trust than
+    the model earns). None when the move predicted no saving or a time is missing. A cost model
+    that overstates relative gains (fixed per-step overheads it does not model), or a load that
+    moved on before the move paid off, shows up here as an efficiency below 1."""
+    if not (predicted_old_s > predicted_new_s > 0 and measured_before_s and measured_after_s and measured_before_s > 0):
+        return None
+    realised = 1.0 - measured_after_s / measured_before_s
+    predicted = 1.0 - predicted_new_s / predicted_old_s
+    return float(min(1.0, max(EFFICIENCY_FLOOR, realised / predicted)))
