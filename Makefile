@@ -6,16 +6,20 @@ PY := $(VENV)/bin/python
 # the venv first (see README) and set TORCH_SPEC= to keep it.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Wheels the package registries lack (Tutel, built for torch 2.13.0 CPU): installed when the
+# folder is there (CI and these machines); GPU users install Tutel from its repository (README).
+WHEELS ?= ../shared/wheels
 
 .PHONY: setup demo test figures clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml $(wildcard $(WHEELS)/*.whl) | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet "$(TORCH_SPEC)")
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(if $(wildcard $(WHEELS)/tutel-*.whl),$(PY) -m pip install --quiet --no-deps $(wildcard $(WHEELS)/tutel-*.whl))
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -313,7 +313,7 @@ def test_activation_checkpointing_same_gradients_and_stats_once():
         for h in hooks:
             h.remove()
         g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        stats = {lid: (m.stats.calls, m.stats.demand.tolist(), m.stats.kept.tolist(), m.stats.asked, m.stats.aux_loss_sum) for lid, m in model.moe_layers()}
+        stats = {lid: (h.calls, h.demand.tolist(), h.kept.tolist(), h.asked, h.aux_loss_sum) for lid, h in ((lid, m.stats.host()) for lid, m in model.moe_layers())}
         results.append((loss.item(), g, stats, calls))
 
     (l0, g0, s0, c0), (l1, g1, s1, c1) = results

@@ -69,28 +69,54 @@ def combine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, token_idx: 
 
 
 class RoutingStats:
-    """Counters a layer accumulates between `reset()` calls: what the placer reads."""
+    """Counters a layer accumulates between `reset()` calls: what the placer and the metrics read.
+
+    They stay on the layer's device and are added to without reading them back (no host
+    synchronisation in the hot path); the trainer reads them once per step. Every MoE backend
+    records through `add`, so the metrics and the placer see the same counters whatever runs
+    the experts.
+    """
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
         self.reset()
 
     def reset(self) -> None:
-        self.demand = torch.zeros(self.num_experts, dtype=torch.long)
-        self.kept = torch.zeros(self.num_experts, dtype=torch.long)
-        self.asked = 0  # assignments requested (tokens * k)
-        self.aux_loss_sum = 0.0
-        self.z_loss_sum = 0.0
+        self.demand = torch.zeros(self.num_experts, dtype=torch.long)  # assignments asked of each expert (before capacity)
+        self.kept = torch.zeros(self.num_experts, dtype=torch.long)  # assignments each expert processed
+        self.asked = torch.zeros((), dtype=torch.long)  # assignments requested (tokens * k)
+        self.aux_loss_sum = torch.zeros((), dtype=torch.float64)
+        self.z_loss_sum = torch.zeros((), dtype=torch.float64)
         self.calls = 0
 
     @torch.no_grad()
-    def record(self, routing: Routing) -> None:
-        self.demand += routing.demand_counts.detach().cpu()
-        self.kept += routing.kept_counts.detach().cpu()
-        self.asked += int(routing.demand_counts.sum())
-        self.aux_loss_sum += float(routing.aux_loss.detach())
-        self.z_loss_sum += float(routing.z_loss.detach())
+    def add(self, demand: torch.Tensor, kept: torch.Tensor, aux_loss: torch.Tensor | None = None,
+            z_loss: torch.Tensor | None = None, asked: torch.Tensor | int | None = None) -> None:
+        """Accumulate one forward's counters (device tensors; nothing is read back).
+        `asked` defaults to demand.sum() (every assignment is counted in demand)."""
+        dev = demand.device
+        if self.demand.device != dev:  # first call on this device: the counters follow the layer
+            self.demand, self.kept = self.demand.to(dev), self.kept.to(dev)
+            self.asked, self.aux_loss_sum, self.z_loss_sum = self.asked.to(dev), self.aux_loss_sum.to(dev), self.z_loss_sum.to(dev)
+        self.demand += demand.detach().long()
+        self.kept += kept.detach().long()
+        self.asked += demand.detach().sum() if asked is None else asked
+        if aux_loss is not None:
+            self.aux_loss_sum += aux_loss.detach().double()
+        if z_loss is not None:
+            self.z_loss_sum += z_loss.detach().double()
         self.calls += 1
+
+    def record(self, routing: Routing) -> None:
+        self.add(routing.demand_counts, routing.kept_counts, routing.aux_loss, routing.z_loss)
+
+    def host(self) -> "RoutingStats":
+        """A copy with CPU tensors (one device-to-host read per counter): read once per step."""
+        out = RoutingStats.__new__(RoutingStats)
+        out.num_experts, out.calls = self.num_experts, self.calls
+        out.demand, out.kept = self.demand.cpu(), self.kept.cpu()
+        out.asked, out.aux_loss_sum, out.z_loss_sum = int(self.asked), float(self.aux_loss_sum), float(self.z_loss_sum)
+        return out
 
 
 class MoELayer(nn.Module):

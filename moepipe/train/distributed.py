@@ -236,13 +236,17 @@ class DistributedTrainer:
         if not self.moe_ids:
             return {}
         row = {lid: i for i, lid in enumerate(self.moe_ids)}
-        packed = torch.zeros(len(self.moe_ids), 2 * E + 4, dtype=torch.float64)
+        # packed on the device from the device-side counters: NCCL reduces device tensors only,
+        # and nothing is read back before the reduction
+        packed = torch.zeros(len(self.moe_ids), 2 * E + 4, dtype=torch.float64, device=self.device)
         for module in self.modules.values():
             for layer_id, moe in module.moe_layers():
                 s = moe.stats
-                packed[row[layer_id]] = torch.cat([s.demand.double(), s.kept.double(), torch.tensor([s.asked, s.aux_loss_sum, s.z_loss_sum, s.calls], dtype=torch.float64)])
-        packed = packed.to(self.device)
-        dist.all_reduce(packed)  # on the device: NCCL reduces device tensors only
+                scalars = torch.stack([s.asked.double(), s.aux_loss_sum.double(), s.z_loss_sum.double()]).to(self.device)
+                packed[row[layer_id], : 2 * E] = torch.cat([s.demand.double(), s.kept.double()]).to(self.device)
+                packed[row[layer_id], 2 * E : 2 * E + 3] = scalars
+                packed[row[layer_id], 2 * E + 3] = s.calls
+        dist.all_reduce(packed)
         packed = packed.cpu()
         out = {}
         for layer_id, i in row.items():

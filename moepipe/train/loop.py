@@ -138,7 +138,7 @@ class Trainer:
         self.optimizer.step()
         # Aux-loss-free bias moves after the update, from this step's demand (DeepSeek-V3).
         self.model.update_expert_bias()
-        stats = {lid: moe.stats for lid, moe in self.model.moe_layers()}
+        stats = {lid: moe.stats.host() for lid, moe in self.model.moe_layers()}  # the step's one read-back
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return StepResult.from_stats(total, grad_norm, lr, start, inputs.numel(), stats)
