@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from moepipe.config import MoEConfig  # noqa: E402
-from moepipe.model.backends import ensure_process_group  # noqa: E402
+from moepipe.model.fairscale_moe import ensure_process_group  # noqa: E402
 from moepipe.model.moe import MoELayer  # noqa: E402
 from moepipe.train.run_info import run_info  # noqa: E402
 

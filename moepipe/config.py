@@ -313,22 +313,6 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
         if e.router_jitter >= 1:
             raise ConfigError(f"moe.router_jitter={e.router_jitter} must be < 1: it scales inputs by U(1-j, 1+j)")
         _positive("moe.num_shared_experts", e.num_shared_experts, allow_zero=True)
-        if e.backend == "fairscale":
-            if e.top_k != 2 or e.score_func != "softmax":
-                raise ConfigError(
-                    f"moe.backend=fairscale supports only top-2 softmax gating (got top_k={e.top_k}, score_func={e.score_func}): "
-                    "set moe.top_k=2 moe.score_func=softmax or use moe.backend=native"
-                )
-            if e.capacity_factor != 1.0:
-                raise ConfigError(
-                    f"moe.capacity_factor={e.capacity_factor} but fairscale's Top2Gate always caps at 2T/E: "
-                    "set moe.capacity_factor=1.0 with moe.backend=fairscale (or use moe.backend=native)"
-                )
-            if e.bias_update_rate > 0 or e.router_jitter > 0:
-                raise ConfigError(
-                    "moe.bias_update_rate/router_jitter are not supported by moe.backend=fairscale: set them to 0 or use moe.backend=native"
-                )
-
     for name in ("pp", "ep", "dp"):
         _positive(f"parallel.{name}", getattr(par, name))
     _one_of("parallel.backend", par.backend, ("auto", "gloo", "nccl"))
@@ -363,11 +347,6 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
         raise ConfigError(
             f"schedule.microbatches={sch.microbatches} < parallel.pp={par.pp}: the pipeline cannot fill; "
             f"set schedule.microbatches >= {par.pp}"
-        )
-    if e.num_experts and e.backend != "native" and par.pp * par.ep * par.dp > 1:
-        raise ConfigError(
-            f"moe.backend={e.backend} runs in one process only (parallel.pp*ep*dp={par.pp * par.ep * par.dp}): "
-            "use moe.backend=native for distributed runs"
         )
     if m.tie_embeddings and par.pp > 1:
         raise ConfigError("model.tie_embeddings=true cannot be split over pipeline stages: set it false or parallel.pp=1")
@@ -438,6 +417,10 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
             f"parallel.pp*ep*dp={world_size(cfg)} > topology devices={devices} (topology={cfg.topology.name}) but the placer "
             "or workload.emulate_speed reads the topology: pick a topology with a device per worker (e.g. topology.devices_per_node)"
         )
+
+    from moepipe.model.backends import check_backend_config  # imports this module: import late
+
+    check_backend_config(cfg)  # what fairscale/tutel cannot honour, in their own modules
 
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)

@@ -18,7 +18,7 @@ fairscale_moe = pytest.importorskip("fairscale.nn.moe")
 import fairscale.nn.moe.top2gate as top2gate  # noqa: E402
 
 from moepipe.config import ModelConfig, MoEConfig  # noqa: E402
-from moepipe.model.backends import FairscaleMoE, ensure_process_group  # noqa: E402
+from moepipe.model.fairscale_moe import FairscaleMoE, ensure_process_group  # noqa: E402
 from moepipe.model.moe import MoELayer  # noqa: E402
 from moepipe.model.transformer import build_model, lm_loss  # noqa: E402
 

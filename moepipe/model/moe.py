@@ -161,6 +161,19 @@ class MoELayer(nn.Module):
             out = AttachAuxLoss.apply(out, aux * self.aux_loss_scale)
         return out
 
+    def set_routing_skew(self, offset: torch.Tensor | None) -> None:
+        """An injected [E] logit offset (workload.kind), or None; moved to the device once per step."""
+        self.router.skew = None if offset is None else offset.to(self.router.weight.device)
+
+    def attach_expert_group(self, holders: list[list[int]], ep_rank: int, ep_group) -> None:
+        """The runtime's expert parallelism: experts live on the EP ranks `holders` names."""
+        import torch.distributed as dist
+
+        if dist.get_world_size(ep_group) > 1:
+            from moepipe.parallel.expert_parallel import ExpertParallelDispatcher
+
+            self.dispatcher = ExpertParallelDispatcher(holders, ep_rank, ep_group, self.num_experts)
+
     def update_expert_bias(self, load: torch.Tensor | None = None) -> None:
         """Aux-loss-free balancing step; `load` defaults to the demand counted since reset."""
         self.router.update_bias(self.stats.demand if load is None else load, self.cfg.bias_update_rate)

@@ -22,15 +22,9 @@ from moepipe.model.moe import MoELayer
 def build_ffn(layer_id: int, model: ModelConfig, moe: MoEConfig) -> nn.Module:
     if layer_id not in moe_layer_ids(model, moe):
         return SwiGLU(model.d_model, model.ffn_hidden)
-    if moe.backend == "fairscale":
-        from moepipe.model.backends import FairscaleMoE
+    from moepipe.model.backends import build_moe
 
-        return FairscaleMoE(model.d_model, moe)
-    if moe.backend == "tutel":
-        from moepipe.model.backends import build_tutel_moe
-
-        return build_tutel_moe(model.d_model, moe)
-    return MoELayer(model.d_model, moe)
+    return build_moe(model.d_model, moe)
 
 
 class Block(nn.Module):
@@ -104,8 +98,7 @@ class MoETransformer(nn.Module):
     def set_routing_skew(self, skew: dict[int, torch.Tensor] | None) -> None:
         """Per-layer logit offsets [E] (injected workloads); None removes them."""
         for layer_id, moe in self.moe_layers():
-            offset = None if skew is None else skew.get(layer_id)
-            moe.router.skew = None if offset is None else offset.to(moe.router.weight.device)  # moved once per step
+            moe.set_routing_skew(None if skew is None else skew.get(layer_id))
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ from moepipe.config import ConfigError, MoepipeConfig, moe_layer_ids
 from moepipe.data import build_corpus, slice_for_rank, train_batch, val_batches
 from moepipe.model import MoETransformer, count_parameters, lm_loss
 from moepipe.model.moe import RoutingStats
-from moepipe.parallel.expert_parallel import ExpertParallelDispatcher
 from moepipe.parallel.grad_sync import ExpertReplicas, clip_gradients, global_grad_norm, split_params, sync_gradients
 from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
@@ -161,8 +160,7 @@ class DistributedTrainer:
         for module in self.modules.values():
             module.activation_checkpointing = cfg.train.activation_checkpointing
             for layer_id, moe in module.moe_layers():
-                if mesh.ep > 1:
-                    moe.dispatcher = ExpertParallelDispatcher(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group, cfg.moe.num_experts)
+                moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group)
         self.dense, self.expert = split_params(list(self.modules.values()))
         self.replicas = ExpertReplicas(list(self.modules.values()), plan.expert_map, mesh.ep_rank, mesh.ep_group, self.device)
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)
