@@ -25,6 +25,7 @@ DATASETS = ("stdlib_bytes", "memmap")
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 DTYPES = ("auto", "fp32", "bf16")
+A2A_MODES = ("flat", "hierarchical")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -76,6 +77,9 @@ class ParallelConfig:
     ep: int = 1
     dp: int = 1
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    # Expert all-to-all: flat (one exchange over the EP group) or hierarchical (within each
+    # node, then across nodes among ranks with the same local index: Tutel's 2DH order)
+    a2a: str = "flat"
     collective_timeout_s: float = 300.0
 
 
@@ -316,6 +320,12 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     for name in ("pp", "ep", "dp"):
         _positive(f"parallel.{name}", getattr(par, name))
     _one_of("parallel.backend", par.backend, ("auto", "gloo", "nccl"))
+    _one_of("parallel.a2a", par.a2a, A2A_MODES)
+    if par.a2a == "hierarchical" and e.backend == "native":
+        raise ConfigError(
+            "parallel.a2a=hierarchical is implemented for moe.backend=tutel only (Tutel's 2DH all-to-all), not yet for the native "
+            "dispatcher: set parallel.a2a=flat or moe.backend=tutel"
+        )
     _one_of("schedule.name", sch.name, SCHEDULES)
     _positive("schedule.microbatches", sch.microbatches)
     _positive("schedule.virtual_stages", sch.virtual_stages)

@@ -81,7 +81,11 @@ def assert_matches(result: dict, ref_losses: list[float], ref_state: dict, label
         got = result["state"][name]
         rel = float((got - ref).norm() / ref.norm())
         assert rel <= 1e-5, f"{label}: {name} differs by {rel:.2e} relative"
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"{label}: {name}")
+        # Elementwise: AdamW turns a reordered fp32 sum (gloo's reduction vs the microbatch loop)
+        # into up to ~1e-6 on a weight whose gradient is near zero (seen: 2.1e-6 on 1 of 1,024,
+        # machine-dependent); a real fault (a missing or doubled gradient) moves weights by ~lr = 3e-3.
+        bad = (got - ref).abs() > 1e-5 + 1e-5 * ref.abs()
+        assert not bad.any(), f"{label}: {name}: {int(bad.sum())} of {bad.numel()} elements differ, max {float((got - ref).abs().max()):.3g}"
 
 
 @pytest.fixture(scope="module")
