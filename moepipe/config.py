@@ -353,6 +353,11 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
             )
     if par.backend == "nccl" and t.device == "cpu":
         raise ConfigError("parallel.backend=nccl needs GPUs but train.device=cpu: use parallel.backend=gloo (or auto)")
+    if par.backend == "gloo" and t.device == "cuda" and par.pp * par.ep * par.dp > 1:
+        raise ConfigError(
+            "parallel.backend=gloo with train.device=cuda: gloo cannot run the pipeline's point-to-point sends and the expert "
+            "all-to-all on CUDA tensors; use parallel.backend=nccl (or auto), or train.device=cpu"
+        )
     if par.pp > 1 and sch.microbatches < par.pp:
         raise ConfigError(
             f"schedule.microbatches={sch.microbatches} < parallel.pp={par.pp}: the pipeline cannot fill; "
@@ -431,6 +436,13 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     from moepipe.model.backends import check_backend_config  # imports this module: import late
 
     check_backend_config(cfg)  # what fairscale/tutel cannot honour, in their own modules
+
+    if world_size(cfg) == 1 and (cfg.topology.detect or cfg.topology.probe):
+        key = "topology.detect" if cfg.topology.detect else "topology.probe"
+        raise ConfigError(
+            f"{key}=true measures the workers of a multi-process job, but parallel.pp*ep*dp=1 runs one process: "
+            f"set {key}=false, or use several workers (e.g. parallel=pp2_ep2)"
+        )
 
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)

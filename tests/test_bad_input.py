@@ -42,6 +42,10 @@ CATALOGUE = [
     (["train.resume=/no/such/ckpt"], "train.resume=/no/such/ckpt does not exist"),
     (["train.on_nonfinite=ignore"], "train.on_nonfinite='ignore' is not known"),
     (["train.ckpt_every=-1"], "train.ckpt_every=-1 must be >= 0"),
+    (["parallel=pp2", "parallel.backend=gloo", "train.device=cuda"], "parallel.backend=gloo with train.device=cuda"),
+    (["parallel=single", "topology.probe=true"], "topology.probe=true measures the workers of a multi-process job"),
+    (["parallel=single", "topology.detect=true"], "topology.detect=true measures the workers of a multi-process job"),
+    (["parallel.a2a=hierarchical"], "parallel.a2a=hierarchical is implemented for moe.backend=tutel only"),
 ]
 
 
@@ -204,3 +208,47 @@ def test_cli_exit_codes(saved_run, tmp_path):
     proc = run_cli(tmp_path / "c", "optim.lr=1e30", "optim.warmup_steps=0", "train.steps=4")
     cli_error(proc, 1, "train.on_nonfinite=stop", "at step 1", "train.on_nonfinite=skip")
     assert not (tmp_path / "c" / "summary.json").exists()
+
+
+# --------------------------------------------------------------------------- one GPU, many workers
+
+
+@pytest.mark.parametrize(
+    "overrides,cuda,gpus,expect",
+    [
+        ([], False, 0, ("cpu", "gloo", None)),  # a CPU machine
+        ([], True, 4, ("cuda", "nccl", None)),  # a GPU per worker
+        ([], True, 1, ("cpu", "gloo", "NCCL needs one GPU per worker: this job runs on CPU with gloo")),  # make demo on one GPU
+        (["parallel.backend=gloo"], True, 4, ("cpu", "gloo", "gloo cannot move CUDA tensors")),
+        (["train.device=cuda"], True, 1, "4 workers on a node with 1 GPU(s): NCCL needs one GPU per worker; use parallel=single"),
+        (["parallel.backend=nccl"], True, 2, "4 workers on a node with 2 GPU(s)"),
+        (["train.device=cuda"], False, 0, "train.device=cuda but no CUDA device is visible"),
+        (["parallel.backend=nccl"], False, 0, "parallel.backend=nccl but no GPU is used"),
+    ],
+)
+def test_workers_never_share_a_gpu_under_nccl(overrides, cuda, gpus, expect):
+    """The default pp2 x ep2 job (4 workers) on a machine with fewer GPUs than workers either runs
+    on CPU/gloo with one line saying so (device and backend both auto) or stops with one line
+    naming the fix; it never puts two NCCL ranks on one GPU."""
+    from moepipe.train.launch import resolve_backend
+
+    cfg = compose_cfg(overrides, single_process=False)
+    if isinstance(expect, str):
+        with pytest.raises(ConfigError) as err:
+            resolve_backend(cfg, 4, cuda, gpus)
+        one_line(str(err.value), expect)
+        return
+    device, backend, notice = resolve_backend(cfg, 4, cuda, gpus)
+    assert (device, backend) == expect[:2]
+    if expect[2] is None:
+        assert notice is None
+    else:
+        one_line(notice, expect[2])
+
+
+def test_single_process_names_the_schedule_it_does_not_run():
+    from moepipe.train.launch import single_process_notices
+
+    assert single_process_notices(compose_cfg(["schedule=1f1b"])) == []
+    (line,) = single_process_notices(compose_cfg(["schedule=interleaved_1f1b", "schedule.microbatches=4"]))
+    one_line(line, "schedule.name=interleaved_1f1b has no effect in one process", "schedule.microbatches=4")

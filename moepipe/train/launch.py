@@ -59,6 +59,36 @@ def slurm_tasks() -> tuple[int, int, int, str] | None:
     return env.global_rank, env.num_tasks, env.local_rank, f"tcp://{env.hostnames[0]}:{port}"
 
 
+def resolve_backend(cfg: MoepipeConfig, local_world: int, cuda_available: bool, gpu_count: int) -> tuple[str, str, str | None]:
+    """(device type, process-group backend, notice or None) for a multi-process job with
+    `local_world` ranks on this node. NCCL needs one GPU per rank: with fewer GPUs, an `auto`
+    job falls back to CPU/gloo and says so in one line; an explicit cuda/nccl job stops with a
+    one-line ConfigError naming the fix. Pure: the launcher and every worker derive the same answer."""
+    par, t = cfg.parallel, cfg.train
+    want_cuda = t.device == "cuda" or (t.device == "auto" and cuda_available)
+    if t.device == "cuda" and not cuda_available:
+        raise ConfigError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto")
+    if not want_cuda:
+        if par.backend == "nccl":
+            raise ConfigError("parallel.backend=nccl but no GPU is used: set parallel.backend=gloo (or auto)")
+        return "cpu", "gloo", None
+    if par.backend == "gloo":  # train.device=auto (config validation rejects gloo with an explicit cuda)
+        return "cpu", "gloo", "moepipe: parallel.backend=gloo: the workers run on CPU (gloo cannot move CUDA tensors between pipeline stages)"
+    if local_world > gpu_count:
+        fix = f"use parallel=single to train on one GPU, or lower parallel.pp*ep*dp to {gpu_count} per node, or add nodes"
+        if t.device == "auto" and par.backend == "auto":
+            return "cpu", "gloo", (
+                f"moepipe: {local_world} workers on this node but {gpu_count} GPU(s), and NCCL needs one GPU per worker: "
+                f"this job runs on CPU with gloo ({fix}; train.device=cuda stops instead)"
+            )
+        raise ConfigError(f"{local_world} workers on a node with {gpu_count} GPU(s): NCCL needs one GPU per worker; {fix}, or set train.device=cpu")
+    return "cuda", "nccl", None
+
+
+def _on_cpu(cfg: MoepipeConfig) -> MoepipeConfig:
+    return replace(cfg, train=replace(cfg.train, device="cpu"), parallel=replace(cfg.parallel, backend="gloo"))
+
+
 def launch(cfg: MoepipeConfig, run_dir: str) -> dict | None:
     """Run the job; return the summary where this process can read it."""
     n = world_size(cfg)
@@ -76,6 +106,14 @@ def launch(cfg: MoepipeConfig, run_dir: str) -> dict | None:
             raise ConfigError(f"parallel.pp*ep*dp={n} but SLURM runs {tasks} tasks: set nodes*tasks_per_node to pp*ep*dp")
         return run_worker(rank, n, cfg, run_dir, init, local_rank)
     preflight(cfg, run_dir)
+    for line in single_process_notices(cfg) if n == 1 else ():
+        print(line, file=sys.stderr, flush=True)
+    if n > 1:
+        device, _, notice = resolve_backend(cfg, n, torch.cuda.is_available(), torch.cuda.device_count())
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
+        if device == "cpu":
+            cfg = _on_cpu(cfg)
     if n == 1 and cfg.train.max_restarts == 0:
         from moepipe.train.loop import train
 
@@ -97,6 +135,19 @@ def launch(cfg: MoepipeConfig, run_dir: str) -> dict | None:
                 os.environ.pop(name, None)
     with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f)
+
+
+def single_process_notices(cfg: MoepipeConfig) -> list[str]:
+    """One line for each pipeline option that one process does not use, so a sweep over it is
+    never mistaken for a comparison: one process accumulates gradients over
+    schedule.microbatches, the arithmetic every schedule performs."""
+    sch, out = cfg.schedule, []
+    if sch.name != "1f1b" or sch.virtual_stages > 1:
+        out.append(
+            f"moepipe: schedule.name={sch.name} has no effect in one process (parallel.pp*ep*dp=1): gradients accumulate over "
+            f"schedule.microbatches={sch.microbatches}, the arithmetic every schedule performs; use parallel.pp>1 to run the schedule"
+        )
+    return out
 
 
 def preflight(cfg: MoepipeConfig, run_dir: str) -> None:
@@ -223,18 +274,14 @@ def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, l
     from moepipe.train.loop import train
     from moepipe.train.preempt import Preempted
 
-    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or n)
-    if use_cuda:
-        gpus = torch.cuda.device_count()
-        if gpus == 0:
-            raise ConfigError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto")
-        if backend == "nccl" and gpus > 1 and local_world > gpus:
-            raise ConfigError(f"{local_world} ranks on a node with {gpus} GPUs: NCCL needs one GPU per rank; lower parallel.pp*ep*dp or add nodes")
-        torch.cuda.set_device(local_rank % gpus)
-    elif backend == "nccl":
-        raise ConfigError("parallel.backend=nccl but no GPU is used: set parallel.backend=gloo (or auto)")
+    device, backend, notice = resolve_backend(cfg, local_world, torch.cuda.is_available(), torch.cuda.device_count())
+    if device == "cpu":
+        if notice and rank == 0 and cfg.train.device != "cpu":  # torchrun/SLURM: this launcher did not print it
+            print(notice, file=sys.stderr, flush=True)
+        cfg = _on_cpu(cfg)
+    else:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     torch.set_num_threads(_threads_per_worker(cfg, local_world))
     timeout = timedelta(seconds=cfg.parallel.collective_timeout_s)
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=n, timeout=timeout)
