@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moepipe.config import ConfigError, MoepipeConfig, world_size
-from moepipe.parallel.spawn import free_port
+from moepipe.parallel.spawn import adopt_environment, free_port, worker_start_method
 
 
 class WorkerFailed(RuntimeError):
@@ -194,7 +194,7 @@ def _run_workers(cfg: MoepipeConfig, run_dir: str, n: int) -> None:
 
     init = f"tcp://127.0.0.1:{free_port()}"
     target = _spawned if n > 1 else _single
-    ctx = mp.start_processes(target, args=(n, cfg, run_dir, init), nprocs=n, start_method="spawn", join=False)
+    ctx = mp.start_processes(target, args=(n, cfg, run_dir, init, dict(os.environ)), nprocs=n, start_method=worker_start_method(), join=False)
 
     stopping = []  # set once SIGTERM arrived: a worker that dies from it now is a stop, not a fault
 
@@ -227,8 +227,9 @@ def _run_workers(cfg: MoepipeConfig, run_dir: str, n: int) -> None:
 
 
 def die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this worker when the launcher dies (killed by a scheduler,
-    an OOM killer or a test timeout), instead of leaving it to wait out the collective timeout."""
+    """Linux: have the kernel SIGKILL this worker when its parent dies (killed by a scheduler,
+    an OOM killer or a test timeout), instead of leaving it to wait out the collective timeout.
+    Under the fork server the parent is the server, which exits when the launcher does."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -239,9 +240,10 @@ def die_with_parent() -> None:
         pass
 
 
-def _spawned(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str) -> None:
+def _spawned(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, env: dict[str, str]) -> None:
     from moepipe.train.preempt import EXIT_PREEMPTED, Preempted
 
+    adopt_environment(env)
     die_with_parent()
     try:
         run_worker(rank, n, cfg, run_dir, init, local_rank=rank)
@@ -249,11 +251,12 @@ def _spawned(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str) -> 
         sys.exit(EXIT_PREEMPTED)  # the checkpoint is written; a distinct status, not a failure
 
 
-def _single(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str) -> None:
+def _single(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, env: dict[str, str]) -> None:
     """One process under the restarting launcher (train.max_restarts > 0): the plain Trainer."""
     from moepipe.train.loop import train
     from moepipe.train.preempt import EXIT_PREEMPTED, Preempted
 
+    adopt_environment(env)
     die_with_parent()
     torch.set_num_threads(_threads_per_worker(cfg, 1))
     try:
