@@ -54,11 +54,18 @@ def run_experts_sorted(x_sorted: torch.Tensor, counts: list[int], expert_ids: li
 
 
 def local_dispatch(x: torch.Tensor, routing: Routing, experts: nn.ModuleDict) -> torch.Tensor:
-    """Single-process dispatch: every expert is local. x [T, d] -> [T, d]."""
-    x_sorted = x[routing.token_idx]
+    """Single-process dispatch: every expert is local. x [T, d] -> [T, d].
+
+    The layer's one host read: each expert runs on its own slice, so the slice sizes must be
+    known on the host (the local analogue of the expert-parallel split-size exchange). The
+    kept total comes from the same read. A grouped GEMM over stacked weights would avoid it,
+    at the price of copying every expert's weights each call and of different rounding.
+    """
     counts = routing.kept_counts.tolist()
-    y_sorted = run_experts_sorted(x_sorted, counts, list(range(len(counts))), experts)
-    return combine(x, y_sorted, routing.weights, routing.token_idx)
+    kept = sum(counts)
+    token_idx = routing.all_token_idx[:kept]
+    y_sorted = run_experts_sorted(x[token_idx], counts, list(range(len(counts))), experts)
+    return combine(x, y_sorted, routing.all_weights[:kept], token_idx)
 
 
 def combine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:

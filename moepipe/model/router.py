@@ -17,32 +17,69 @@ from torch import nn
 
 @dataclass
 class Routing:
-    token_idx: torch.Tensor  # [N_kept] source token of each surviving assignment, sorted by expert
-    expert_idx: torch.Tensor  # [N_kept] expert of each assignment (non-decreasing)
-    weights: torch.Tensor  # [N_kept] fp32 combine weight
+    """Every (token, expert, weight) assignment of T tokens, in the order the dispatchers consume.
+
+    The arrays always hold all T*k assignments, so no shape depends on the routing (a
+    data-dependent shape needs a device-to-host read, which stalls a GPU). The kept ones come
+    first, sorted by expert; under a capacity the dropped ones trail with expert id E and
+    weight 0. How many are kept is `kept_counts.sum()`: a dispatcher learns it with the split
+    sizes it reads anyway. `token_idx`, `expert_idx` and `weights` give the kept ones alone; when
+    capped they read that count back, so they are for tests and analysis, not the hot path.
+    """
+
+    all_token_idx: torch.Tensor  # [T*k] source token of each assignment, kept ones first, sorted by expert
+    all_expert_idx: torch.Tensor  # [T*k] expert of each assignment (non-decreasing; E for dropped ones)
+    all_weights: torch.Tensor  # [T*k] fp32 combine weight (0 for dropped ones)
     kept_counts: torch.Tensor  # [E] assignments each expert processes
     demand_counts: torch.Tensor  # [E] assignments each expert was asked for (before capacity)
-    capacity: int | None  # tokens per expert, None when dropless
+    capacity: int | torch.Tensor | None  # tokens per expert, None when dropless (a device scalar for cf < 0)
     aux_loss: torch.Tensor  # scalar, load-balancing loss (without coefficient)
     z_loss: torch.Tensor  # scalar, router z-loss (without coefficient)
 
     @property
+    def num_kept(self) -> int:
+        """Host count of kept assignments (reads back when capped)."""
+        return self.all_token_idx.numel() if self.capacity is None else int(self.kept_counts.sum())
+
+    @property
+    def token_idx(self) -> torch.Tensor:
+        return self.all_token_idx[: self.num_kept]
+
+    @property
+    def expert_idx(self) -> torch.Tensor:
+        return self.all_expert_idx[: self.num_kept]
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.all_weights[: self.num_kept]
+
+    @property
     def num_dropped(self) -> int:
+        """Host count (reads back)."""
         return int(self.demand_counts.sum() - self.kept_counts.sum())
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, demand: torch.Tensor) -> int | None:
+def count_per_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """bincount without its device-to-host read: CUDA's bincount reads the input's min and max
+    back to size its output, this one has a fixed size. [N] long -> [num_experts] long."""
+    return torch.zeros(num_experts, dtype=torch.long, device=expert_idx.device).index_add_(
+        0, expert_idx, torch.ones_like(expert_idx)
+    )
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, demand: torch.Tensor) -> int | torch.Tensor | None:
     """Per-expert token cap.
 
     cf > 0: ceil(k * cf * T / E) (Switch/GShard). cf == 0: dropless (None).
-    cf < 0: the busiest expert's actual demand, but never above ceil(|cf| * k * T / E) (Tutel).
+    cf < 0: the busiest expert's actual demand, but never above ceil(|cf| * k * T / E) (Tutel);
+    a 0-d tensor on demand's device, so the cap is applied without reading it back.
     """
     if capacity_factor == 0:
         return None
     even_share = math.ceil(top_k * abs(capacity_factor) * num_tokens / num_experts)
     if capacity_factor > 0:
         return even_share
-    return min(int(demand.max()), even_share)
+    return demand.max().clamp(max=even_share)
 
 
 def load_balancing_loss(probs: torch.Tensor, choices: torch.Tensor, num_experts: int, top1_only: bool) -> torch.Tensor:
@@ -50,7 +87,7 @@ def load_balancing_loss(probs: torch.Tensor, choices: torch.Tensor, num_experts:
     capacity), P_e the mean router probability of e. `top1_only` counts first choices only,
     as GShard and fairscale's Top2Gate do."""
     counted = choices[:, :1] if top1_only else choices
-    f = torch.bincount(counted.reshape(-1), minlength=num_experts).to(probs.dtype) / counted.numel()
+    f = count_per_expert(counted.reshape(-1), num_experts).to(probs.dtype) / counted.numel()
     return num_experts * torch.sum(f * probs.mean(0))
 
 
@@ -94,19 +131,24 @@ def route(
     order = pre[torch.argsort(expert_flat[pre], stable=True)]
     expert_sorted = expert_flat[order]
 
-    demand = torch.bincount(expert_flat, minlength=num_experts)
+    demand = count_per_expert(expert_flat, num_experts)
     capacity = expert_capacity(num_tokens, num_experts, top_k, capacity_factor, demand)
     if capacity is None:
-        kept = order
         kept_counts = demand
+        token_idx, expert_idx, w = token_flat[order], expert_sorted, weight_flat[order]
     else:
         starts = torch.cumsum(demand, 0) - demand
         position = torch.arange(order.numel(), device=logits.device) - starts[expert_sorted]
         keep = position < capacity
-        kept = order[keep]
         kept_counts = demand.clamp(max=capacity)
+        # Dropped assignments move behind the kept ones (expert id E) instead of being removed:
+        # removing them (order[keep]) would size a tensor from device data, a host read.
+        expert_key = torch.where(keep, expert_sorted, num_experts)
+        by_key = torch.argsort(expert_key, stable=True)  # kept ones keep their order
+        order, expert_idx, keep = order[by_key], expert_key[by_key], keep[by_key]
+        token_idx = token_flat[order]
+        w = torch.where(keep, weight_flat[order], 0.0)
 
-    token_idx, expert_idx, w = token_flat[kept], expert_flat[kept], weight_flat[kept]
     if normalize_weights and top_k > 1 and normalize_after_drop:
         denom = torch.zeros(num_tokens, dtype=w.dtype, device=w.device).index_add(0, token_idx, w)
         w = w / denom[token_idx].clamp_min(torch.finfo(w.dtype).eps)

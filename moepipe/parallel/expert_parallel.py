@@ -41,16 +41,18 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def segment_permutation(counts: torch.Tensor) -> torch.Tensor:
+def segment_permutation(counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Rows laid out as segments in (row-major) order of `counts` [A, B] -> the gather index
-    that lays them out in (B, A) order instead."""
+    that lays them out in (B, A) order instead. `total` (= counts.sum()) sizes the result on
+    the host; without it, it is read back from the device."""
     a, b = counts.shape
     flat = counts.reshape(-1)
     starts = torch.cumsum(flat, 0) - flat
     seg = torch.arange(a * b, device=counts.device).view(a, b).t().reshape(-1)
     seg_counts, seg_starts = flat[seg], starts[seg]
     out_starts = torch.cumsum(seg_counts, 0) - seg_counts
-    total = int(seg_counts.sum())
+    if total is None:
+        total = int(seg_counts.sum())
     shift = torch.repeat_interleave(seg_starts - out_starts, seg_counts, output_size=total)
     return torch.arange(total, device=counts.device) + shift
 
@@ -62,6 +64,11 @@ class ExpertParallelDispatcher:
     split evenly across its copies: the j-th assignment to e on source rank s goes to copy
     (j + s) mod n. Copies hold identical weights (their gradients are summed, see grad_sync),
     so the split changes where the work runs, not the result.
+
+    Per layer and microbatch the host reads the device once: after the counts all-gather, this
+    rank's send sizes and receive sizes per (source, local expert) in one transfer. The
+    all-to-all needs them as host integers, so this read cannot be avoided; every other
+    size is derived from it.
     """
 
     def __init__(self, holders: list[list[int]], ep_rank: int, group, num_experts: int):
@@ -70,45 +77,60 @@ class ExpertParallelDispatcher:
         self.ep_rank, self.group, self.num_experts = ep_rank, group, num_experts
         self.ep = dist.get_world_size(group)
         width = max(len(h) for h in holders)
-        self.n_copies = torch.tensor([len(h) for h in holders], dtype=torch.long)
-        # [E, width] holder table, padded by repeating (never indexed past n_copies)
-        self.table = torch.tensor([h + [h[0]] * (width - len(h)) for h in holders], dtype=torch.long)
+        # Row E stands for assignments dropped by the capacity (routing gives them expert id
+        # E): their target is rank `ep`, past the group, so they are counted and sent nowhere.
+        self.n_copies = torch.tensor([len(h) for h in holders] + [1], dtype=torch.long)
+        # [E + 1, width] holder table, padded by repeating (never indexed past n_copies)
+        self.table = torch.tensor([h + [h[0]] * (width - len(h)) for h in holders] + [[self.ep] * width], dtype=torch.long)
         self.local_experts = [e for e in range(num_experts) if ep_rank in holders[e]]
+        self.local_idx = torch.tensor(self.local_experts, dtype=torch.long)
+
+    def _on(self, dev: torch.device) -> None:
+        """The tables follow the tokens' device (moved on the first call only)."""
+        if self.table.device != dev:
+            self.table, self.n_copies, self.local_idx = self.table.to(dev), self.n_copies.to(dev), self.local_idx.to(dev)
 
     def targets(self, expert_idx: torch.Tensor, kept_counts: torch.Tensor) -> torch.Tensor:
-        """EP rank each (expert-sorted) assignment is sent to."""
+        """EP rank each (expert-sorted) assignment is sent to; `ep` for dropped ones (expert E)."""
         dev = expert_idx.device
-        table, n = self.table.to(dev), self.n_copies.to(dev)
+        self._on(dev)
         starts = torch.cumsum(kept_counts, 0) - kept_counts
+        starts = torch.cat([starts, starts.new_zeros(1)])  # row E: any position maps to rank ep
         pos = torch.arange(expert_idx.numel(), device=dev) - starts[expert_idx]
-        return table[expert_idx, (pos + self.ep_rank) % n[expert_idx]]
+        return self.table[expert_idx, (pos + self.ep_rank) % self.n_copies[expert_idx]]
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: nn.ModuleDict) -> torch.Tensor:
-        E, dev = self.num_experts, routing.expert_idx.device
-        counts = routing.kept_counts.to(torch.long)
-        target = self.targets(routing.expert_idx, counts)
-        # 1. who sends how many tokens to which (rank, expert): [dst, E] per source
-        sent = torch.zeros(self.ep * E, dtype=torch.long, device=dev).index_add_(
-            0, target * E + routing.expert_idx, torch.ones_like(target)
-        ).view(self.ep, E)
-        gathered = [torch.empty_like(sent) for _ in range(self.ep)]
+        E, ep, dev = self.num_experts, self.ep, routing.all_expert_idx.device
+        expert_idx = routing.all_expert_idx
+        target = self.targets(expert_idx, routing.kept_counts.to(torch.long))
+        # 1. who sends how many tokens to which (rank, expert): [dst, E] per source; the extra
+        #    row and column collect the dropped assignments and are cut off
+        sent = torch.zeros((ep + 1) * (E + 1), dtype=torch.long, device=dev).index_add_(
+            0, target * (E + 1) + expert_idx, torch.ones_like(target)
+        ).view(ep + 1, E + 1)[:ep, :E].contiguous()
+        gathered = [torch.empty_like(sent) for _ in range(ep)]
         dist.all_gather(gathered, sent, group=self.group)
-        local = torch.tensor(self.local_experts, dtype=torch.long, device=dev)
-        recv_counts = torch.stack(gathered)[:, self.ep_rank][:, local]  # [src, L]
-        in_splits, out_splits = sent.sum(1).tolist(), recv_counts.sum(1).tolist()
+        recv_counts = torch.stack(gathered)[:, self.ep_rank][:, self.local_idx]  # [src, L]
+        # the one host read: send sizes [ep] and receive sizes [src, L]
+        sizes = torch.cat([sent.sum(1), recv_counts.reshape(-1)]).tolist()
+        in_splits, recv = sizes[:ep], sizes[ep:]
+        n_local = len(self.local_experts)
+        out_splits = [sum(recv[s * n_local : (s + 1) * n_local]) for s in range(ep)]
+        expert_sizes = [sum(recv[s * n_local + j] for s in range(ep)) for j in range(n_local)]
 
-        # 2. dispatch: assignments are sorted by expert; a stable sort by target keeps expert order
-        order = torch.argsort(target, stable=True)
-        tokens = routing.token_idx[order]
+        # 2. dispatch: assignments are sorted by expert; a stable sort by target keeps expert
+        #    order, and puts the dropped ones (target ep) last, where the kept count cuts them off
+        order = torch.argsort(target, stable=True)[: sum(in_splits)]
+        tokens = routing.all_token_idx[order]
         received = all_to_all(x[tokens], out_splits, in_splits, self.group)
 
         # 3. local experts on contiguous slices
-        perm = segment_permutation(recv_counts)
-        y_by_expert = run_experts_sorted(received[perm], recv_counts.sum(0).tolist(), self.local_experts, experts)
+        perm = segment_permutation(recv_counts, sum(out_splits))
+        y_by_expert = run_experts_sorted(received[perm], expert_sizes, self.local_experts, experts)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         y_received = y_by_expert[inverse]
 
         # 4. combine at home
         y = all_to_all(y_received, in_splits, out_splits, self.group)
-        return combine(x, y, routing.weights[order], tokens)
+        return combine(x, y, routing.all_weights[order], tokens)
