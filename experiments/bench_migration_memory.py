@@ -14,6 +14,7 @@ revision, checked out to a temporary worktree; default the commit before migrati
 kept tensors, when the new stages were built and filled by copy).
 
     .venv/bin/python experiments/bench_migration_memory.py [--ref REV]
+    .venv/bin/python experiments/bench_migration_memory.py --quick --out /tmp/x.json   # d_model 64, 2 blocks
 
 Writes results/bench_migration_memory.json and prints `peak_growth_ratio_vs_ref=` last
 (sampled peak growth during the migration, this checkout / reference, mean over ranks).
@@ -32,6 +33,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.environ.get("MOEPIPE_SRC", ROOT))  # the worker imports the revision under test
+sys.path.insert(0, os.path.join(ROOT, "experiments"))  # fig_common: this checkout's, whichever revision runs
 
 DEFAULT_REF = "43b697b"  # last commit whose migrate() built new stages and copied state into them
 OVERRIDES = [
@@ -41,6 +43,11 @@ OVERRIDES = [
     "train.seq_len=32", "train.batch_size=4", "train.dtype=fp32", "train.device=cpu", "train.num_threads=1", "train.eval_every=0",
     "placer.name=static", "placer.interval=0", "placer.replica_slots=1", "logger=none", "logger.progress=none",
 ]
+
+
+# --quick: the same job on a model of a few MB (2 blocks, d_model 64, 8 experts of 64 hidden)
+QUICK = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.ffn_hidden=128", "moe.expert_hidden=64",
+         "train.batch_size=2", "train.seq_len=16", "model.max_seq_len=16"]
 
 
 def rss_bytes() -> int:
@@ -78,7 +85,7 @@ def target_plan(plan):
     return Plan(list(plan.stage_layers), list(plan.stage_to_pp_rank), em, plan.pp, plan.ep, plan.dp)
 
 
-def worker(rank: int, world: int, out_path: str) -> None:
+def worker(rank: int, world: int, out_path: str, overrides: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -86,7 +93,7 @@ def worker(rank: int, world: int, out_path: str) -> None:
     from moepipe.parallel.mesh import build_mesh
     from moepipe.train.distributed import DistributedTrainer, release_freed_memory
 
-    cfg = compose_config(OVERRIDES)
+    cfg = compose_config(overrides)
     trainer = DistributedTrainer(cfg, build_mesh(1, 2, 1))
     for step in range(2):
         trainer.train_step(step)
@@ -110,9 +117,10 @@ def worker(rank: int, world: int, out_path: str) -> None:
     torch.set_num_threads(1)
 
 
-def run_variant(src: str, out_path: str) -> list[dict]:
+def run_variant(src: str, out_path: str, quick: bool) -> list[dict]:
     env = dict(os.environ, MOEPIPE_SRC=src, PYTHONPATH=src)
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", out_path], env=env, cwd=src, check=True, timeout=600)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", out_path] + (["--quick"] if quick else [])
+    subprocess.run(cmd, env=env, cwd=src, check=True, timeout=600)
     with open(out_path) as f:
         return json.load(f)
 
@@ -121,16 +129,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref", default=DEFAULT_REF, help="git revision to compare with")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_migration_memory.json"))
+    import fig_common as fc
+
+    sys.path.insert(0, os.environ.get("MOEPIPE_SRC", ROOT))  # fig_common put this checkout first; the worker runs MOEPIPE_SRC's moepipe
+    fc.add_output_args(ap, os.path.join(ROOT, "results", "bench_migration_memory.json"))
     args = ap.parse_args()
+    overrides = OVERRIDES + (QUICK if args.quick else [])
     if args.worker:
         from moepipe.parallel.spawn import run_distributed
 
-        run_distributed(worker, 2, args.worker, timeout=500)
+        run_distributed(worker, 2, args.worker, overrides, timeout=500)
         return
+    args.out = fc.check_output(args)
+    prov = fc.provenance(args, overrides, seed=0)
 
     from moepipe.train.metrics import write_json
-    from moepipe.train.run_info import run_info
 
     rev = subprocess.run(["git", "rev-parse", args.ref], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     results = {}
@@ -139,7 +152,7 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", ref_src, rev], cwd=ROOT, capture_output=True, check=True)
         try:
             for name, src in (("this", ROOT), ("ref", ref_src)):
-                results[name] = run_variant(src, os.path.join(tmp, f"{name}.json"))
+                results[name] = run_variant(src, os.path.join(tmp, f"{name}.json"), args.quick)
                 for r in results[name]:
                     print(f"{name:<4} rank {r['rank']}: state {r['state_mb']:.0f} MB, RSS before {r['rss_before_mb']:.0f} MB, "
                           f"peak growth during migrate {r['peak_growth_mb']:.0f} MB ({r['peak_growth_over_state']:.2f}x state), "
@@ -151,7 +164,7 @@ def main() -> None:
     ratio = mean(results["this"], "peak_growth_mb") / max(mean(results["ref"], "peak_growth_mb"), 1e-9)
     same_loss = all(abs(a["loss_after"] - b["loss_after"]) <= 1e-5 * abs(b["loss_after"]) for a, b in zip(results["this"], results["ref"]))
     out = {"peak_growth_ratio_vs_ref": ratio, "ref": rev, "same_loss_after_migration": same_loss, "variants": results,
-           "overrides": OVERRIDES, "run_info": run_info()}
+           "overrides": overrides, "provenance": prov}
     write_json(args.out, out)
     print(f"same_loss_after_migration={same_loss}")
     print(f"peak_growth_ratio_vs_ref={ratio:.3f}")

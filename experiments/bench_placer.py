@@ -22,7 +22,8 @@ Skewed workloads are all but `balanced`. Writes results/bench_placer.json (confi
 environment) and prints `geomean_speedup_topo_vs_static_skewed=` (static / topo realised
 time, geometric mean over topologies x skewed workloads) last.
 
-    PYTHONPATH=. python experiments/bench_placer.py [--quick]
+    PYTHONPATH=. python experiments/bench_placer.py
+    PYTHONPATH=. python experiments/bench_placer.py --quick --out /tmp/x.json   # one topology, 2-step windows, no 1,024-device case
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import fig_common as fc  # noqa: E402
 
 from moepipe.config import DeviceGroupConfig, ModelConfig, MoEConfig, TopologyConfig, TrainConfig, compose_config  # noqa: E402
 from moepipe.placement.cost_model import CostModel  # noqa: E402
@@ -193,11 +197,12 @@ def main() -> None:
     ap.add_argument("--s0", type=int, default=100, help="the step the placer runs at")
     ap.add_argument("--scale-repeats", type=int, default=3)
     ap.add_argument("--no-scale", action="store_true")
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_placer.json"))
+    fc.add_output_args(ap, os.path.join(ROOT, "results", "bench_placer.json"))
     args = ap.parse_args()
-    from moepipe.train.run_info import run_info
-
-    info = run_info()
+    if args.quick:
+        args.topologies, args.interval, args.s0, args.scale_repeats, args.no_scale = ["nvlink_8gpu"], 2, 4, 1, True
+    args.out = fc.check_output(args)
+    info = fc.provenance(args, {t: CASES[t] + COMMON for t in args.topologies}, seed=0)
     t_start = time.perf_counter()
     import torch.distributed.pipelining.schedules  # noqa: F401,E501  (imported before timing: we time placers, not imports)
 
@@ -217,7 +222,7 @@ def main() -> None:
         "method": {"observed": "mean routing distribution over steps [s0-interval, s0)", "realised": "mean over steps [s0, s0+interval) of the "
                    "simulated iteration time with that step's distribution", "skewed": "every workload but balanced",
                    "speedup": "static realised_s / topo realised_s, geometric mean over topologies x skewed workloads"},
-        "loadavg_end": list(os.getloadavg()), "wall_s": time.perf_counter() - t_start, "run_info": info,
+        "loadavg_end": list(os.getloadavg()), "wall_s": time.perf_counter() - t_start, "provenance": info,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json(args.out, result)

@@ -22,6 +22,7 @@ cores, which inflate wall time), and moepipe's gradient bookkeeping timed in iso
 
     .venv/bin/python experiments/bench_runtime.py                  # writes results/bench_runtime.json
     .venv/bin/python experiments/bench_runtime.py --rounds 9 --steps 4
+    .venv/bin/python experiments/bench_runtime.py --quick --out /tmp/x.json   # test-sized (~20 s)
 
 The last line printed is `overhead_vs_bare=<bare tokens/s / moepipe tokens/s>` (1.00 = none).
 """
@@ -38,12 +39,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 # Sleeping OpenMP waiters (see bench_moe_layer.py): spin-waiting threads collapse when another
 # process holds one of the two cores. Only the 2-thread single run has OpenMP teams at all.
 if "--omp-default" not in sys.argv:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import fig_common as fc  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -128,6 +131,9 @@ class BarePipeline:
         t = self.cfg.train
         x, y = self._train_batch(self.corpus, step, t.seed, t.batch_size, t.seq_len)
         self.optimizer.zero_grad(set_to_none=True)
+        # Fresh per-step routing counters, as DistributedTrainer does: the module was built under
+        # torch.device("meta"), so its RoutingStats start as meta tensors that a forward cannot add to.
+        self.module.reset_routing_stats()
         losses: list[torch.Tensor] = []
         if self.first:
             self.schedule.step(x)
@@ -138,12 +144,25 @@ class BarePipeline:
         return sum(float(l.detach()) for l in losses) if self.last else None
 
 
+# Module-level functions DistributedTrainer.train_step calls, by the module whose globals the
+# call looks them up in (routing_metrics lives in moepipe.train.metrics; StepResult.from_stats in
+# moepipe.train.loop calls it through loop's own import).
+TIMED_FUNCTIONS = {
+    "moepipe.train.distributed": ("train_batch", "sync_gradients", "global_grad_norm", "clip_gradients"),
+    "moepipe.train.loop": ("routing_metrics",),
+}
+
+
 def instrument_moepipe(trainer, s: Sections) -> None:
     """Per-section timers around what DistributedTrainer.train_step calls (instance / module level)."""
-    import moepipe.train.distributed as D
+    import importlib
 
-    for name in ("train_batch", "sync_gradients", "global_grad_norm", "clip_gradients", "routing_metrics"):
-        setattr(D, name, s.wrap(name, getattr(D, name)))
+    for mod_name, names in TIMED_FUNCTIONS.items():
+        mod = importlib.import_module(mod_name)
+        for name in names:
+            if not callable(getattr(mod, name, None)):
+                raise AttributeError(f"bench_runtime: {mod_name}.{name} is gone: update TIMED_FUNCTIONS")
+            setattr(mod, name, s.wrap(name, getattr(mod, name)))
     trainer.schedule.step = s.wrap("schedule.step", trainer.schedule.step)
     trainer._run = s.wrap("_run (schedule.step + slicing + loss all_reduce)", trainer._run)
     trainer.optimizer.step = s.wrap("optimizer.step", trainer.optimizer.step)
@@ -283,19 +302,21 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--skip-single", action="store_true")
     ap.add_argument("--omp-default", action="store_true", help="keep OpenMP's default wait policy")
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_runtime.json"))
+    fc.add_output_args(ap, os.path.join(ROOT, "results", "bench_runtime.json"))
     args = ap.parse_args()
+    if args.quick:  # the same path on the smallest sizes: 1 round of 1 step, batch 4 in 2 microbatches
+        args.rounds, args.steps, args.warmup, args.breakdown_steps, args.batch_size, args.microbatches = 1, 1, 1, 1, 4, 2
+    args.out = fc.check_output(args)
     if args.warmup < 1:
         ap.error("--warmup must be >= 1 (step 0 is the loss check)")
 
-    from moepipe.train.run_info import run_info
-
-    overrides = BASE_OVERRIDES + [f"schedule.microbatches={args.microbatches}", f"train.batch_size={args.batch_size}", f"optim.lr={args.lr:g}"]
+    overrides = BASE_OVERRIDES + (["train.seq_len=32"] if args.quick else [])
+    overrides = overrides + [f"schedule.microbatches={args.microbatches}", f"train.batch_size={args.batch_size}", f"optim.lr={args.lr:g}"]
     pp_overrides = overrides + ["parallel=pp2"]
     cfg_single = compose(overrides + ["parallel=single"])
     cfg_pp = compose(pp_overrides)
     tokens = args.batch_size * cfg_pp.train.seq_len
-    info = run_info()  # before any thread change: records the default thread count
+    info = fc.provenance(args, {"single": overrides + ["parallel=single"], "pp2": overrides + ["parallel=pp2"]})  # before any thread change
     t_start = time.perf_counter()
     load_before = _loadavg()
 
@@ -360,7 +381,7 @@ def main() -> None:
         "config_overrides": {"single": overrides + ["parallel=single"], "pp2": pp_overrides},
         "wall_s": time.perf_counter() - t_start,
         "loadavg_before_after": [load_before, _loadavg()],
-        "run_info": info,
+        "provenance": info,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json(args.out, result)

@@ -34,9 +34,11 @@ durations ("replay": schedule order + engine + p2p, with measured compute).
 
     .venv/bin/python experiments/bench_sim.py                # writes results/bench_sim.json
     .venv/bin/python experiments/bench_sim.py --rounds 3 --steps 2 --schedules 1f1b zbv
+    .venv/bin/python experiments/bench_sim.py --quick --out /tmp/x.json   # 1f1b and zbv, 1 round of 1 step, batch 4
 
 The last line printed is `worst_relative_error=<x>`: max over schedules of |paired relative error|
-(`worst_relative_error_unpaired` in the JSON uses predicted/measured - 1 of the medians).
+(`worst_relative_error_unpaired` in the JSON uses predicted/measured - 1 of the medians; the line
+before it prints both).
 """
 from __future__ import annotations
 
@@ -52,8 +54,10 @@ from dataclasses import asdict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_runtime.py
 
+import fig_common as fc  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -344,12 +348,13 @@ def main() -> None:
                     help="do not pin rank i to core i (pinned by default: a rank's profile then measures the core it runs on, and "
                          "the scheduler cannot stack both ranks on one core after a wake-up)")
     ap.add_argument("--no-probe", action="store_true", help="use local_cpu's nominal links instead of probe_links")
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_sim.json"))
+    fc.add_output_args(ap, os.path.join(ROOT, "results", "bench_sim.json"))
     args = ap.parse_args()
-
-    from moepipe.train.run_info import run_info
-
-    info = run_info()
+    if args.quick:
+        args.schedules, args.rounds, args.steps, args.warmup = ["1f1b", "zbv"], 1, 1, 1
+        args.profile_repeats, args.null_steps, args.probe_iters, args.batch_size, args.microbatches = 1, 1, 2, 4, 2
+    args.out = fc.check_output(args)
+    info = fc.provenance(args, {n: overrides_for(n, args) for n in args.schedules})
     t_start = time.perf_counter()
     cfgs = {n: compose(overrides_for(n, args)) for n in args.schedules}
     base_cfg = compose(overrides_for("1f1b", args))
@@ -482,7 +487,7 @@ def main() -> None:
                                   "per-action cost, which the engine does not model; measured in the run: diagnostic)"},
         "loadavg_before_after": [list(load_before), list(load_after)],
         "wall_s": time.perf_counter() - t_start,
-        "run_info": info,
+        "provenance": info,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json(args.out, result)
@@ -496,6 +501,7 @@ def main() -> None:
     link = f"activation transfer {probe['latency_us'][0][1]:.0f} us one way" if probe else "local_cpu nominal links"
     print(f"links: {link}; small all_reduce {1e6 * allreduce_s:.0f} us; loadavg {load_before[0]:.1f}->{load_after[0]:.1f}; wall {result['wall_s']:.0f} s")
     print(f"wrote {args.out}")
+    print(f"worst relative error over {len(rows)} schedules: paired {worst:.4f}, unpaired {result['worst_relative_error_unpaired']:.4f}")
     print(f"worst_relative_error={worst:.4f}")
 
 

@@ -13,6 +13,7 @@ coefficient of variation; the heatmaps show each expert's share of one layer's t
     .venv/bin/python experiments/fig_balance.py                  # 3 runs x 80 steps, ~2 min on CPU
     .venv/bin/python experiments/fig_balance.py --bias-rate 0.01 # a faster-moving bias for short runs
     # full variant: longer runs, e.g. --steps 2000 --extra model=small train.device=auto
+    .venv/bin/python experiments/fig_balance.py --quick --out /tmp/x/fig_balance.json   # 3 runs x 2 steps, a tiny model
 """
 from __future__ import annotations
 
@@ -36,7 +37,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", nargs="*", default=[])
     ap.add_argument("--out-runs", default=os.path.join(fc.ROOT, "runs", "fig_balance"))
+    fc.add_output_args(ap, os.path.join(fc.RESULTS, "fig_balance.json"))
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.batch_size, args.seq_len, args.log_every = 2, 4, 16, 1
+        args.extra = fc.QUICK_MODEL + args.extra
+        args.out_runs = os.path.join(fc.out_dir_of(args), "runs_fig_balance")
+    args.out = fc.check_output(args)
     t_start = time.perf_counter()
     base = ["parallel=single", "schedule.microbatches=1", f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
             f"train.seq_len={args.seq_len}", f"train.seed={args.seed}", f"train.log_every={args.log_every}",
@@ -72,13 +79,13 @@ def main() -> None:
         "provenance": fc.provenance(args, variants, args.seed),
         "wall_s": time.perf_counter() - t_start,
     }
-    path = fc.save_results("fig_balance", payload, rows)
-    figs = fc.draw("fig_balance")
+    path, figs = fc.save_and_draw("fig_balance", payload, rows, args)
     print(f"{'variant':<9} {'max/mean first':>14} {'max/mean last':>13} {'CV first':>8} {'CV last':>8} {'train':>6} {'val':>6}")
     for r in rows:
         print(f"{r['variant']:<9} {r['max_over_mean_first']:>14.2f} {r['max_over_mean_last_quarter']:>13.2f} {r['cv_first']:>8.2f} "
               f"{r['cv_last_quarter']:>8.2f} {r['final_train_loss']:>6.3f} {r['final_val_loss']:>6.3f}")
     print(f"wrote {path} and {', '.join(figs)} in {payload['wall_s']:.0f} s")
+    fc.headline("max_over_mean_last_quarter", ",".join(f"{r['variant']}:{r['max_over_mean_last_quarter']:.2f}" for r in rows))
 
 
 if __name__ == "__main__":

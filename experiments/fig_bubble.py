@@ -17,6 +17,7 @@ measured timeline of the median-bubble timed step.
     # GPU cluster (one process per GPU; NCCL is chosen by moepipe's launcher only in moepipe-train,
     # so the full variant is the same script with a larger model and more ranks on one node):
     .venv/bin/python experiments/fig_bubble.py --full     # pp=4, m=4..32, model=small, train.device=auto
+    .venv/bin/python experiments/fig_bubble.py --quick --out /tmp/x/fig_bubble.json   # test-sized: m=2, 1 round
 """
 from __future__ import annotations
 
@@ -45,7 +46,11 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="more config overrides for the real runs (e.g. model=small)")
     ap.add_argument("--full", action="store_true", help="GPU-cluster variant: pp=4, m=1..32, model=small, device auto")
     ap.add_argument("--no-measure", action="store_true", help="formula and simulation only")
+    fc.add_output_args(ap, os.path.join(fc.RESULTS, "fig_bubble.json"))
     args = ap.parse_args()
+    if args.quick:
+        args.microbatches, args.sim_pp, args.sim_microbatches, args.rounds, args.batch_size, args.seq_len = [2], [2], [1, 2], 1, 4, 16
+    args.out = fc.check_output(args)
     if args.full:
         args.pp, args.microbatches, args.batch_size, args.seq_len = 4, [4, 8, 16, 32], 128, 512
         args.extra = ["model=small", "train.device=auto", "train.num_threads=0"] + args.extra
@@ -101,8 +106,7 @@ def main() -> None:
         "provenance": fc.provenance(args, {k: v for k, v in jobs.items()}, args.seed),
         "wall_s": time.perf_counter() - t_start,
     }
-    path = fc.save_results("fig_bubble", payload, rows)
-    figs = fc.draw("fig_bubble")
+    path, figs = fc.save_and_draw("fig_bubble", payload, rows, args)
     print(f"{'schedule':<7} {'m':>3} {'formula':>8} {'sim':>8} {'measured':>9} {'replay':>8}")
     for r in rows:
         if r["pp"] == args.pp:
@@ -114,7 +118,7 @@ def main() -> None:
     meas_rows = [r for r in rows if r.get("measured") is not None]
     if meas_rows:
         print(f"median measured - formula = {statistics.median(r['measured'] - r['formula'] for r in meas_rows):+.3f}")
-    print(f"max |simulated - formula| = {worst_sim:.2e}")
+    fc.headline("max_abs_simulated_minus_formula", worst_sim, ".2e")
 
 
 if __name__ == "__main__":

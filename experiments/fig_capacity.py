@@ -11,6 +11,7 @@ end), final train loss (mean of the last log window) and validation loss (summar
     # full variant (GPU or longer CPU runs): a Hydra sweep, then collect its run dirs
     moepipe-train -m experiment=switch_capacity parallel=single moe.capacity_factor=0,0.5,1.0,1.25,2.0
     .venv/bin/python experiments/fig_capacity.py --runs runs/multirun/switch_capacity/<stamp>/*
+    .venv/bin/python experiments/fig_capacity.py --quick --out /tmp/x/fig_capacity.json   # 2 factors x 2 steps, a tiny model
 """
 from __future__ import annotations
 
@@ -34,14 +35,20 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[])
     ap.add_argument("--out-runs", default=os.path.join(fc.ROOT, "runs", "fig_capacity"))
     ap.add_argument("--runs", nargs="*", help="collect existing run dirs (e.g. a moepipe-train -m sweep) instead of training")
+    fc.add_output_args(ap, os.path.join(fc.RESULTS, "fig_capacity.json"))
     args = ap.parse_args()
+    if args.quick:
+        args.capacity_factors, args.steps, args.batch_size, args.seq_len = [1.0, 0.0], 2, 4, 16
+        args.extra = fc.QUICK_MODEL + args.extra
+        args.out_runs = os.path.join(fc.out_dir_of(args), "runs_fig_capacity")
+    args.out = fc.check_output(args)
     t_start = time.perf_counter()
     variants = {}
     if args.runs:
         dirs = {os.path.basename(os.path.normpath(d)): d for d in args.runs}
     else:
         base = ["experiment=switch_capacity", "parallel=single", "schedule.microbatches=1", f"train.steps={args.steps}",
-                f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}", f"train.seed={args.seed}", "train.log_every=5",
+                f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}", f"train.seed={args.seed}", f"train.log_every={min(5, args.steps)}",
                 f"train.eval_every={args.steps}", "train.eval_batches=4", "logger.progress=none", "train.device=cpu", *args.extra]
         variants = {f"cf{cf:g}": base + [f"moe.capacity_factor={cf:g}"] for cf in args.capacity_factors}
         dirs = fc.train_runs(variants, args.out_runs)
@@ -67,13 +74,13 @@ def main() -> None:
         "provenance": fc.provenance(args, variants or {"runs": args.runs}, args.seed),
         "wall_s": time.perf_counter() - t_start,
     }
-    path = fc.save_results("fig_capacity", payload, rows)
-    figs = fc.draw("fig_capacity")
+    path, figs = fc.save_and_draw("fig_capacity", payload, rows, args)
     print(f"{'cf':>8} {'dropped mean':>12} {'dropped end':>11} {'train':>7} {'val':>7}")
     for r in rows:
         cf = "dropless" if r["capacity_factor"] <= 0 else f"{r['capacity_factor']:g}"
         print(f"{cf:>8} {r['dropped_frac_mean']:>12.3f} {r['dropped_frac_final']:>11.3f} {r['final_train_loss']:>7.3f} {r['final_val_loss']:>7.3f}")
     print(f"wrote {path} and {', '.join(figs)} in {payload['wall_s']:.0f} s")
+    fc.headline("dropped_frac_mean_by_cf", ",".join(f"{r['capacity_factor']:g}:{r['dropped_frac_mean']:.3f}" for r in rows))
 
 
 if __name__ == "__main__":

@@ -42,28 +42,107 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must 
 import numpy as np  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "results")
+# --quick: the tiny model shrunk to a few hundred thousand parameters (2 blocks, d_model 32)
+QUICK_MODEL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.ffn_hidden=64", "moe.expert_hidden=32"]
 FIGURES = os.path.join(ROOT, "figures")
 
 
 # ---------------------------------------------------------------------------- results files
 
 
+def _git_state(path: str) -> str | None:
+    """The commit of the checkout holding `path`, with '-dirty' if tracked files are modified."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def provenance(args: Any = None, overrides: Any = None, seed: int | None = None) -> dict:
-    """Config, seed, git commit, package versions, machine and load: recorded with every result."""
+    """What every results file records (under "provenance"): the command line and parsed
+    arguments, config overrides, seed, git commit of the code that ran (moepipe's checkout and
+    the experiments' own, '-dirty' if either had uncommitted changes), package versions,
+    machine and load."""
+    import moepipe
     from moepipe.train.run_info import run_info
 
     try:
         load = list(os.getloadavg())
     except OSError:
         load = None
+    info = run_info()
+    experiments_commit = _git_state(ROOT)
+    if experiments_commit != info.get("git_commit"):  # scripts and library from different checkouts: record both
+        info["experiments_git_commit"] = experiments_commit
+    if seed is None and args is not None:
+        seed = getattr(args, "seed", None)
     return {
+        "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv and sys.argv[0] else "?", *sys.argv[1:]]),
         "args": vars(args) if args is not None and hasattr(args, "__dict__") else args,
         "config_overrides": overrides,
         "seed": seed,
+        "moepipe_path": os.path.dirname(os.path.abspath(moepipe.__file__)),
         "loadavg_at_start": load,
         "timing_note": "CPU timings on a shared, loaded machine are noisy: compare rows of one file, not files",
-        **run_info(),
+        **info,
     }
+
+
+# ---------------------------------------------------------------------------- command line and output
+
+
+def add_output_args(ap, default_out: str, quick_help: str = "smallest sizes, same code path (for tests)") -> None:
+    """--out (the results JSON), --quick and --allow-dirty: the options every experiments/*.py has."""
+    ap.add_argument("--out", default=default_out, help=f"results JSON path (default {os.path.relpath(default_out, ROOT)})")
+    ap.add_argument("--quick", action="store_true", help=quick_help + "; needs --out outside results/")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="write into results/ even from a checkout with uncommitted changes (the file records '-dirty')")
+
+
+def in_results_dir(path: str) -> bool:
+    """True for a path directly inside a directory named results/ (this checkout's or another's)."""
+    return os.path.basename(os.path.dirname(os.path.realpath(path))) == "results"
+
+
+def check_output(args, out: str | None = None) -> str:
+    """Refuse outputs that would make results/ lie: quick (test-sized) numbers into results/, or
+    numbers from code with uncommitted changes (unless --allow-dirty). Returns the output path."""
+    out = os.path.abspath(out or args.out)
+    if not in_results_dir(out):
+        return out
+    if getattr(args, "quick", False):
+        sys.exit(f"{os.path.basename(sys.argv[0])}: --quick writes test-sized numbers: give --out outside results/ (got {out})")
+    if not getattr(args, "allow_dirty", False):
+        import moepipe
+
+        for where in (ROOT, os.path.dirname(os.path.abspath(moepipe.__file__))):
+            state = _git_state(where)
+            if state is None or state.endswith("-dirty"):
+                sys.exit(f"{os.path.basename(sys.argv[0])}: {where} is {'not a git checkout' if state is None else 'a dirty checkout'}; "
+                         f"results/ records clean commits only: commit first, or run from a clean worktree "
+                         f"(experiments/rerun_all.sh), or pass --allow-dirty")
+    return out
+
+
+def out_dir_of(args) -> str:
+    """Folder of the results file (CSV files and quick-mode run dirs/figures go beside it)."""
+    return os.path.dirname(os.path.abspath(args.out))
+
+
+def figures_dir_of(args) -> str:
+    """figures/ for real runs; quick mode draws beside its results file."""
+    return os.path.join(out_dir_of(args), "figures") if args.quick else FIGURES
+
+
+def headline(key: str, value: Any, fmt: str = ".4f") -> None:
+    """The last line a script prints: `key=value`, what tests and docs look for."""
+    print(f"{key}={value:{fmt}}" if isinstance(value, (int, float)) else f"{key}={value}", flush=True)
 
 
 def save_results(name: str, payload: dict, rows: list[dict] | None = None, out_dir: str = RESULTS) -> str:
@@ -92,6 +171,18 @@ def draw(name: str, results_dir: str = RESULTS, figures_dir: str = FIGURES) -> l
     from analysis.figures import draw_figure
 
     return draw_figure(name, results_dir, figures_dir)
+
+
+def save_and_draw(name: str, payload: dict, rows: list[dict] | None, args) -> tuple[str, list[str]]:
+    """Write the results file at args.out (and the CSV beside it), then draw figure `name` from
+    that file into figures/ (quick mode: into a figures/ folder beside the results file)."""
+    from analysis.figures import DRAWERS
+
+    stem = os.path.splitext(os.path.basename(args.out))[0]
+    path = save_results(stem, payload, rows, out_dir=out_dir_of(args))
+    with open(path) as f:
+        res = json.load(f)
+    return path, DRAWERS[name](res, figures_dir_of(args))
 
 
 # ---------------------------------------------------------------------------- formulas and simulation

@@ -11,6 +11,8 @@ bubble / ideal compute = (p-1)/(v*m), bubble fraction ((p-1)/v)/(m+(p-1)/v).
 
     .venv/bin/python experiments/fig_interleaved.py           # ~1-2 min on 2 cores
     .venv/bin/python experiments/fig_interleaved.py --full    # GPU node: pp=4, m=16, model=small with 16 blocks, v=1,2,4
+    .venv/bin/python experiments/fig_interleaved.py --measured-v  # simulation only (no wall-clock measurement)
+    .venv/bin/python experiments/fig_interleaved.py --quick --out /tmp/x/fig_interleaved.json   # test-sized: m=2, v=1,2
 """
 from __future__ import annotations
 
@@ -43,7 +45,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", nargs="*", default=[])
     ap.add_argument("--full", action="store_true", help="GPU variant: pp=4, m=16, model=small with 16 layers, device auto")
+    fc.add_output_args(ap, os.path.join(fc.RESULTS, "fig_interleaved.json"))
     args = ap.parse_args()
+    if args.quick:
+        args.sim_pp, args.sim_microbatches, args.sim_v, args.microbatches = [4], [8], [1, 2], 2
+        args.measured_v, args.layers, args.rounds, args.batch_size, args.seq_len = [1, 2], 4, 1, 4, 16
+    args.out = fc.check_output(args)
     if args.full:
         args.pp, args.microbatches, args.layers, args.batch_size, args.seq_len = 4, 16, 16, 64, 1024
         args.extra = ["model=small", "train.device=auto", "train.num_threads=0"] + args.extra
@@ -87,8 +94,7 @@ def main() -> None:
         "provenance": fc.provenance(args, jobs, args.seed),
         "wall_s": time.perf_counter() - t_start,
     }
-    path = fc.save_results("fig_interleaved", payload, rows)
-    figs = fc.draw("fig_interleaved")
+    path, figs = fc.save_and_draw("fig_interleaved", payload, rows, args)
     print(f"{'p':>2} {'m':>3} {'v':>2} {'ratio formula':>13} {'ratio sim':>9}")
     for r in rows:
         print(f"{r['pp']:>2} {r['m']:>3} {r['v']:>2} {r['ratio_formula']:>13.4f} {r['ratio_simulated']:>9.4f}")
@@ -96,7 +102,7 @@ def main() -> None:
         print(f"measured pp={r['pp']} m={r['m']} v={r['v']}: bubble {r['measured']:.3f} (formula {r['formula']:.3f}, replay {r['replay']:.3f}), "
               f"pipeline {r['makespan_s'] * 1e3:.0f} ms, peak saved MiB/rank {[round(b / 2**20, 1) for b in r['peak_saved_bytes_per_rank']]}")
     print(f"wrote {path} and {', '.join(figs)} in {payload['wall_s']:.0f} s")
-    print(f"max |ratio simulated - formula| = {max(abs(r['ratio_simulated'] - r['ratio_formula']) for r in rows):.2e}")
+    fc.headline("max_abs_ratio_simulated_minus_formula", max(abs(r['ratio_simulated'] - r['ratio_formula']) for r in rows), ".2e")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ expectation (m or p - s) and the simulator's in-flight count.
 
     .venv/bin/python experiments/fig_memory.py                 # pp=2 and pp=4, m=8, tiny model (CPU, <1 min)
     .venv/bin/python experiments/fig_memory.py --full          # GPU node: pp=4 and 8, m=16, model=small, 8 layers
+    .venv/bin/python experiments/fig_memory.py --quick --out /tmp/x/fig_memory.json   # test-sized: pp=2, m=2
 """
 from __future__ import annotations
 
@@ -34,7 +35,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", nargs="*", default=[], help="more config overrides")
     ap.add_argument("--full", action="store_true", help="GPU variant: pp=4,8, m=16, model=small with 8 layers, device auto")
+    fc.add_output_args(ap, os.path.join(fc.RESULTS, "fig_memory.json"))
     args = ap.parse_args()
+    if args.quick:
+        args.pp, args.microbatches, args.batch_size, args.seq_len = [2], 2, 4, 16
+    args.out = fc.check_output(args)
     if args.full:
         args.pp, args.microbatches, args.batch_size, args.seq_len = [4, 8], 16, 64, 1024
         args.extra = ["model=small", "model.n_layers=8", "train.device=auto", "train.num_threads=0"] + args.extra
@@ -72,15 +77,14 @@ def main() -> None:
         "provenance": fc.provenance(args, jobs_all, args.seed),
         "wall_s": time.perf_counter() - t_start,
     }
-    path = fc.save_results("fig_memory", payload, rows)
-    figs = fc.draw("fig_memory")
+    path, figs = fc.save_and_draw("fig_memory", payload, rows, args)
     print(f"{'schedule':<6} {'pp':>3} {'stage':>5} {'peak MiB':>9} {'MiB/mb':>7} {'in flight':>9} {'expected':>8} {'sim':>4}")
     for r in rows:
         print(f"{r['schedule']:<6} {r['pp']:>3} {r['stage']:>5} {r['peak_saved_mib']:>9.2f} {r['bytes_per_microbatch'] / MIB:>7.2f} "
               f"{r['measured_inflight']:>9.2f} {r['expected_inflight']:>8} {r['simulated_inflight']:>4}")
     worst = max(abs(r["measured_inflight"] - r["expected_inflight"]) for r in rows)
     print(f"wrote {path} and {', '.join(figs)} in {payload['wall_s']:.0f} s")
-    print(f"max |measured - expected in-flight microbatches| = {worst:.3f}")
+    fc.headline("max_abs_measured_minus_expected_inflight", worst, ".3f")
 
 
 if __name__ == "__main__":

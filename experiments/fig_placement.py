@@ -18,6 +18,7 @@ placer relative to static.
 
     .venv/bin/python experiments/fig_placement.py            # ~6 min on 2 cores
     .venv/bin/python experiments/fig_placement.py --sim-only
+    .venv/bin/python experiments/fig_placement.py --quick --out /tmp/x/fig_placement.json   # 4 steps, a tiny model, 8 GPUs simulated
 Full variant: the measured part on GPUs is the same runs with train.device=cuda and a
 larger model (e.g. --extra model=small train.batch_size=64); the simulated part already
 runs at full scale.
@@ -52,13 +53,13 @@ MEASURED = {
 SIM_SIZES = {8: (2, 4, 1), 32: (4, 8, 1), 128: (4, 16, 2), 1024: (8, 64, 2)}  # devices -> (pp, ep, dp)
 
 
-def measured(steps: int, interval: int, out_root: str) -> list[dict]:
+def measured(steps: int, interval: int, out_root: str, extra_model: list[str] = ()) -> list[dict]:
     from moepipe.train.launch import launch
 
     rows = []
     for scen, extra in MEASURED.items():
         for placer in PLACERS:
-            over = MODEL + extra + [f"train.steps={steps}", f"placer={placer}", f"placer.interval={interval if placer != 'static' else 0}",
+            over = MODEL + list(extra_model) + extra + [f"train.steps={steps}", f"placer={placer}", f"placer.interval={interval if placer != 'static' else 0}",
                                     "placer.replica_slots=1"]
             run_dir = os.path.join(out_root, f"{scen}_{placer}")
             shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: never resume an older one's checkpoint
@@ -95,13 +96,13 @@ def topology(n: int, hetero: bool) -> TopologyConfig:
                           intra_node_bw_gbps=450.0, intra_node_latency_us=5.0, inter_node_bw_gbps=50.0, inter_node_latency_us=12.0)
 
 
-def simulated(seed: int) -> list[dict]:
+def simulated(seed: int, sizes: dict = SIM_SIZES) -> list[dict]:
     from moepipe.placement.placers import Evaluator, inputs_from_config, make_placement
     from moepipe.placement.topology import from_config
     from moepipe.placement.workloads import expert_distribution
 
     rows = []
-    for n, (pp, ep, dp) in SIM_SIZES.items():
+    for n, (pp, ep, dp) in sizes.items():
         for hetero in (False, True):
             cfg = compose_config(["model=deepseek_v2_lite", f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.dp={dp}",
                                   "schedule=1f1b", "schedule.microbatches=16", "placer.interval=0", f"train.batch_size={16 * dp * ep}", "train.seq_len=4096",
@@ -134,14 +135,27 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sim-only", action="store_true")
     ap.add_argument("--out-runs", default=os.path.join(fc.ROOT, "runs", "fig_placement"))
+    fc.add_output_args(ap, os.path.join(fc.RESULTS, "fig_placement.json"))
     args = ap.parse_args()
+    quick_model = []
+    sizes = SIM_SIZES
+    if args.quick:
+        args.steps, args.interval = 4, 1
+        quick_model = [o for o in fc.QUICK_MODEL if not o.startswith("train.log_every")] + ["train.batch_size=4", "train.seq_len=16"]
+        sizes = {8: SIM_SIZES[8]}
+        args.out_runs = os.path.join(fc.out_dir_of(args), "runs_fig_placement")
+    args.out = fc.check_output(args)
     t0 = time.perf_counter()
-    meas = [] if args.sim_only else measured(args.steps, args.interval, args.out_runs)
-    sim = simulated(args.seed)
-    payload = {"measured": meas, "simulated": sim, "wall_s": time.perf_counter() - t0, **fc.provenance(args, MEASURED, args.seed)}
-    path = fc.save_results("fig_placement", payload, rows=[{k: v for k, v in r.items() if k not in ("events", "curve", "overrides")} for r in meas] + sim)
+    meas = [] if args.sim_only else measured(args.steps, args.interval, args.out_runs, quick_model)
+    sim = simulated(args.seed, sizes)
+    payload = {"measured": meas, "simulated": sim, "wall_s": time.perf_counter() - t0,
+               "provenance": fc.provenance(args, {"model": MODEL + quick_model, "scenarios": MEASURED}, args.seed)}
+    path, figs = fc.save_and_draw("fig_placement", payload, [{k: v for k, v in r.items() if k not in ("events", "curve", "overrides")} for r in meas] + sim, args)
     print("wrote", path)
-    print("figures:", ", ".join(fc.draw("fig_placement")))
+    print("figures:", ", ".join(figs))
+    n_max = max(r["devices"] for r in sim)
+    fc.headline(f"topo_speedup_vs_static_sim_{n_max}",
+                ",".join(f"{'hetero' if r['hetero'] else 'h100'}:{r['speedup_vs_static']:.2f}" for r in sim if r["devices"] == n_max and r["placer"] == "topo"))
 
 
 if __name__ == "__main__":

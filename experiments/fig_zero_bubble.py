@@ -16,6 +16,7 @@ path) and W (gradient w.r.t. the weights, deferrable) and fill the pipeline's id
 
     .venv/bin/python experiments/fig_zero_bubble.py          # ~2 min on 2 cores
     .venv/bin/python experiments/fig_zero_bubble.py --full   # GPU node: measured pp=4, m=16, model=small
+    .venv/bin/python experiments/fig_zero_bubble.py --quick --out /tmp/x/fig_zero_bubble.json   # test-sized: m=4, 1 round
 """
 from __future__ import annotations
 
@@ -58,7 +59,11 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[])
     ap.add_argument("--no-measure", action="store_true")
     ap.add_argument("--full", action="store_true", help="GPU variant: measured pp=4, m=16, model=small (8 layers), device auto")
+    fc.add_output_args(ap, os.path.join(fc.RESULTS, "fig_zero_bubble.json"))
     args = ap.parse_args()
+    if args.quick:  # dualpipev needs m >= 2p
+        args.sim_pp, args.sim_microbatches, args.microbatches, args.rounds, args.batch_size, args.seq_len = [2], 4, 4, 1, 4, 16
+    args.out = fc.check_output(args)
     if args.full:
         args.pp, args.microbatches, args.batch_size, args.seq_len = 4, 16, 64, 1024
         args.extra = ["model=small", "model.n_layers=8", "train.device=auto", "train.num_threads=0"] + args.extra
@@ -114,8 +119,7 @@ def main() -> None:
         "provenance": fc.provenance(args, jobs, args.seed),
         "wall_s": time.perf_counter() - t_start,
     }
-    path = fc.save_results("fig_zero_bubble", payload, rows)
-    figs = fc.draw("fig_zero_bubble")
+    path, figs = fc.save_and_draw("fig_zero_bubble", payload, rows, args)
     print(f"{'schedule':<17} {'p':>2} {'m':>3} {'bubble sim':>10} {'formula':>8} {'time/1F1B':>9} {'mem/1F1B':>8}")
     for r in rows:
         print(f"{r['schedule']:<17} {r['pp']:>2} {r['m']:>3} {r['bubble_simulated']:>10.3f} {r['bubble_formula'] if r['bubble_formula'] is None else round(r['bubble_formula'], 3)!s:>8} "
@@ -125,6 +129,8 @@ def main() -> None:
               f"pipeline {r['pipeline_ms']:.0f} ms (x{r['pipeline_rel_1f1b']:.2f} of 1F1B), peak saved MiB/rank "
               f"{[round(b, 1) for b in r['peak_saved_mib_per_rank']]} (x{r['peak_saved_rel_1f1b']:.2f} of 1F1B)")
     print(f"wrote {path} and {', '.join(figs)} in {payload['wall_s']:.0f} s")
+    zb = [r for r in rows if r["schedule"] == "zbv"]
+    fc.headline(f"bubble_simulated_zbv_p{zb[0]['pp']}" if zb else "schedules", zb[0]["bubble_simulated"] if zb else len(rows), ".3f")
 
 
 if __name__ == "__main__":
