@@ -20,7 +20,8 @@ def run_cli(tmp_path, *overrides, timeout=60):
 
 @pytest.mark.timeout(90)
 def test_cli_writes_summary_trace_gantt_plan(tmp_path):
-    p = run_cli(tmp_path, "parallel=pp2_ep2", "model.n_layers=4", "schedule.microbatches=4", "sim.routing=zipf", "sim.zipf_s=1.2")
+    p = run_cli(tmp_path, "parallel=pp2_ep2", "model.n_layers=4", "schedule.microbatches=4", "sim.routing=zipf", "sim.zipf_s=1.2",
+                "placer=static")
     assert p.returncode == 0, p.stderr
     for f in ("summary.json", "trace.json", "gantt.png", "plan.json"):
         assert (tmp_path / f).stat().st_size > 0, f
@@ -33,7 +34,8 @@ def test_cli_writes_summary_trace_gantt_plan(tmp_path):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["stage_layers"] == [[0, 2], [2, 4]] and plan["ep"] == 2
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
-    assert "iteration_time_s=" in p.stdout
+    assert "iteration_time_s=" in p.stdout and "placer=static" in p.stdout
+    assert s["placer"] == "static" and s["static_iteration_time_s"] == s["iteration_time_s"]
 
 
 @pytest.mark.timeout(90)
@@ -61,3 +63,32 @@ def test_cli_config_error_exits_2_with_one_line(tmp_path, overrides, start):
     assert p.returncode == 2, (p.stdout, p.stderr)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(start), p.stderr
+
+
+SKEWED = ["parallel=pp2_ep2", "model.n_layers=4", "schedule.microbatches=4", "sim.out_trace=false",
+          "workload.kind=hot_rank", "workload.strength=4"]
+
+
+def simulate_in_process(tmp_path, name, *overrides):
+    from conftest import compose_cfg
+    from moepipe.sim.cli import run, summary_line
+
+    s = run(compose_cfg(list(overrides), validated=False, single_process=False), tmp_path / name)
+    return s, summary_line(s)
+
+
+@pytest.mark.timeout(60)
+def test_cli_plans_with_the_configured_placer_under_the_workload(tmp_path):
+    static, static_line = simulate_in_process(tmp_path, "static", *SKEWED, "placer=static")
+    topo, topo_line = simulate_in_process(tmp_path, "topo", *SKEWED, "placer=topo")
+    assert static["placer"] == "static" and topo["placer"] == "topo"
+    assert "placer=topo" in topo_line and "workload.kind=hot_rank" in topo["routing"]
+    # a 4x hot EP rank: topo's plan is simulated, and it is faster than the static one it reports beside it
+    assert topo["iteration_time_s"] < 0.95 * static["iteration_time_s"]
+    assert topo["static_iteration_time_s"] == pytest.approx(static["iteration_time_s"], rel=1e-9)
+    assert topo["placer_predicted_s"] == pytest.approx(topo["iteration_time_s"], rel=0.05)  # the placer's own estimate
+    plan = json.loads((tmp_path / "topo" / "plan.json").read_text())
+    assert plan["meta"]["placer"] == "topo"
+    # without the workload the same placer plans for uniform routing, and hot_rank's skew is gone
+    uniform, _ = simulate_in_process(tmp_path, "uniform", *SKEWED[:-2], "placer=static")
+    assert uniform["routing"] == "uniform" and uniform["iteration_time_s"] < static["iteration_time_s"]
