@@ -21,6 +21,8 @@ def test_segment_permutation_reorders_segments():
     perm = segment_permutation(counts)
     # (b, a) order: b0: a0 rows 0,1 then a1 row 3; b1: a1 rows 4,5,6; b2: a0 row 2
     assert perm.tolist() == [0, 1, 3, 4, 5, 6, 2]
+    # the dispatcher passes the total it already read on the host: same permutation, no read
+    assert segment_permutation(counts, 7).tolist() == perm.tolist()
 
 
 def _layer(cfg: MoEConfig) -> MoELayer:
@@ -53,7 +55,7 @@ def _worker(rank: int, world: int, owners: list[int], cfg: MoEConfig, out_dir: s
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("owners", [[0, 0, 0, 0, 1, 1, 1, 1], [1, 0, 0, 1, 1, 0, 1, 0], [1, 1, 1, 1, 1, 1, 1, 0]],
                          ids=["contiguous", "scattered", "lopsided"])
-@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0, -0.5])
 def test_ep_dispatch_matches_local(owners, capacity_factor, tmp_path):
     cfg = MoEConfig(num_experts=E, top_k=2, expert_hidden=24, capacity_factor=capacity_factor, z_loss_coef=0.01)
     run_distributed(_worker, 2, owners, cfg, str(tmp_path), timeout=150)

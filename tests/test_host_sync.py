@@ -67,7 +67,7 @@ _ENTRY_POINTS = {
     "Tensor.__bool__": (torch.Tensor, "__bool__", _ALWAYS),
     "Tensor.__index__": (torch.Tensor, "__index__", _ALWAYS),
     "Tensor.to(device)": (torch.Tensor, "to", lambda args, kwargs: _names_device(args[1:], kwargs)),
-    "Tensor.new_tensor": (torch.Tensor, "new_tensor", _ALWAYS),
+    "Tensor.new_tensor": (torch.Tensor, "new_tensor", _ALWAYS),  # on self's device: a copy from the host
     "Tensor.nonzero": (torch.Tensor, "nonzero", _ALWAYS),
     "Tensor.masked_select": (torch.Tensor, "masked_select", _ALWAYS),
     "Tensor.bincount": (torch.Tensor, "bincount", _ALWAYS),
@@ -76,8 +76,9 @@ _ENTRY_POINTS = {
                                  lambda args, kwargs: isinstance(args[1], torch.Tensor) and kwargs.get("output_size") is None),
     "Tensor[mask]": (torch.Tensor, "__getitem__", lambda args, kwargs: _is_mask(args[1])),
     "Tensor[mask]=": (torch.Tensor, "__setitem__", lambda args, kwargs: _is_mask(args[1])),
-    "torch.tensor": (torch, "tensor", _ALWAYS),
-    "torch.as_tensor": (torch, "as_tensor", _ALWAYS),
+    # host data copied to a device (a plain CPU tensor moves nothing)
+    "torch.tensor": (torch, "tensor", lambda args, kwargs: kwargs.get("device") is not None),
+    "torch.as_tensor": (torch, "as_tensor", lambda args, kwargs: kwargs.get("device") is not None),
     "torch.nonzero": (torch, "nonzero", _ALWAYS),
     "torch.argwhere": (torch, "argwhere", _ALWAYS),
     "torch.masked_select": (torch, "masked_select", _ALWAYS),
@@ -152,7 +153,8 @@ def test_guard_counts_each_kind_of_synchronisation():
         torch.repeat_interleave(t, t, output_size=15)  # sized on the host: no read
         t.to(torch.float32)  # a cast moves nothing
         t.to("cpu")
-        torch.tensor([1, 2])
+        torch.tensor([1, 2], device="cpu")
+        torch.tensor([1, 2])  # stays on the host
     assert guard.total == 8, guard.report()
     assert torch.Tensor.item is item  # restored on exit
 
@@ -200,6 +202,35 @@ def test_local_layer_reads_sizes_once_per_microbatch(name):
     # the step's statistics stay on the device: recording them reads nothing back
     with SyncGuard() as guard:
         layer.stats.record(_route_once(layer, xs[0]))
+    assert guard.total == 0, guard.report()
+
+
+def test_statistics_are_read_once_per_step():
+    torch.manual_seed(0)
+    layer = MoELayer(D, _cfg(capacity_factor=0.5))
+    for seed in range(3):  # three microbatches
+        layer(torch.randn(2, 8, D, generator=torch.Generator().manual_seed(seed)))
+    with SyncGuard() as guard:
+        host = layer.stats.host()
+    assert guard.total == 1, guard.report()
+    assert host.demand.dtype == host.kept.dtype == torch.long and host.demand.device.type == "cpu"
+    assert host.demand.tolist() == layer.stats.demand.tolist() and host.kept.tolist() == layer.stats.kept.tolist()
+    assert host.asked == int(layer.stats.asked) == 3 * 16 * 2 and host.calls == 3
+    assert host.aux_loss_sum == float(layer.stats.aux_loss_sum) and host.z_loss_sum == float(layer.stats.z_loss_sum)
+    assert int(host.demand.sum() - host.kept.sum()) > 0  # capped: some were dropped
+
+
+def test_statistics_stay_on_their_device_across_resets():
+    # the meta device stands in for a GPU: the first record moves the counters there, and
+    # neither reset() nor the next step's records may move them again (a blocking copy)
+    stats = MoELayer(D, _cfg()).stats
+    counts = torch.ones(E, dtype=torch.long, device="meta")
+    loss = torch.zeros((), device="meta")
+    stats.add(counts, counts, loss, loss)
+    stats.reset()
+    assert {t.device.type for t in (stats.demand, stats.kept, stats.asked, stats.aux_loss_sum, stats.z_loss_sum)} == {"meta"}
+    with SyncGuard() as guard:
+        stats.add(counts, counts, loss, loss)
     assert guard.total == 0, guard.report()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moepipe.model.router import Router, expert_capacity, load_balancing_loss, route, router_z_loss
+from moepipe.model.router import Router, count_per_expert, expert_capacity, load_balancing_loss, route, router_z_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,6 +53,12 @@ def assignments(r) -> dict:
     assert len(set(zip(tok, exp))) == len(tok), "a (token, expert) pair appears twice"
     assert torch.bincount(r.expert_idx, minlength=r.kept_counts.numel()).tolist() == r.kept_counts.tolist()
     assert r.weights.dtype == torch.float32
+    # every assignment stays in the arrays (static shapes): the dropped ones trail with expert E, weight 0
+    n, num_e = r.all_token_idx.numel(), r.kept_counts.numel()
+    assert n == r.all_expert_idx.numel() == r.all_weights.numel() == int(r.demand_counts.sum())
+    assert r.all_expert_idx[len(tok):].eq(num_e).all() and r.all_weights[len(tok):].eq(0).all()
+    per_token = torch.bincount(r.all_token_idx)
+    assert per_token.min() == per_token.max(), "each token has its k assignments, kept or dropped"
     return {(t, e): x for t, e, x in zip(tok, exp, w)}
 
 
@@ -248,6 +254,34 @@ def test_dropless_keeps_everything_even_when_skewed():
     assert capped.capacity == 3
     assert capped.kept_counts.tolist() == [3, 3, 0, 0]
     assert sorted(assignments(capped)) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_capped_routing_keeps_static_shapes_dropped_assignments_trail():
+    # cap 1 on LOGITS4: 3 kept, 5 dropped. Shapes are T*k whatever the cap, so routing needs no
+    # host read; the dropped (token, expert) pairs are exactly the chosen ones not kept.
+    r = route(LOGITS4, 2, capacity_factor=0.25)
+    assert r.all_token_idx.shape == r.all_expert_idx.shape == r.all_weights.shape == (8,)
+    assert r.num_kept == 3 and r.token_idx.numel() == 3
+    assert r.all_expert_idx.tolist() == [0, 1, 2, 3, 3, 3, 3, 3]
+    kept = set(zip(r.token_idx.tolist(), r.expert_idx.tolist()))
+    tail = sorted(r.all_token_idx[3:].tolist())
+    dropped_tokens = sorted(t for (t, e) in NORM4 if (t, e) not in kept)
+    assert tail == dropped_tokens
+    assert r.all_weights[3:].tolist() == [0.0] * 5
+
+
+def test_tutel_capacity_is_a_device_scalar_not_a_host_int():
+    demand = torch.tensor([3, 3, 2])
+    cap = expert_capacity(4, 3, 2, -1.5, demand)
+    assert isinstance(cap, torch.Tensor) and cap.dim() == 0 and cap.device == demand.device
+    assert int(cap) == 3
+    assert isinstance(expert_capacity(4, 3, 2, 1.0, demand), int)  # from shapes alone: a host int
+
+
+def test_count_per_expert_equals_bincount():
+    idx = torch.randint(0, 7, (50,), generator=torch.Generator().manual_seed(0))
+    assert count_per_expert(idx, 9).tolist() == torch.bincount(idx, minlength=9).tolist()
+    assert count_per_expert(idx[:0], 4).tolist() == [0, 0, 0, 0]
 
 
 # ----------------------------------------------------------------------------- losses

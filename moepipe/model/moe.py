@@ -89,11 +89,14 @@ class RoutingStats:
         self.reset()
 
     def reset(self) -> None:
-        self.demand = torch.zeros(self.num_experts, dtype=torch.long)  # assignments asked of each expert (before capacity)
-        self.kept = torch.zeros(self.num_experts, dtype=torch.long)  # assignments each expert processed
-        self.asked = torch.zeros((), dtype=torch.long)  # assignments requested (tokens * k)
-        self.aux_loss_sum = torch.zeros((), dtype=torch.float64)
-        self.z_loss_sum = torch.zeros((), dtype=torch.float64)
+        # fresh zeros on the counters' current device: moving them back there from the host at
+        # the next step's first `add` would be a blocking copy
+        dev = self.demand.device if isinstance(getattr(self, "demand", None), torch.Tensor) else None
+        self.demand = torch.zeros(self.num_experts, dtype=torch.long, device=dev)  # assignments asked of each expert (before capacity)
+        self.kept = torch.zeros(self.num_experts, dtype=torch.long, device=dev)  # assignments each expert processed
+        self.asked = torch.zeros((), dtype=torch.long, device=dev)  # assignments requested (tokens * k)
+        self.aux_loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.z_loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         self.calls = 0
 
     @torch.no_grad()
@@ -118,11 +121,17 @@ class RoutingStats:
         self.add(routing.demand_counts, routing.kept_counts, routing.aux_loss, routing.z_loss)
 
     def host(self) -> "RoutingStats":
-        """A copy with CPU tensors (one device-to-host read per counter): read once per step."""
+        """A copy on the host (plain CPU tensors and numbers) in one device-to-host read: the
+        trainer calls it once per step. The counters travel as float64, exact below 2**53."""
+        E = self.num_experts
+        packed = torch.cat([self.demand.double(), self.kept.double(),
+                            torch.stack([self.asked.double(), self.aux_loss_sum.double(), self.z_loss_sum.double()])])
+        vals = packed.tolist()
         out = RoutingStats.__new__(RoutingStats)
-        out.num_experts, out.calls = self.num_experts, self.calls
-        out.demand, out.kept = self.demand.cpu(), self.kept.cpu()
-        out.asked, out.aux_loss_sum, out.z_loss_sum = int(self.asked), float(self.aux_loss_sum), float(self.z_loss_sum)
+        out.num_experts, out.calls = E, self.calls
+        out.demand = torch.tensor(vals[:E], dtype=torch.float64).long()
+        out.kept = torch.tensor(vals[E : 2 * E], dtype=torch.float64).long()
+        out.asked, out.aux_loss_sum, out.z_loss_sum = int(vals[2 * E]), vals[2 * E + 1], vals[2 * E + 2]
         return out
 
 

@@ -11,14 +11,20 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
 
 def routing_metrics(stats_by_layer: dict[int, Any]) -> dict[str, float]:
-    """Balancedness (max/mean expert demand, 1 is perfect) and dropped-token fraction."""
+    """Balancedness (max/mean expert demand, 1 is perfect) and dropped-token fraction.
+
+    Takes host statistics (`RoutingStats.host()`, what the trainers pass once per step);
+    device-side ones are read back here, one read per layer."""
     if not stats_by_layer:
         return {}
     balance, dropped_num, asked, aux, z = [], 0, 0, [], []
     for stats in stats_by_layer.values():
+        if isinstance(stats.asked, torch.Tensor):  # still the layer's device-side counters
+            stats = stats.host()
         demand = stats.demand.double()
         if demand.sum() > 0:
             balance.append(float(demand.max() / demand.mean()))
