@@ -220,18 +220,20 @@ def test_statistics_are_read_once_per_step():
     assert int(host.demand.sum() - host.kept.sum()) > 0  # capped: some were dropped
 
 
-def test_statistics_stay_on_their_device_across_resets():
-    # the meta device stands in for a GPU: the first record moves the counters there, and
-    # neither reset() nor the next step's records may move them again (a blocking copy)
+def test_statistics_move_to_the_layers_device_without_a_copy():
+    # the meta device stands in for a GPU: counters made on the host start there at the first
+    # record as fresh zeros (a host-to-device copy would block), and again after reset()
     stats = MoELayer(D, _cfg()).stats
     counts = torch.ones(E, dtype=torch.long, device="meta")
     loss = torch.zeros((), device="meta")
-    stats.add(counts, counts, loss, loss)
-    stats.reset()
-    assert {t.device.type for t in (stats.demand, stats.kept, stats.asked, stats.aux_loss_sum, stats.z_loss_sum)} == {"meta"}
-    with SyncGuard() as guard:
-        stats.add(counts, counts, loss, loss)
-    assert guard.total == 0, guard.report()
+    for _ in range(2):
+        with SyncGuard() as guard:
+            stats.add(counts, counts, loss, loss)
+            stats.add(counts, counts, loss, loss)
+        assert guard.total == 0, guard.report()
+        assert {t.device.type for t in (stats.demand, stats.kept, stats.asked, stats.aux_loss_sum, stats.z_loss_sum)} == {"meta"}
+        assert stats.calls == 2
+        stats.reset()
 
 
 def _route_once(layer: MoELayer, x: torch.Tensor):

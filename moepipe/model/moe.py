@@ -80,8 +80,8 @@ class RoutingStats:
 
     They stay on the layer's device and are added to without reading them back (no host
     synchronisation in the hot path); the trainer reads them once per step. Every MoE backend
-    records through `add`, so the metrics and the placer see the same counters whatever runs
-    the experts.
+    records through `add` (or bumps `calls` with any counter it changes), so the metrics and the
+    placer see the same counters whatever runs the experts.
     """
 
     def __init__(self, num_experts: int):
@@ -89,9 +89,12 @@ class RoutingStats:
         self.reset()
 
     def reset(self) -> None:
-        # fresh zeros on the counters' current device: moving them back there from the host at
-        # the next step's first `add` would be a blocking copy
-        dev = self.demand.device if isinstance(getattr(self, "demand", None), torch.Tensor) else None
+        # stay on the counters' device; but a meta one (a stage built before materialising)
+        # holds no data: start on the default device then
+        dev = self.demand.device if hasattr(self, "demand") else None
+        self._zeros(None if dev is not None and dev.type == "meta" else dev)
+
+    def _zeros(self, dev: torch.device | None) -> None:
         self.demand = torch.zeros(self.num_experts, dtype=torch.long, device=dev)  # assignments asked of each expert (before capacity)
         self.kept = torch.zeros(self.num_experts, dtype=torch.long, device=dev)  # assignments each expert processed
         self.asked = torch.zeros((), dtype=torch.long, device=dev)  # assignments requested (tokens * k)
@@ -105,9 +108,12 @@ class RoutingStats:
         """Accumulate one forward's counters (device tensors; nothing is read back).
         `asked` defaults to demand.sum() (every assignment is counted in demand)."""
         dev = demand.device
-        if self.demand.device != dev:  # first call on this device: the counters follow the layer
-            self.demand, self.kept = self.demand.to(dev), self.kept.to(dev)
-            self.asked, self.aux_loss_sum, self.z_loss_sum = self.asked.to(dev), self.aux_loss_sum.to(dev), self.z_loss_sum.to(dev)
+        if self.demand.device != dev:  # the counters follow the layer's device
+            if self.calls == 0:  # nothing counted yet: zeros made there, not a blocking copy
+                self._zeros(dev)
+            else:
+                self.demand, self.kept = self.demand.to(dev), self.kept.to(dev)
+                self.asked, self.aux_loss_sum, self.z_loss_sum = self.asked.to(dev), self.aux_loss_sum.to(dev), self.z_loss_sum.to(dev)
         self.demand += demand.detach().long()
         self.kept += kept.detach().long()
         self.asked += demand.detach().sum() if asked is None else asked
