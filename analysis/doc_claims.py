@@ -233,7 +233,7 @@ CLAIMS: list = [
           ("bench_sim",), _sim_errors),
     Claim(README, "simulated: {speedup:.2f}x over static on skewed loads, within {bal:.2f}x of the balanced bound with unavoidable "
                   "communication ({free:.2f}x of the free-communication one), slower than eplb in {slower} cases, topo solve at 1,024 "
-                  "devices {solve:.1f} s", ("bench_placer",), _placer),
+                  "devices {solve_cpu:.1f} CPU-s", ("bench_placer",), _placer),
     Claim(README, "real CPU runs {lo:.2f}-{hi:.2f}x over static across {n} runs of {steps} steps (`bench_dynamic.py`; median {median:.3f})",
           ("bench_dynamic",), _bench_dynamic),
     Claim(README, "a migration needs no second copy of the state (`bench_migration_memory.py`: resident memory grows by "
