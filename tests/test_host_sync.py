@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from moepipe.config import MoEConfig
 from moepipe.model.moe import MoELayer
+from moepipe.model.router import route
 from moepipe.parallel.expert_parallel import ExpertParallelDispatcher
 
 from dist_utils import run_distributed
@@ -237,8 +238,6 @@ def test_statistics_move_to_the_layers_device_without_a_copy():
 
 
 def _route_once(layer: MoELayer, x: torch.Tensor):
-    from moepipe.model.router import route
-
     cfg = layer.cfg
     return route(layer.router.logits(x.reshape(-1, D)).detach(), cfg.top_k, capacity_factor=cfg.capacity_factor)
 
