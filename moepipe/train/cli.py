@@ -25,9 +25,38 @@ def print_summary(summary: dict) -> None:
         f"  params {p.get('total', 0) / 1e6:.2f}M total, {p.get('active', 0) / 1e6:.2f}M active per token",
         f"  final train loss {summary['final_train_loss']:.4f}  val loss {summary['final_val_loss']:.4f} nats/token",
         f"  throughput {summary['tokens_per_s']:,.0f} tokens/s",
-        f"  results in {summary['run_dir']}",
     ]
+    lines += placement_lines(summary.get("placement"))
+    lines.append(f"  results in {summary['run_dir']}")
     print("\n".join(lines), flush=True)
+
+
+def _change(old, new) -> str:
+    if old is None or new is None:
+        return "n/a"
+    pct = f" ({(new / old - 1) * 100:+.0f}%)" if old > 0 else ""
+    return f"{old:.3g} -> {new:.3g} s{pct}"
+
+
+def placement_lines(p: dict | None) -> list[str]:
+    """The placer's part of the end-of-run summary: re-plans, migrations, bytes, seconds, and
+    each re-plan's predicted against measured step time before and after it."""
+    if not p:
+        return []
+    head = f"  placer {p['placer']}"
+    if p.get("mode") != "replanning":
+        return [f"{head}: {p.get('note', 'fixed layout')}"]
+    lines = [
+        f"{head} every {p['interval']} steps: {p['replans']} re-plan(s), {p['migrations']} migration(s), "
+        f"{p['bytes_moved'] / 2**20:.2f} MiB moved in {p['migration_s']:.2f} s (placer solves {p['solve_s']:.2f} s)"
+    ]
+    for e in p.get("events", []):
+        what = f"migrated, layers {e['stage_layers']}" if e["migrate"] else f"kept ({e['reason']})"
+        lines.append(
+            f"    step {e['step']}: {what}; step time predicted {_change(e['predicted_old_s'], e['predicted_new_s'])}, "
+            f"measured {_change(e['measured_before_s'], e['measured_after_s'])}"
+        )
+    return lines
 
 
 register_configs()

@@ -25,7 +25,7 @@ from moepipe.train.metrics import MetricsLogger, routing_metrics
 from moepipe.train.optim import build_optimizer, lr_at, set_lr
 from moepipe.train.preempt import EXIT_PREEMPTED, Preempted, StopOnSignal, inject_sigterm
 from moepipe.train.run_info import run_info
-from moepipe.train.workload import routing_skew
+from moepipe.train.workload import SlowDevice, routing_skew
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,6 +83,27 @@ class StepResult:
         )
 
 
+def emulated_speed(cfg: MoepipeConfig) -> float:
+    """workload.emulate_speed: the speed of the topology's device 0 (the one device a single
+    process runs on); 1.0 when emulation is off."""
+    if not cfg.workload.emulate_speed:
+        return 1.0
+    from moepipe.placement.topology import from_config
+
+    return float(from_config(cfg.topology, 1).devices[0].speed)
+
+
+def single_process_placer_note(cfg: MoepipeConfig) -> str | None:
+    """Why a re-planning placer does nothing in one process, or None when nothing is configured
+    to re-plan. One process holds every layer and expert, so every placer's plan is that one."""
+    pc = cfg.placer
+    if pc.name == "static" or pc.interval <= 0:
+        return None
+    # a notice, not an error: error lines alone start with "moepipe:" (scripts count them)
+    return (f"moepipe (one process): placer.name={pc.name} placer.interval={pc.interval} is not run (parallel.pp*ep*dp=1): "
+            "one process holds every layer and expert, so there is nothing to move; use parallel.pp>1 or parallel.ep>1 to re-plan")
+
+
 class Trainer:
     """Owns model, optimizer and data for one process; `train_step(step)` does one update."""
 
@@ -105,6 +126,8 @@ class Trainer:
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.val_set = val_batches(self.corpus, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
+        self.speed = emulated_speed(cfg)
+        self.slowdown = SlowDevice(self.model, self.speed) if self.speed < 1 else None
 
     def _autocast(self):
         return autocast_context(self.device, self.amp_dtype)
@@ -195,6 +218,9 @@ def train(cfg: MoepipeConfig, run_dir: str, trainer_factory=None, is_metrics_ran
             logger.event({"step": start, "event": "resume", "from": point.path, "plan": "kept" if plan is not None else "default"})
             if is_metrics_rank:
                 print(f"moepipe: resumed from {point.path} (step {start})", file=sys.stderr, flush=True)
+        note = single_process_placer_note(cfg) if trainer.world_size == 1 else None
+        if note and is_metrics_rank:
+            print(note, file=sys.stderr, flush=True)
         with StopOnSignal() as stop:
             summary = _loop(cfg, trainer, logger, run_dir, config_dict, start, stop)
         exit_code = 0
@@ -243,6 +269,8 @@ def _loop(cfg: MoepipeConfig, trainer, logger: MetricsLogger, run_dir: str, conf
     step_seconds, step_tokens = 0.0, 0
     val_loss, last, latest = None, None, None
     skipped, in_a_row = 0, 0
+    replans: list[dict] = []
+    seconds_of: dict[int, float] = {}  # step number (1-based) -> measured seconds, for the placement summary
     for step in range(start, t.steps):
         inject_sigterm(rank, step)
         try:
@@ -257,8 +285,11 @@ def _loop(cfg: MoepipeConfig, trainer, logger: MetricsLogger, run_dir: str, conf
             logger.event({"step": step + 1, "event": "skipped", "reason": str(err)})
         for event in trainer.after_step(step + 1):  # re-placement and migration events
             logger.event(event)
+            if event.get("event") == "replan":
+                replans.append(event)
         done = step + 1
         if res is not None:
+            seconds_of[done] = res.seconds
             last = res
             window.append(res)
             if step > start or t.steps - start == 1:  # the first step pays one-off allocation costs
@@ -311,6 +342,65 @@ def _loop(cfg: MoepipeConfig, trainer, logger: MetricsLogger, run_dir: str, conf
         "restarts": attempt_number(),
         "skipped_steps": skipped,
         "checkpoint": latest,
+        "pipeline_schedule": type(trainer.schedule).__name__ if getattr(trainer, "schedule", None) is not None else None,
+        "placement": placement_summary(cfg, trainer, replans, seconds_of, start),
+        **({"emulated_speed": trainer.speed} if cfg.workload.emulate_speed and trainer.world_size == 1 else {}),
         "config": config_dict,
         **run_info(),
+    }
+
+
+def _mean_seconds(seconds_of: dict[int, float], first: int, last: int) -> float | None:
+    """Mean measured seconds of steps first..last (1-based, inclusive) that ran, or None."""
+    vals = [v for k, v in seconds_of.items() if first <= k <= last]
+    return float(np.mean(vals)) if vals else None
+
+
+def _stage_layers(plan_json: str | None) -> list | None:
+    return json.loads(plan_json)["stage_layers"] if plan_json else None
+
+
+def placement_summary(cfg: MoepipeConfig, trainer, replans: list[dict], seconds_of: dict[int, float], start: int) -> dict:
+    """What the placer did in this run: each re-plan (decision, reason, predicted step time of
+    the old and new layout against the measured step time before and after it), migrations,
+    bytes moved and seconds spent. Measured windows run from the previous re-plan (or the
+    run's second step: the first pays one-off allocations) to the next one (or the end)."""
+    pc = cfg.placer
+    out: dict = {"placer": pc.name, "interval": pc.interval}
+    if trainer.world_size == 1:
+        note = single_process_placer_note(cfg)
+        return out | {"mode": "ignored" if note else "fixed", "note": (note or "one process: one layout").removeprefix("moepipe (one process): ")}
+    if pc.interval <= 0:
+        out |= {"mode": "fixed", "note": f"placer.interval={pc.interval}: the starting plan is kept"}
+    else:
+        out["mode"] = "replanning"
+    steps = [e["step"] for e in replans]
+    events = []
+    for i, e in enumerate(replans):
+        first = steps[i - 1] + 1 if i else (start + 2 if e["step"] > start + 1 else start + 1)  # skip the run's first step
+        until = steps[i + 1] if i + 1 < len(steps) else cfg.train.steps
+        events.append({
+            "step": e["step"],
+            "migrate": bool(e.get("migrate")),
+            "reason": e.get("reason"),
+            "predicted_old_s": e.get("predicted_old_s"),
+            "predicted_new_s": e.get("predicted_new_s"),
+            "measured_before_s": _mean_seconds(seconds_of, first, e["step"]),
+            "measured_after_s": _mean_seconds(seconds_of, e["step"] + 1, until),
+            "bytes_moved": int(e.get("bytes_moved", 0)),
+            "migration_s": float(e.get("migration_s", 0.0)),
+            "solve_s": float(e.get("solve_s", 0.0)),
+            "stage_layers": _stage_layers(e.get("plan")) if e.get("migrate") else None,
+        })
+    moved = [e for e in events if e["migrate"]]
+    plan = getattr(trainer, "plan", None)
+    return out | {
+        "replans": len(events),
+        "migrations": len(moved),
+        "bytes_moved": sum(e["bytes_moved"] for e in moved),
+        "migration_s": sum(e["migration_s"] for e in moved),
+        "solve_s": sum(e["solve_s"] for e in events),
+        "final_stage_layers": [list(r) for r in plan.stage_layers] if plan is not None else None,
+        "final_stage_to_pp_rank": list(plan.stage_to_pp_rank) if plan is not None else None,
+        "events": events,
     }
