@@ -289,7 +289,7 @@ def measure_profile(
                         blk.ffn.stats.reset()
                     h = ctx(lambda blk=blk, h=h: blk(h, cos, sin))()
                     if blk.is_moe:
-                        counts[blk.layer_id] += blk.ffn.stats.demand.double()
+                        counts[blk.layer_id] += blk.ffn.stats.demand.double().cpu()  # counters live on the layer's device
                 h_out.append(h.detach())
         n_mb = len(xs)
         gen = torch.Generator().manual_seed(1234)
