@@ -1,4 +1,4 @@
-"""Tutel's moe_layer as an expert backend (a baseline), where `import tutel` works.
+"""Tutel as an expert backend (a baseline), where `import tutel` works.
 
 Tutel routes, dispatches (its fast encode/decode kernels), exchanges tokens over the EP group
 with its own all-to-all (flat, or 2DH: `parallel.a2a=hierarchical`) and runs the experts with
@@ -16,7 +16,7 @@ Semantics (same as native where the names agree):
   source rank (native: ceil(k * |cf| * T / E)); first choices before second ones, then token
   order (drop_policy=position);
 - routing statistics: demand = Tutel's own per-expert dispatch count, kept = demand capped at
-  Tutel's capacity (all on device);
+  the capacity Tutel's routing chose (device tensors, no read-back of ours);
 - aux loss: Tutel's l_aux (GShard, first choices) for aux_loss_type=top1; the Switch loss over
   Tutel's k choices for switch; router z-loss on the gate's logits; shared experts are a
   SwiGLU beside the routed ones.
@@ -24,8 +24,8 @@ What it cannot honour is rejected by `check_config` before any worker starts.
 """
 from __future__ import annotations
 
-import math
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -49,68 +49,35 @@ def build_tutel_moe(d_model: int, cfg: MoEConfig) -> nn.Module:
     return TutelMoE(d_model, cfg)
 
 
-def tutel_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int | None:
-    """Tutel's per-expert slots from one source rank (its extract_critical rule, alignment 1):
-    k * floor(|cf| * ceil(T/E)); None when dropless (cf == 0). For cf < 0 Tutel further lowers
-    it to the busiest expert's need, which never changes min(demand, cap)."""
-    if capacity_factor == 0:
-        return None
-    k = min(top_k, num_experts)
-    return k * int(abs(capacity_factor) * math.ceil(num_tokens / num_experts))
-
-
-class _Gate(nn.Module):
-    """Tutel's custom gate: logits from the owning layer's Router (kept outside Tutel's module
-    tree, so the weight has one name). Remembers the logits for the z-loss and Switch loss."""
-
-    def __init__(self, model_dim: int, num_global_experts: int, k: int, capacity_factor: float, logits_fn):
-        super().__init__()
-        self.top_k, self.capacity_factor, self.gate_noise = k, capacity_factor, 0.0
-        self.logits_fn = logits_fn
-        self.last_logits: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.last_logits = self.logits_fn(x)
-        return self.last_logits
-
-
-def _llama_ffn_class():
+def _held_llama_ffn(d_model: int, hidden: int, num_local: int) -> nn.Module:
+    """Tutel's llama_ffn (silu(x W_fc1) * (x W_fc2) W_fc3 over [E_local, tokens, d]) as a
+    function of weights handed in per call: built on the meta device (shapes only), its own
+    parameters removed. It holds whole experts (sharded_count=1), so its gather of sharded
+    weights is the identity; skipping it also skips the Tutel group creation that this
+    version cannot nest under an EP sub-group ("Splitting nesting groups from a subgroup")."""
     from tutel.experts.llama_ffn import LlamaFFNNetwork
 
     class HeldLlamaFFN(LlamaFFNNetwork):
-        """llama_ffn over unsharded experts (sharded_count=1). Its gather would create Tutel
-        groups from the world, which Tutel cannot nest under an EP sub-group (pp x ep); for
-        one shard the gathered weight is the weight itself."""
-
         def _get_gathered_param(self, param, full_shape, parent_group):
             return param.view(full_shape)
 
-    return HeldLlamaFFN
+    with torch.device("meta"):
+        ffn = HeldLlamaFFN(d_model, hidden, num_local, 1)
+    for name in ("W_fc1", "W_fc2", "W_fc3"):
+        delattr(ffn, name)
+    return ffn
 
 
-class _Experts(nn.Module):
-    """Tutel's custom expert module: Tutel's llama_ffn run on the owning layer's stacked
-    per-expert weights (it holds no parameters of its own)."""
-
-    def __init__(self, model_dim: int, num_experts_per_device: int, sharded_count: int, hidden_size_per_expert: int, weights_fn):
-        super().__init__()
-        if sharded_count != 1:
-            raise ValueError(f"Tutel shards experts over {sharded_count} ranks: moepipe needs whole experts per EP rank")
-        with torch.device("meta"):  # shapes only: the weights come from weights_fn each call
-            ffn = _llama_ffn_class()(model_dim, hidden_size_per_expert, num_experts_per_device, 1)
-        for name in ("W_fc1", "W_fc2", "W_fc3"):
-            delattr(ffn, name)
-        self.ffn, self.weights_fn = ffn, weights_fn
-
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        self.ffn.W_fc1, self.ffn.W_fc2, self.ffn.W_fc3 = self.weights_fn()
-        try:
-            return self.ffn(x, ctx)
-        finally:  # do not keep this call's stacked weights (and their graph) alive
-            self.ffn.W_fc1 = self.ffn.W_fc2 = self.ffn.W_fc3 = None
+_NO_GROUP = SimpleNamespace(group=None)
 
 
 class TutelMoE(nn.Module):
+    """Tutel's MoE primitives (tutel.moe.top_k_routing / fast_encode / fast_decode, tutel.net's
+    all-to-all, llama_ffn) over moepipe's weights. Its moe_layer is not used: in this Tutel
+    version the backward of its flat all-to-all exchanges over the default (world) group
+    whatever `group=` says, which deadlocks an EP sub-group (pp x ep); tutel.net.all_to_all_single
+    keeps the group in backward."""
+
     def __init__(self, d_model: int, cfg: MoEConfig, expert_ids: list[int] | None = None):
         super().__init__()
         self.cfg, self.d_model = cfg, d_model
@@ -123,36 +90,10 @@ class TutelMoE(nn.Module):
         self.stats = RoutingStats(cfg.num_experts)
         self.record_stats = True
         self.aux_loss_scale = 1.0
-        # Tutel's layer holds no state of ours (gate and experts read the modules above). It is
-        # built for the EP group it will talk to, so only once that group is known.
-        self._tutel = None
-        self._group, self._use_2dh, self._local = None, False, list(range(cfg.num_experts))
-
-    # ---- wiring Tutel's layer
-
-    def _build_tutel(self) -> None:
-        from tutel import moe as tutel_moe
-
-        if self._group is None and dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError("TutelMoE in a multi-process job needs attach_expert_group() before its first forward")
-        self._tutel = tutel_moe.moe_layer(
-            gate_type={"type": "custom", "module": _Gate, "k": self.cfg.top_k, "capacity_factor": self.cfg.capacity_factor,
-                       "logits_fn": self.router.logits},
-            model_dim=self.d_model,
-            experts={"type": "custom", "module": _Experts, "count_per_node": len(self._local),
-                     "hidden_size_per_expert": self.cfg.expert_hidden, "weights_fn": self._stacked_weights},
-            group=self._group,
-            normalize_gate=self.cfg.normalize_weights,
-            batch_prioritized_routing=False,
-            is_gshard_loss=True,
-            use_2dh=self._use_2dh,
-        )
-
-    def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """llama_ffn computes silu(x W_fc1) * (x W_fc2) W_fc3: W_fc1 = w1^T, W_fc2 = w3^T, W_fc3 = w2^T."""
-        held = [self.experts[str(e)] for e in self._local]
-        return (torch.stack([m.w1.weight.t() for m in held]), torch.stack([m.w3.weight.t() for m in held]),
-                torch.stack([m.w2.weight.t() for m in held]))
+        self.last_capacity: int | None = None  # Tutel's slots per expert in the last forward
+        self._group, self._ep, self._use_2dh = None, 1, False
+        self._local = list(range(cfg.num_experts))
+        self._ffn = _held_llama_ffn(d_model, cfg.expert_hidden, len(self._local))
 
     def attach_expert_group(self, holders: list[list[int]], ep_rank: int, ep_group, a2a: str = "flat", local_size: int = 1) -> None:
         """Tutel's expert parallelism: EP rank r must hold the r-th contiguous, equal block of experts."""
@@ -162,27 +103,34 @@ class TutelMoE(nn.Module):
         if self.num_experts % ep or [list(h) for h in holders] != want:
             raise ValueError(f"moe.backend=tutel needs experts in {ep} contiguous equal blocks, one per EP rank (the static plan); got {holders}")
         self._local = list(range(ep_rank * per, (ep_rank + 1) * per))
-        # Even a group of one is passed: with group=None Tutel would count the whole world.
-        self._group = ep_group if dist.is_initialized() else None
+        self._group, self._ep = (ep_group, ep) if ep > 1 else (None, 1)
         self._use_2dh = a2a == "hierarchical" and ep > 1
         if self._use_2dh:
             _set_local_size(local_size)
-        self._tutel = None
+        self._ffn = _held_llama_ffn(self.d_model, self.cfg.expert_hidden, per)
 
     # ---- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._tutel is None:
-            self._build_tutel()
+        from tutel import moe as tmoe
+        from tutel.impls import losses
+
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        out = self._tutel(flat)
-        logits = self._tutel.gates[0].last_logits
-        self._tutel.gates[0].last_logits = None
-        aux = self._aux_loss(logits, out.l_aux)
-        z = router_z_loss(logits)
+        logits = self.router.logits(flat)  # fp32; jitter and injected skew as in the native router
+        k = min(self.cfg.top_k, self.num_experts)
+        crit, l_aux = tmoe.top_k_routing(
+            torch.softmax(logits, dim=-1), top_k=k, loss_fn=losses.gshard_loss, capacity_factor=self.cfg.capacity_factor,
+            batch_prioritized_routing=False, normalize_gate=self.cfg.normalize_weights, group=self._group,
+        )
+        y = tmoe.fast_encode(flat.float().contiguous(), crit)  # [E, capacity, d]
+        y = self._experts(y)
+        out = tmoe.fast_decode(y.float().contiguous(), crit).to(x.dtype)
+        aux, z = self._aux_loss(logits, l_aux), router_z_loss(logits)
+        self.last_capacity = int(crit[4])
         if self.record_stats:
-            self._record(flat.shape[0], aux, z)
+            demand = crit[-1].reshape(-1).long()  # Tutel's per-expert assignment count (before capacity)
+            self.stats.add(demand, demand.clamp(max=self.last_capacity), aux, z)
         if self.shared is not None:
             out = out + self.shared(flat)
         out = out.reshape(shape)
@@ -191,18 +139,38 @@ class TutelMoE(nn.Module):
             out = AttachAuxLoss.apply(out, loss * self.aux_loss_scale)
         return out
 
+    def _experts(self, y: torch.Tensor) -> torch.Tensor:
+        """[E, C, d] slots -> expert outputs in the same layout; under EP through Tutel's all-to-all."""
+        from tutel import net
+
+        if self._ep > 1 and self._use_2dh:
+            return net.all_to_all(self._ffn_call(net.all_to_all(y, 1, 0, use_2dh=True)), 0, 1, use_2dh=True)
+        if self._ep > 1:
+            w, (e, c, d) = self._ep, y.shape
+            got = net.all_to_all_single(y.contiguous(), group=self._group)  # block s: rank s's slots for my experts
+            local = got.view(w, e // w, c, d).transpose(0, 1).reshape(e // w, w * c, d)
+            out = self._ffn_call(local).view(e // w, w, c, d).transpose(0, 1).contiguous()
+            return net.all_to_all_single(out, group=self._group).view(e, c, d)
+        return self._ffn_call(y)
+
+    def _ffn_call(self, y: torch.Tensor) -> torch.Tensor:
+        """llama_ffn on this rank's experts: W_fc1 = w1^T, W_fc2 = w3^T, W_fc3 = w2^T, stacked per call."""
+        held = [self.experts[str(e)] for e in self._local]
+        ffn = self._ffn
+        ffn.W_fc1 = torch.stack([m.w1.weight.t() for m in held])
+        ffn.W_fc2 = torch.stack([m.w3.weight.t() for m in held])
+        ffn.W_fc3 = torch.stack([m.w2.weight.t() for m in held])
+        try:
+            return ffn(y.to(ffn.W_fc1.dtype), _NO_GROUP)  # ctx: only .group is read, by the skipped gather
+        finally:  # do not keep this call's stacked weights (and their graph) alive
+            ffn.W_fc1 = ffn.W_fc2 = ffn.W_fc3 = None
+
     def _aux_loss(self, logits: torch.Tensor, tutel_l_aux: torch.Tensor) -> torch.Tensor:
         if self.cfg.aux_loss_type == "top1" or self.cfg.top_k == 1:
             return tutel_l_aux  # GShard's loss: first choices only, as moepipe's top1
-        probs = F.softmax(logits.float(), dim=-1)
+        probs = F.softmax(logits, dim=-1)
         choices = probs.topk(min(self.cfg.top_k, self.num_experts), dim=-1).indices  # Tutel's choices: same scores, same topk
         return load_balancing_loss(probs, choices, self.num_experts, top1_only=False)
-
-    def _record(self, num_tokens: int, aux: torch.Tensor, z: torch.Tensor) -> None:
-        demand = self._tutel.dispatch_count.reshape(-1).long()  # Tutel's per-expert assignment count
-        cap = tutel_capacity(num_tokens, self.num_experts, self.cfg.top_k, self.cfg.capacity_factor)
-        kept = demand if cap is None else demand.clamp(max=cap)
-        self.stats.add(demand, kept, aux, z)
 
     # ---- the rest of the backend interface
 
@@ -210,7 +178,7 @@ class TutelMoE(nn.Module):
         """No selection bias under Tutel (moe.bias_update_rate > 0 is rejected by check_config)."""
 
     def set_routing_skew(self, offset: torch.Tensor | None) -> None:
-        """An injected [E] logit offset (workload.kind), added by the Router to Tutel's gate logits."""
+        """An injected [E] logit offset (workload.kind), added by the Router to the logits Tutel routes on."""
         self.router.skew = None if offset is None else offset.to(self.router.weight.device)
 
 
