@@ -114,7 +114,7 @@ def summary_line(s: dict[str, Any]) -> str:
         f"iteration_time_s={s['iteration_time_s']:.6g} bubble_fraction={s['bubble_fraction']:.4f} "
         f"lower_bound_s={s['lower_bound_s']:.6g} balanced_bound_s={s['balanced_bound_s']:.6g} "
         f"balanced_comm_bound_s={s['balanced_comm_bound_s']:.6g} placer={s['placer']} "
-        f"static_iteration_time_s={s['static_iteration_time_s']:.6g} routing={s['routing'].replace(' ', '')}"
+        f"placer_predicted_s={s['placer_predicted_s']:.6g} static_iteration_time_s={s['static_iteration_time_s']:.6g} routing={s['routing'].replace(' ', '')}"
     )
 
 
