@@ -1,12 +1,15 @@
-"""Forward+backward throughput of the native MoE layer against fairscale's MOELayer(Top2Gate).
+"""Forward+backward throughput of the native MoE layer against fairscale's MOELayer(Top2Gate)
+and moepipe's Tutel backend (Tutel's routing, dispatch kernels and llama_ffn SwiGLU experts).
 
-Same process, same routing configuration (top-2 softmax, capacity 2T/E, first choices before
-second ones, weights renormalised after the drop, GShard top-1 aux loss), the same SwiGLU
-expert modules and the same gate weight. Repeats alternate native/fairscale (and which goes
-first) so background load on the shared cores hits both alike; the median is reported.
+Same process, same SwiGLU expert weights and gate weight, top-2 softmax, capacity 2T/E, first
+choices before second ones, GShard top-1 aux loss. native and fairscale renormalise the k
+weights after the drop; Tutel renormalises before it (its only mode), at the same cap (its
+k * floor(cf * ceil(T/E)) = 2T/E here). Repeats rotate the order of the layers so background
+load on the shared cores hits all alike; the median is reported.
 
     .venv/bin/python experiments/bench_moe_layer.py            # writes results/bench_moe_layer.json
     .venv/bin/python experiments/bench_moe_layer.py --profile  # plus a torch.profiler table of native at the largest E
+    .venv/bin/python experiments/bench_moe_layer.py --quick --out /tmp/b.json  # tiny smoke run (< 10 s; the test suite's)
 
 The last line printed is `speedup_e64=<native tokens/s / fairscale tokens/s at E=64>`.
 """
@@ -37,6 +40,7 @@ from torch import nn  # noqa: E402
 from moepipe.config import MoEConfig  # noqa: E402
 from moepipe.model.fairscale_moe import ensure_process_group  # noqa: E402
 from moepipe.model.moe import MoELayer  # noqa: E402
+from moepipe.model.tutel_moe import build_tutel_moe  # noqa: E402
 from moepipe.train.run_info import run_info  # noqa: E402
 
 
@@ -56,9 +60,11 @@ def build(num_experts: int, d_model: int, hidden: int, seed: int = 0):
     with torch.no_grad():
         gate.wg.weight.copy_(native.router.weight)
     fs = MOELayer(gate, nn.ModuleList(native.experts[str(e)] for e in range(num_experts)))
-    native.train()
-    fs.train()
-    return native, fs, cfg
+    tut = build_tutel_moe(d_model, MoEConfig(**{**cfg.__dict__, "backend": "tutel", "normalize_after_drop": False}))
+    tut.load_state_dict(native.state_dict(), strict=True)  # same names, same weights
+    for layer in (native, fs, tut):
+        layer.train()
+    return native, fs, tut, cfg
 
 
 def step_native(layer, x, g):
@@ -80,40 +86,56 @@ def timed(fn, params, x) -> float:
     return time.perf_counter() - t0
 
 
+def dropped_fraction(layer, x) -> float:
+    """One forward's dropped share from the layer's routing statistics (read on the host once)."""
+    layer.stats.reset()
+    with torch.no_grad():
+        layer(x.detach())
+    stats = layer.stats.host()
+    return (stats.asked - int(stats.kept.sum())) / stats.asked
+
+
+LAYERS = ("native", "fairscale", "tutel")
+
+
 def bench_one(num_experts, tokens, d_model, hidden, warmup, repeats):
-    native, fs, cfg = build(num_experts, d_model, hidden)
-    params = list(native.parameters()) + list(fs.parameters())
+    native, fs, tut, cfg = build(num_experts, d_model, hidden)
+    params = list(native.parameters()) + list(fs.parameters()) + list(tut.parameters())
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, d_model, generator=gen).requires_grad_(True)
     g = torch.randn(tokens, d_model, generator=gen)
     run = {
         "native": lambda: step_native(native, x, g),
         "fairscale": lambda: step_fairscale(fs, x, g, cfg.aux_loss_coef),
+        "tutel": lambda: step_native(tut, x, g),
     }
     for _ in range(warmup):
-        for name in ("native", "fairscale"):
+        for name in LAYERS:
             timed(run[name], params, x)
-    times = {"native": [], "fairscale": []}
+    times = {name: [] for name in LAYERS}
     for i in range(repeats):
-        order = ("native", "fairscale") if i % 2 == 0 else ("fairscale", "native")
-        for name in order:
+        for j in range(len(LAYERS)):  # rotate who goes first
+            name = LAYERS[(i + j) % len(LAYERS)]
             times[name].append(timed(run[name], params, x))
     med = {k: statistics.median(v) for k, v in times.items()}
-    native.stats.reset()
-    native(x.detach())
-    dropped = native.stats.asked - int(native.stats.kept.sum())
     return {
         "num_experts": num_experts,
         "capacity": 2 * tokens // num_experts,
-        "dropped_fraction": dropped / native.stats.asked,
+        "dropped_fraction": dropped_fraction(native, x),
+        "tutel_dropped_fraction": dropped_fraction(tut, x),
+        "tutel_capacity": tut.last_capacity,
         "native_s": med["native"],
         "fairscale_s": med["fairscale"],
+        "tutel_s": med["tutel"],
         "native_tokens_per_s": tokens / med["native"],
         "fairscale_tokens_per_s": tokens / med["fairscale"],
+        "tutel_tokens_per_s": tokens / med["tutel"],
         "speedup": med["fairscale"] / med["native"],
         "speedup_of_minima": min(times["fairscale"]) / min(times["native"]),
+        "native_vs_tutel": med["tutel"] / med["native"],
         "native_times_s": times["native"],
         "fairscale_times_s": times["fairscale"],
+        "tutel_times_s": times["tutel"],
     }, native, x, g
 
 
@@ -138,7 +160,10 @@ def main(argv=None) -> float:
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_moe_layer.json"))
     ap.add_argument("--profile", action="store_true", help="print a profiler table of the native layer at the largest E")
     ap.add_argument("--omp-default", action="store_true", help="do not set OMP_WAIT_POLICY=PASSIVE (see the top of the file)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: a smoke run (give --out)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.experts, args.tokens, args.d_model, args.hidden, args.warmup, args.repeats = [8, 64], 256, 32, 64, 0, 1
 
     torch.set_num_threads(args.threads)
     ensure_process_group()
@@ -152,7 +177,8 @@ def main(argv=None) -> float:
         row, native, x, g = bench_one(e, args.tokens, args.d_model, args.hidden, args.warmup, args.repeats)
         rows.append(row)
         last = (native, x, g)
-        print(f"E={e:3d}  native {row['native_s'] * 1e3:8.1f} ms  fairscale {row['fairscale_s'] * 1e3:8.1f} ms  speedup {row['speedup']:.2f}x", flush=True)
+        print(f"E={e:3d}  native {row['native_s'] * 1e3:8.1f} ms  fairscale {row['fairscale_s'] * 1e3:8.1f} ms  "
+              f"tutel {row['tutel_s'] * 1e3:8.1f} ms  speedup {row['speedup']:.2f}x", flush=True)
 
     by_e = {r["num_experts"]: r for r in rows}
     speedup_e64 = by_e[64]["speedup"] if 64 in by_e else None
@@ -162,6 +188,8 @@ def main(argv=None) -> float:
         "config": {
             "tokens": args.tokens, "d_model": args.d_model, "expert_hidden": args.hidden, "top_k": 2,
             "capacity": "2T/E (native capacity_factor=1.0, normalize_after_drop, aux top1)",
+            "tutel": "moe.backend=tutel, capacity_factor=1.0 (Tutel cap k*floor(cf*ceil(T/E)) = 2T/E), weights renormalised before the drop, aux top1",
+            "quick": args.quick,
             "warmup": args.warmup, "repeats": args.repeats, "statistic": "median", "step": "forward+backward",
         },
         "results": {str(r["num_experts"]): r for r in rows},
@@ -179,11 +207,12 @@ def main(argv=None) -> float:
         json.dump(result, f, indent=2)
 
     print()
-    print(f"{'E':>4} {'cap':>5} {'drop%':>6} {'native tok/s':>13} {'fairscale tok/s':>16} {'speedup':>8}")
+    print(f"{'E':>4} {'cap':>5} {'drop%':>6} {'native tok/s':>13} {'fairscale tok/s':>16} {'tutel tok/s':>12} {'nat/fs':>7} {'nat/tutel':>9}")
     for r in rows:
         print(
             f"{r['num_experts']:>4} {r['capacity']:>5} {100 * r['dropped_fraction']:>6.1f} "
-            f"{r['native_tokens_per_s']:>13.0f} {r['fairscale_tokens_per_s']:>16.0f} {r['speedup']:>7.2f}x"
+            f"{r['native_tokens_per_s']:>13.0f} {r['fairscale_tokens_per_s']:>16.0f} {r['tutel_tokens_per_s']:>12.0f} "
+            f"{r['speedup']:>6.2f}x {r['native_vs_tutel']:>8.2f}x"
         )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"load {os.getloadavg()[0]:.1f}, commit {info['git_commit']}; wrote {args.out}")

@@ -221,3 +221,20 @@ def test_accepted_options():
                   ["moe.capacity_factor=0", "moe.drop_policy=score", "moe.normalize_after_drop=true"],
                   ["parallel.pp=2", "parallel.ep=2", "moe.capacity_factor=-2"]):
         assert compose_cfg(TINY + extra).moe.backend == "tutel"
+
+
+def test_bench_moe_layer_quick(tmp_path):
+    """The layer benchmark's smoke mode runs with its tutel column and real drop counts."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, os.path.join(root, "experiments", "bench_moe_layer.py"), "--quick", "--threads", "1", "--out", str(out)],
+                   check=True, timeout=120, capture_output=True, env={**os.environ, "PYTHONPATH": root})
+    rows = json.loads(out.read_text())["results"]
+    for row in rows.values():
+        assert row["tutel_tokens_per_s"] > 0 and row["native_tokens_per_s"] > 0
+        assert row["tutel_capacity"] == row["capacity"]  # cf=1: Tutel's cap is 2T/E too
+        assert 0 < row["tutel_dropped_fraction"] == row["dropped_fraction"] < 1  # same cap, same drop order
