@@ -17,7 +17,6 @@ import contextlib
 import io
 import json
 import math
-import sys
 import time
 import types
 from dataclasses import dataclass, field
@@ -81,10 +80,6 @@ def merge(*parts: tuple) -> list[str]:
     return list(out.values())
 
 
-class _SleepRecorder(types.SimpleNamespace):
-    pass
-
-
 def run_train1(overrides: list[str], run_dir: Path) -> Result:
     from moepipe.train import workload
     from moepipe.train.loop import Trainer, train
@@ -104,7 +99,7 @@ def run_train1(overrides: list[str], run_dir: Path) -> Result:
 
     err = io.StringIO()
     real_time = workload.time
-    workload.time = _SleepRecorder(perf_counter=time.perf_counter, sleep=sleep)
+    workload.time = types.SimpleNamespace(perf_counter=time.perf_counter, sleep=sleep)  # SlowDevice's clock, its sleeps recorded
     try:
         with contextlib.redirect_stderr(err):
             summary = train(cfg, str(run_dir), trainer_factory=factory)
@@ -432,13 +427,11 @@ def check_slurm_launcher() -> None:
 
 
 def make_memmap(root: Path) -> str:
-    import json as _json
-
     from moepipe.data.make_memmap import main
 
     out = root / "corpus.bin"
     if not out.exists():
-        src = Path(_json.__file__).parent
+        src = Path(json.__file__).parent  # the json package's sources: ~48 KB of text
         assert main(["--out", str(out), str(src / "*.py")]) in (0, None)
     return str(out)
 
