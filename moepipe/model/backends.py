@@ -7,8 +7,9 @@ and pipeline code are the same for all of them:
 - `stats` (RoutingStats, device-side counters), `record_stats`, `aux_loss_scale`;
 - `update_expert_bias(load=None)`;
 - `set_routing_skew(offset)`: an injected [E] logit offset (workload.kind), or None;
-- `attach_expert_group(holders, ep_rank, ep_group)`: the runtime hands the layer its EP group
-  and the plan's holders of each expert, after the stage is built.
+- `attach_expert_group(holders, ep_rank, ep_group, a2a, local_size)`: the runtime hands the
+  layer its EP group, the plan's holders of each expert and the all-to-all to use
+  (`parallel.a2a`; `local_size` = ranks per node from the topology), after the stage is built.
 
 Each backend module also has `check_config(cfg)`, which rejects (one-line ConfigError) the
 options it cannot honour; config.validate calls it before any worker starts.

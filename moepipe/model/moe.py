@@ -187,8 +187,9 @@ class MoELayer(nn.Module):
         """An injected [E] logit offset (workload.kind), or None; moved to the device once per step."""
         self.router.skew = None if offset is None else offset.to(self.router.weight.device)
 
-    def attach_expert_group(self, holders: list[list[int]], ep_rank: int, ep_group) -> None:
-        """The runtime's expert parallelism: experts live on the EP ranks `holders` names."""
+    def attach_expert_group(self, holders: list[list[int]], ep_rank: int, ep_group, a2a: str = "flat", local_size: int = 1) -> None:
+        """The runtime's expert parallelism: experts live on the EP ranks `holders` names. `a2a` and
+        `local_size` (ranks per node) choose the exchange; config validation admits only flat here."""
         import torch.distributed as dist
 
         if dist.get_world_size(ep_group) > 1:

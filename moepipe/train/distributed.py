@@ -160,7 +160,8 @@ class DistributedTrainer:
         for module in self.modules.values():
             module.activation_checkpointing = cfg.train.activation_checkpointing
             for layer_id, moe in module.moe_layers():
-                moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group)
+                moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group,
+                                        a2a=cfg.parallel.a2a, local_size=cfg.topology.devices_per_node)
         self.dense, self.expert = split_params(list(self.modules.values()))
         self.replicas = ExpertReplicas(list(self.modules.values()), plan.expert_map, mesh.ep_rank, mesh.ep_group, self.device)
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)
