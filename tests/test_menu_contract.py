@@ -473,7 +473,7 @@ ROWS: dict[tuple[str, str], list[Row]] = {
     **{("schedule", s): [("dist", ("parallel=pp2", f"schedule={s}", f"schedule.microbatches={4 if s == 'dualpipev' else 2}"), check_schedule(s))]
        for s in SCHEDULE_CLASSES},
     ("placer", "static"): [("dist", ("parallel=pp2", "placer=static"), check_static)],
-    ("placer", "balance_by_time"): [("dist", ("parallel=pp2", "placer=balance_by_time", "placer.interval=2", "train.steps=3") + SLOW,
+    ("placer", "balance_by_time"): [("dist", ("parallel=pp2", "placer=balance_by_time", "placer.interval=2", "train.steps=4") + SLOW,
                                      check_balance_by_time)],
     ("placer", "eplb"): [("dist", EP2_SKEW + ("placer=eplb",), check_expert_placer)],
     ("placer", "topo"): [("dist", EP2_SKEW + ("placer=topo",), check_expert_placer)],

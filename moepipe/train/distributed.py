@@ -222,7 +222,7 @@ class DistributedTrainer:
             for layer_id, moe in module.moe_layers():
                 moe.update_expert_bias(stats[layer_id].demand)  # global demand: replicas stay identical
         self._update_load(stats)
-        self._update_times()
+        self._update_times(first=step == 0)
         result = StepResult.from_stats(loss, float(norm), lr, start, inputs.numel(), stats)
         if step > 0:  # the first step pays one-off allocations
             prev = self.step_time_ema
@@ -310,14 +310,14 @@ class DistributedTrainer:
             prev = self.load_ema.get(layer_id)
             self.load_ema[layer_id] = demand.copy() if prev is None else decay * prev + (1 - decay) * demand
 
-    def _update_times(self) -> None:
+    def _update_times(self, first: bool = False) -> None:
         """Moving average of each block's step time on a nominal-speed device: forward time
         measured here x 3 (backward ~ 2 forwards), x this device's speed, max over the ranks
         holding the block. Only without expert parallelism: with EP a block's forward also
         waits in the all-to-alls for its peers, which says nothing about the block's own cost,
         so the placer models those blocks from the routed-token counts instead."""
         seconds = self.clock.take()
-        if self.mesh.ep > 1:
+        if self.mesh.ep > 1 or first:  # the first step's times include one-off start-up costs
             return
         fwd = torch.from_numpy(seconds * self.speed * 3.0).to(self.device)
         dist.all_reduce(fwd, op=dist.ReduceOp.MAX)

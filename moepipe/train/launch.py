@@ -144,7 +144,7 @@ def single_process_notices(cfg: MoepipeConfig) -> list[str]:
     sch, out = cfg.schedule, []
     if sch.name != "1f1b" or sch.virtual_stages > 1:
         out.append(
-            f"moepipe: schedule.name={sch.name} has no effect in one process (parallel.pp*ep*dp=1): gradients accumulate over "
+            f"moepipe (one process): schedule.name={sch.name} has no effect (parallel.pp*ep*dp=1): gradients accumulate over "
             f"schedule.microbatches={sch.microbatches}, the arithmetic every schedule performs; use parallel.pp>1 to run the schedule"
         )
     return out
