@@ -30,14 +30,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Paper reproductions (issue 7): each script runs its small CPU variant, writes results/fig_*.json
-# and .csv and draws figures/fig_*.png; the last line redraws every figure from results/ alone
-# (also figures/fig_sim_vs_measured.png from results/bench_sim.json). About 10 minutes on 2 cores.
+# Paper reproductions (issue 7): each script runs its small CPU variant from a clean worktree of
+# HEAD (experiments/rerun_all.sh: results record a clean commit; commit first), writes
+# results/fig_*.json and .csv, and figures/ is redrawn from results/ alone (also
+# figures/fig_sim_vs_measured.png from results/bench_sim.json). About 10 minutes on 2 cores.
 FIGURE_SCRIPTS := fig_bubble fig_memory fig_interleaved fig_zero_bubble fig_capacity fig_balance fig_placement
 
 figures: $(STAMP)
-	$(foreach s,$(FIGURE_SCRIPTS),$(PY) experiments/$(s).py &&) true
-	$(PY) analysis/make_figures.py
+	PY=$(abspath $(PY)) experiments/rerun_all.sh $(FIGURE_SCRIPTS)
 
 clean:
 	rm -rf runs results/*.tmp .pytest_cache
