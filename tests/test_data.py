@@ -195,21 +195,52 @@ def test_memmap_errors(tmp_path, texts):
         build_corpus(_cfg(stale))
 
 
-def test_make_memmap_with_tokenizer_json(tmp_path, texts, monkeypatch):
-    monkeypatch.setattr(make_memmap, "CHUNK_BYTES", 10)
-    tokenizers = pytest.importorskip("tokenizers")
+def _word_level_tokenizer(path, vocab: dict[str, int]) -> None:
+    # `tokenizers` is in the dev extra: a missing library fails here instead of skipping
+    import tokenizers
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
-    vocab = {"[UNK]": 0, "<|endoftext|>": 1, "hello": 2, "world": 3, "x": 4, "=": 5, "1": 6}
     tok = tokenizers.Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = Whitespace()
-    tok.save(str(tmp_path / "tok.json"))
+    tok.save(str(path))
+
+
+def test_make_memmap_with_tokenizer_json(tmp_path, texts, monkeypatch):
+    monkeypatch.setattr(make_memmap, "CHUNK_BYTES", 10)  # many chunks per file, each ending at a line break
+    vocab = {"[UNK]": 0, "<|endoftext|>": 1, "hello": 2, "world": 3, "x": 4, "=": 5, "1": 6}
+    _word_level_tokenizer(tmp_path / "tok.json", vocab)
     d, _ = texts
     out = tmp_path / "w.bin"
-    make_memmap.main(["--out", str(out), "--tokenizer", str(tmp_path / "tok.json"), str(d / "doc0.txt"), str(d / "doc2.txt")])
+    files = [str(d / "doc0.txt"), str(d / "doc1.txt"), str(d / "doc2.txt")]
+    assert make_memmap.main(["--out", str(out), "--tokenizer", str(tmp_path / "tok.json"), *files]) == 0
     meta = json.loads((tmp_path / "w.bin.json").read_text())
-    assert meta["vocab_size"] == 7 and meta["eod_id"] == 1 and meta["dtype"] == "uint16"
+    assert meta["vocab_size"] == 7 and meta["eod_id"] == 1 and meta["dtype"] == "uint16" and meta["num_files"] == 3
+    assert meta["tokenizer"] == str((tmp_path / "tok.json").resolve())
     ids = np.fromfile(out, dtype=np.uint16)
-    np.testing.assert_array_equal(ids, [2, 3] * 50 + [1] + [4, 5, 6] * 100)
-    assert build_corpus(_cfg(out)).vocab_size == 7
+    # doc1 ("caf\u00e9 \u2713" lines) is all unknown words; the end-of-document id (auto-detected
+    # <|endoftext|>) separates the files
+    expect = [2, 3] * 50 + [1] + [0, 0] * 40 + [1] + [4, 5, 6] * 100
+    np.testing.assert_array_equal(ids, expect)
+    assert meta["num_tokens"] == len(expect)
+    c = build_corpus(_cfg(out, val_fraction=0.1), seq_len=8)
+    assert c.vocab_size == 7
+    np.testing.assert_array_equal(np.concatenate([c.train, c.val]), expect)
+    x, y = train_batch(c, 0, 0, 2, 8)
+    assert int(x.max()) < 7 and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_make_memmap_tokenizer_eod_option(tmp_path, texts):
+    vocab = {"[UNK]": 0, "</s>": 1, "<|endoftext|>": 2, "hello": 3, "world": 4}
+    _word_level_tokenizer(tmp_path / "tok.json", vocab)
+    d, _ = texts
+    out = tmp_path / "e.bin"
+    (tmp_path / "again.txt").write_bytes((d / "doc0.txt").read_bytes())
+    args = ["--out", str(out), "--tokenizer", str(tmp_path / "tok.json"), str(d / "doc0.txt"), str(tmp_path / "again.txt")]
+    make_memmap.main(args)  # auto: the first known candidate, <|endoftext|>
+    assert json.loads((tmp_path / "e.bin.json").read_text())["eod_id"] == 2
+    make_memmap.main(["--eod", "</s>", *args])
+    assert json.loads((tmp_path / "e.bin.json").read_text())["eod_id"] == 1
+    np.testing.assert_array_equal(np.fromfile(out, dtype=np.uint16), [3, 4] * 50 + [1] + [3, 4] * 50)
+    with pytest.raises(SystemExit, match="--eod <eos> is not a token"):
+        make_memmap.main(["--eod", "<eos>", *args])
