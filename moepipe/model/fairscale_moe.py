@@ -164,9 +164,9 @@ FIXED = {
     "bias_update_rate": 0.0,
 }
 WHY = {
-    "top_k": "but fairscale's Top2Gate always routes each token to 2 experts",
+    "top_k": "but moe.backend=fairscale supports only top-2 gating (fairscale's Top2Gate)",
     "score_func": "but fairscale's Top2Gate scores with a softmax",
-    "capacity_factor": "but fairscale's Top2Gate always caps each expert at 2T/E (capacity_factor 1.0 in native terms)",
+    "capacity_factor": "but fairscale's Top2Gate always caps at 2T/E per expert (capacity_factor 1.0 in native terms)",
     "drop_policy": "but fairscale's Top2Gate queues first choices before second ones in token order (drop_policy=position)",
     "normalize_weights": "but fairscale's Top2Gate always renormalises the two weights",
     "normalize_after_drop": "but fairscale's Top2Gate renormalises over the choices that survive the capacity",
