@@ -82,7 +82,7 @@ BAD = [
     (["moe.capacity_factor=inf"], "moe.capacity_factor=inf must be finite"),
     (["moe.backend=fairscale", "moe.top_k=1"], "moe.backend=fairscale supports only top-2"),
     (["moe=fairscale", "moe.capacity_factor=0"], "fairscale's Top2Gate always caps at 2T/E"),
-    (["moe=fairscale", "parallel.pp=2", "schedule.microbatches=4"], "moe.backend=fairscale runs in one process only"),
+    (["moe=fairscale", "parallel=pp2_ep2"], "parallel.ep=2 is not supported by moe.backend=fairscale"),
     (["parallel.ep=2", "train.batch_size=12", "schedule.microbatches=4"], "parallel.ep*parallel.dp*schedule.microbatches=8"),
     (["moe.every=9"], "leaves no MoE block"),
     (["data=memmap"], "data.path"),
