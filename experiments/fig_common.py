@@ -50,34 +50,20 @@ FIGURES = os.path.join(ROOT, "figures")
 # ---------------------------------------------------------------------------- results files
 
 
-def _git_state(path: str) -> str | None:
-    """The commit of the checkout holding `path`, with '-dirty' if tracked files are modified."""
-    import subprocess
-
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
 def provenance(args: Any = None, overrides: Any = None, seed: int | None = None) -> dict:
     """What every results file records (under "provenance"): the command line and parsed
     arguments, config overrides, seed, git commit of the code that ran (moepipe's checkout and
     the experiments' own, '-dirty' if either had uncommitted changes), package versions,
     machine and load."""
     import moepipe
-    from moepipe.train.run_info import run_info
+    from moepipe.train.run_info import git_state, run_info
 
     try:
         load = list(os.getloadavg())
     except OSError:
         load = None
     info = run_info()
-    experiments_commit = _git_state(ROOT)
+    experiments_commit = git_state(ROOT)
     if experiments_commit != info.get("git_commit"):  # scripts and library from different checkouts: record both
         info["experiments_git_commit"] = experiments_commit
     if seed is None and args is not None:
@@ -120,9 +106,10 @@ def check_output(args, out: str | None = None) -> str:
         sys.exit(f"{os.path.basename(sys.argv[0])}: --quick writes test-sized numbers: give --out outside results/ (got {out})")
     if not getattr(args, "allow_dirty", False):
         import moepipe
+        from moepipe.train.run_info import git_state
 
         for where in (ROOT, os.path.dirname(os.path.abspath(moepipe.__file__))):
-            state = _git_state(where)
+            state = git_state(where)
             if state is None or state.endswith("-dirty"):
                 sys.exit(f"{os.path.basename(sys.argv[0])}: {where} is {'not a git checkout' if state is None else 'a dirty checkout'}; "
                          f"results/ records clean commits only: commit first, or run from a clean worktree "

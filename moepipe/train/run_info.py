@@ -10,18 +10,23 @@ import subprocess
 PACKAGES = ("moepipe", "torch", "hydra-core", "omegaconf", "wandb", "einops", "fairscale", "numpy")
 
 
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    """The checkout's commit (with '-dirty' when it has uncommitted changes), or None."""
-    here = os.path.dirname(os.path.abspath(__file__))
+def git_state(path: str) -> str | None:
+    """The commit of the checkout holding `path` (with '-dirty' when tracked files have
+    uncommitted changes), or None outside a git checkout."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True, timeout=10)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """This moepipe checkout's commit (with '-dirty' when it has uncommitted changes), or None."""
+    return git_state(os.path.dirname(os.path.abspath(__file__)))
 
 
 def package_versions() -> dict[str, str | None]:
