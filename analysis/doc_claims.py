@@ -234,7 +234,7 @@ CLAIMS: list = [
     Claim(README, "simulated: {speedup:.2f}x over static on skewed loads, within {bal:.2f}x of the balanced bound with unavoidable "
                   "communication ({free:.2f}x of the free-communication one), slower than eplb in {slower} cases, topo solve at 1,024 "
                   "devices {solve_cpu:.1f} CPU-s", ("bench_placer",), _placer),
-    Claim(README, "real CPU runs {lo:.2f}-{hi:.2f}x over static across {n} runs of {steps} steps (`bench_dynamic.py`; median {median:.3f})",
+    Claim(README, "real CPU runs {lo:.3f}-{hi:.3f}x over static across {n} runs of {steps} steps (`bench_dynamic.py`; median {median:.3f})",
           ("bench_dynamic",), _bench_dynamic),
     Claim(README, "a migration needs no second copy of the state (`bench_migration_memory.py`: resident memory grows by "
                   "{this:.1f} MB per rank during a migration, {ref:.0f} MB when the state was copied)", ("bench_migration_memory",),
@@ -262,7 +262,7 @@ CLAIMS: list = [
     Claim(RESULTS_MD, "and the migration ({lo:.2f}–{hi:.2f} s of stage and optimizer rebuild each on this CPU)", ("fig_placement",),
           lambda d: {"lo": min(e["migration_s"] for r in d["measured"] if r["scenario"] == "skew" for e in r["events"] if e.get("migrate")),
                      "hi": max(e["migration_s"] for r in d["measured"] if r["scenario"] == "skew" for e in r["events"] if e.get("migrate"))}),
-    Claim(RESULTS_MD, "topo is {lo:.2f}-{hi:.2f}x faster than static over {steps} steps across {n} runs (paired per run; median-based "
+    Claim(RESULTS_MD, "topo is {lo:.3f}-{hi:.3f}x faster than static over {steps} steps across {n} runs (paired per run; median-based "
                       "{median:.3f}, steady state {steady:.2f}x)", ("bench_dynamic",), _bench_dynamic),
     Claim(RESULTS_MD, "the simulator's worst error over {n} schedules is {paired:.1%} paired (each round's prediction against the "
                       "steps right after its profile) and {unpaired:.1%} unpaired (median prediction against median measurement; "
