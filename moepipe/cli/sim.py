@@ -1,0 +1,136 @@
+"""`moepipe-sim` (also `python -m moepipe.cli.sim`): simulate one iteration of the configured job (same conf/ tree as training).
+
+    moepipe-sim model=mixtral_8x7b topology=ib_16x8 parallel.pp=16 parallel.ep=8 \
+        schedule=interleaved_1f1b schedule.microbatches=32 train.batch_size=256 train.seq_len=4096
+
+Writes into the Hydra run directory: summary.json, plan.json, trace.json (Perfetto), gantt.png.
+Simulator options live under `sim` (moepipe.config.SimConfig): `sim.routing=zipf sim.zipf_s=1.2`.
+The plan is the configured placer's (`placer.name`) for that routing times the injected
+`workload.kind` skew at step 0; summary.json names the placer, its plan's stage split, the
+routing it planned for, and the static plan's time beside it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from moepipe.config import ConfigError, SimConfig, conf_dir, moe_layer_ids, register_configs, validate, world_size
+
+CONF_DIR = conf_dir()
+
+
+def make_routing(n_moe: int, num_experts: int, sc: SimConfig) -> Optional[np.ndarray]:
+    if sc.routing == "uniform" or n_moe == 0:
+        return None
+    rng = np.random.default_rng(sc.seed)
+    w = 1.0 / np.arange(1, num_experts + 1) ** sc.zipf_s
+    return np.stack([rng.permutation(w) for _ in range(n_moe)])
+
+
+# The workload step the simulator plans for: the skew the runtime would inject at step 0.
+WORKLOAD_STEP = 0
+
+
+def expert_load(c, moe_ids: list[int]) -> tuple[Optional[dict[int, np.ndarray]], str]:
+    """(share of tokens per expert per MoE layer, or None for uniform; a label of its source).
+
+    `sim.routing` is the router's own preference, `workload.kind` the injected skew; the runtime
+    adds log(p E) to the logits, which multiplies the router's odds by p, so both together
+    multiply here."""
+    from moepipe.placement.workloads import expert_distribution
+
+    E, w = c.moe.num_experts, c.workload
+    base = make_routing(len(moe_ids), E, c.sim)
+    parts = [] if base is None else [f"sim.routing={c.sim.routing}(zipf_s={c.sim.zipf_s})"]
+    if w.kind != "none" and moe_ids:
+        skew = np.stack([expert_distribution(w.kind, WORKLOAD_STEP, l, E, ep=c.parallel.ep, strength=w.strength, period=w.period,
+                                             burst_every=w.burst_every, seed=w.seed) for l in moe_ids])
+        base = skew if base is None else base * skew
+        parts.append(f"workload.kind={w.kind}(strength={w.strength}, step {WORKLOAD_STEP})")
+    if base is None:
+        return None, "uniform"
+    return {l: row / row.sum() for l, row in zip(moe_ids, base)}, " x ".join(parts)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Plan the composed config with its placer under its routing and workload, simulate that
+    plan (and the static one, for comparison); write the outputs into out_dir; return the summary."""
+    from moepipe.placement.placers import inputs_from_config, make_placement
+    from moepipe.placement.placers.inputs import routing_of
+    from moepipe.placement.plan import to_json
+    from moepipe.placement.topology import from_config
+    from moepipe.sim.simulator import simulate
+
+    c = validate(cfg)
+    sc = c.sim
+    ws = world_size(c)
+    topo = from_config(c.topology, ws)
+    moe_ids = moe_layer_ids(c.model, c.moe)
+    load, routing_label = expert_load(c, moe_ids)
+    inputs = inputs_from_config(c, topo, expert_load=load)
+    routing = routing_of(inputs)
+    pc = c.placer
+    plan = make_placement(pc.name, inputs, pc.replica_slots)
+
+    def sim(p):
+        return simulate(p, c.schedule.name, c.schedule.microbatches, topo, inputs.cost_model, routing, sc.free_comm)
+
+    res = sim(plan)
+    static_s = float(res.iteration_time_s) if pc.name == "static" else float(sim(make_placement("static", inputs)).iteration_time_s)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = res.summary() | {
+        "model": c.model.name,
+        "topology": topo.name,
+        "world_size": ws,
+        "tokens_per_microbatch": inputs.spec.tokens_per_microbatch,
+        "total_params": inputs.spec.total_params(),
+        "placer": pc.name,
+        "placer_predicted_s": float(plan.meta.get("predicted_s", res.iteration_time_s)),
+        "static_iteration_time_s": static_s,
+        "stage_layers": [list(r) for r in plan.stage_layers],
+        "routing": routing_label,
+        "workload": asdict(c.workload),
+        "sim": asdict(sc),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "plan.json").write_text(to_json(plan, indent=1))
+    if sc.out_trace:
+        res.write_trace(str(out_dir / "trace.json"))
+        res.write_gantt(str(out_dir / "gantt.png"))
+    return summary
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    """The one line moepipe-sim prints: the simulated plan's figures and which plan it was."""
+    return (
+        f"iteration_time_s={s['iteration_time_s']:.6g} bubble_fraction={s['bubble_fraction']:.4f} "
+        f"lower_bound_s={s['lower_bound_s']:.6g} balanced_bound_s={s['balanced_bound_s']:.6g} "
+        f"balanced_comm_bound_s={s['balanced_comm_bound_s']:.6g} placer={s['placer']} "
+        f"placer_predicted_s={s['placer_predicted_s']:.6g} static_iteration_time_s={s['static_iteration_time_s']:.6g} routing={s['routing'].replace(' ', '')}"
+    )
+
+
+register_configs()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        s = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as exc:
+        print(str(exc).splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+    print(summary_line(s))
+
+if __name__ == "__main__":
+    main()
