@@ -266,8 +266,12 @@ def check_single(r: Result) -> None:
     trained(r)
     s = r.summary
     assert s["world_size"] == 1 and s["pipeline_schedule"] is None
-    # a re-planning placer (the default topo) is named as not run, in the summary and on stderr
-    assert s["placement"]["mode"] == "ignored" and "nothing to move" in s["placement"]["note"]
+    # a re-planning placer (the default topo) is named as advisory, in the summary and on stderr;
+    # its decisions (none within this run's steps) are listed and never move anything
+    p = s["placement"]
+    assert p["mode"] == "advisory" and "nothing to move" in p["note"] and "advisory" in p["note"]
+    assert p["replans"] == len(p["events"]) == len([row for row in r.rows if row.get("event") == "replan"])
+    assert all(row.get("advisory") is True for row in r.rows if row.get("event") == "replan")
     assert r.stderr.count("placer.name=topo") == 1
 
 
@@ -568,4 +572,4 @@ def test_summary_prints_what_the_placer_did(root, capsys):
     assert f"measured {e['measured_before_s']:.3g} -> {e['measured_after_s']:.3g} s" in out
     single = result("train1", ("parallel=single", "placer=topo"), root)
     print_summary(single.summary)
-    assert "placer topo: placer.name=topo placer.interval=50 is not run (parallel.pp*ep*dp=1)" in capsys.readouterr().out
+    assert "placer topo: placer.name=topo placer.interval=50 is advisory (parallel.pp*ep*dp=1)" in capsys.readouterr().out

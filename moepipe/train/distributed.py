@@ -26,7 +26,8 @@ from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
-from moepipe.placement.plan import Plan, stage_assignment, static_plan, to_json, validate_plan
+from moepipe.placement.plan import Plan, from_json, stage_assignment, to_json, validate_plan
+from moepipe.placement.replan import ReplanLoop, default_plan  # noqa: F401 (default_plan: imported from here too)
 from moepipe.placement.topology import from_config as topology_from_config
 from moepipe.sim.schedules import plan_style
 from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_context, autocast_dtype, resolve_device, seed_everything
@@ -85,19 +86,6 @@ def release_freed_memory() -> None:
             pass
 
 
-def default_plan(cfg: MoepipeConfig) -> Plan:
-    return static_plan(
-        cfg.model.n_layers,
-        moe_layer_ids(cfg.model, cfg.moe),
-        cfg.moe.num_experts,
-        cfg.parallel.pp,
-        cfg.parallel.ep,
-        cfg.schedule.virtual_stages,
-        plan_style(cfg.schedule.name),
-        cfg.parallel.dp,
-    )
-
-
 class DistributedTrainer:
     def __init__(self, cfg: MoepipeConfig, mesh: Mesh, plan: Plan | None = None):
         self.cfg, self.mesh = cfg, mesh
@@ -121,12 +109,9 @@ class DistributedTrainer:
             full = MoETransformer(cfg.model, cfg.moe)
         self._param_counts = count_parameters(full)
         self.layout = state_layout(full)  # name -> shape of every state entry (migration)
-        self.load_ema: dict[int, np.ndarray] = {}  # placer statistics: tokens per expert per step
-        self.time_ema: np.ndarray | None = None  # measured seconds per block per step (see _update_times)
-        self.step_time_ema: float | None = None  # measured seconds per training step
-        self.rebuild_s = 0.0  # measured migration time beyond the placer's transfer estimate
-        self.gain_efficiency = 1.0  # share of predicted savings past migrations showed (realised_efficiency, EMA)
-        self._last_move: tuple | None = None  # (predicted old, new, measured step time) of the last migration
+        # statistics, forecast, decision and its measured re-check; this trainer reduces the
+        # statistics, broadcasts rank 0's decision and migrates
+        self.replan = ReplanLoop(cfg, lambda: self.topology)
         self._build(check_plan_for_job(validate_plan(plan or default_plan(cfg), cfg.model.n_layers, self.moe_ids, cfg.moe.num_experts), cfg))
 
     def _measured_topology(self):
@@ -221,12 +206,10 @@ class DistributedTrainer:
         for module in self.modules.values():
             for layer_id, moe in module.moe_layers():
                 moe.update_expert_bias(stats[layer_id].demand)  # global demand: replicas stay identical
-        self._update_load(stats)
-        self._update_times(first=step == 0)
+        block_seconds = self._block_seconds(first=step == 0)
         result = StepResult.from_stats(loss, float(norm), lr, start, inputs.numel(), stats)
-        if step > 0:  # the first step pays one-off allocations
-            prev = self.step_time_ema
-            self.step_time_ema = result.seconds if prev is None else 0.8 * prev + 0.2 * result.seconds
+        demand = {layer_id: s.demand.double().numpy() for layer_id, s in stats.items()}  # reduced: same on all ranks
+        self.replan.observe(step, demand, block_seconds, result.seconds)
         return result
 
     def _global_routing_stats(self) -> dict[int, RoutingStats]:
@@ -302,68 +285,44 @@ class DistributedTrainer:
 
     # ------------------------------------------------------------------ dynamic placement
 
-    def _update_load(self, stats: dict[int, RoutingStats]) -> None:
-        """Moving average of tokens per expert per step (identical on all ranks: reduced stats)."""
-        decay = self.cfg.placer.ema_decay
-        for layer_id, s in stats.items():
-            demand = s.demand.double().numpy()
-            prev = self.load_ema.get(layer_id)
-            self.load_ema[layer_id] = demand.copy() if prev is None else decay * prev + (1 - decay) * demand
-
-    def _update_times(self, first: bool = False) -> None:
-        """Moving average of each block's step time on a nominal-speed device: forward time
-        measured here x 3 (backward ~ 2 forwards), x this device's speed, max over the ranks
-        holding the block. Only without expert parallelism: with EP a block's forward also
-        waits in the all-to-alls for its peers, which says nothing about the block's own cost,
-        so the placer models those blocks from the routed-token counts instead."""
+    def _block_seconds(self, first: bool = False) -> np.ndarray | None:
+        """Each block's step time on a nominal-speed device: forward time measured here x 3
+        (backward ~ 2 forwards), x this device's speed, max over the ranks holding the block.
+        Only without expert parallelism: with EP a block's forward also waits in the
+        all-to-alls for its peers, which says nothing about the block's own cost, so the placer
+        models those blocks from the routed-token counts instead."""
         seconds = self.clock.take()
         if self.mesh.ep > 1 or first:  # the first step's times include one-off start-up costs
-            return
+            return None
         fwd = torch.from_numpy(seconds * self.speed * 3.0).to(self.device)
         dist.all_reduce(fwd, op=dist.ReduceOp.MAX)
-        now = fwd.cpu().double().numpy()
-        decay = self.cfg.placer.ema_decay
-        self.time_ema = now if self.time_ema is None else decay * self.time_ema + (1 - decay) * now
+        return fwd.cpu().double().numpy()
 
     def after_step(self, done: int) -> list[dict]:
         """Every `placer.interval` steps: re-plan from fresh statistics and migrate when the
-        placer predicts a saving over the next interval larger than the migration's cost."""
-        pc, total = self.cfg.placer, self.cfg.train.steps
-        if not pc.interval or done % pc.interval or done >= total:
+        re-plan loop expects a saving over the next interval larger than the migration's cost."""
+        if not self.replan.due(done):
             return []
         self._done = done
-        if self._last_move is not None:  # what the previous migration actually saved, per step
-            from moepipe.placement.placers import realised_efficiency
-
-            eff = realised_efficiency(*self._last_move, self.step_time_ema)
-            if eff is not None:
-                self.gain_efficiency = 0.5 * self.gain_efficiency + 0.5 * eff
-            self._last_move = None
-        decision = self._decide(horizon=min(pc.interval, total - done))
-        event = {"step": done, "event": "replan", **{k: v for k, v in decision.items() if k != "plan"}}
-        if decision["migrate"]:
-            self._last_move = (decision["predicted_old_s"], decision["predicted_new_s"], self.step_time_ema)
-            event.update(self.migrate(decision["plan"]))
-            self.rebuild_s = max(0.0, event["migration_s"] - (decision["predicted_migration_s"] - self.rebuild_s))
+        self.replan.settle()  # every rank: the loop's state stays identical
+        decision = self._decide(done)
+        plan = from_json(decision["plan"])
+        migration = self.migrate(plan) if decision["migrate"] else None
+        event = self.replan.event(done, decision, migration)
+        if migration is not None:
+            self.replan.record_migration(event)
         rss = torch.tensor(resident_bytes(), dtype=torch.float64, device=self.device)
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         event["max_rank_rss_mb"] = float(rss) / 2**20  # leak watch over long runs (soak)
         return [event]
 
-    def _decide(self, horizon: int) -> dict:
-        """The placer runs on rank 0 and its decision is broadcast, so every rank applies the
-        same plan even if floating-point results could differ between machines."""
-        from moepipe.placement.placers import decide, inputs_from_config
-
-        pc = self.cfg.placer
+    def _decide(self, done: int) -> dict:
+        """The re-plan loop proposes on rank 0 and its decision is broadcast, so every rank applies
+        the same plan even if floating-point results could differ between machines."""
         box: list = [None]
         if self.mesh.rank == 0:
             try:
-                times = self.time_ema if self.time_ema is not None and (self.time_ema > 0).all() else None
-                inputs = inputs_from_config(self.cfg, self.topology, expert_load=dict(self.load_ema) or None, layer_times=times)
-                box[0] = self._judge(decide(pc.name, inputs, self.plan, pc.replica_slots, horizon, pc.min_gain_frac), horizon)
-            except ConfigError as err:  # e.g. no plan fits the declared memory: keep training as is
-                box[0] = {"placer": pc.name, "migrate": False, "reason": f"placer error, layout kept: {err}", "plan": to_json(self.plan)}
+                box[0] = self.replan.propose(done, self.plan)
             except Exception as err:  # the other ranks must not wait in the broadcast forever
                 box[0] = {"error": f"{type(err).__name__}: {err}"}
                 dist.broadcast_object_list(box, src=0)
@@ -372,41 +331,7 @@ class DistributedTrainer:
         decision = box[0]
         if "error" in decision:
             raise RuntimeError(f"the placer failed on rank 0: {decision['error']}")
-        from moepipe.placement.plan import from_json
-
-        decision["plan"] = from_json(decision["plan"])
         return decision
-
-    def _judge(self, d, horizon: int) -> dict:
-        """Re-check the placer's decision in measured units. The cost model's absolute times
-        can be far off on a given machine (CPU workers especially), so the predicted saving
-        is rescaled by measured / predicted step time and by the share of predicted savings
-        past migrations showed (`gain_efficiency`), and the migration cost gains the rebuild
-        time measured at the previous migration (stages, optimizer, schedule)."""
-        scale = self.step_time_ema / d.predicted_old_s if self.step_time_ema and d.predicted_old_s > 0 else 1.0
-        gain = d.predicted_gain_s * scale * self.gain_efficiency
-        cost = d.migration_cost_s + self.rebuild_s
-        frac = (1 - d.predicted_new_s / d.predicted_old_s) * self.gain_efficiency if d.predicted_old_s > 0 else 0.0
-        migrate, reason = bool(d.migrate and d.plan != self.plan), d.reason
-        if migrate and frac <= self.cfg.placer.min_gain_frac:
-            migrate, reason = False, (f"expected saving {frac:.2%} per step (x{self.gain_efficiency:.2f}, the share past migrations "
-                                      f"showed) <= min_gain_frac {self.cfg.placer.min_gain_frac:.2%}")
-        elif migrate and gain <= cost:
-            migrate, reason = False, f"measured-scale gain {gain:.3g} s over {horizon} steps <= migration {cost:.3g} s (incl. rebuild)"
-        return {
-            "placer": self.cfg.placer.name,
-            "migrate": migrate,
-            "predicted_old_s": d.predicted_old_s,
-            "predicted_new_s": d.predicted_new_s,
-            "predicted_gain_s": d.predicted_gain_s,
-            "time_scale": scale,
-            "gain_efficiency": self.gain_efficiency,
-            "expected_gain_s": gain,
-            "predicted_migration_s": cost,
-            "solve_s": d.solve_time_s,
-            "reason": reason,
-            "plan": to_json(d.plan if migrate else self.plan),
-        }
 
     def _entries(self) -> Entries:
         """This rank's state by global name: [value] for buffers, [value, exp_avg, exp_avg_sq,
@@ -468,19 +393,8 @@ class DistributedTrainer:
         return {"bytes_moved": transfer_bytes(moves, self.layout), "migration_s": float(took), "plan": to_json(new_plan)}
 
     def placer_state(self) -> dict[str, torch.Tensor]:
-        """The placer's statistics (same on every rank), for checkpoints."""
-        out = {f"load_ema.{lid}": torch.from_numpy(v.copy()) for lid, v in sorted(self.load_ema.items())}
-        if self.time_ema is not None:
-            out["time_ema"] = torch.from_numpy(self.time_ema.copy())
-        if self.step_time_ema is not None:
-            out["step_time_ema"] = torch.tensor(self.step_time_ema, dtype=torch.float64)
-        out["rebuild_s"] = torch.tensor(self.rebuild_s, dtype=torch.float64)
-        out["gain_efficiency"] = torch.tensor(self.gain_efficiency, dtype=torch.float64)
-        return out
+        """The re-plan loop's statistics (same on every rank), for checkpoints."""
+        return {k: torch.from_numpy(np.array(v)) for k, v in self.replan.state_dict().items()}
 
     def load_placer_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.load_ema = {int(k.split(".", 1)[1]): v.double().numpy().copy() for k, v in state.items() if k.startswith("load_ema.")}
-        self.time_ema = state["time_ema"].double().numpy().copy() if "time_ema" in state else None
-        self.step_time_ema = float(state["step_time_ema"]) if "step_time_ema" in state else None
-        self.rebuild_s = float(state["rebuild_s"]) if "rebuild_s" in state else 0.0
-        self.gain_efficiency = float(state["gain_efficiency"]) if "gain_efficiency" in state else 1.0
+        self.replan.load_state_dict(state)

@@ -94,14 +94,15 @@ def emulated_speed(cfg: MoepipeConfig) -> float:
 
 
 def single_process_placer_note(cfg: MoepipeConfig) -> str | None:
-    """Why a re-planning placer does nothing in one process, or None when nothing is configured
-    to re-plan. One process holds every layer and expert, so every placer's plan is that one."""
+    """Why a re-planning placer only advises in one process, or None when nothing is configured
+    to re-plan. One process holds every layer and expert, so nothing can move."""
     pc = cfg.placer
     if pc.name == "static" or pc.interval <= 0:
         return None
     # a notice, not an error: error lines alone start with "moepipe:" (scripts count them)
-    return (f"moepipe (one process): placer.name={pc.name} placer.interval={pc.interval} is not run (parallel.pp*ep*dp=1): "
-            "one process holds every layer and expert, so there is nothing to move; use parallel.pp>1 or parallel.ep>1 to re-plan")
+    return (f"moepipe (one process): placer.name={pc.name} placer.interval={pc.interval} is advisory (parallel.pp*ep*dp=1): "
+            "one process holds every layer and expert, so there is nothing to move; its decisions are logged as "
+            "advisory replan events; use parallel.pp>1 or parallel.ep>1 to re-plan")
 
 
 class Trainer:
@@ -128,6 +129,15 @@ class Trainer:
         self.val_set = val_batches(self.corpus, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
         self.speed = emulated_speed(cfg)
         self.slowdown = SlowDevice(self.model, self.speed) if self.speed < 1 else None
+        # advisory re-plan loop: observes every step and logs the decision the configured placer
+        # would take for this (one-device) job; None when no re-planning placer is configured
+        self.replan = None
+        if single_process_placer_note(cfg):
+            from moepipe.placement.replan import ReplanLoop, default_plan
+            from moepipe.placement.topology import from_config
+
+            self.replan = ReplanLoop(cfg, lambda: from_config(cfg.topology, 1))
+            self._layout = default_plan(cfg)  # not `plan`: checkpoints record a trainer's plan only when it can move
 
     def _autocast(self):
         return autocast_context(self.device, self.amp_dtype)
@@ -164,20 +174,31 @@ class Trainer:
         stats = {lid: moe.stats.host() for lid, moe in self.model.moe_layers()}  # the step's one read-back
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return StepResult.from_stats(total, grad_norm, lr, start, inputs.numel(), stats)
+        result = StepResult.from_stats(total, grad_norm, lr, start, inputs.numel(), stats)
+        if self.replan is not None:
+            demand = {lid: s.demand.double().numpy() for lid, s in stats.items()}
+            self.replan.observe(step, demand, None, result.seconds)
+        return result
 
     def parameter_counts(self) -> dict[str, int]:
         return count_parameters(self.model)
 
     def after_step(self, done: int) -> list[dict]:
-        """Between-step work after `done` steps (one process: nothing to re-place)."""
-        return []
+        """Between-step work after `done` steps: in advisory mode, every placer.interval steps,
+        the decision the placer would take (logged, nothing moves)."""
+        if self.replan is None or not self.replan.due(done):
+            return []
+        return [self.replan.event(done, self.replan.propose(done, self._layout), advisory=True)]
 
     def placer_state(self) -> dict[str, torch.Tensor]:
-        return {}
+        """The advisory loop's statistics (same keys as the distributed trainer's), for checkpoints."""
+        if self.replan is None:
+            return {}
+        return {k: torch.from_numpy(np.array(v)) for k, v in self.replan.state_dict().items()}
 
     def load_placer_state(self, state: dict[str, torch.Tensor]) -> None:
-        pass
+        if self.replan is not None:
+            self.replan.load_state_dict(state)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -360,6 +381,12 @@ def _stage_layers(plan_json: str | None) -> list | None:
     return json.loads(plan_json)["stage_layers"] if plan_json else None
 
 
+def _advisory_event(e: dict) -> dict:
+    """One advisory decision for summary.json: what the placer would have done and why."""
+    keys = ("step", "migrate", "reason", "predicted_old_s", "predicted_new_s", "expected_gain_s", "predicted_migration_s", "solve_s")
+    return {k: e.get(k) for k in keys}
+
+
 def placement_summary(cfg: MoepipeConfig, trainer, replans: list[dict], seconds_of: dict[int, float], start: int) -> dict:
     """What the placer did in this run: each re-plan (decision, reason, predicted step time of
     the old and new layout against the measured step time before and after it), migrations,
@@ -369,7 +396,11 @@ def placement_summary(cfg: MoepipeConfig, trainer, replans: list[dict], seconds_
     out: dict = {"placer": pc.name, "interval": pc.interval}
     if trainer.world_size == 1:
         note = single_process_placer_note(cfg)
-        return out | {"mode": "ignored" if note else "fixed", "note": (note or "one process: one layout").removeprefix("moepipe (one process): ")}
+        out |= {"mode": "advisory" if note else "fixed", "note": (note or "one process: one layout").removeprefix("moepipe (one process): ")}
+        if not note:
+            return out
+        return out | {"replans": len(replans), "would_migrate": sum(bool(e.get("migrate")) for e in replans),
+                      "events": [_advisory_event(e) for e in replans]}
     if pc.interval <= 0:
         out |= {"mode": "fixed", "note": f"placer.interval={pc.interval}: the starting plan is kept"}
     else:

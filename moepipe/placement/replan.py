@@ -1,0 +1,194 @@
+"""The re-plan loop as one component: statistics -> forecast -> decide -> re-check in measured
+units -> (the trainer migrates) -> event.
+
+No process group here: a trainer feeds `observe` after every step with statistics that are
+already whole-job (reduced across ranks), asks `due(done)`, gets a decision from `propose`,
+moves the state itself and reports the move with `record_migration`. The distributed trainer
+runs `propose` on rank 0 and broadcasts it; the single-process trainer runs it in advisory mode
+(the decision is logged, nothing moves). Tests drive it with fake statistics.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from moepipe.config import ConfigError, MoepipeConfig, moe_layer_ids
+from moepipe.placement.plan import Plan, static_plan, to_json
+from moepipe.placement.topology import Topology
+
+# Moving-average weights (old, new), written out rather than as 1 - x: 1 - 0.8 is not 0.2 in
+# floating point, and the arithmetic must stay bit-identical to earlier runs and checkpoints.
+STEP_TIME_MIX = (0.8, 0.2)  # measured step seconds (steps after the first)
+EFFICIENCY_MIX = (0.5, 0.5)  # gain_efficiency and the newest realised efficiency
+
+Forecaster = Callable[[Sequence[np.ndarray], float], np.ndarray]
+
+
+def ema(history: Sequence[np.ndarray], decay: float) -> np.ndarray:
+    """Exponential moving average folded over `history`, oldest first: the first entry is taken
+    as is, each later one mixed in with weight 1 - decay. The loop passes [previous forecast,
+    newest observation] (or [first observation]), so the forecast is updated in O(1) per step."""
+    out = np.array(history[0], dtype=np.float64, copy=True)
+    for x in history[1:]:
+        out = decay * out + (1 - decay) * x
+    return out
+
+
+def default_plan(cfg: MoepipeConfig) -> Plan:
+    """The job's starting plan: even layer split, contiguous expert blocks, the schedule's stage placement."""
+    from moepipe.sim.schedules import plan_style
+
+    return static_plan(
+        cfg.model.n_layers, moe_layer_ids(cfg.model, cfg.moe), cfg.moe.num_experts, cfg.parallel.pp, cfg.parallel.ep,
+        cfg.schedule.virtual_stages, plan_style(cfg.schedule.name), cfg.parallel.dp,
+    )
+
+
+class ReplanLoop:
+    """The placer's statistics and decisions for one run (identical on every rank that feeds it
+    the same reduced statistics). Checkpoint keys: `state_dict()`."""
+
+    def __init__(self, cfg: MoepipeConfig, topology: Union[Topology, Callable[[], Topology]], forecast: Forecaster = ema):
+        self.cfg = cfg
+        self._topology = topology  # a Topology, or a callable building it when first needed
+        self.forecast = forecast
+        self.load_ema: dict[int, np.ndarray] = {}  # forecast tokens per expert per step, per MoE layer
+        self.time_ema: Optional[np.ndarray] = None  # measured seconds per block per step (nominal device)
+        self.step_time_ema: Optional[float] = None  # measured seconds per training step
+        self.rebuild_s = 0.0  # measured migration time beyond the placer's transfer estimate
+        self.gain_efficiency = 1.0  # share of predicted savings past migrations showed (EMA)
+        self._last_move: Optional[tuple] = None  # (predicted old, new, measured step time) of the last migration
+
+    @property
+    def topology(self) -> Topology:
+        if callable(self._topology):
+            self._topology = self._topology()
+        return self._topology
+
+    # ------------------------------------------------------------------ statistics
+
+    def observe(self, step: int, expert_demand: dict[int, np.ndarray], block_seconds: Optional[np.ndarray], step_seconds: float) -> None:
+        """After step index `step`: whole-job tokens per expert per MoE layer, measured seconds per
+        block on a nominal device (None when not measured), and the step's wall seconds. The
+        first step's time is not counted: it pays one-off allocations."""
+        decay = self.cfg.placer.ema_decay
+        for layer_id, demand in expert_demand.items():
+            prev = self.load_ema.get(layer_id)
+            demand = np.asarray(demand, dtype=np.float64)
+            self.load_ema[layer_id] = self.forecast([demand] if prev is None else [prev, demand], decay)
+        if block_seconds is not None:
+            now = np.asarray(block_seconds, dtype=np.float64)
+            self.time_ema = now if self.time_ema is None else ema([self.time_ema, now], decay)
+        if step > 0:
+            prev_s = self.step_time_ema
+            old, new = STEP_TIME_MIX
+            self.step_time_ema = step_seconds if prev_s is None else old * prev_s + new * step_seconds
+
+    # ------------------------------------------------------------------ decisions
+
+    def due(self, done: int) -> bool:
+        """Re-plan after `done` steps: every placer.interval steps, never after the last one."""
+        interval, total = self.cfg.placer.interval, self.cfg.train.steps
+        return bool(interval) and done % interval == 0 and done < total
+
+    def horizon(self, done: int) -> int:
+        """Steps the next layout runs before the following re-plan (or the end)."""
+        return min(self.cfg.placer.interval, self.cfg.train.steps - done)
+
+    def settle(self) -> None:
+        """Fold what the last migration actually saved per step into gain_efficiency. Idempotent
+        until the next migration; every rank calls it so the state stays identical."""
+        if self._last_move is None:
+            return
+        from moepipe.placement.placers import realised_efficiency
+
+        eff = realised_efficiency(*self._last_move, self.step_time_ema)
+        if eff is not None:
+            old, new = EFFICIENCY_MIX
+            self.gain_efficiency = old * self.gain_efficiency + new * eff
+        self._last_move = None
+
+    def propose(self, done: int, current: Plan) -> dict:
+        """The decision after `done` steps: the configured placer on the forecast load and measured
+        block times, re-checked in measured units. "plan" is JSON (the plan to run next), so the
+        decision can be broadcast and logged. A placer's ConfigError keeps the layout."""
+        from moepipe.placement.placers import decide, inputs_from_config
+
+        self.settle()
+        pc, horizon = self.cfg.placer, self.horizon(done)
+        try:
+            times = self.time_ema if self.time_ema is not None and (self.time_ema > 0).all() else None
+            inputs = inputs_from_config(self.cfg, self.topology, expert_load=dict(self.load_ema) or None, layer_times=times)
+            return self.judge(decide(pc.name, inputs, current, pc.replica_slots, horizon, pc.min_gain_frac), current, horizon)
+        except ConfigError as err:  # e.g. no plan fits the declared memory: keep training as is
+            return {"placer": pc.name, "migrate": False, "reason": f"placer error, layout kept: {err}", "plan": to_json(current)}
+
+    def judge(self, d, current: Plan, horizon: int) -> dict:
+        """Re-check the placer's decision `d` in measured units. The cost model's absolute times
+        can be far off on a given machine (CPU workers especially), so the predicted saving is
+        rescaled by measured / predicted step time and by `gain_efficiency`, and the migration
+        cost gains the rebuild time measured at the previous migration."""
+        scale = self.step_time_ema / d.predicted_old_s if self.step_time_ema and d.predicted_old_s > 0 else 1.0
+        gain = d.predicted_gain_s * scale * self.gain_efficiency
+        cost = d.migration_cost_s + self.rebuild_s
+        frac = (1 - d.predicted_new_s / d.predicted_old_s) * self.gain_efficiency if d.predicted_old_s > 0 else 0.0
+        min_frac = self.cfg.placer.min_gain_frac
+        migrate, reason = bool(d.migrate and d.plan != current), d.reason
+        if migrate and frac <= min_frac:
+            migrate, reason = False, (f"expected saving {frac:.2%} per step (x{self.gain_efficiency:.2f}, the share past migrations "
+                                      f"showed) <= min_gain_frac {min_frac:.2%}")
+        elif migrate and gain <= cost:
+            migrate, reason = False, f"measured-scale gain {gain:.3g} s over {horizon} steps <= migration {cost:.3g} s (incl. rebuild)"
+        return {
+            "placer": self.cfg.placer.name,
+            "migrate": migrate,
+            "predicted_old_s": d.predicted_old_s,
+            "predicted_new_s": d.predicted_new_s,
+            "predicted_gain_s": d.predicted_gain_s,
+            "time_scale": scale,
+            "gain_efficiency": self.gain_efficiency,
+            "expected_gain_s": gain,
+            "predicted_migration_s": cost,
+            "solve_s": d.solve_time_s,
+            "reason": reason,
+            "plan": to_json(d.plan if migrate else current),
+        }
+
+    # ------------------------------------------------------------------ after the trainer acted
+
+    def record_migration(self, event: dict) -> None:
+        """After the trainer migrated (`event`: the decision plus the measured `migration_s`):
+        remember the predicted saving for `settle` and learn the unmodelled rebuild time."""
+        self._last_move = (event["predicted_old_s"], event["predicted_new_s"], self.step_time_ema)
+        self.rebuild_s = max(0.0, event["migration_s"] - (event["predicted_migration_s"] - self.rebuild_s))
+
+    @staticmethod
+    def event(done: int, decision: dict, migration: Optional[dict] = None, advisory: bool = False) -> dict:
+        """The metrics.jsonl "replan" row: the decision without its plan (the plan appears only as
+        the migration's own "plan"), then what the migration measured."""
+        row = {"step": done, "event": "replan", **({"advisory": True} if advisory else {}),
+               **{k: v for k, v in decision.items() if k != "plan"}}
+        return row | (migration or {})
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Checkpoint entries (float64 arrays; the trainer stores them as tensors under placer.*)."""
+        out = {f"load_ema.{lid}": v.copy() for lid, v in sorted(self.load_ema.items())}
+        if self.time_ema is not None:
+            out["time_ema"] = self.time_ema.copy()
+        if self.step_time_ema is not None:
+            out["step_time_ema"] = np.float64(self.step_time_ema)
+        out["rebuild_s"] = np.float64(self.rebuild_s)
+        out["gain_efficiency"] = np.float64(self.gain_efficiency)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of state_dict; values may be numpy arrays or tensors (anything np.asarray reads)."""
+        arr = {k: np.asarray(v, dtype=np.float64) for k, v in state.items()}
+        self.load_ema = {int(k.split(".", 1)[1]): v.copy() for k, v in arr.items() if k.startswith("load_ema.")}
+        self.time_ema = arr["time_ema"].copy() if "time_ema" in arr else None
+        self.step_time_ema = float(arr["step_time_ema"]) if "step_time_ema" in arr else None
+        self.rebuild_s = float(arr["rebuild_s"]) if "rebuild_s" in arr else 0.0
+        self.gain_efficiency = float(arr["gain_efficiency"]) if "gain_efficiency" in arr else 1.0

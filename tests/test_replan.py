@@ -1,0 +1,181 @@
+"""The re-plan loop (moepipe/placement/replan.py) driven by fake statistics: no process group."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import compose_cfg
+from moepipe.placement.placers import Decision
+from moepipe.placement.plan import from_json
+from moepipe.placement.replan import ReplanLoop, default_plan, ema
+from moepipe.placement.topology import from_config
+from moepipe.placement.workloads import routing_counts
+
+E = 8
+LAYOUT = ["parallel.pp=1", "parallel.ep=4", "parallel.dp=1", "model.n_layers=4", "moe.num_experts=8", "moe.top_k=2",
+          "placer.interval=5", "train.steps=20", "placer.replica_slots=1", "schedule.microbatches=4"]
+
+
+def make(*overrides, placer="topo") -> ReplanLoop:
+    cfg = compose_cfg(LAYOUT + [f"placer.name={placer}", *overrides], single_process=False)
+    return ReplanLoop(cfg, from_config(cfg.topology, 4))
+
+
+def demand(loop: ReplanLoop, kind: str, strength: float = 1.0, step: int = 0) -> dict[int, np.ndarray]:
+    """Whole-job tokens per expert for one step (what the trainer reduces across ranks)."""
+    cfg = loop.cfg
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    ids = [lid for lid in range(cfg.model.n_layers)]
+    return {lid: c.astype(np.float64) for lid, c in routing_counts(kind, step, ids, E, tokens, cfg.moe.top_k, strength=strength).items()}
+
+
+def test_ema_is_the_trainers_moving_average_bit_for_bit():
+    loop = make("placer.ema_decay=0.7")
+    rng = np.random.default_rng(1)
+    steps = [{0: rng.integers(0, 500, E).astype(np.float64), 2: rng.integers(0, 500, E).astype(np.float64)} for _ in range(6)]
+    blocks = [rng.random(4) for _ in range(6)]
+    ref_load, ref_time, ref_step = {}, None, None
+    for i, (d, b) in enumerate(zip(steps, blocks)):
+        secs = 0.1 + 0.01 * i
+        loop.observe(i, d, b if i else None, secs)
+        for lid, x in d.items():  # the arithmetic DistributedTrainer used before the loop was a component
+            prev = ref_load.get(lid)
+            ref_load[lid] = x.copy() if prev is None else 0.7 * prev + (1 - 0.7) * x
+        if i:
+            ref_time = b if ref_time is None else 0.7 * ref_time + (1 - 0.7) * b
+            ref_step = secs if ref_step is None else 0.8 * ref_step + 0.2 * secs
+    assert loop.load_ema.keys() == ref_load.keys()
+    for lid in ref_load:
+        assert np.array_equal(loop.load_ema[lid], ref_load[lid])
+    assert np.array_equal(loop.time_ema, ref_time) and loop.step_time_ema == ref_step
+    assert np.array_equal(ema([steps[0][0], steps[1][0]], 0.7), 0.7 * steps[0][0] + (1 - 0.7) * steps[1][0])
+    assert np.array_equal(ema([steps[0][0]], 0.7), steps[0][0])
+
+
+def test_first_step_time_is_not_counted():
+    loop = make()
+    loop.observe(0, {}, None, 9.0)
+    assert loop.step_time_ema is None
+    loop.observe(1, {}, None, 1.0)
+    assert loop.step_time_ema == 1.0
+
+
+def test_due_every_interval_never_after_the_last_step():
+    loop = make()  # interval 5, 20 steps
+    assert [d for d in range(0, 25) if loop.due(d)] == [0, 5, 10, 15]
+    assert loop.horizon(15) == 5
+    off = make("placer.interval=0")
+    assert not any(off.due(d) for d in range(25))
+    short = make("placer.interval=8", "train.steps=20")
+    assert [d for d in range(1, 25) if short.due(d)] == [8, 16] and short.horizon(16) == 4
+
+
+@pytest.mark.parametrize("placer", ["topo", "eplb"])
+def test_skewed_load_migrates_uniform_load_does_not(placer):
+    loop = make(placer=placer)
+    current = default_plan(loop.cfg)
+    for s in range(5):
+        loop.observe(s, demand(loop, "none", step=s), None, 0.5)
+    kept = loop.propose(5, current)
+    assert not kept["migrate"] and from_json(kept["plan"]) == current
+    for s in range(5, 10):
+        loop.observe(s, demand(loop, "zipf", 1.5, step=s), None, 0.5)
+    moved = loop.propose(10, current)
+    assert moved["migrate"], moved["reason"]
+    assert moved["predicted_new_s"] < moved["predicted_old_s"] and from_json(moved["plan"]) != current
+    assert moved["expected_gain_s"] > moved["predicted_migration_s"]
+
+
+def _decision(old=1.0, new=0.5, gain=10.0, cost=1.0, migrate=True, plan=None) -> Decision:
+    return Decision(plan, migrate, old, new, gain, cost, 100, 0.01, "placer says move", plan)
+
+
+def test_judge_rechecks_in_measured_units():
+    loop = make("placer.min_gain_frac=0.05")
+    current = default_plan(loop.cfg)
+    other = replace(current, expert_map=current.expert_map | {0: [[3]] + current.expert_map[0][1:7] + [[0]]})  # two experts swap ranks
+    assert other != current
+    # the placer's own "keep" stands
+    assert loop.judge(_decision(migrate=False, plan=current), current, 5)["reason"] == "placer says move"
+    # measured step time 4x the prediction: the gain scales with it
+    loop.step_time_ema = 4.0
+    ok = loop.judge(_decision(plan=other), current, 5)
+    assert ok["migrate"] and ok["time_scale"] == 4.0 and ok["expected_gain_s"] == 40.0
+    # past migrations showed 8% of predicted savings: 50% * 0.08 = 4% <= min_gain_frac 5%
+    loop.gain_efficiency = 0.08
+    low = loop.judge(_decision(plan=other), current, 5)
+    assert not low["migrate"] and "<= min_gain_frac 5.00%" in low["reason"] and "x0.08" in low["reason"]
+    assert from_json(low["plan"]) == current
+    # gain 10 s x 4 x 0.5 = 20 s against 1 s transfer + 30 s measured rebuild
+    loop.gain_efficiency, loop.rebuild_s = 0.5, 30.0
+    slow = loop.judge(_decision(plan=other), current, 5)
+    assert not slow["migrate"] and slow["reason"] == "measured-scale gain 20 s over 5 steps <= migration 31 s (incl. rebuild)"
+    assert slow["predicted_migration_s"] == 31.0
+
+
+def test_recorded_migration_teaches_rebuild_time_and_efficiency():
+    loop = make()
+    loop.step_time_ema = 2.0
+    loop.record_migration({"predicted_old_s": 1.0, "predicted_new_s": 0.5, "predicted_migration_s": 0.25, "migration_s": 1.0})
+    assert loop.rebuild_s == 0.75  # measured 1.0 s, the transfer estimate 0.25 s
+    loop.record_migration({"predicted_old_s": 1.0, "predicted_new_s": 0.5, "predicted_migration_s": 0.25 + 0.75, "migration_s": 0.5})
+    assert loop.rebuild_s == 0.25  # the estimate included the old rebuild figure
+    loop.step_time_ema = 1.5  # predicted 50% saving, measured 2.0 -> 1.5 s (25%): half showed
+    loop.settle()
+    assert loop.gain_efficiency == pytest.approx(0.75)  # 0.5 * 1.0 + 0.5 * 0.5
+    loop.settle()  # idempotent until the next migration
+    assert loop.gain_efficiency == pytest.approx(0.75)
+
+
+def test_event_rows_keep_the_metrics_keys():
+    d = {"placer": "topo", "migrate": True, "reason": "r", "plan": "{}"}
+    row = ReplanLoop.event(10, d, {"bytes_moved": 5, "migration_s": 0.1, "plan": "new"})
+    assert list(row) == ["step", "event", "placer", "migrate", "reason", "bytes_moved", "migration_s", "plan"]
+    assert row["event"] == "replan" and row["plan"] == "new"
+    kept = ReplanLoop.event(10, d | {"migrate": False}, advisory=True)
+    assert kept["advisory"] is True and "plan" not in kept
+
+
+def test_state_dict_round_trip_keeps_the_checkpoint_keys():
+    loop = make()
+    loop.observe(0, {1: np.arange(E, dtype=float), 3: np.ones(E)}, None, 1.0)
+    loop.observe(1, {1: np.ones(E), 3: np.arange(E, dtype=float)}, np.array([0.1, 0.2, 0.3, 0.4]), 1.0)
+    loop.rebuild_s, loop.gain_efficiency = 0.3, 0.6
+    state = loop.state_dict()
+    assert list(state) == ["load_ema.1", "load_ema.3", "time_ema", "step_time_ema", "rebuild_s", "gain_efficiency"]
+    torch = pytest.importorskip("torch")
+    back = make()
+    back.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})  # as a checkpoint returns them
+    assert back.state_dict().keys() == state.keys()
+    for k, v in state.items():
+        assert np.array_equal(back.state_dict()[k], v), k
+    fresh = make()
+    fresh.load_state_dict({})
+    assert fresh.state_dict() == {"rebuild_s": 0.0, "gain_efficiency": 1.0}
+
+
+def test_one_process_logs_advisory_decisions(tmp_path, capsys):
+    """The single-process trainer runs the same loop in advisory mode: decisions are logged as
+    replan events, listed in summary.json, and nothing moves."""
+    import torch
+
+    from moepipe.train.loop import train
+
+    cfg = compose_cfg(["model.d_model=32", "model.n_heads=2", "model.ffn_hidden=64", "model.n_layers=2", "moe.num_experts=4",
+                       "moe.expert_hidden=32", "train.batch_size=4", "train.seq_len=16", "train.steps=5", "train.eval_every=0",
+                       "train.eval_batches=1", "data.max_bytes=100000", "logger.progress=none", "placer.name=topo", "placer.interval=2"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train(cfg, str(tmp_path))
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    replans = [r for r in rows if r.get("event") == "replan"]
+    assert [r["step"] for r in replans] == [2, 4] and all(r["advisory"] is True for r in replans)
+    assert all(r["placer"] == "topo" and not r["migrate"] and r["predicted_old_s"] > 0 for r in replans)  # one device: nothing to move
+    place = summary["placement"]
+    assert place["mode"] == "advisory" and place["replans"] == 2 and place["would_migrate"] == 0
+    assert [e["step"] for e in place["events"]] == [2, 4] and place["events"][0]["reason"] == replans[0]["reason"]
+    assert "is advisory" in capsys.readouterr().err
