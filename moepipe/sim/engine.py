@@ -78,14 +78,24 @@ def run(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: n
         overhead: Any = 0.0) -> EngineResult:
     """Execute `order`; comp/a2a are [n_stages, 3] seconds (F, B, W), send[s] the s -> s+1 transfer,
     `overhead` seconds per action (a scalar or one per pipeline rank)."""
-    S = len(stage_to_rank)
-    pp = len(order)
+    S, pp = len(stage_to_rank), len(order)
     over = np.broadcast_to(np.asarray(overhead, dtype=np.float64), (pp,)).tolist()
     comp_a, a2a_a = np.asarray(comp, dtype=np.float64), np.asarray(a2a, dtype=np.float64)
     send_l = np.asarray(send, dtype=np.float64).tolist()
-    fdone = [[None] * m for _ in range(S)]
-    gdone = [[None] * m for _ in range(S)]
     hop = [stage_to_rank[s] != stage_to_rank[s + 1] for s in range(S - 1)]
+    fdone = [[None] * m for _ in range(S)]  # when F(s, i) / B or I(s, i) finished
+    gdone = [[None] * m for _ in range(S)]
+    ev: list[tuple] = []
+    ready = _arrival_rule(fdone, gdone, send_l, hop, S)
+    finish = _completion_rule(fdone, gdone, send_l, hop, stage_to_rank, S, ev)
+    snaps, account = _activation_counter(pp, S)
+    free, busy, total = _sweep(order, ready, finish, account, comp_a, a2a_a, over, ev)
+    return _result(ev, free, busy, snaps, S, total)
+
+
+def _arrival_rule(fdone, gdone, send_l, hop, S):
+    """ready(action): when its inputs have arrived (the rules in the module docstring), or None
+    while one is still missing."""
 
     def ready(a: Action):
         s, i = a.stage, a.mb
@@ -105,13 +115,13 @@ def run(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: n
         tf, tb = ready(a.pair[0]), ready(a.pair[1])
         return None if tf is None or tb is None else max(tf, tb)
 
-    ev: list[tuple] = []
-    ptr, free, busy = [0] * pp, [0.0] * pp, [0.0] * pp
-    counts = {r: {} for r in range(pp)}
-    snaps: dict[int, list[list[int]]] = {r: [] for r in range(pp)}
+    return ready
+
+
+def _completion_rule(fdone, gdone, send_l, hop, stage_to_rank, S, ev):
+    """finish(action, rank, end): record the finish time and the send/recv events of the
+    activation (F) or gradient (B/I) it hands to the neighbouring stage on another rank."""
     K = {k: i for i, k in enumerate(EVENT_KINDS)}
-    total = sum(len(v) for v in order.values())
-    done = 0
 
     def finish(a: Action, r: int, end: float) -> None:
         s, i = a.stage, a.mb
@@ -128,6 +138,15 @@ def run(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: n
                 ev.append((r, COMM, K["send"], s, i, end, end + send_l[s - 1]))
                 ev.append((q, COMM, K["recv"], s - 1, i, end, end + send_l[s - 1]))
 
+    return finish
+
+
+def _activation_counter(pp: int, S: int):
+    """(snapshots, account): account(action, rank) counts each rank's in-flight microbatches per
+    stage and snapshots them after every forward."""
+    counts = {r: {} for r in range(pp)}
+    snaps: dict[int, list[list[int]]] = {r: [] for r in range(pp)}
+
     def account(a: Action, r: int) -> None:
         c = counts[r]
         if a.kind == "F":
@@ -139,6 +158,17 @@ def run(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: n
             account(a.pair[0], r)
             account(a.pair[1], r)
 
+    return snaps, account
+
+
+def _sweep(order: Order, ready, finish, account, comp_a, a2a_a, over, ev) -> tuple[list[float], list[float], int]:
+    """Sweep the ranks in order, running each rank's next actions while their inputs are there,
+    until all actions ran; (free time per rank, busy seconds per rank, number of actions)."""
+    pp = len(order)
+    K = {k: i for i, k in enumerate(EVENT_KINDS)}
+    ptr, free, busy = [0] * pp, [0.0] * pp, [0.0] * pp
+    total = sum(len(v) for v in order.values())
+    done = 0
     while done < total:
         progress = False
         for r in range(pp):
@@ -170,10 +200,17 @@ def run(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: n
         if not progress:
             stuck = {r: str(order[r][ptr[r]]) for r in range(pp) if ptr[r] < len(order[r])}
             raise RuntimeError(f"schedule deadlocks: next actions per rank {stuck}")
+    return free, busy, total
+
+
+def _result(ev: list[tuple], free: list[float], busy: list[float], snaps, S: int, total: int) -> EngineResult:
+    """Close every rank's timeline with idle time up to the makespan and pack the events."""
+    pp = len(free)
     makespan = max(free) if free else 0.0
+    idle = EVENT_KINDS.index("idle")
     for r in range(pp):
         if free[r] < makespan:
-            ev.append((r, COMPUTE, K["idle"], -1, -1, free[r], makespan))
+            ev.append((r, COMPUTE, idle, -1, -1, free[r], makespan))
     arr = np.array(ev, dtype=np.float64) if ev else np.zeros((0, 7))
     tl = Timeline(*(arr[:, j].astype(np.int64) for j in range(5)), arr[:, 5], arr[:, 6])
     inflight = {r: (np.array(snaps[r], dtype=np.int64) if snaps[r] else np.zeros((1, S), dtype=np.int64)) for r in range(pp)}
