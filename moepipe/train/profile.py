@@ -43,6 +43,7 @@ import json
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -225,9 +226,7 @@ def measure_profile(
     `statistic`: how repeats combine, "median" (robust to a slow spell) or "mean" (what a run
     of many actions adds up to when durations have a long tail, as on a shared machine).
     """
-    from moepipe.data import build_corpus, slice_for_rank, train_batch
-    from moepipe.model import build_model, lm_loss
-    from moepipe.model.moe import run_experts_sorted
+    from moepipe.model import build_model
     from moepipe.train.loop import autocast_dtype, resolve_device
 
     if repeats < 1 or warmup < 0:
@@ -243,174 +242,61 @@ def measure_profile(
     slices = cfg.parallel.ep * cfg.parallel.dp
     clock = _Clock(device)
 
+    with _measuring(model, lambda: build_model(cfg.model, cfg.moe, cfg.train.seed).to(device), threads) as model:
+        ctx = _autocast_wrapper(device, amp)
+        t_batch, xs, ys = _first_batch(cfg, clock, step, seq, slices, m, warmup + repeats, warmup, device)
+        moe_ids = moe_layer_ids(cfg.model, cfg.moe)
+        counts, h_in, h_out = _block_inputs(model, xs, ctx, moe_ids, cfg.moe.num_experts)
+        gen = torch.Generator().manual_seed(1234)
+        g_hidden = [(torch.randn(h.shape, generator=gen) * 1e-3).to(device=device, dtype=h.dtype) for h in h_out]
+        timer = _PartTimer(model, clock, _Recorder(stat), ctx, xs, ys, h_in, h_out, g_hidden, gen, warmup, m, device)
+        # Repetitions outermost: a slow spell (other processes on the cores) hits every part alike.
+        for r in range(warmup + repeats):
+            timer.embedding(r)
+            for li in range(len(timer.blocks)):
+                timer.block(li, r)
+            timer.head(r)
+
+        prof: dict[str, Any] = {
+            "version": PROFILE_VERSION,
+            "device": {"name": device.type if device.type == "cpu" else torch.cuda.get_device_name(device), "tflops": measure_tflops(device),
+                       "speed": 1.0},
+            "tokens_per_microbatch": float(b * seq),
+            "routing": {str(l): [int(c) for c in counts[l].tolist()] for l in moe_ids},
+            "routing_tokens": int(len(xs) * b * seq),
+            "meta": {
+                "model": cfg.model.name, "microbatch_sequences": b, "seq_len": seq, "microbatches": m, "threads": threads,
+                "repeats": repeats, "warmup": warmup, "step": step, "dtype": str(amp or torch.float32), "device": str(device),
+                "top_k": cfg.moe.top_k, "num_experts": cfg.moe.num_experts, "timer": f"time.perf_counter, {statistic} of repeats after warmup",
+                # thread CPU / wall over all timed calls: 1.0 on an idle core; lower when other processes share it
+                "cpu_share": clock.cpu / clock.wall if clock.wall > 0 else 1.0,
+            },
+            "backward_detail": _backward_detail(timer.blocks, timer.rec, stat),
+        }
+        if step_overhead:
+            prof["step_overhead"] = _step_overhead(model, cfg, clock, warmup, repeats, slices, b, seq, m, device, amp)
+            prof["step_overhead"]["train_batch_s"] = _median(t_batch)
+        return profile_for(prof, cfg, split_backward)
+
+
+@contextmanager
+def _measuring(model: Optional[nn.Module], build: Callable[[], nn.Module], threads: int):
+    """Yield the model (`build()` when None) with `threads` intra-op threads, in training mode
+    without activation checkpointing (the cost model adds the recompute itself); afterwards the
+    threads, the RNG state (also what building drew) and the model's gradients, routing
+    counters and modes are as they were."""
     threads_before = torch.get_num_threads()
     rng_state = torch.random.get_rng_state()
-    own_model = model is None
-    if own_model:
-        model = build_model(cfg.model, cfg.moe, cfg.train.seed).to(device)
+    if model is None:
+        model = build()
     saved = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
     saved_stats = {lid: copy.deepcopy(moe.stats) for lid, moe in model.moe_layers()}
     was_training, was_ckpt = model.training, getattr(model, "activation_checkpointing", False)
     torch.set_num_threads(threads)
     try:
         model.train()
-        model.activation_checkpointing = False  # the cost model adds the recompute itself
-        autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp)) if amp is not None else None
-
-        def ctx(fn):
-            if autocast is None:
-                return fn
-            return lambda: _in(autocast, fn)
-
-        corpus = build_corpus(cfg.data, seq)
-        t_batch = []
-        for i in range(warmup + repeats):
-            t, (inputs, targets) = clock(lambda: train_batch(corpus, step, cfg.train.seed, cfg.train.batch_size, seq))
-            if i >= warmup:
-                t_batch.append(t)
-        x_all = slice_for_rank(inputs, 0, slices).to(device)
-        y_all = slice_for_rank(targets, 0, slices).to(device)
-        xs, ys = list(x_all.chunk(m)), list(y_all.chunk(m))
-        blocks = list(model.layers.values())
-        cos, sin = model.rope_cos, model.rope_sin
-        moe_ids = moe_layer_ids(cfg.model, cfg.moe)
-        E, k = cfg.moe.num_experts, cfg.moe.top_k
-
-        # Inputs of every block for every microbatch (no graph) and the routing counts.
-        counts = {l: torch.zeros(E, dtype=torch.float64) for l in moe_ids}
-        h_in: list[list[torch.Tensor]] = [[] for _ in blocks]
-        h_out: list[torch.Tensor] = []
-        with torch.no_grad():
-            for x in xs:
-                h = ctx(lambda: model.tok_embeddings(x))()
-                for li, blk in enumerate(blocks):
-                    h_in[li].append(h.detach())
-                    if blk.is_moe:
-                        blk.ffn.stats.reset()
-                    h = ctx(lambda blk=blk, h=h: blk(h, cos, sin))()
-                    if blk.is_moe:
-                        counts[blk.layer_id] += blk.ffn.stats.demand.double().cpu()  # counters live on the layer's device
-                h_out.append(h.detach())
-        n_mb = len(xs)
-        gen = torch.Generator().manual_seed(1234)
-        g_hidden = [(torch.randn(h.shape, generator=gen) * 1e-3).to(device=device, dtype=h.dtype) for h in h_out]
-
-        rec = _Recorder(stat)
-        reps = warmup + repeats
-        emb_params = list(model.tok_embeddings.parameters())
-        head_params = list(model.norm.parameters()) + list(model.output.parameters())
-
-        def embedding(r: int) -> None:
-            # Tokens carry no gradient, so the embedding's whole backward is its weight gradient.
-            j = r % n_mb
-            _time_backward(clock, ctx(lambda: (model.tok_embeddings(xs[j]), [xs[j]])), g_hidden[j], emb_params, rec, "embedding", r >= warmup)
-
-        def block(li: int, r: int) -> None:
-            # The whole block, then its routed experts alone on the routing the block produced.
-            j = r % n_mb
-            blk = blocks[li]
-            lid = blk.layer_id
-            moe = blk.ffn if blk.is_moe else None
-            captured: list = []
-            if moe is not None:
-                inner = moe.dispatcher
-
-                def spy(flat, routing, experts):
-                    captured.append((flat.detach(), routing))
-                    return inner(flat, routing, experts)
-
-                moe.dispatcher = spy
-
-            def fwd():
-                x = h_in[li][j].clone().requires_grad_(True)
-                return blk(x, cos, sin), [x]
-
-            try:
-                _time_backward(clock, ctx(fwd), g_hidden[j], list(blk.parameters()), rec, f"block{lid}", r >= warmup)
-            finally:
-                if moe is not None:
-                    moe.dispatcher = inner
-            if moe is None:
-                return
-            flat, routing = captured[-1]
-            sizes = routing.kept_counts.tolist()
-            ids = list(range(len(sizes)))
-            x_sorted = flat[routing.token_idx]
-            g_sorted = torch.randn(x_sorted.shape, generator=gen).to(device=device, dtype=x_sorted.dtype) * 1e-3
-
-            def efwd():
-                xx = x_sorted.clone().requires_grad_(True)
-                return run_experts_sorted(xx, sizes, ids, moe.experts), [xx]
-
-            e_params = [p for e in moe.experts.values() for p in e.parameters()]
-            _time_backward(clock, ctx(efwd), g_sorted, e_params, rec, f"experts{lid}", r >= warmup)
-            if r >= warmup:
-                rec.add(f"experts{lid}", "assignments", float(max(1, sum(sizes))))
-
-        def head(r: int) -> None:
-            # Final norm, output projection and the schedule's loss (divided by m, as the run's).
-            j = r % n_mb
-
-            def hfwd():
-                x = h_out[j].clone().requires_grad_(True)
-                return lm_loss(model.output(model.norm(x)), ys[j]) / m, [x]
-
-            _time_backward(clock, ctx(hfwd), None, head_params, rec, "head", r >= warmup)
-
-        # Repetitions outermost: a slow spell (other processes on the cores) hits every part alike.
-        for r in range(reps):
-            embedding(r)
-            for li in range(len(blocks)):
-                block(li, r)
-            head(r)
-
-        # ---------------------------------------------------------- assemble
-        tokens = b * seq
-        det_layers: dict[str, dict[str, float]] = {}
-        det_experts: dict[str, dict[str, float]] = {}
-        for blk in blocks:
-            lid = blk.layer_id
-            whole = rec.s[f"block{lid}"]
-            if blk.is_moe:
-                ex = rec.s[f"experts{lid}"]
-                # Block minus its experts, paired sample by sample (same repetition, same routing);
-                # fwd_s has two samples per repetition (the fused and the split pass).
-                dense = {key: stat([max(0.0, a - c) for a, c in zip(whole[key], ex[key])]) for key in whole}
-                n = ex["assignments"]
-                n2 = [a for a in n for _ in (0, 1)]
-                per_tok = {key: stat([t / a for t, a in zip(ex[key], n2 if key == "fwd_s" else n)]) for key in whole}
-                det_experts[str(lid)] = per_tok
-                det_layers[str(lid)] = dense
-            else:
-                det_layers[str(lid)] = {key: stat(v) for key, v in whole.items()}
-        detail = {
-            "layers": det_layers,
-            "expert_per_token_s": det_experts,
-            "embedding": rec.med("embedding"),
-            "head": rec.med("head"),
-            "note": "seconds per microbatch (experts: per token-expert assignment); bwd_fused_s = stage_backward, "
-                    "bwd_input_s/bwd_weight_s = stage_backward_input/stage_backward_weight (torch.distributed.pipelining)",
-        }
-        prof: dict[str, Any] = {
-            "version": PROFILE_VERSION,
-            "device": {"name": device.type if device.type == "cpu" else torch.cuda.get_device_name(device), "tflops": measure_tflops(device),
-                       "speed": 1.0},
-            "tokens_per_microbatch": float(tokens),
-            "routing": {str(l): [int(c) for c in counts[l].tolist()] for l in moe_ids},
-            "routing_tokens": int(n_mb * tokens),
-            "meta": {
-                "model": cfg.model.name, "microbatch_sequences": b, "seq_len": seq, "microbatches": m, "threads": threads,
-                "repeats": repeats, "warmup": warmup, "step": step, "dtype": str(amp or torch.float32), "device": str(device),
-                "top_k": k, "num_experts": E, "timer": f"time.perf_counter, {statistic} of repeats after warmup",
-                # thread CPU / wall over all timed calls: 1.0 on an idle core; lower when other processes share it
-                "cpu_share": clock.cpu / clock.wall if clock.wall > 0 else 1.0,
-            },
-            "backward_detail": detail,
-        }
-        if step_overhead:
-            prof["step_overhead"] = _step_overhead(model, cfg, clock, warmup, repeats, slices, b, seq, m, device, amp)
-            prof["step_overhead"]["train_batch_s"] = _median(t_batch)
-        return profile_for(prof, cfg, split_backward)
+        model.activation_checkpointing = False
+        yield model
     finally:
         torch.set_num_threads(threads_before)
         torch.random.set_rng_state(rng_state)
@@ -420,6 +306,160 @@ def measure_profile(
         model.activation_checkpointing = was_ckpt
         for lid, moe in model.moe_layers():
             moe.stats = saved_stats[lid]
+
+
+def _autocast_wrapper(device: torch.device, amp) -> Callable[[Callable], Callable]:
+    """ctx(fn): fn run under the run's autocast (fn itself in fp32)."""
+    if amp is None:
+        return lambda fn: fn
+    return lambda fn: (lambda: _in(lambda: torch.autocast(device_type=device.type, dtype=amp), fn))
+
+
+def _first_batch(cfg: MoepipeConfig, clock: _Clock, step: int, seq: int, slices: int, m: int, reps: int, warmup: int,
+                 device: torch.device) -> tuple[list[float], list[torch.Tensor], list[torch.Tensor]]:
+    """(timed batch constructions after warmup, the rank's inputs and targets in m microbatches)."""
+    from moepipe.data import build_corpus, slice_for_rank, train_batch
+
+    corpus = build_corpus(cfg.data, seq)
+    t_batch = []
+    for i in range(reps):
+        t, (inputs, targets) = clock(lambda: train_batch(corpus, step, cfg.train.seed, cfg.train.batch_size, seq))
+        if i >= warmup:
+            t_batch.append(t)
+    x_all = slice_for_rank(inputs, 0, slices).to(device)
+    y_all = slice_for_rank(targets, 0, slices).to(device)
+    return t_batch, list(x_all.chunk(m)), list(y_all.chunk(m))
+
+
+def _block_inputs(model: nn.Module, xs: list[torch.Tensor], ctx, moe_ids: list[int], E: int):
+    """(tokens per expert per MoE block, every block's input per microbatch, the last block's
+    output per microbatch): one forward without a graph."""
+    blocks = list(model.layers.values())
+    cos, sin = model.rope_cos, model.rope_sin
+    counts = {l: torch.zeros(E, dtype=torch.float64) for l in moe_ids}
+    h_in: list[list[torch.Tensor]] = [[] for _ in blocks]
+    h_out: list[torch.Tensor] = []
+    with torch.no_grad():
+        for x in xs:
+            h = ctx(lambda: model.tok_embeddings(x))()
+            for li, blk in enumerate(blocks):
+                h_in[li].append(h.detach())
+                if blk.is_moe:
+                    blk.ffn.stats.reset()
+                h = ctx(lambda blk=blk, h=h: blk(h, cos, sin))()
+                if blk.is_moe:
+                    counts[blk.layer_id] += blk.ffn.stats.demand.double().cpu()  # counters live on the layer's device
+            h_out.append(h.detach())
+    return counts, h_in, h_out
+
+
+class _PartTimer:
+    """Times forward and the three backwards of each part of the model for one repetition r
+    (microbatch r mod m); samples after warmup go to `rec`."""
+
+    def __init__(self, model, clock, rec, ctx, xs, ys, h_in, h_out, g_hidden, gen, warmup, m, device):
+        self.model, self.clock, self.rec, self.ctx = model, clock, rec, ctx
+        self.xs, self.ys, self.h_in, self.h_out, self.g_hidden = xs, ys, h_in, h_out, g_hidden
+        self.gen, self.warmup, self.m, self.device = gen, warmup, m, device
+        self.blocks = list(model.layers.values())
+        self.emb_params = list(model.tok_embeddings.parameters())
+        self.head_params = list(model.norm.parameters()) + list(model.output.parameters())
+
+    def embedding(self, r: int) -> None:
+        # Tokens carry no gradient, so the embedding's whole backward is its weight gradient.
+        j = r % len(self.xs)
+        x = self.xs[j]
+        _time_backward(self.clock, self.ctx(lambda: (self.model.tok_embeddings(x), [x])), self.g_hidden[j], self.emb_params,
+                       self.rec, "embedding", r >= self.warmup)
+
+    def block(self, li: int, r: int) -> None:
+        # The whole block, then its routed experts alone on the routing the block produced.
+        j = r % len(self.xs)
+        blk = self.blocks[li]
+        lid = blk.layer_id
+        moe = blk.ffn if blk.is_moe else None
+        cos, sin = self.model.rope_cos, self.model.rope_sin
+        captured: list = []
+        if moe is not None:
+            inner = moe.dispatcher
+
+            def spy(flat, routing, experts):
+                captured.append((flat.detach(), routing))
+                return inner(flat, routing, experts)
+
+            moe.dispatcher = spy
+
+        def fwd():
+            x = self.h_in[li][j].clone().requires_grad_(True)
+            return blk(x, cos, sin), [x]
+
+        try:
+            _time_backward(self.clock, self.ctx(fwd), self.g_hidden[j], list(blk.parameters()), self.rec, f"block{lid}", r >= self.warmup)
+        finally:
+            if moe is not None:
+                moe.dispatcher = inner
+        if moe is not None:
+            self._experts(moe, lid, captured[-1], r)
+
+    def _experts(self, moe, lid: int, captured, r: int) -> None:
+        from moepipe.model.moe import run_experts_sorted
+
+        flat, routing = captured
+        sizes = routing.kept_counts.tolist()
+        ids = list(range(len(sizes)))
+        x_sorted = flat[routing.token_idx]
+        g_sorted = torch.randn(x_sorted.shape, generator=self.gen).to(device=self.device, dtype=x_sorted.dtype) * 1e-3
+
+        def efwd():
+            xx = x_sorted.clone().requires_grad_(True)
+            return run_experts_sorted(xx, sizes, ids, moe.experts), [xx]
+
+        e_params = [p for e in moe.experts.values() for p in e.parameters()]
+        _time_backward(self.clock, self.ctx(efwd), g_sorted, e_params, self.rec, f"experts{lid}", r >= self.warmup)
+        if r >= self.warmup:
+            self.rec.add(f"experts{lid}", "assignments", float(max(1, sum(sizes))))
+
+    def head(self, r: int) -> None:
+        # Final norm, output projection and the schedule's loss (divided by m, as the run's).
+        from moepipe.model import lm_loss
+
+        j = r % len(self.xs)
+
+        def hfwd():
+            x = self.h_out[j].clone().requires_grad_(True)
+            return lm_loss(self.model.output(self.model.norm(x)), self.ys[j]) / self.m, [x]
+
+        _time_backward(self.clock, self.ctx(hfwd), None, self.head_params, self.rec, "head", r >= self.warmup)
+
+
+def _backward_detail(blocks: list[nn.Module], rec: _Recorder, stat: Callable[[list[float]], float]) -> dict:
+    """The profile's `backward_detail`: per block the part outside its routed experts, per MoE
+    block the experts per token-expert assignment, the embedding and the head."""
+    det_layers: dict[str, dict[str, float]] = {}
+    det_experts: dict[str, dict[str, float]] = {}
+    for blk in blocks:
+        lid = blk.layer_id
+        whole = rec.s[f"block{lid}"]
+        if blk.is_moe:
+            ex = rec.s[f"experts{lid}"]
+            # Block minus its experts, paired sample by sample (same repetition, same routing);
+            # fwd_s has two samples per repetition (the fused and the split pass).
+            dense = {key: stat([max(0.0, a - c) for a, c in zip(whole[key], ex[key])]) for key in whole}
+            n = ex["assignments"]
+            n2 = [a for a in n for _ in (0, 1)]
+            per_tok = {key: stat([t / a for t, a in zip(ex[key], n2 if key == "fwd_s" else n)]) for key in whole}
+            det_experts[str(lid)] = per_tok
+            det_layers[str(lid)] = dense
+        else:
+            det_layers[str(lid)] = {key: stat(v) for key, v in whole.items()}
+    return {
+        "layers": det_layers,
+        "expert_per_token_s": det_experts,
+        "embedding": rec.med("embedding"),
+        "head": rec.med("head"),
+        "note": "seconds per microbatch (experts: per token-expert assignment); bwd_fused_s = stage_backward, "
+                "bwd_input_s/bwd_weight_s = stage_backward_input/stage_backward_weight (torch.distributed.pipelining)",
+    }
 
 
 def _in(cm_factory, fn):
