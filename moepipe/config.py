@@ -14,10 +14,15 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
-MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
-PLACERS = ("static", "balance_by_time", "eplb", "topo")
-MOE_BACKENDS = ("native", "fairscale", "tutel")
+from moepipe.plugins.builtins import BUILTINS, builtin_names
+
+# Built-in names; placers, forecasters, workloads, schedules and backends are open to plug-ins
+# (moepipe.plugins), so validation asks the registry, not these tuples.
+SCHEDULES = builtin_names("schedule")
+MULTI_STAGE_SCHEDULES = tuple(n for n, spec in BUILTINS["schedule"].items() if spec.multi_stage)
+PLACERS = builtin_names("placer")
+FORECASTERS = builtin_names("forecaster")
+MOE_BACKENDS = builtin_names("moe_backend")
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "score")
 AUX_LOSS_TYPES = ("switch", "top1")
@@ -97,6 +102,7 @@ class PlacerConfig:
     replica_slots: int = 0  # extra expert slots per EP rank per MoE layer (above ceil(E/ep)) for replicas of hot experts
     min_gain_frac: float = 0.02  # migrate only when the predicted per-step saving exceeds this fraction (hysteresis)
     ema_decay: float = 0.8  # weight of the past in the EMA of expert load and block times the placer reads
+    forecast: str = "ema"  # expert-load forecast the placer plans for: ema | last | a plug-in (pkg.module:attr)
 
 
 @dataclass
@@ -215,7 +221,7 @@ class WorkloadConfig:
     function of (step, layer), so every layout sees the same routing. Off by default.
     """
 
-    kind: str = "none"  # none | zipf | hot_expert | hot_rank | rotating | burst | lognormal
+    kind: str = "none"  # none | zipf | hot_expert | hot_rank | rotating | burst | lognormal | a plug-in (pkg.module:attr)
     strength: float = 1.0
     period: int = 50  # rotating: steps between hotspot moves
     burst_every: int = 10  # burst: a hotspot on every k-th step
@@ -225,7 +231,7 @@ class WorkloadConfig:
     emulate_speed: bool = False
 
 
-WORKLOAD_KINDS = ("none", "zipf", "hot_expert", "hot_rank", "rotating", "burst", "lognormal")
+WORKLOAD_KINDS = builtin_names("workload")
 
 
 @dataclass
@@ -273,15 +279,42 @@ def moe_layer_ids(model: ModelConfig, moe: MoEConfig) -> list[int]:
     return [i for i in range(model.n_layers) if i >= moe.first_dense and (i - moe.first_dense) % moe.every == moe.every - 1]
 
 
+def _plugin(kind: str, value: str) -> Any:
+    """The registry's plug-in `value` of `kind` (built-in, import path, registered or entry point);
+    its one-line ConfigError names the field, the known names and how to add one."""
+    from moepipe.plugins.registry import resolve
+
+    return resolve(kind, value)
+
+
 def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     """Check semantics the types cannot express; return the config as a typed object.
 
-    Raises ConfigError with one line: `<field>=<value> <problem>: <fix>`.
+    Raises ConfigError with one line: `<field>=<value> <problem>: <fix>`. The steps run in
+    this order, so a config with several problems always reports the same one first.
     """
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
-    m, e, par, sch, t, d, o = cfg.model, cfg.moe, cfg.parallel, cfg.schedule, cfg.train, cfg.data, cfg.optim
+    _check_model(cfg.model)
+    _check_moe(cfg.model, cfg.moe)
+    _check_parallel(cfg)
+    _check_schedule(cfg)
+    _check_mesh(cfg)
+    _check_placer(cfg.placer)
+    _check_data(cfg.data)
+    _check_train(cfg)
+    _check_optim(cfg.optim)
+    _check_sim(cfg.sim)
+    _check_workload(cfg)
+    from moepipe.model.backends import check_backend_config  # imports this module: import late
 
+    check_backend_config(cfg)  # what fairscale/tutel cannot honour, in their own modules
+    _check_measurement(cfg)
+    _check_logger(cfg.logger)
+    return cfg
+
+
+def _check_model(m: ModelConfig) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
         _positive(f"model.{name}", getattr(m, name))
     if m.d_model % m.n_heads:
@@ -292,55 +325,66 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     if kv <= 0 or m.n_heads % kv:
         raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}: use a divisor of n_heads or null")
 
+
+def _check_moe(m: ModelConfig, e: MoEConfig) -> None:
     _positive("moe.num_experts", e.num_experts, allow_zero=True)
-    _one_of("moe.backend", e.backend, MOE_BACKENDS)
+    _plugin("moe_backend", e.backend)
     _one_of("moe.score_func", e.score_func, SCORE_FUNCS)
     _one_of("moe.drop_policy", e.drop_policy, DROP_POLICIES)
     _one_of("moe.aux_loss_type", e.aux_loss_type, AUX_LOSS_TYPES)
-    if e.num_experts > 0:
-        if e.top_k < 1:
-            raise ConfigError(f"moe.top_k={e.top_k} must be >= 1: route each token to at least one expert")
-        if e.top_k > e.num_experts:
-            raise ConfigError(f"moe.top_k={e.top_k} > moe.num_experts={e.num_experts}: set moe.top_k <= moe.num_experts")
-        _positive("moe.expert_hidden", e.expert_hidden)
-        _positive("moe.every", e.every)
-        _positive("moe.first_dense", e.first_dense, allow_zero=True)
-        if not moe_layer_ids(m, e):
-            raise ConfigError(
-                f"moe.every={e.every} with moe.first_dense={e.first_dense} leaves no MoE block in model.n_layers={m.n_layers}: "
-                "lower moe.every/first_dense or set moe.num_experts=0 for a dense model"
-            )
-        if not math.isfinite(e.capacity_factor):
-            raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be finite: use 0 for dropless")
-        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_jitter"):
-            _positive(f"moe.{name}", getattr(e, name), allow_zero=True)
-        if e.router_jitter >= 1:
-            raise ConfigError(f"moe.router_jitter={e.router_jitter} must be < 1: it scales inputs by U(1-j, 1+j)")
-        _positive("moe.num_shared_experts", e.num_shared_experts, allow_zero=True)
+    if e.num_experts == 0:
+        return
+    if e.top_k < 1:
+        raise ConfigError(f"moe.top_k={e.top_k} must be >= 1: route each token to at least one expert")
+    if e.top_k > e.num_experts:
+        raise ConfigError(f"moe.top_k={e.top_k} > moe.num_experts={e.num_experts}: set moe.top_k <= moe.num_experts")
+    _positive("moe.expert_hidden", e.expert_hidden)
+    _positive("moe.every", e.every)
+    _positive("moe.first_dense", e.first_dense, allow_zero=True)
+    if not moe_layer_ids(m, e):
+        raise ConfigError(
+            f"moe.every={e.every} with moe.first_dense={e.first_dense} leaves no MoE block in model.n_layers={m.n_layers}: "
+            "lower moe.every/first_dense or set moe.num_experts=0 for a dense model"
+        )
+    if not math.isfinite(e.capacity_factor):
+        raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be finite: use 0 for dropless")
+    for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_jitter"):
+        _positive(f"moe.{name}", getattr(e, name), allow_zero=True)
+    if e.router_jitter >= 1:
+        raise ConfigError(f"moe.router_jitter={e.router_jitter} must be < 1: it scales inputs by U(1-j, 1+j)")
+    _positive("moe.num_shared_experts", e.num_shared_experts, allow_zero=True)
+
+
+def _check_parallel(cfg: MoepipeConfig) -> None:
+    par = cfg.parallel
     for name in ("pp", "ep", "dp"):
         _positive(f"parallel.{name}", getattr(par, name))
     _one_of("parallel.backend", par.backend, ("auto", "gloo", "nccl"))
     _one_of("parallel.a2a", par.a2a, A2A_MODES)
-    if par.a2a == "hierarchical" and e.backend == "native":
+    if par.a2a == "hierarchical" and cfg.moe.backend == "native":
         raise ConfigError(
             "parallel.a2a=hierarchical is implemented for moe.backend=tutel only (Tutel's 2DH all-to-all), not yet for the native "
             "dispatcher: set parallel.a2a=flat or moe.backend=tutel"
         )
-    _one_of("schedule.name", sch.name, SCHEDULES)
+
+
+def _check_schedule(cfg: MoepipeConfig) -> None:
+    sch, par = cfg.schedule, cfg.parallel
+    spec = _plugin("schedule", sch.name)
     _positive("schedule.microbatches", sch.microbatches)
     _positive("schedule.virtual_stages", sch.virtual_stages)
-    if sch.virtual_stages > 1 and sch.name not in MULTI_STAGE_SCHEDULES:
+    if sch.virtual_stages > 1 and not spec.multi_stage:
         raise ConfigError(
             f"schedule.virtual_stages={sch.virtual_stages} needs a multi-stage schedule, not schedule.name={sch.name}: "
             f"use one of {', '.join(MULTI_STAGE_SCHEDULES)} or virtual_stages=1"
         )
     n_stages = par.pp * sch.virtual_stages
-    if n_stages > m.n_layers:
+    if n_stages > cfg.model.n_layers:
         raise ConfigError(
-            f"parallel.pp*schedule.virtual_stages={n_stages} > model.n_layers={m.n_layers}: every stage needs a layer; "
+            f"parallel.pp*schedule.virtual_stages={n_stages} > model.n_layers={cfg.model.n_layers}: every stage needs a layer; "
             "lower parallel.pp or schedule.virtual_stages"
         )
-    if sch.name in ("zbv", "dualpipev") and sch.virtual_stages != 2:
+    if spec.style == "v" and sch.virtual_stages != 2:
         raise ConfigError(f"schedule.virtual_stages={sch.virtual_stages} but schedule.name={sch.name} runs exactly 2 stages per rank: set schedule.virtual_stages=2")
     if sch.name == "dualpipev" and sch.microbatches < n_stages:
         raise ConfigError(f"schedule.microbatches={sch.microbatches} < {n_stages} stages: dualpipev needs schedule.microbatches >= 2*parallel.pp")
@@ -351,6 +395,11 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
                 f"schedule.microbatches={sch.microbatches} does not split into rounds of parallel.pp={par.pp}: "
                 f"use a multiple of {par.pp} (or fewer than {par.pp})"
             )
+
+
+def _check_mesh(cfg: MoepipeConfig) -> None:
+    """The mesh against the devices, the schedule and the model."""
+    par, t, sch, m, e = cfg.parallel, cfg.train, cfg.schedule, cfg.model, cfg.moe
     if par.backend == "nccl" and t.device == "cpu":
         raise ConfigError("parallel.backend=nccl needs GPUs but train.device=cpu: use parallel.backend=gloo (or auto)")
     if par.backend == "gloo" and t.device == "cuda" and par.pp * par.ep * par.dp > 1:
@@ -368,14 +417,19 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     if e.num_experts and par.ep > 1 and par.ep > e.num_experts:
         raise ConfigError(f"parallel.ep={par.ep} > moe.num_experts={e.num_experts}: every EP rank needs an expert; lower parallel.ep")
 
-    _one_of("placer.name", cfg.placer.name, PLACERS)
-    _positive("placer.interval", cfg.placer.interval, allow_zero=True)
-    _positive("placer.replica_slots", cfg.placer.replica_slots, allow_zero=True)
-    if not 0 <= cfg.placer.min_gain_frac < 1:
-        raise ConfigError(f"placer.min_gain_frac={cfg.placer.min_gain_frac} must be in [0, 1): e.g. 0.02 (2% per step)")
-    if not 0 <= cfg.placer.ema_decay < 1:
-        raise ConfigError(f"placer.ema_decay={cfg.placer.ema_decay} must be in [0, 1): e.g. 0.8")
 
+def _check_placer(pc: PlacerConfig) -> None:
+    _plugin("placer", pc.name)
+    _positive("placer.interval", pc.interval, allow_zero=True)
+    _positive("placer.replica_slots", pc.replica_slots, allow_zero=True)
+    if not 0 <= pc.min_gain_frac < 1:
+        raise ConfigError(f"placer.min_gain_frac={pc.min_gain_frac} must be in [0, 1): e.g. 0.02 (2% per step)")
+    if not 0 <= pc.ema_decay < 1:
+        raise ConfigError(f"placer.ema_decay={pc.ema_decay} must be in [0, 1): e.g. 0.8")
+    _plugin("forecaster", pc.forecast)
+
+
+def _check_data(d: DataConfig) -> None:
     _one_of("data.name", d.name, DATASETS)
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1): e.g. 0.05")
@@ -384,6 +438,9 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
             raise ConfigError("data.path is not set: data=memmap needs data.path=/path/to/tokens.bin (make one with moepipe-make-memmap)")
         _one_of("data.token_dtype", d.token_dtype, ("uint16", "uint32"))
 
+
+def _check_train(cfg: MoepipeConfig) -> None:
+    t, m, par, sch = cfg.train, cfg.model, cfg.parallel, cfg.schedule
     for name in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.eval_every", t.eval_every, allow_zero=True)
@@ -408,20 +465,26 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
             "pick a batch size that splits evenly"
         )
 
+
+def _check_optim(o: OptimConfig) -> None:
     _positive("optim.lr", o.lr)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]: it is the final fraction of optim.lr")
 
-    _one_of("sim.routing", cfg.sim.routing, ("uniform", "zipf"))
-    if not 0 < cfg.sim.efficiency <= 1:
-        raise ConfigError(f"sim.efficiency={cfg.sim.efficiency} must be in (0, 1]: e.g. 0.5")
-    if cfg.sim.zipf_s < 0:
-        raise ConfigError(f"sim.zipf_s={cfg.sim.zipf_s} must be >= 0: 0 is uniform, ~1 is strongly skewed")
 
+def _check_sim(s: SimConfig) -> None:
+    _one_of("sim.routing", s.routing, ("uniform", "zipf"))
+    if not 0 < s.efficiency <= 1:
+        raise ConfigError(f"sim.efficiency={s.efficiency} must be in (0, 1]: e.g. 0.5")
+    if s.zipf_s < 0:
+        raise ConfigError(f"sim.zipf_s={s.zipf_s} must be >= 0: 0 is uniform, ~1 is strongly skewed")
+
+
+def _check_workload(cfg: MoepipeConfig) -> None:
     w = cfg.workload
-    _one_of("workload.kind", w.kind, WORKLOAD_KINDS)
+    _plugin("workload", w.kind)
     _positive("workload.strength", w.strength, allow_zero=True)
     _positive("workload.period", w.period)
     _positive("workload.burst_every", w.burst_every)
@@ -433,10 +496,9 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
             "or workload.emulate_speed reads the topology: pick a topology with a device per worker (e.g. topology.devices_per_node)"
         )
 
-    from moepipe.model.backends import check_backend_config  # imports this module: import late
 
-    check_backend_config(cfg)  # what fairscale/tutel cannot honour, in their own modules
-
+def _check_measurement(cfg: MoepipeConfig) -> None:
+    """topology.detect/probe measure a multi-process job's workers."""
     if world_size(cfg) == 1 and (cfg.topology.detect or cfg.topology.probe):
         key = "topology.detect" if cfg.topology.detect else "topology.probe"
         raise ConfigError(
@@ -444,10 +506,11 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
             f"set {key}=false, or use several workers (e.g. parallel=pp2_ep2)"
         )
 
-    _one_of("logger.name", cfg.logger.name, LOGGERS)
-    _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
-    _one_of("logger.progress", cfg.logger.progress, ("auto", "rich", "plain", "none"))
-    return cfg
+
+def _check_logger(lg: LoggerConfig) -> None:
+    _one_of("logger.name", lg.name, LOGGERS)
+    _one_of("logger.wandb.mode", lg.wandb.mode, WANDB_MODES)
+    _one_of("logger.progress", lg.progress, ("auto", "rich", "plain", "none"))
 
 
 def _check_topology(topology: TopologyConfig) -> None:

@@ -11,36 +11,73 @@ and pipeline code are the same for all of them:
   layer its EP group, the plan's holders of each expert and the all-to-all to use
   (`parallel.a2a`; `local_size` = ranks per node from the topology), after the stage is built.
 
-Each backend module also has `check_config(cfg)`, which rejects (one-line ConfigError) the
-options it cannot honour; config.validate calls it before any worker starts.
+Each backend also has `check_config(cfg)`, which rejects (one-line ConfigError) the options it
+cannot honour; config.validate calls it before any worker starts. `moe.backend` is looked up in
+the plug-in registry (moepipe.plugins), so a user's package can add a backend: an object with
+`build(d_model, cfg)` and `check_config(cfg)` whose layer offers the interface above.
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
 from moepipe.config import MoEConfig
 
-BACKEND_MODULES = {"native": "moepipe.model.moe", "fairscale": "moepipe.model.fairscale_moe", "tutel": "moepipe.model.tutel_moe"}
+
+def _no_check(cfg) -> None:
+    """The native layer honours every option config.validate accepts."""
 
 
-def build_moe(d_model: int, cfg: MoEConfig) -> nn.Module:
-    if cfg.backend == "fairscale":
-        from moepipe.model.fairscale_moe import FairscaleMoE
+@dataclass(frozen=True)
+class Backend:
+    """A backend plug-in: the layer builder and its config check (moepipe.plugins.interfaces)."""
 
-        return FairscaleMoE(d_model, cfg)
-    if cfg.backend == "tutel":
-        from moepipe.model.tutel_moe import build_tutel_moe
+    build: Callable[[int, MoEConfig], nn.Module]
+    check_config: Callable[[object], None] = _no_check
 
-        return build_tutel_moe(d_model, cfg)
+
+def _lazy_check(module: str) -> Callable[[object], None]:
+    # fairscale/tutel import only when their own backend is configured: native runs never need them
+    return lambda cfg: importlib.import_module(module).check_config(cfg)
+
+
+def _native(d_model: int, cfg: MoEConfig) -> nn.Module:
     from moepipe.model.moe import MoELayer
 
     return MoELayer(d_model, cfg)
 
 
+def _fairscale(d_model: int, cfg: MoEConfig) -> nn.Module:
+    from moepipe.model.fairscale_moe import FairscaleMoE
+
+    return FairscaleMoE(d_model, cfg)
+
+
+def _tutel(d_model: int, cfg: MoEConfig) -> nn.Module:
+    from moepipe.model.tutel_moe import build_tutel_moe
+
+    return build_tutel_moe(d_model, cfg)
+
+
+native = Backend(_native)
+fairscale = Backend(_fairscale, _lazy_check("moepipe.model.fairscale_moe"))
+tutel = Backend(_tutel, _lazy_check("moepipe.model.tutel_moe"))
+
+
+def _backend(name: str):
+    from moepipe.plugins.registry import resolve
+
+    return resolve("moe_backend", name)
+
+
+def build_moe(d_model: int, cfg: MoEConfig) -> nn.Module:
+    return _backend(cfg.backend).build(d_model, cfg)
+
+
 def check_backend_config(cfg) -> None:
-    """The configured backend's own checks (fairscale/tutel import lazily: native runs never need them)."""
-    name = cfg.moe.backend
-    if cfg.moe.num_experts and name != "native":
-        importlib.import_module(BACKEND_MODULES[name]).check_config(cfg)
+    """The configured backend's own checks (MoE models only, as before)."""
+    if cfg.moe.num_experts:
+        _backend(cfg.moe.backend).check_config(cfg)

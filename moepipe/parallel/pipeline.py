@@ -4,23 +4,17 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleDualPipeV,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleInterleavedZeroBubble,
-    ScheduleZBVZeroBubble,
-)
+from torch.distributed.pipelining import PipelineStage
 
-SINGLE_STAGE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-MULTI_STAGE = {
-    "interleaved_1f1b": ScheduleInterleaved1F1B,
-    "interleaved_zb": ScheduleInterleavedZeroBubble,
-    "zbv": ScheduleZBVZeroBubble,
-    "dualpipev": ScheduleDualPipeV,
-}
+
+def schedule_class(name: str) -> tuple[type, bool]:
+    """(torch schedule class, multi-stage?) of schedule `name`: a built-in or a plug-in
+    (moepipe.plugins, kind "schedule": a ScheduleSpec)."""
+    from moepipe.plugins.registry import import_path, resolve
+
+    spec = resolve("schedule", name)
+    cls = import_path(spec.torch_class) if isinstance(spec.torch_class, str) else spec.torch_class
+    return cls, bool(spec.multi_stage)
 
 
 def build_schedule(
@@ -62,8 +56,9 @@ def build_schedule(
     for idx, module in sorted(modules.items()):
         inp, out = io(idx)
         stages.append(PipelineStage(module, idx, n_stages, device, input_args=(inp,), output_args=(out,), group=pp_group))
-    if name in SINGLE_STAGE:
+    cls, multi_stage = schedule_class(name)
+    if not multi_stage:
         if len(stages) != 1:
             raise ValueError(f"schedule.name={name} runs one stage per rank, got {len(stages)}: use an interleaved schedule")
-        return SINGLE_STAGE[name](stages[0], microbatches, loss_fn=loss_fn, scale_grads=False)
-    return MULTI_STAGE[name](stages, microbatches, loss_fn=loss_fn, scale_grads=False)
+        return cls(stages[0], microbatches, loss_fn=loss_fn, scale_grads=False)
+    return cls(stages, microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -23,7 +23,7 @@ import numpy as np
 
 from moepipe.config import ConfigError
 
-WORKLOADS = ("none", "zipf", "hot_expert", "hot_rank", "rotating", "burst", "lognormal")
+WORKLOADS = ("none", "zipf", "hot_expert", "hot_rank", "rotating", "burst", "lognormal")  # the built-ins
 
 
 def _rng(seed: int, layer: int, salt: int) -> np.random.Generator:
@@ -37,6 +37,49 @@ def _hot(num_experts: int, hot: int, strength: float) -> np.ndarray:
     return w
 
 
+def _hot_expert_of(seed: int, layer: int, num_experts: int) -> int:
+    return int(_rng(seed, layer, 1).integers(num_experts))
+
+
+# The built-in workloads: plug-in signature (moepipe.plugins.interfaces), weights normalised last.
+
+
+def none(step, layer, num_experts, ep, strength, period, burst_every, seed) -> np.ndarray:
+    return _normalised(np.ones(num_experts))
+
+
+def zipf(step, layer, num_experts, ep, strength, period, burst_every, seed) -> np.ndarray:
+    return _normalised(_rng(seed, layer, 2).permutation(1.0 / np.arange(1, num_experts + 1) ** strength))
+
+
+def hot_expert(step, layer, num_experts, ep, strength, period, burst_every, seed) -> np.ndarray:
+    return _normalised(_hot(num_experts, _hot_expert_of(seed, layer, num_experts), strength))
+
+
+def hot_rank(step, layer, num_experts, ep, strength, period, burst_every, seed) -> np.ndarray:
+    w = np.ones(num_experts)
+    w[: -(-num_experts // min(ep, num_experts))] = strength  # static_plan gives rank 0 the first ceil(E/ep) experts
+    return _normalised(w)
+
+
+def rotating(step, layer, num_experts, ep, strength, period, burst_every, seed) -> np.ndarray:
+    return _normalised(_hot(num_experts, (_hot_expert_of(seed, layer, num_experts) + step // period) % num_experts, strength))
+
+
+def burst(step, layer, num_experts, ep, strength, period, burst_every, seed) -> np.ndarray:
+    if step % burst_every:
+        return none(step, layer, num_experts, ep, strength, period, burst_every, seed)
+    return hot_expert(step, layer, num_experts, ep, strength, period, burst_every, seed)
+
+
+def lognormal(step, layer, num_experts, ep, strength, period, burst_every, seed) -> np.ndarray:
+    return _normalised(np.exp(strength * _rng(seed, layer, 3).standard_normal(num_experts)))
+
+
+def _normalised(w: np.ndarray) -> np.ndarray:
+    return w / w.sum()
+
+
 def expert_distribution(
     kind: str,
     step: int,
@@ -48,33 +91,19 @@ def expert_distribution(
     burst_every: int = 10,
     seed: int = 0,
 ) -> np.ndarray:
-    """Probabilities over the `num_experts` experts of MoE layer `layer` at `step` (sum 1, all > 0)."""
+    """Probabilities over the `num_experts` experts of MoE layer `layer` at `step` (sum 1, all > 0)
+    from workload `kind`: a built-in above, an import path or a registered plug-in."""
+    from moepipe.plugins.registry import resolve
+
     E = int(num_experts)
-    if kind not in WORKLOADS:
-        raise ConfigError(f"workload kind={kind!r} is not known: choose one of {', '.join(WORKLOADS)}")
+    fn = resolve("workload", kind, field="workload kind")
     if E < 1:
         raise ConfigError(f"workload num_experts={num_experts} must be >= 1: give the model's moe.num_experts")
     if not np.isfinite(strength) or strength <= 0:
         raise ConfigError(f"workload strength={strength} must be a finite number > 0: e.g. 1.0 (zipf exponent, hot factor, sigma)")
     if period < 1 or burst_every < 1 or ep < 1:
         raise ConfigError(f"workload period={period}/burst_every={burst_every}/ep={ep} must be >= 1: use positive integers")
-    hot_expert = int(_rng(seed, layer, 1).integers(E))
-    if kind == "none":
-        w = np.ones(E)
-    elif kind == "zipf":
-        w = _rng(seed, layer, 2).permutation(1.0 / np.arange(1, E + 1) ** strength)
-    elif kind == "hot_expert":
-        w = _hot(E, hot_expert, strength)
-    elif kind == "hot_rank":
-        w = np.ones(E)
-        w[: -(-E // min(ep, E))] = strength  # static_plan gives rank 0 the first ceil(E/ep) experts
-    elif kind == "rotating":
-        w = _hot(E, (hot_expert + step // period) % E, strength)
-    elif kind == "burst":
-        w = _hot(E, hot_expert, strength) if step % burst_every == 0 else np.ones(E)
-    else:  # lognormal
-        w = np.exp(strength * _rng(seed, layer, 3).standard_normal(E))
-    return w / w.sum()
+    return fn(step, layer, E, ep, strength, period, burst_every, seed)
 
 
 def routing_counts(

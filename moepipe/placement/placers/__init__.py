@@ -6,11 +6,15 @@ prediction of a plan, the cost of migrating between plans, and the re-planning d
     eplb             layers static; DeepSeek EPLB expert replication + balanced packing (hierarchical across nodes)
     topo             joint layer partition + speed/node-aware expert placement on the simulated time (topo.py)
 
-No process group is needed; the runtime calls `decide` between steps.
+`placer.name` may also name a plug-in (moepipe.plugins: an import path, a registered name or an
+entry point); every placer, built-in or not, has the interface of moepipe.plugins.interfaces
+and its plans pass the same checks here. No process group is needed; the runtime calls
+`decide` between steps.
 """
 from __future__ import annotations
 
 import gc
+import inspect
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from moepipe.config import PLACERS, ConfigError
+from moepipe.config import ConfigError
 from moepipe.placement.plan import Plan, mesh_coords, stage_assignment, validate_plan
 from moepipe.placement.placers import baselines
 from moepipe.placement.placers.evaluate import Evaluation, Evaluator
@@ -70,31 +74,58 @@ def make_placement(name: str, inputs: PlacementInputs, replica_slots: int = 0, c
                    evaluator: Optional[Evaluator] = None) -> Plan:
     """The plan placer `name` chooses for `inputs`; valid, within memory, stage -> pp rank fixed
     by the schedule. `current` (optional) is a candidate topo keeps on ties (no churn)."""
-    if name not in PLACERS:
-        raise ConfigError(f"placer.name={name!r} is not known: choose one of {', '.join(PLACERS)}")
+    from moepipe.plugins.registry import resolve
+
+    placer = resolve("placer", name)
     if replica_slots < 0:
         raise ConfigError(f"placer.replica_slots={replica_slots} must be >= 0: extra expert slots per EP rank")
     with gc_paused():
-        return _make_placement(name, inputs, replica_slots, current, evaluator)
+        return _make_placement(name, placer, inputs, replica_slots, current, evaluator)
 
 
-def _make_placement(name: str, inputs: PlacementInputs, replica_slots: int, current: Optional[Plan], evaluator: Optional[Evaluator]) -> Plan:
+# The built-in placers under the plug-in interface (moepipe.plugins.interfaces); each takes the
+# caller's Evaluator when given one, so a re-plan simulates with one shared cache.
+
+
+def static_placer(inputs: PlacementInputs, replica_slots: int, current: Optional[Plan], evaluator: Optional[Evaluator] = None) -> Plan:
+    return baselines.static(inputs)
+
+
+def balance_by_time_placer(inputs: PlacementInputs, replica_slots: int, current: Optional[Plan], evaluator: Optional[Evaluator] = None) -> Plan:
+    return baselines.balance_by_time(evaluator or Evaluator(inputs))
+
+
+def eplb_placer(inputs: PlacementInputs, replica_slots: int, current: Optional[Plan], evaluator: Optional[Evaluator] = None) -> Plan:
+    return baselines.eplb(evaluator or Evaluator(inputs), replica_slots)
+
+
+def topo_placer(inputs: PlacementInputs, replica_slots: int, current: Optional[Plan], evaluator: Optional[Evaluator] = None) -> tuple[Plan, dict]:
+    from moepipe.placement.placers.topo import topo
+
+    return topo(evaluator or Evaluator(inputs), replica_slots, current)
+
+
+def _takes_evaluator(placer) -> bool:
+    try:
+        return "evaluator" in inspect.signature(placer).parameters
+    except (TypeError, ValueError):  # a callable without an inspectable signature
+        return False
+
+
+def _make_placement(name: str, placer, inputs: PlacementInputs, replica_slots: int, current: Optional[Plan],
+                    evaluator: Optional[Evaluator]) -> Plan:
     t0 = time.perf_counter()
     ev = Evaluator(inputs) if evaluator is None else evaluator
-    info: dict = {}
-    if name == "static":
-        plan = baselines.static(inputs)
-    elif name == "balance_by_time":
-        plan = baselines.balance_by_time(ev)
-    elif name == "eplb":
-        plan = baselines.eplb(ev, replica_slots)
-    else:
-        from moepipe.placement.placers.topo import topo
-
-        plan, info = topo(ev, replica_slots, current)
+    out = placer(inputs, replica_slots, current, evaluator=ev) if _takes_evaluator(placer) else placer(inputs, replica_slots, current)
+    plan, info = out if isinstance(out, tuple) else (out, {})
+    if not isinstance(plan, Plan):
+        raise ConfigError(f"placer.name={name} returned {type(plan).__name__}, not a Plan: a placer maps (inputs, replica_slots, current) to a Plan")
     spec = inputs.spec
     validate_plan(plan, spec.n_layers, spec.moe_layers, spec.num_experts if spec.moe_layers else None)
-    assert plan.stage_to_pp_rank == stage_assignment(inputs.pp, inputs.virtual_stages, inputs.style)
+    expected = stage_assignment(inputs.pp, inputs.virtual_stages, inputs.style)
+    if plan.stage_to_pp_rank != expected:
+        raise ConfigError(f"placer.name={name} put stages on pp ranks {plan.stage_to_pp_rank}, but schedule.name={inputs.schedule} "
+                          f"fixes {expected}: keep stage_assignment(pp, virtual_stages, inputs.style)")
     res = check_memory(plan, ev, name, replica_slots, info.get("evaluation"))
     meta = dict(plan.meta) | {"placer": name, "style": inputs.style, "replica_slots": int(replica_slots),
                               "predicted_s": res.iteration_time_s, "solve_time_s": time.perf_counter() - t0}
