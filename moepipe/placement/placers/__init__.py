@@ -70,13 +70,15 @@ def gc_paused():
             gc.enable()
 
 
-def make_placement(name: str, inputs: PlacementInputs, replica_slots: int = 0, current: Optional[Plan] = None,
+def make_placement(name, inputs: PlacementInputs, replica_slots: int = 0, current: Optional[Plan] = None,
                    evaluator: Optional[Evaluator] = None) -> Plan:
     """The plan placer `name` chooses for `inputs`; valid, within memory, stage -> pp rank fixed
-    by the schedule. `current` (optional) is a candidate topo keeps on ties (no churn)."""
+    by the schedule. `current` (optional) is a candidate topo keeps on ties (no churn). `name` is
+    a placer's name (moepipe.plugins) or the placer function itself."""
     from moepipe.plugins.registry import resolve
 
-    placer = resolve("placer", name)
+    placer = resolve("placer", name) if isinstance(name, str) else name
+    name = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
     if replica_slots < 0:
         raise ConfigError(f"placer.replica_slots={replica_slots} must be >= 0: extra expert slots per EP rank")
     with gc_paused():
