@@ -15,10 +15,12 @@ WHEELS ?= ../shared/wheels
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml $(wildcard $(WHEELS)/*.whl) | $(PY)
+$(STAMP): pyproject.toml examples/moepipe_example/pyproject.toml $(wildcard $(WHEELS)/*.whl) | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet "$(TORCH_SPEC)")
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# the worked plug-in package (README, "Write your own placer"); tests/test_plugins.py runs it
+	$(PY) -m pip install --quiet -e examples/moepipe_example
 	$(if $(wildcard $(WHEELS)/tutel-*.whl),$(PY) -m pip install --quiet --no-deps $(wildcard $(WHEELS)/tutel-*.whl))
 	touch $(STAMP)
 
