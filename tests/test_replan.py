@@ -8,7 +8,8 @@ import pytest
 from conftest import compose_cfg
 from moepipe.placement.placers import Decision
 from moepipe.placement.plan import from_json
-from moepipe.placement.replan import ReplanLoop, default_plan, ema
+from moepipe.placement.forecast import ema, last
+from moepipe.placement.replan import ReplanLoop, default_plan
 from moepipe.placement.topology import from_config
 from moepipe.placement.workloads import routing_counts
 
@@ -17,9 +18,9 @@ LAYOUT = ["parallel.pp=1", "parallel.ep=4", "parallel.dp=1", "model.n_layers=4",
           "placer.interval=5", "train.steps=20", "placer.replica_slots=1", "schedule.microbatches=4"]
 
 
-def make(*overrides, placer="topo") -> ReplanLoop:
+def make(*overrides, placer="topo", forecast=None) -> ReplanLoop:
     cfg = compose_cfg(LAYOUT + [f"placer.name={placer}", *overrides], single_process=False)
-    return ReplanLoop(cfg, from_config(cfg.topology, 4))
+    return ReplanLoop(cfg, from_config(cfg.topology, 4), forecast)
 
 
 def demand(loop: ReplanLoop, kind: str, strength: float = 1.0, step: int = 0) -> dict[int, np.ndarray]:
@@ -51,6 +52,22 @@ def test_ema_is_the_trainers_moving_average_bit_for_bit():
     assert np.array_equal(loop.time_ema, ref_time) and loop.step_time_ema == ref_step
     assert np.array_equal(ema([steps[0][0], steps[1][0]], 0.7), 0.7 * steps[0][0] + (1 - 0.7) * steps[1][0])
     assert np.array_equal(ema([steps[0][0]], 0.7), steps[0][0])
+
+
+def test_the_configured_forecaster_feeds_the_placer():
+    """placer.forecast picks the forecast (a plug-in by name or import path); block times stay an EMA."""
+    assert make().forecast is ema
+    loop = make("placer.forecast=last")
+    assert loop.forecast is last
+    loop.observe(0, {0: np.full(E, 4.0)}, np.ones(4), 1.0)
+    loop.observe(1, {0: np.arange(E, dtype=float)}, np.zeros(4), 1.0)
+    assert np.array_equal(loop.load_ema[0], np.arange(E, dtype=float))  # no smoothing
+    assert np.array_equal(loop.time_ema, ema([np.ones(4), np.zeros(4)], loop.cfg.placer.ema_decay))
+    calls = []
+    own = make(forecast=lambda history, decay: calls.append(len(history)) or np.zeros(E))
+    own.observe(0, {0: np.ones(E)}, None, 1.0)
+    own.observe(1, {0: np.ones(E)}, None, 1.0)
+    assert calls == [1, 2]  # [first observation], then [previous forecast, newest observation]
 
 
 def test_first_step_time_is_not_counted():

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from moepipe.config import ConfigError, MoepipeConfig, moe_layer_ids
+from moepipe.placement.forecast import ema
 from moepipe.placement.plan import Plan, static_plan, to_json
 from moepipe.placement.topology import Topology
 
@@ -22,17 +23,7 @@ from moepipe.placement.topology import Topology
 STEP_TIME_MIX = (0.8, 0.2)  # measured step seconds (steps after the first)
 EFFICIENCY_MIX = (0.5, 0.5)  # gain_efficiency and the newest realised efficiency
 
-Forecaster = Callable[[Sequence[np.ndarray], float], np.ndarray]
-
-
-def ema(history: Sequence[np.ndarray], decay: float) -> np.ndarray:
-    """Exponential moving average folded over `history`, oldest first: the first entry is taken
-    as is, each later one mixed in with weight 1 - decay. The loop passes [previous forecast,
-    newest observation] (or [first observation]), so the forecast is updated in O(1) per step."""
-    out = np.array(history[0], dtype=np.float64, copy=True)
-    for x in history[1:]:
-        out = decay * out + (1 - decay) * x
-    return out
+Forecaster = Callable[[Sequence[np.ndarray], float], np.ndarray]  # moepipe.plugins.interfaces: forecaster
 
 
 def default_plan(cfg: MoepipeConfig) -> Plan:
@@ -49,10 +40,13 @@ class ReplanLoop:
     """The placer's statistics and decisions for one run (identical on every rank that feeds it
     the same reduced statistics). Checkpoint keys: `state_dict()`."""
 
-    def __init__(self, cfg: MoepipeConfig, topology: Union[Topology, Callable[[], Topology]], forecast: Forecaster = ema):
+    def __init__(self, cfg: MoepipeConfig, topology: Union[Topology, Callable[[], Topology]], forecast: Optional[Forecaster] = None):
+        from moepipe.plugins.registry import resolve
+
         self.cfg = cfg
         self._topology = topology  # a Topology, or a callable building it when first needed
-        self.forecast = forecast
+        # expert-load forecast: placer.forecast (built-in ema by default, or a plug-in) unless given
+        self.forecast: Forecaster = forecast or resolve("forecaster", cfg.placer.forecast)
         self.load_ema: dict[int, np.ndarray] = {}  # forecast tokens per expert per step, per MoE layer
         self.time_ema: Optional[np.ndarray] = None  # measured seconds per block per step (nominal device)
         self.step_time_ema: Optional[float] = None  # measured seconds per training step
@@ -79,7 +73,7 @@ class ReplanLoop:
             self.load_ema[layer_id] = self.forecast([demand] if prev is None else [prev, demand], decay)
         if block_seconds is not None:
             now = np.asarray(block_seconds, dtype=np.float64)
-            self.time_ema = now if self.time_ema is None else ema([self.time_ema, now], decay)
+            self.time_ema = now if self.time_ema is None else ema([self.time_ema, now], decay)  # block times: always an EMA
         if step > 0:
             prev_s = self.step_time_ema
             old, new = STEP_TIME_MIX
