@@ -306,9 +306,8 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     _check_optim(cfg.optim)
     _check_sim(cfg.sim)
     _check_workload(cfg)
-    from moepipe.model.backends import check_backend_config  # imports this module: import late
-
-    check_backend_config(cfg)  # what fairscale/tutel cannot honour, in their own modules
+    if cfg.moe.num_experts:  # what the backend cannot honour (fairscale/tutel), in its own module
+        _plugin("moe_backend", cfg.moe.backend).check_config(cfg)
     _check_measurement(cfg)
     _check_logger(cfg.logger)
     return cfg

@@ -76,8 +76,3 @@ def _backend(name: str):
 def build_moe(d_model: int, cfg: MoEConfig) -> nn.Module:
     return _backend(cfg.backend).build(d_model, cfg)
 
-
-def check_backend_config(cfg) -> None:
-    """The configured backend's own checks (MoE models only, as before)."""
-    if cfg.moe.num_experts:
-        _backend(cfg.moe.backend).check_config(cfg)

@@ -27,16 +27,14 @@ moe_backend  an object with `build(d_model: int, cfg: MoEConfig) -> nn.Module` a
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # annotations only: importing this module imports no torch
-    from torch import nn
-
-    from moepipe.config import MoEConfig, MoepipeConfig
-    from moepipe.placement.placers.inputs import PlacementInputs
-    from moepipe.placement.plan import Plan
+# The annotations below name moepipe's types as strings and import nothing: the registry sits
+# below every layer it serves (tests/test_layers.py). PlacementInputs:
+# moepipe.placement.placers.inputs; Plan: moepipe.placement.plan; MoEConfig, MoepipeConfig:
+# moepipe.config; nn.Module: torch.
 
 
 class Placer(Protocol):
