@@ -14,6 +14,9 @@ every expert. Definitions (s = strength, E = num_experts):
   rotating    hot_expert whose hot expert moves to the next expert every `period` steps
   burst       uniform, except hot_expert on steps where step % burst_every == 0
   lognormal   p ~ exp(s * z), z ~ N(0, 1) per expert, drawn per layer (sigma = s); fixed over steps
+
+Each is a function with the workload plug-in signature (moepipe.plugins.interfaces), so
+`workload.kind` may also name a user's own (pkg.module:attr, register(), an entry point).
 """
 from __future__ import annotations
 
