@@ -329,7 +329,7 @@ def replay(name: str, cfg, plan, costs, measured_actions: dict[str, float]) -> t
     return float(simulate_order(order, s2r, cfg.schedule.microbatches, comp, None, costs.send).makespan), comp
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
     ap.add_argument("--rounds", type=int, default=7)
@@ -349,14 +349,16 @@ def main() -> None:
                          "the scheduler cannot stack both ranks on one core after a wake-up)")
     ap.add_argument("--no-probe", action="store_true", help="use local_cpu's nominal links instead of probe_links")
     fc.add_output_args(ap, os.path.join(ROOT, "results", "bench_sim.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.schedules, args.rounds, args.steps, args.warmup = ["1f1b", "zbv"], 1, 1, 1
         args.profile_repeats, args.null_steps, args.probe_iters, args.batch_size, args.microbatches = 1, 1, 2, 4, 2
-    args.out = fc.check_output(args)
-    info = fc.provenance(args, {n: overrides_for(n, args) for n in args.schedules})
-    t_start = time.perf_counter()
-    cfgs = {n: compose(overrides_for(n, args)) for n in args.schedules}
+    return args
+
+
+def measure(args, cfgs: dict) -> tuple[list[dict], tuple, tuple]:
+    """Run both ranks (probe, then per round and schedule: profile, steps, null steps); (per-rank
+    records, load average before, after)."""
     base_cfg = compose(overrides_for("1f1b", args))
     torch.set_num_threads(1)
     load_before = os.getloadavg()
@@ -365,100 +367,110 @@ def main() -> None:
         run_distributed(worker, 2, cfgs, base_cfg, args, path, timeout=900.0, threads=1)
         with open(path) as f:
             ranks = json.load(f)
-    load_after = os.getloadavg()
+    return ranks, load_before, os.getloadavg()
 
-    R = args.rounds
-    probe = None if args.no_probe else median_tree([r["probe"] for r in ranks])
+
+def link_model(ranks: list[dict], no_probe: bool) -> tuple[dict | None, float]:
+    """(probed links for the topology, or None for local_cpu's nominal ones; the slower rank's small all_reduce)."""
+    probe = None if no_probe else median_tree([r["probe"] for r in ranks])
     if probe is not None:  # links: the measured one-way time of the stage-boundary message, all of it latency
         fitted = {k: probe[k] for k in ("latency_us", "bandwidth_gbps")}
         one_way = max(r["probe"]["activation_one_way_s"] for r in ranks)
         probe["fitted_by_probe_links"] = fitted
         probe["latency_us"] = [[0.0 if i == j else 1e6 * one_way for j in range(2)] for i in range(2)]
         probe["bandwidth_gbps"] = [[float("inf") if i == j else 1e12 for j in range(2)] for i in range(2)]  # size already in the latency
-    allreduce_s = max(r["allreduce_s"] for r in ranks)
+    return probe, max(r["allreduce_s"] for r in ranks)
 
-    rows, profiles_used = {}, {}
-    for name in args.schedules:
-        cfg = cfgs[name]
-        per_round = []
-        slot_profiles = []
-        for i in range(R):
-            runs = [r["rounds"][i][name] for r in ranks]
-            # Both ranks measured at once, each on its own core: the median profile gives the
-            # per-part costs, each rank's own total its device's relative speed (the two vCPUs
-            # of this VM run at visibly different speeds).
-            rank_profiles = [x["profile"] for x in runs]
-            prof = median_tree(rank_profiles)
-            slot_profiles.append(prof)
-            speed = [profile_seconds(prof) / profile_seconds(rp) for rp in rank_profiles]
-            steps = [max(x["secs"][j] for x in runs) for j in range(len(runs[0]["secs"]))]  # the slower rank's
-            null = statistics.median(max(t) for t in zip(*(x["null_steps"] for x in runs)))
-            ccpu = [statistics.median(x["null_comm_cpu"]) for x in runs]
-            p = predict(cfg, prof, probe, allreduce_s, speed=speed, null_step_s=null, comm_cpu_s=ccpu)
-            p_one = predict(cfg, prof, probe, allreduce_s, null_step_s=null, comm_cpu_s=ccpu)
-            p_ideal = predict(cfg, prof, probe, allreduce_s, speed=speed)  # without the runtime's per-action cost
-            # load-corrected (diagnostic, uses the run): speed x CPU share the rank's actions got / its profile's share
-            share = [sum(sum(v) for k, v in x["actions_cpu"].items() if k != "schedule.step")
-                     / sum(sum(v) for k, v in x["actions"].items() if k != "schedule.step") for x in runs]
-            pc = predict(cfg, prof, probe, allreduce_s, speed=[sp * sh / rp["meta"]["cpu_share"] for sp, sh, rp in zip(speed, share, rank_profiles)],
-                         null_step_s=null, comm_cpu_s=ccpu)
-            acts = {k: statistics.median(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step"}
-            sched = statistics.median(max(a, b) for a, b in zip(runs[0]["actions"]["schedule.step"], runs[1]["actions"]["schedule.step"]))
-            rep, comp_meas = replay(name, cfg, p["plan"], p["costs"], acts)
-            acts_mean = {k: statistics.fmean(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step"}
-            rep_mean, _ = replay(name, cfg, p["plan"], p["costs"], acts_mean)
-            wall = sum(sum(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step")
-            cpu = sum(sum(v) for x in runs for k, v in x["actions_cpu"].items() if k != "schedule.step")
-            # runtime cost per action the engine does not model: the median idle gap between two
-            # consecutive compute actions of a rank (most gaps are not waits for a peer), x actions per step
-            n_act = [sum(len(v) for k, v in x["actions"].items() if k != "schedule.step" and not k.endswith("loss")) / len(x["secs"]) for x in runs]
-            gap = statistics.median(g for x in runs for g in x["gaps"])
-            per_round.append({
-                "median_action_gap_s": gap, "actions_per_rank_per_step": n_act,
-                "predicted_with_action_gaps_s": p["predicted_s"] + gap * max(n_act),
-                "measured_s": statistics.median(steps), "steps_s": steps, "predicted_s": p["predicted_s"],
-                "predicted_pipeline_s": p["sim"].pipeline_time_s, "step_overhead_s": p["step_overhead_s"],
-                "device_speed_per_rank": speed, "predicted_one_speed_s": p_one["predicted_s"],
-                "null_step_s": null, "null_comm_cpu_s": ccpu, "action_overhead_s": p["action_overhead_s"], "predicted_no_action_overhead_s": p_ideal["predicted_s"],
-                "schedule_step_s": sched, "replay_pipeline_s": rep, "replay_mean_pipeline_s": rep_mean,
-                "stage_pred_s": p["costs"].comp.tolist(), "stage_meas_s": comp_meas.tolist(),
-                "action_cpu_over_wall": cpu / wall, "action_cpu_share_per_rank": share,
-                "profile_cpu_share_per_rank": [rp["meta"]["cpu_share"] for rp in rank_profiles], "predicted_load_corrected_s": pc["predicted_s"],
-            })
-        med = lambda key: statistics.median(x[key] for x in per_round)  # noqa: E731
-        # The profile stored (and the stage costs shown): element-wise median over rounds, median speeds.
-        profile = median_tree(slot_profiles)
-        profile["device_speed_per_rank"] = median_tree([x["device_speed_per_rank"] for x in per_round])
-        profiles_used[name] = profile
-        p = predict(cfg, profile, probe, allreduce_s, speed=profile["device_speed_per_rank"], null_step_s=med("null_step_s"),
-                    comm_cpu_s=median_tree([x["null_comm_cpu_s"] for x in per_round]))
-        measured, predicted = med("measured_s"), med("predicted_s")
-        c = p["costs"]
-        rows[name] = {
-            "measured_s": measured,
-            "predicted_s": predicted,
-            "relative_error": predicted / measured - 1.0,
-            "paired_relative_error": statistics.median(x["predicted_s"] / x["measured_s"] for x in per_round) - 1.0,
-            "with_action_gaps_relative_error": statistics.median(x["predicted_with_action_gaps_s"] / x["measured_s"] for x in per_round) - 1.0,
-            "median_action_gap_s": med("median_action_gap_s"),
-            "null_step_s": med("null_step_s"),
-            "action_overhead_s": med("action_overhead_s"),
-            "no_action_overhead_relative_error": statistics.median(x["predicted_no_action_overhead_s"] / x["measured_s"] for x in per_round) - 1.0,
-            "one_speed_relative_error": statistics.median(x["predicted_one_speed_s"] / x["measured_s"] for x in per_round) - 1.0,
-            "load_corrected_relative_error": statistics.median(x["predicted_load_corrected_s"] / x["measured_s"] for x in per_round) - 1.0,
-            "predicted_pipeline_s": med("predicted_pipeline_s"),
-            "predicted_grad_sync_s": p["sim"].grad_sync_s,
-            "predicted_step_overhead_s": p["step_overhead_s"],
-            "measured_schedule_step_s": med("schedule_step_s"),
-            "replay_pipeline_s": med("replay_pipeline_s"),
-            "replay_mean_pipeline_s": med("replay_mean_pipeline_s"),
-            "stage_costs_predicted_s": {"F": c.comp[:, 0].tolist(), "B": c.comp[:, 1].tolist(), "W": c.comp[:, 2].tolist(), "send": c.send.tolist()},
-            "stage_costs_measured_s": np.median(np.array([x["stage_meas_s"] for x in per_round]), axis=0).tolist(),
-            "bubble_fraction_predicted": p["sim"].bubble_fraction,
-            "stage_to_pp_rank": p["sim"].stage_to_pp_rank,
-            "backward": p["profile"]["meta"]["backward"],
-            "rounds": per_round,
-        }
+
+def round_row(name: str, cfg, runs: list[dict], probe: dict | None, allreduce_s: float) -> tuple[dict, dict]:
+    """One round of one schedule (`runs`: both ranks' records): its predictions beside what was
+    measured, and the round's median profile."""
+    # Both ranks measured at once, each on its own core: the median profile gives the
+    # per-part costs, each rank's own total its device's relative speed (the two vCPUs
+    # of this VM run at visibly different speeds).
+    rank_profiles = [x["profile"] for x in runs]
+    prof = median_tree(rank_profiles)
+    speed = [profile_seconds(prof) / profile_seconds(rp) for rp in rank_profiles]
+    steps = [max(x["secs"][j] for x in runs) for j in range(len(runs[0]["secs"]))]  # the slower rank's
+    null = statistics.median(max(t) for t in zip(*(x["null_steps"] for x in runs)))
+    ccpu = [statistics.median(x["null_comm_cpu"]) for x in runs]
+    p = predict(cfg, prof, probe, allreduce_s, speed=speed, null_step_s=null, comm_cpu_s=ccpu)
+    p_one = predict(cfg, prof, probe, allreduce_s, null_step_s=null, comm_cpu_s=ccpu)
+    p_ideal = predict(cfg, prof, probe, allreduce_s, speed=speed)  # without the runtime's per-action cost
+    # load-corrected (diagnostic, uses the run): speed x CPU share the rank's actions got / its profile's share
+    share = [sum(sum(v) for k, v in x["actions_cpu"].items() if k != "schedule.step")
+             / sum(sum(v) for k, v in x["actions"].items() if k != "schedule.step") for x in runs]
+    pc = predict(cfg, prof, probe, allreduce_s, speed=[sp * sh / rp["meta"]["cpu_share"] for sp, sh, rp in zip(speed, share, rank_profiles)],
+                 null_step_s=null, comm_cpu_s=ccpu)
+    acts = {k: statistics.median(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step"}
+    sched = statistics.median(max(a, b) for a, b in zip(runs[0]["actions"]["schedule.step"], runs[1]["actions"]["schedule.step"]))
+    rep, comp_meas = replay(name, cfg, p["plan"], p["costs"], acts)
+    acts_mean = {k: statistics.fmean(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step"}
+    rep_mean, _ = replay(name, cfg, p["plan"], p["costs"], acts_mean)
+    wall = sum(sum(v) for x in runs for k, v in x["actions"].items() if k != "schedule.step")
+    cpu = sum(sum(v) for x in runs for k, v in x["actions_cpu"].items() if k != "schedule.step")
+    # runtime cost per action the engine does not model: the median idle gap between two
+    # consecutive compute actions of a rank (most gaps are not waits for a peer), x actions per step
+    n_act = [sum(len(v) for k, v in x["actions"].items() if k != "schedule.step" and not k.endswith("loss")) / len(x["secs"]) for x in runs]
+    gap = statistics.median(g for x in runs for g in x["gaps"])
+    row = {
+        "median_action_gap_s": gap, "actions_per_rank_per_step": n_act,
+        "predicted_with_action_gaps_s": p["predicted_s"] + gap * max(n_act),
+        "measured_s": statistics.median(steps), "steps_s": steps, "predicted_s": p["predicted_s"],
+        "predicted_pipeline_s": p["sim"].pipeline_time_s, "step_overhead_s": p["step_overhead_s"],
+        "device_speed_per_rank": speed, "predicted_one_speed_s": p_one["predicted_s"],
+        "null_step_s": null, "null_comm_cpu_s": ccpu, "action_overhead_s": p["action_overhead_s"], "predicted_no_action_overhead_s": p_ideal["predicted_s"],
+        "schedule_step_s": sched, "replay_pipeline_s": rep, "replay_mean_pipeline_s": rep_mean,
+        "stage_pred_s": p["costs"].comp.tolist(), "stage_meas_s": comp_meas.tolist(),
+        "action_cpu_over_wall": cpu / wall, "action_cpu_share_per_rank": share,
+        "profile_cpu_share_per_rank": [rp["meta"]["cpu_share"] for rp in rank_profiles], "predicted_load_corrected_s": pc["predicted_s"],
+    }
+    return row, prof
+
+
+def schedule_row(cfg, per_round: list[dict], slot_profiles: list[dict], probe: dict | None,
+                 allreduce_s: float) -> tuple[dict, dict]:
+    """A schedule's row over its rounds (medians, paired errors) and the profile stored for it."""
+    med = lambda key: statistics.median(x[key] for x in per_round)  # noqa: E731
+    # The profile stored (and the stage costs shown): element-wise median over rounds, median speeds.
+    profile = median_tree(slot_profiles)
+    profile["device_speed_per_rank"] = median_tree([x["device_speed_per_rank"] for x in per_round])
+    p = predict(cfg, profile, probe, allreduce_s, speed=profile["device_speed_per_rank"], null_step_s=med("null_step_s"),
+                comm_cpu_s=median_tree([x["null_comm_cpu_s"] for x in per_round]))
+    measured, predicted = med("measured_s"), med("predicted_s")
+    c = p["costs"]
+    row = {
+        "measured_s": measured,
+        "predicted_s": predicted,
+        "relative_error": predicted / measured - 1.0,
+        "paired_relative_error": statistics.median(x["predicted_s"] / x["measured_s"] for x in per_round) - 1.0,
+        "with_action_gaps_relative_error": statistics.median(x["predicted_with_action_gaps_s"] / x["measured_s"] for x in per_round) - 1.0,
+        "median_action_gap_s": med("median_action_gap_s"),
+        "null_step_s": med("null_step_s"),
+        "action_overhead_s": med("action_overhead_s"),
+        "no_action_overhead_relative_error": statistics.median(x["predicted_no_action_overhead_s"] / x["measured_s"] for x in per_round) - 1.0,
+        "one_speed_relative_error": statistics.median(x["predicted_one_speed_s"] / x["measured_s"] for x in per_round) - 1.0,
+        "load_corrected_relative_error": statistics.median(x["predicted_load_corrected_s"] / x["measured_s"] for x in per_round) - 1.0,
+        "predicted_pipeline_s": med("predicted_pipeline_s"),
+        "predicted_grad_sync_s": p["sim"].grad_sync_s,
+        "predicted_step_overhead_s": p["step_overhead_s"],
+        "measured_schedule_step_s": med("schedule_step_s"),
+        "replay_pipeline_s": med("replay_pipeline_s"),
+        "replay_mean_pipeline_s": med("replay_mean_pipeline_s"),
+        "stage_costs_predicted_s": {"F": c.comp[:, 0].tolist(), "B": c.comp[:, 1].tolist(), "W": c.comp[:, 2].tolist(), "send": c.send.tolist()},
+        "stage_costs_measured_s": np.median(np.array([x["stage_meas_s"] for x in per_round]), axis=0).tolist(),
+        "bubble_fraction_predicted": p["sim"].bubble_fraction,
+        "stage_to_pp_rank": p["sim"].stage_to_pp_rank,
+        "backward": p["profile"]["meta"]["backward"],
+        "rounds": per_round,
+    }
+    return row, profile
+
+
+def summarise(args, rows: dict, probe: dict | None, allreduce_s: float, profiles_used: dict, loads: tuple, info: dict,
+              t_start: float) -> dict:
+    """The results JSON."""
+    load_before, load_after = loads
     worst = max(abs(r["paired_relative_error"]) for r in rows.values())
     result = {
         "worst_relative_error": worst,
@@ -489,9 +501,12 @@ def main() -> None:
         "wall_s": time.perf_counter() - t_start,
         "provenance": info,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_json(args.out, result)
+    return result
 
+
+def print_table(out: str, rows: dict, probe: dict | None, allreduce_s: float, loads: tuple, result: dict) -> None:
+    load_before, load_after = loads
+    worst = result["worst_relative_error"]
     print(f"{'schedule':<17} {'measured':>9} {'predicted':>9} {'rel.err':>8} {'paired':>7} {'no_ovh':>7} {'ovh_ms':>6} {'1speed':>7} {'loadcorr':>8} {'pipe(sim)':>9} {'overhead':>8} {'sched.step':>10} {'replay':>8} {'replay_mean':>11}")
     for name, r in rows.items():
         print(f"{name:<17} {r['measured_s']:>9.4f} {r['predicted_s']:>9.4f} {r['relative_error']:>+8.3f} {r['paired_relative_error']:>+7.3f} "
@@ -500,9 +515,33 @@ def main() -> None:
               f"{r['predicted_pipeline_s']:>9.4f} {r['predicted_step_overhead_s']:>8.4f} {r['measured_schedule_step_s']:>10.4f} {r['replay_pipeline_s']:>8.4f} {r['replay_mean_pipeline_s']:>11.4f}")
     link = f"activation transfer {probe['latency_us'][0][1]:.0f} us one way" if probe else "local_cpu nominal links"
     print(f"links: {link}; small all_reduce {1e6 * allreduce_s:.0f} us; loadavg {load_before[0]:.1f}->{load_after[0]:.1f}; wall {result['wall_s']:.0f} s")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     print(f"worst relative error over {len(rows)} schedules: paired {worst:.4f}, unpaired {result['worst_relative_error_unpaired']:.4f}")
     print(f"worst_relative_error={worst:.4f}")
+
+
+def main() -> None:
+    args = parse_args()
+    args.out = fc.check_output(args)
+    info = fc.provenance(args, {n: overrides_for(n, args) for n in args.schedules})
+    t_start = time.perf_counter()
+    cfgs = {n: compose(overrides_for(n, args)) for n in args.schedules}
+    ranks, load_before, load_after = measure(args, cfgs)
+    probe, allreduce_s = link_model(ranks, args.no_probe)
+
+    rows, profiles_used = {}, {}
+    for name in args.schedules:
+        per_round, slot_profiles = [], []
+        for i in range(args.rounds):
+            row, prof = round_row(name, cfgs[name], [r["rounds"][i][name] for r in ranks], probe, allreduce_s)
+            per_round.append(row)
+            slot_profiles.append(prof)
+        rows[name], profiles_used[name] = schedule_row(cfgs[name], per_round, slot_profiles, probe, allreduce_s)
+    result = summarise(args, rows, probe, allreduce_s, profiles_used, (load_before, load_after), info, t_start)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_json(args.out, result)
+    print_table(args.out, rows, probe, allreduce_s, (load_before, load_after), result)
+
 
 
 if __name__ == "__main__":
