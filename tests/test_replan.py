@@ -181,7 +181,8 @@ def test_one_process_logs_advisory_decisions(tmp_path, capsys):
 
     cfg = compose_cfg(["model.d_model=32", "model.n_heads=2", "model.ffn_hidden=64", "model.n_layers=2", "moe.num_experts=4",
                        "moe.expert_hidden=32", "train.batch_size=4", "train.seq_len=16", "train.steps=5", "train.eval_every=0",
-                       "train.eval_batches=1", "data.max_bytes=100000", "logger.progress=none", "placer.name=topo", "placer.interval=2"])
+                       "train.eval_batches=1", "train.log_every=2", "data.max_bytes=100000", "logger.progress=none", "placer.name=topo",
+                       "placer.interval=2"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -196,3 +197,4 @@ def test_one_process_logs_advisory_decisions(tmp_path, capsys):
     assert place["mode"] == "advisory" and place["replans"] == 2 and place["would_migrate"] == 0
     assert [e["step"] for e in place["events"]] == [2, 4] and place["events"][0]["reason"] == replans[0]["reason"]
     assert "is advisory" in capsys.readouterr().err
+    assert rows.index(replans[0]) == rows.index(next(r for r in rows if r["step"] == 2 and "loss" in r)) + 1  # after the step's row

@@ -304,8 +304,12 @@ def _loop(cfg: MoepipeConfig, trainer, logger: MetricsLogger, run_dir: str, conf
             if in_a_row > MAX_CONSECUTIVE_SKIPS:
                 raise NonFiniteLossError(f"{err} ({in_a_row} non-finite steps in a row, train.on_nonfinite=skip gives up)") from None
             logger.event({"step": step + 1, "event": "skipped", "reason": str(err)})
+        advisory = []
         for event in trainer.after_step(step + 1):  # re-placement and migration events
-            logger.event(event)
+            if event.get("advisory"):
+                advisory.append(event)  # changes nothing about this step: logged after its row
+            else:
+                logger.event(event)
             if event.get("event") == "replan":
                 replans.append(event)
         done = step + 1
@@ -336,6 +340,8 @@ def _loop(cfg: MoepipeConfig, trainer, logger: MetricsLogger, run_dir: str, conf
             logger.event({"step": done, "val_loss": val_loss})
         else:
             logger.tick(done)
+        for event in advisory:
+            logger.event(event)
         stopping = stop.agreed(trainer)
         if stopping or (t.ckpt_every and (done % t.ckpt_every == 0 or done == t.steps)):
             began = time.perf_counter()
