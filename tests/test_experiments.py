@@ -129,7 +129,9 @@ def test_results_dir_needs_a_clean_checkout_or_allow_dirty(tmp_path, monkeypatch
     ap = argparse.ArgumentParser()
     fc.add_output_args(ap, str(tmp_path / "results" / "x.json"))
     states = {"state": "0" * 40 + "-dirty"}
-    monkeypatch.setattr(fc, "_git_state", lambda path: states["state"])
+    import moepipe.train.run_info as run_info
+
+    monkeypatch.setattr(run_info, "git_state", lambda path: states["state"])  # check_output looks it up there
     with pytest.raises(SystemExit, match="dirty checkout"):
         fc.check_output(ap.parse_args([]))
     assert fc.check_output(ap.parse_args(["--allow-dirty"])) == str(tmp_path / "results" / "x.json")
