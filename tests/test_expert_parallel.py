@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from moepipe.config import MoEConfig
 from moepipe.model.moe import MoELayer
-from moepipe.parallel.expert_parallel import ExpertParallelDispatcher, segment_permutation
+from moepipe.model.expert_dispatch import ExpertParallelDispatcher, segment_permutation
 
 from dist_utils import run_distributed, save
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from moepipe.config import MoEConfig
 from moepipe.model.moe import MoELayer
 from moepipe.model.router import route
-from moepipe.parallel.expert_parallel import ExpertParallelDispatcher
+from moepipe.model.expert_dispatch import ExpertParallelDispatcher
 
 from dist_utils import run_distributed
 

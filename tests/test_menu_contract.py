@@ -4,7 +4,7 @@ what it says.
 ROWS maps (group, option) to the runs that exercise it: (mode, overrides, check). Modes:
   train1  one process, in place (moepipe.train.loop.train with a kept Trainer);
   dist    the launcher's spawned workers (moepipe.train.launch.launch), for options that need a mesh;
-  sim     moepipe.sim.cli.run, for shapes and clusters too large for CPU.
+  sim     moepipe.cli.sim.run, for shapes and clusters too large for CPU.
 Every run must write summary.json; `check` then asserts what the option changes (dropped tokens,
 the schedule class that ran, the plan the placer chose, ...). Runs with the same mode and
 overrides are shared by their rows. An option file in conf/ without a row fails the suite.
@@ -120,7 +120,7 @@ def run_dist(overrides: list[str], run_dir: Path) -> Result:
 
 
 def run_sim(overrides: list[str], run_dir: Path) -> Result:
-    from moepipe.sim.cli import run
+    from moepipe.cli.sim import run
 
     summary = run(compose_cfg(overrides, validated=False, single_process=False), run_dir)
     assert (run_dir / "summary.json").is_file() and (run_dir / "plan.json").is_file()

@@ -14,7 +14,7 @@ KEYS = ("iteration_time_s", "bubble_fraction", "lower_bound_s", "balanced_bound_
 
 def run_cli(tmp_path, *overrides, timeout=60):
     env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, "-m", "moepipe.sim.cli", f"hydra.run.dir={tmp_path}", *overrides],
+    return subprocess.run([sys.executable, "-m", "moepipe.cli.sim", f"hydra.run.dir={tmp_path}", *overrides],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -71,7 +71,7 @@ SKEWED = ["parallel=pp2_ep2", "model.n_layers=4", "schedule.microbatches=4", "si
 
 def simulate_in_process(tmp_path, name, *overrides):
     from conftest import compose_cfg
-    from moepipe.sim.cli import run, summary_line
+    from moepipe.cli.sim import run, summary_line
 
     s = run(compose_cfg(list(overrides), validated=False, single_process=False), tmp_path / name)
     return s, summary_line(s)

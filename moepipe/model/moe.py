@@ -189,13 +189,14 @@ class MoELayer(nn.Module):
 
     def attach_expert_group(self, holders: list[list[int]], ep_rank: int, ep_group, a2a: str = "flat", local_size: int = 1) -> None:
         """The runtime's expert parallelism: experts live on the EP ranks `holders` names. `a2a` and
-        `local_size` (ranks per node) choose the exchange; config validation admits only flat here."""
+        `local_size` (ranks per node) choose the exchange (moepipe.model.all_to_all)."""
         import torch.distributed as dist
 
         if dist.get_world_size(ep_group) > 1:
-            from moepipe.parallel.expert_parallel import ExpertParallelDispatcher
+            from moepipe.model.all_to_all import exchange_for
+            from moepipe.model.expert_dispatch import ExpertParallelDispatcher
 
-            self.dispatcher = ExpertParallelDispatcher(holders, ep_rank, ep_group, self.num_experts)
+            self.dispatcher = ExpertParallelDispatcher(holders, ep_rank, ep_group, self.num_experts, exchange_for(a2a, local_size))
 
     def update_expert_bias(self, load: torch.Tensor | None = None) -> None:
         """Aux-loss-free balancing step; `load` defaults to the demand counted since reset."""

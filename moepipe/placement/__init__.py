@@ -1,8 +1,7 @@
-"""Placement: topology, plan, model spec and cost model (pure python/numpy, no process groups)."""
-from moepipe.placement.plan import Plan, experts_on_rank, from_json, global_rank, mesh_coords, static_plan, to_json, validate_plan
-from moepipe.placement.topology import Topology, detect_topology, from_config
+"""Placement: where blocks and experts run. Pure python/numpy, no process groups.
 
-__all__ = [
-    "Plan", "Topology", "detect_topology", "experts_on_rank", "from_config", "from_json",
-    "global_rank", "mesh_coords", "static_plan", "to_json", "validate_plan",
-]
+topology.py (the cluster), plan.py (a placement), model_spec.py and cost_model.py (what a
+block costs), workloads.py and forecast.py (expert load), placers/ (the placers) and
+replan.py (the re-plan loop). Import the module you need: this package imports nothing, so
+reading the topology (config validation does) does not pull in the rest.
+"""

@@ -8,37 +8,26 @@ Per MoE layer and microbatch, on every rank of the layer's EP group:
   3. regroup what arrived from (source, expert) order into (expert, source) order, run each
      local expert on its contiguous slice, and undo the regrouping;
   4. combine: the reverse all-to-all brings results home, where they are weighted and summed.
-The all-to-alls are autograd functions (the backward of one is the other, with the splits
-swapped), so the backward pass moves gradients the same way without a counts exchange.
+The all-to-alls (moepipe.model.all_to_all, flat or hierarchical) are autograd functions (the
+backward of one is the other, with the splits swapped), so the backward pass moves gradients
+the same way without a counts exchange. The runtime hands in the EP group; this module
+creates no process group.
 All ranks of an EP group run the same schedule, so they meet at every collective in order.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from moepipe.model.all_to_all import flat_all_to_all
 from moepipe.model.moe import combine, run_experts_sorted
 from moepipe.model.router import Routing
 
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        back = grad.new_empty((sum(ctx.in_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return back, None, None, None
-
-
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+# (x, out_splits, in_splits, group) -> rows received: moepipe.model.all_to_all
+Exchange = Callable[[torch.Tensor, list, list, object], torch.Tensor]
 
 
 def segment_permutation(counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
@@ -71,10 +60,10 @@ class ExpertParallelDispatcher:
     size is derived from it.
     """
 
-    def __init__(self, holders: list[list[int]], ep_rank: int, group, num_experts: int):
+    def __init__(self, holders: list[list[int]], ep_rank: int, group, num_experts: int, exchange: Exchange = flat_all_to_all):
         if len(holders) != num_experts or any(not h for h in holders):
             raise ValueError(f"expert holders must list at least one EP rank for each of {num_experts} experts")
-        self.ep_rank, self.group, self.num_experts = ep_rank, group, num_experts
+        self.ep_rank, self.group, self.num_experts, self.exchange = ep_rank, group, num_experts, exchange
         self.ep = dist.get_world_size(group)
         width = max(len(h) for h in holders)
         # Row E stands for assignments dropped by the capacity (routing gives them expert id
@@ -122,7 +111,7 @@ class ExpertParallelDispatcher:
         #    order, and puts the dropped ones (target ep) last, where the kept count cuts them off
         order = torch.argsort(target, stable=True)[: sum(in_splits)]
         tokens = routing.all_token_idx[order]
-        received = all_to_all(x[tokens], out_splits, in_splits, self.group)
+        received = self.exchange(x[tokens], out_splits, in_splits, self.group)
 
         # 3. local experts on contiguous slices
         perm = segment_permutation(recv_counts, sum(out_splits))
@@ -132,5 +121,5 @@ class ExpertParallelDispatcher:
         y_received = y_by_expert[inverse]
 
         # 4. combine at home
-        y = all_to_all(y_received, in_splits, out_splits, self.group)
+        y = self.exchange(y_received, in_splits, out_splits, self.group)
         return combine(x, y, routing.all_weights[order], tokens)
