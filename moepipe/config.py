@@ -385,9 +385,11 @@ def _check_schedule(cfg: MoepipeConfig) -> None:
         )
     if spec.style == "v" and sch.virtual_stages != 2:
         raise ConfigError(f"schedule.virtual_stages={sch.virtual_stages} but schedule.name={sch.name} runs exactly 2 stages per rank: set schedule.virtual_stages=2")
-    if sch.name == "dualpipev" and sch.microbatches < n_stages:
-        raise ConfigError(f"schedule.microbatches={sch.microbatches} < {n_stages} stages: dualpipev needs schedule.microbatches >= 2*parallel.pp")
-    if sch.name in ("interleaved_1f1b", "interleaved_zb"):
+    # torch's own constraints, by class, so a plug-in spec reusing a class gets them too
+    cls = str(spec.torch_class).rpartition(":")[2]
+    if cls == "ScheduleDualPipeV" and sch.microbatches < n_stages:
+        raise ConfigError(f"schedule.microbatches={sch.microbatches} < {n_stages} stages: {sch.name} needs schedule.microbatches >= 2*parallel.pp")
+    if cls in ("ScheduleInterleaved1F1B", "ScheduleInterleavedZeroBubble"):
         rounds = max(1, sch.microbatches // par.pp)
         if sch.microbatches % rounds:
             raise ConfigError(

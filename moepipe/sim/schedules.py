@@ -1,10 +1,13 @@
 """Per-rank action orders of the pipeline schedules.
 
-GPipe and 1F1B are generated here. The multi-stage schedules (interleaved_1f1b,
-interleaved_zb, zbv, dualpipev) take the order torch.distributed.pipelining computes
-(`pipeline_order`), so the simulator predicts the very order the runtime executes: the
+A schedule name is looked up in the plug-in registry (a moepipe.plugins.ScheduleSpec), so a
+user's schedule is simulated and placed like a built-in. GPipe and 1F1B are generated here.
+Schedules whose torch class computes a `pipeline_order` (the multi-stage ones: interleaved_1f1b,
+interleaved_zb, zbv, dualpipev, and a user's subclass of torch's PipelineScheduleMulti) take the
+order torch computes, so the simulator predicts the very order the runtime executes: the
 schedule classes are built on lightweight stand-in stages (only group_size, group_rank,
 num_stages, stage_index are read when the order is computed; no process group is touched).
+A spec may instead name its own order function (`ScheduleSpec.order`).
 """
 from __future__ import annotations
 
@@ -15,16 +18,13 @@ from typing import Optional
 
 from moepipe.config import ConfigError
 from moepipe.placement.plan import stage_assignment
+from moepipe.plugins.builtins import ScheduleSpec
+from moepipe.plugins.registry import import_path, resolve
 
 KINDS = ("F", "B", "I", "W", "FB")  # forward, full backward, backward-input, backward-weight, overlapped F+B pair
 
-TORCH_CLASSES = {
-    "interleaved_1f1b": "ScheduleInterleaved1F1B",
-    "interleaved_zb": "ScheduleInterleavedZeroBubble",
-    "zbv": "ScheduleZBVZeroBubble",
-    "dualpipev": "ScheduleDualPipeV",
-}
-V_STYLE = ("zbv", "dualpipev")
+# torch's single-stage classes compute no pipeline_order: their orders are generated here
+_GPIPE, _1F1B = "torch.distributed.pipelining:ScheduleGPipe", "torch.distributed.pipelining:Schedule1F1B"
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,12 @@ def _convert(a) -> Action:
     return Action(kind, int(a.stage_index), int(a.microbatch_index))
 
 
-@lru_cache(maxsize=64)
-def _torch_order_cached(name: str, pp: int, v: int, m: int) -> tuple[tuple[tuple[Action, ...], ...], tuple[int, ...]]:
-    from torch.distributed.pipelining import schedules as S
+def _torch_class(spec: ScheduleSpec):
+    return import_path(spec.torch_class) if isinstance(spec.torch_class, str) else spec.torch_class
 
-    cls = getattr(S, TORCH_CLASSES[name])
+
+@lru_cache(maxsize=64)
+def _torch_order_cached(name: str, cls, pp: int, v: int, m: int) -> tuple[tuple[tuple[Action, ...], ...], tuple[int, ...]]:
     n = pp * v
     # Stand-ins for PipelineStage: the order computation reads only these attributes.
     stages = [
@@ -95,26 +96,51 @@ def _torch_order_cached(name: str, pp: int, v: int, m: int) -> tuple[tuple[tuple
 
 
 def torch_order(name: str, pp: int, v: int, m: int) -> tuple[Order, list[int]]:
-    """(order, stage -> pp rank) exactly as torch's schedule class computes them."""
-    order, mapping = _torch_order_cached(name, pp, v, m)
+    """(order, stage -> pp rank) exactly as the schedule's torch class computes them."""
+    order, mapping = _torch_order_cached(name, _torch_class(resolve("schedule", name)), pp, v, m)
     return {r: list(acts) for r, acts in enumerate(order)}, list(mapping)
 
 
+def _own_order(name: str, spec: ScheduleSpec, pp: int, v: int, m: int) -> tuple[Order, list[int]]:
+    """A spec's `order` function: (pp, virtual_stages, microbatches) -> per pp rank, a list of
+    (kind, stage, microbatch) with kind in F, B, I, W."""
+    fn = import_path(spec.order) if isinstance(spec.order, str) else spec.order
+    lists = fn(pp, v, m)
+    try:
+        order = {r: [Action(str(k), int(st), int(mb)) for k, st, mb in lists[r]] for r in range(pp)}
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise ConfigError(f"schedule.name={name}: its order function must return, per pp rank 0..{pp - 1}, a list of "
+                          f"(kind, stage, microbatch): {type(err).__name__}: {err}") from None
+    bad = sorted({a.kind for acts in order.values() for a in acts} - {"F", "B", "I", "W"})
+    if bad:
+        raise ConfigError(f"schedule.name={name}: its order uses action kinds {bad}; use F, B, I, W")
+    return order, stage_assignment(pp, v, spec.style)
+
+
 def schedule_order(name: str, pp: int, virtual_stages: int, m: int) -> tuple[Order, list[int]]:
-    """(per-rank action order, pp rank of each stage) for a schedule name of conf/schedule."""
-    if name in ("gpipe", "1f1b"):
+    """(per-rank action order, pp rank of each stage) for a schedule name: conf/schedule, a
+    registered plug-in or an import path to a ScheduleSpec."""
+    spec = resolve("schedule", name)
+    if spec.order is not None:
+        return _own_order(name, spec, pp, virtual_stages, m)
+    if spec.torch_class in (_GPIPE, _1F1B):
         if virtual_stages != 1:
             raise ConfigError(f"schedule.virtual_stages={virtual_stages} with schedule.name={name}: single-stage schedules need 1")
-        return (gpipe_order if name == "gpipe" else one_f_one_b_order)(pp, m), list(range(pp))
-    if name not in TORCH_CLASSES:
-        raise ConfigError(f"schedule.name={name!r} is not known: choose one of gpipe, 1f1b, {', '.join(TORCH_CLASSES)}")
-    if name in V_STYLE and virtual_stages != 2:
+        return (gpipe_order if spec.torch_class == _GPIPE else one_f_one_b_order)(pp, m), list(range(pp))
+    if spec.style == "v" and virtual_stages != 2:
         raise ConfigError(f"schedule.virtual_stages={virtual_stages} with schedule.name={name}: V schedules need exactly 2")
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti
+
+    if not issubclass(_torch_class(spec), PipelineScheduleMulti):
+        raise ConfigError(f"schedule.name={name}: the simulator cannot derive the order of single-stage class {spec.torch_class}: "
+                          "give its ScheduleSpec an `order` function (pp, virtual_stages, microbatches) -> per-rank actions")
     order, mapping = torch_order(name, pp, virtual_stages, m)
-    assert mapping == stage_assignment(pp, virtual_stages, plan_style(name)), "torch changed its stage assignment"
+    if mapping != stage_assignment(pp, virtual_stages, spec.style):
+        raise ConfigError(f"schedule.name={name}: its torch class puts stages on ranks {mapping}, not as style={spec.style!r} "
+                          f"says ({stage_assignment(pp, virtual_stages, spec.style)}): fix the ScheduleSpec's style")
     return order, mapping
 
 
 def plan_style(name: str) -> str:
-    """How a plan for this schedule assigns stages to pipeline ranks."""
-    return "v" if name in V_STYLE else "loop"
+    """How a plan for this schedule assigns stages to pipeline ranks (its ScheduleSpec's style)."""
+    return resolve("schedule", name).style
