@@ -34,7 +34,8 @@ from torch import nn
 
 from moepipe.config import ConfigError, MoEConfig
 from moepipe.model.layers import SwiGLU
-from moepipe.model.moe import AttachAuxLoss, RoutingStats
+from moepipe.model.moe import AttachAuxLoss
+from moepipe.model.routing_stats import RoutingStats
 from moepipe.model.router import Router, load_balancing_loss, router_z_loss
 
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from moepipe.config import ConfigError, MoepipeConfig, moe_layer_ids
 from moepipe.data import build_corpus, slice_for_rank, train_batch, val_batches
 from moepipe.model import MoETransformer, count_parameters, lm_loss
-from moepipe.model.moe import RoutingStats
+from moepipe.model.routing_stats import RoutingStats
 from moepipe.parallel.grad_sync import ExpertReplicas, clip_gradients, global_grad_norm, split_params, sync_gradients
 from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
