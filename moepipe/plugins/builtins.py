@@ -12,10 +12,11 @@ from typing import NamedTuple
 class ScheduleSpec(NamedTuple):
     """A pipeline schedule: the torch.distributed.pipelining class (an import path), how a plan
     places its stages on pipeline ranks ("loop": s % pp, "v": down then back up), whether a
-    rank runs several stages (schedule.virtual_stages > 1), and optionally the order the
-    simulator and placers assume (an import path to `(pp, virtual_stages, microbatches) ->
-    per-rank lists of (kind, stage, microbatch)`); without it the order is torch's
-    `pipeline_order` (multi-stage classes) or generated (GPipe, 1F1B)."""
+    rank runs several stages (schedule.virtual_stages > 1), and optionally the order the class
+    executes, for the simulator and placers (a function or import path: `(pp, virtual_stages,
+    microbatches) -> per pp rank a list of (kind, stage, microbatch)`, kind F/B/I/W); needed
+    only for a single-stage class, since torch reports no order for those; without it the
+    order is torch's `pipeline_order` (multi-stage classes) or generated (GPipe, 1F1B)."""
 
     torch_class: str
     style: str = "loop"

@@ -4,7 +4,9 @@ A name resolves, in this order, to
   1. something registered in this process with `@register(kind, name)` (a user's own code),
   2. a built-in (moepipe.plugins.builtins),
   3. an import path "pkg.module:attr" given in the config (placer.name=mypkg.placers:greedy),
-  4. an installed package's entry point in group `moepipe.<kind>` (importlib.metadata).
+  4. an installed package's entry point in group `moepipe.<kind>` (importlib.metadata),
+  5. a dotted path as Hydra's `_target_` writes it (placer.name=mypkg.placers.greedy), found by
+     Hydra's own locator (hydra.utils.get_object).
 Nothing is imported until a name is resolved, and a resolved name is cached.
 """
 from __future__ import annotations
@@ -74,8 +76,8 @@ def import_path(path: str) -> Any:
 
 
 def _unknown(kind: str, name: str, field: str, why: str = "") -> Exception:
-    how = (f"or add one: {field}=pkg.module:attr, @moepipe.plugins.register({kind!r}, name), "
-           f"or an entry point in group moepipe.{kind}")
+    how = (f"or add one: {field}=pkg.module:attr (or Hydra's _target_ form pkg.module.attr), "
+           f"@moepipe.plugins.register({kind!r}, name), or an entry point in group moepipe.{kind}")
     return _config_error(f"{field}={name!r} is not known{why}: choose one of {', '.join(known(kind))} ({how})")
 
 
@@ -99,11 +101,25 @@ def resolve(kind: str, name: str, field: str | None = None) -> Any:
             raise _unknown(kind, name, field, f" (import failed: {type(err).__name__}: {err})") from None
     else:
         eps = [ep for ep in metadata.entry_points(group=f"moepipe.{kind}") if ep.name == name]
-        if not eps:
+        if eps:
+            obj = eps[0].load()
+        elif "." in name:
+            obj = _hydra_target(kind, name, field)
+        else:
             raise _unknown(kind, name, field)
-        obj = eps[0].load()
     _resolved[key] = obj
     return obj
+
+
+def _hydra_target(kind: str, name: str, field: str) -> Any:
+    """`name` as a Hydra `_target_` (pkg.module.attr), located the way Hydra instantiates one."""
+    from hydra._internal.utils import _locate  # hydra.utils.get_object minus its error log line
+
+    try:
+        return _locate(name)
+    except Exception as err:  # Hydra re-raises failures to locate with several lines: keep one
+        why = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise _unknown(kind, name, field, f" (as a Hydra _target_: {why})") from None
 
 
 def is_builtin(kind: str, name: str) -> bool:
