@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -103,6 +103,9 @@ class PlacerConfig:
     min_gain_frac: float = 0.02  # migrate only when the predicted per-step saving exceeds this fraction (hysteresis)
     ema_decay: float = 0.8  # weight of the past in the EMA of expert load and block times the placer reads
     forecast: str = "ema"  # expert-load forecast the placer plans for: ema | last | a plug-in (pkg.module:attr)
+    # One process only: advise for this [pp, ep, dp] mesh (the re-plans it would make there,
+    # from this run's routing statistics); null advises for the one-device job itself
+    advise_mesh: Optional[list[int]] = None
 
 
 @dataclass
@@ -306,6 +309,7 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     _check_optim(cfg.optim)
     _check_sim(cfg.sim)
     _check_workload(cfg)
+    _check_advise_mesh(cfg)
     if cfg.moe.num_experts:  # what the backend cannot honour (fairscale/tutel), in its own module
         _plugin("moe_backend", cfg.moe.backend).check_config(cfg)
     _check_measurement(cfg)
@@ -428,6 +432,41 @@ def _check_placer(pc: PlacerConfig) -> None:
     if not 0 <= pc.ema_decay < 1:
         raise ConfigError(f"placer.ema_decay={pc.ema_decay} must be in [0, 1): e.g. 0.8")
     _plugin("forecaster", pc.forecast)
+
+
+def advisory_config(cfg: MoepipeConfig) -> MoepipeConfig:
+    """The config a one-process run's advisory re-plans plan for: its own, or placer.advise_mesh's mesh."""
+    mesh = cfg.placer.advise_mesh
+    if not mesh:
+        return cfg
+    pp, ep, dp = (int(x) for x in mesh)
+    return replace(cfg, parallel=replace(cfg.parallel, pp=pp, ep=ep, dp=dp))
+
+
+def _check_advise_mesh(cfg: MoepipeConfig) -> None:
+    """placer.advise_mesh: [pp, ep, dp] of a mesh this model and schedule could run on."""
+    mesh = cfg.placer.advise_mesh
+    if not mesh:
+        return
+    value = list(mesh)
+    if len(value) != 3 or any(int(x) < 1 for x in value):
+        raise ConfigError(f"placer.advise_mesh={value} must be three positive integers [pp, ep, dp]: e.g. placer.advise_mesh=[2,2,1]")
+    if world_size(cfg) > 1:
+        raise ConfigError(f"placer.advise_mesh={value} is for one-process runs (parallel.pp*ep*dp={world_size(cfg)} re-plans its own mesh): "
+                          "remove placer.advise_mesh")
+    target = advisory_config(cfg)
+    try:
+        _check_parallel(target)
+        _check_schedule(target)
+        _check_mesh(target)
+    except ConfigError as err:
+        raise ConfigError(f"placer.advise_mesh={value} does not fit this job ({err})") from None
+    from moepipe.placement.topology import from_config  # imports this module: import late
+
+    devices = from_config(cfg.topology).n_devices
+    if world_size(target) > devices:
+        raise ConfigError(f"placer.advise_mesh={value} needs {world_size(target)} devices but topology={cfg.topology.name} has {devices}: "
+                          "pick a larger topology")
 
 
 def _check_data(d: DataConfig) -> None:

@@ -582,4 +582,4 @@ def test_summary_prints_what_the_placer_did(root, capsys):
     assert f"measured {e['measured_before_s']:.3g} -> {e['measured_after_s']:.3g} s" in out
     single = result("train1", ("parallel=single", "placer=topo"), root)
     print_summary(single.summary)
-    assert "placer topo: placer.name=topo placer.interval=50 is advisory (parallel.pp*ep*dp=1)" in capsys.readouterr().out
+    assert "placer topo (advisory, for pp1 x ep1 x dp1): 0 re-plan(s), would migrate 0 time(s)" in capsys.readouterr().out

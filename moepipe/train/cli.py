@@ -44,6 +44,14 @@ def placement_lines(p: dict | None) -> list[str]:
     if not p:
         return []
     head = f"  placer {p['placer']}"
+    if p.get("mode") == "advisory":
+        pp, ep, dp = p["advise_mesh"]
+        lines = [f"{head} (advisory, for pp{pp} x ep{ep} x dp{dp}): {p['replans']} re-plan(s), would migrate {p['would_migrate']} time(s)"]
+        for e in p.get("events", []):
+            what = (f"would migrate, layers {e.get('advised_stage_layers')}, {e.get('advised_replicas', 0)} replica(s)"
+                    if e["migrate"] else f"would keep ({e['reason']})")
+            lines.append(f"    step {e['step']}: {what}; predicted step time {_change(e['predicted_old_s'], e['predicted_new_s'])}")
+        return lines
     if p.get("mode") != "replanning":
         return [f"{head}: {p.get('note', 'fixed layout')}"]
     lines = [

@@ -100,9 +100,14 @@ def single_process_placer_note(cfg: MoepipeConfig) -> str | None:
     if pc.name == "static" or pc.interval <= 0:
         return None
     # a notice, not an error: error lines alone start with "moepipe:" (scripts count them)
-    return (f"moepipe (one process): placer.name={pc.name} placer.interval={pc.interval} is advisory (parallel.pp*ep*dp=1): "
-            "one process holds every layer and expert, so there is nothing to move; its decisions are logged as "
-            "advisory replan events; use parallel.pp>1 or parallel.ep>1 to re-plan")
+    head = f"moepipe (one process): placer.name={pc.name} placer.interval={pc.interval} is advisory (parallel.pp*ep*dp=1): "
+    if pc.advise_mesh:
+        pp, ep, dp = pc.advise_mesh
+        return (head + f"nothing moves; it plans for placer.advise_mesh=[{pp},{ep},{dp}] (pp x ep x dp) from this run's routing "
+                "statistics and logs what it would do there as advisory replan events")
+    return (head + "one process holds every layer and expert, so there is nothing to move; its decisions are logged as "
+            "advisory replan events; set placer.advise_mesh=[pp,ep,dp] to see what it would do on that mesh, or use "
+            "parallel.pp>1 or parallel.ep>1 to re-plan")
 
 
 class Trainer:
@@ -130,14 +135,17 @@ class Trainer:
         self.speed = emulated_speed(cfg)
         self.slowdown = SlowDevice(self.model, self.speed) if self.speed < 1 else None
         # advisory re-plan loop: observes every step and logs the decision the configured placer
-        # would take for this (one-device) job; None when no re-planning placer is configured
+        # would take for this job, or for placer.advise_mesh's mesh (starting from its static
+        # plan, then following its own advice); None when no re-planning placer is configured
         self.replan = None
         if single_process_placer_note(cfg):
+            from moepipe.config import advisory_config, world_size
             from moepipe.placement.replan import ReplanLoop, default_plan
             from moepipe.placement.topology import from_config
 
-            self.replan = ReplanLoop(cfg, lambda: from_config(cfg.topology, 1))
-            self._layout = default_plan(cfg)  # not `plan`: checkpoints record a trainer's plan only when it can move
+            target = advisory_config(cfg)
+            self.replan = ReplanLoop(target, lambda: from_config(cfg.topology, world_size(target)))
+            self._layout = default_plan(target)  # not `plan`: checkpoints record a trainer's plan only when it can move
 
     def _autocast(self):
         return autocast_context(self.device, self.amp_dtype)
@@ -178,6 +186,8 @@ class Trainer:
         if self.replan is not None:
             demand = {lid: s.demand.double().numpy() for lid, s in stats.items()}
             self.replan.observe(step, demand, None, result.seconds)
+            if cfg.placer.advise_mesh:  # this device's step time is not the advised mesh's: judge in model units
+                self.replan.step_time_ema = None
         return result
 
     def parameter_counts(self) -> dict[str, int]:
@@ -188,7 +198,15 @@ class Trainer:
         the decision the placer would take (logged, nothing moves)."""
         if self.replan is None or not self.replan.due(done):
             return []
-        return [self.replan.event(done, self.replan.propose(done, self._layout), advisory=True)]
+        decision = self.replan.propose(done, self._layout)
+        advice = {}
+        if decision.get("migrate"):  # the advised mesh's layout follows its own advice (nothing moves here)
+            from moepipe.placement.plan import from_json
+
+            self._layout = from_json(decision["plan"])
+            advice = {"advised_stage_layers": [list(b) for b in self._layout.stage_layers],
+                      "advised_replicas": sum(len(h) - 1 for holders in self._layout.expert_map.values() for h in holders)}
+        return [self.replan.event(done, decision, advisory=True) | advice]
 
     def placer_state(self) -> dict[str, torch.Tensor]:
         """The advisory loop's statistics (same keys as the distributed trainer's), for checkpoints."""
@@ -390,7 +408,8 @@ def _stage_layers(plan_json: str | None) -> list | None:
 def _advisory_event(e: dict) -> dict:
     """One advisory decision for summary.json: what the placer would have done and why."""
     keys = ("step", "migrate", "reason", "predicted_old_s", "predicted_new_s", "expected_gain_s", "predicted_migration_s", "solve_s")
-    return {k: e.get(k) for k in keys}
+    advice = {k: e[k] for k in ("advised_stage_layers", "advised_replicas") if k in e}
+    return {k: e.get(k) for k in keys} | advice
 
 
 def placement_summary(cfg: MoepipeConfig, trainer, replans: list[dict], seconds_of: dict[int, float], start: int) -> dict:
@@ -406,6 +425,7 @@ def placement_summary(cfg: MoepipeConfig, trainer, replans: list[dict], seconds_
         if not note:
             return out
         return out | {"replans": len(replans), "would_migrate": sum(bool(e.get("migrate")) for e in replans),
+                      "advise_mesh": list(pc.advise_mesh) if pc.advise_mesh else [1, 1, 1],
                       "events": [_advisory_event(e) for e in replans]}
     if pc.interval <= 0:
         out |= {"mode": "fixed", "note": f"placer.interval={pc.interval}: the starting plan is kept"}
