@@ -109,10 +109,14 @@ class CostModel:
       embed_work [3], head_work [3]
     """
 
-    def __init__(self, spec: ModelSpec, efficiency: float = 0.5, profile: Optional[Profile | Mapping | str] = None, ep_splits_tokens: bool = True):
+    def __init__(self, spec: ModelSpec, efficiency: float = 0.5, profile: Optional[Profile | Mapping | str] = None, ep_splits_tokens: bool = True,
+                 a2a: str = "flat"):
         if not 0 < efficiency <= 1:
             raise ConfigError(f"cost_model.efficiency={efficiency} must be in (0, 1]: the fraction of sustained FLOP/s a layer reaches")
+        if a2a not in A2A_MODES:
+            raise ConfigError(f"parallel.a2a={a2a!r} is not one of {list(A2A_MODES)}: pick one")
         self.spec, self.efficiency, self.ep_splits_tokens = spec, efficiency, ep_splits_tokens
+        self.a2a = a2a  # parallel.a2a: how the expert all-to-all is modelled (flat | hierarchical)
         L = spec.n_layers
         self.dense_work = np.zeros((L, 3))
         self.expert_work = np.zeros((L, 3))
@@ -164,7 +168,7 @@ class CostModel:
         if ph == 2:
             return float(comp.max())
         bpt = self.spec.hidden_bytes_per_token if bytes_per_token is None else bytes_per_token
-        return float(comp.max() + 2 * topology.dispatch_time(routed * bpt, group))
+        return float(comp.max() + exchange_time(None, routed * bpt, group, topology, self.a2a))
 
     def work_per_microbatch(self) -> np.ndarray:
         """[3] FLOP-equivalents of one microbatch through the whole model (one pipeline replica)."""
@@ -192,14 +196,17 @@ class StageCosts:
     grad_sync_s: float  # data-parallel gradient all-reduce after the pipeline drains
     work: np.ndarray  # [3] FLOP-equivalents per microbatch per replica
     rates: np.ndarray  # [pp, dp, ep] effective FLOP/s of every device
+    a2a_msgs_intra: int = 0  # all-to-all messages per microbatch, forward + backward, all replicas
+    a2a_msgs_inter: int = 0
 
 
-def routed_tokens(plan: Plan, spec: ModelSpec, routing: Any = None) -> np.ndarray:
-    """[n_moe_layers, ep] token-expert assignments per microbatch landing on each EP rank.
+def routed_tokens(plan: Plan, spec: ModelSpec, routing: Any = None, fractions: bool = False) -> np.ndarray:
+    """[n_moe_layers, ep] token-expert assignments per microbatch landing on each EP rank, if
+    replicas of an expert shared its tokens equally (the estimate placers search with; the
+    runtime's nearest-replica rule is `layer_exchanges`). `fractions`: the [n_moe, E] shares.
 
     `routing` gives per-expert counts per MoE layer ([n_moe, E] array, or {layer: [E]}); only
     proportions matter: each layer is rescaled to tokens_per_microbatch * top_k. None: uniform.
-    Replicas of an expert share its tokens equally.
     """
     moe = spec.moe_layers
     E = spec.num_experts
@@ -217,6 +224,8 @@ def routed_tokens(plan: Plan, spec: ModelSpec, routing: Any = None) -> np.ndarra
         raise ConfigError("routing has a negative or non-finite count: token counts are >= 0")
     tot = counts.sum(1, keepdims=True)
     frac = np.where(tot > 0, counts / np.where(tot > 0, tot, 1), 1.0 / E)
+    if fractions:
+        return frac
     share = np.zeros((len(moe), E, plan.ep))
     for li, l in enumerate(moe):
         for e, ranks in enumerate(plan.expert_map[l]):
@@ -224,8 +233,33 @@ def routed_tokens(plan: Plan, spec: ModelSpec, routing: Any = None) -> np.ndarra
     return np.einsum("le,ler->lr", frac, share) * spec.tokens_per_microbatch * spec.top_k
 
 
+def rule_local_size(topology: Topology) -> int:
+    """Ranks per node as the runtime's replica rule sees them (topology.devices_per_node): the
+    size of the first device's node."""
+    return max(1, int((topology.node_of == topology.node_of[0]).sum()))
+
+
+def layer_exchanges(cm: "CostModel", plan: Plan, topology: Topology, routing: Any = None, origins: Any = None
+                    ) -> tuple[np.ndarray, list[Optional[np.ndarray]]]:
+    """Every MoE layer's dispatch under the nearest-replica rule: (routed [n_moe, ep], tokens per
+    layer: [ep, ep] source -> destination assignments, or None for the even pattern)."""
+    spec = cm.spec
+    moe = spec.moe_layers
+    if not moe:
+        return np.zeros((0, plan.ep)), []
+    frac = routed_tokens(plan, spec, routing, fractions=True)  # [n_moe, E]
+    share = origin_shares(origins, moe, plan.ep, spec.num_experts)
+    nodes = rule_nodes(plan.ep, rule_local_size(topology))
+    assign = spec.tokens_per_microbatch * spec.top_k
+    routed, tokens = np.zeros((len(moe), plan.ep)), []
+    for li, l in enumerate(moe):
+        routed[li], t = layer_exchange(plan.expert_map[l], frac[li], assign, nodes, None if share is None else share[li])
+        tokens.append(t)
+    return routed, tokens
+
+
 def stage_costs(
-    cm: CostModel, plan: Plan, topology: Topology, routing: Any = None, free_comm: bool = False, grad_bytes: int = 4
+    cm: CostModel, plan: Plan, topology: Topology, routing: Any = None, free_comm: bool = False, grad_bytes: int = 4, origins: Any = None
 ) -> StageCosts:
     spec = cm.spec
     if topology.n_devices < plan.world_size:
@@ -237,8 +271,9 @@ def stage_costs(
     T_e = T / plan.ep if cm.ep_splits_tokens else T
     bpt = spec.hidden_bytes_per_token
     ckpt = spec.activation_checkpointing
-    routed = routed_tokens(plan, spec, routing)  # [n_moe, ep]
+    routed, tokens = layer_exchanges(cm, plan, topology, routing, origins)  # [n_moe, ep], per layer [ep, ep] or None
     moe_row = {l: i for i, l in enumerate(spec.moe_layers)}
+    msgs_i = msgs_x = 0
 
     comp = np.zeros((S, 3))
     a2a = np.zeros((S, 3))
@@ -269,11 +304,16 @@ def stage_costs(
                 t = t + cm.expert_work[l][:, None, None] * routed_l[None, None, :] / r[None]
                 act[s] += lay.expert_act_elems * routed_l[None, :] * spec.dtype_bytes
                 if not free_comm and plan.ep > 1:
+                    tok = tokens[moe_row[l]]
+                    tok_b = None if tok is None else tok * bpt
+                    passes = 2 * (3 if ckpt else 2)  # dispatch + combine; fwd and bwd (and the recomputed fwd)
                     for d in range(plan.dp):
-                        a2a_s[d] += 2 * topology.dispatch_time(routed_l * bpt, grid[p, d])  # dispatch + combine
-                        i_b, x_b = topology.dispatch_bytes_split(routed_l * bpt, grid[p, d])
-                        intra += 2 * i_b * (3 if ckpt else 2)  # fwd and bwd (and the recomputed fwd)
-                        inter += 2 * x_b * (3 if ckpt else 2)
+                        a2a_s[d] += exchange_time(tok_b, routed_l * bpt, grid[p, d], topology, cm.a2a)
+                        i_b, x_b, i_m, x_m = exchange_traffic(tok_b, routed_l * bpt, grid[p, d], topology, cm.a2a)
+                        intra += passes * i_b
+                        inter += passes * x_b
+                        msgs_i += passes * i_m
+                        msgs_x += passes * x_m
             comp_s += t.max(-1)
             busy[s] += t
         comp[s] = comp_s.max(-1)
@@ -293,7 +333,7 @@ def stage_costs(
                 send[s] = float(np.max(topology.p2p_time(T_e * bpt, grid[p], grid[q])))
 
     grad = 0.0 if free_comm else _grad_sync(cm, plan, topology, grid, grad_bytes)
-    return StageCosts(comp, a2a, send, act, busy, intra, inter, p2p_bytes, grad, cm.work_per_microbatch(), rates)
+    return StageCosts(comp, a2a, send, act, busy, intra, inter, p2p_bytes, grad, cm.work_per_microbatch(), rates, msgs_i, msgs_x)
 
 
 def _grad_sync(cm: CostModel, plan: Plan, topology: Topology, grid: np.ndarray, grad_bytes: int) -> float:
@@ -318,3 +358,284 @@ def _grad_sync(cm: CostModel, plan: Plan, topology: Topology, grid: np.ndarray, 
             t_exp = max(topology.all_reduce_time(float(n_exp[e]) * grad_bytes, grid[p, :, e]) for e in range(plan.ep))
         worst = max(worst, t + t_exp)
     return worst
+
+
+# ------------------------------------------------------------------ nearest-replica routing
+#
+# One rule, shared by the runtime dispatcher (integer token counts, torch tensors on the
+# device) and the cost model (expected counts, numpy floats): a source EP rank sends its tokens
+# for expert e to e's copy on its own rank; else to e's copies in its own node; else to any
+# copy. Within a tier the pooled tokens water-fill the copies' loads (the tokens each copy
+# already got from the tiers before, so a lightly used copy takes more), and sources are
+# matched to copies by the overlap of their cumulative ranges (source order, copy order), which
+# is exact in integers and identical on every rank given the same counts.
+
+
+class _NumpyOps:
+    @staticmethod
+    def sort(x):  # stable, along the last axis
+        idx = np.argsort(x, axis=-1, kind="stable")
+        return np.take_along_axis(x, idx, -1), idx
+
+    take = staticmethod(lambda x, idx: np.take_along_axis(x, idx, -1))
+    where = staticmethod(np.where)
+    maximum = staticmethod(np.maximum)
+    minimum = staticmethod(np.minimum)
+
+    @staticmethod
+    def unsort(x, idx):
+        out = np.empty_like(x)
+        np.put_along_axis(out, idx, x, -1)
+        return out
+
+    @staticmethod
+    def arange(n, like):
+        return np.arange(1, n + 1, dtype=like.dtype)
+
+    @staticmethod
+    def integer(x):
+        return np.issubdtype(x.dtype, np.integer)
+
+
+class _TorchOps:
+    def __init__(self):
+        import torch  # only when the runtime hands in tensors: the cost model stays numpy-only
+
+        self.torch = torch
+
+    def sort(self, x):
+        out = self.torch.sort(x, dim=-1, stable=True)
+        return out.values, out.indices
+
+    def take(self, x, idx):
+        return self.torch.take_along_dim(x, idx, -1)
+
+    def where(self, c, a, b):
+        return self.torch.where(c, a, b)
+
+    def maximum(self, a, b):
+        return self.torch.clamp(a, min=b) if not isinstance(b, self.torch.Tensor) else self.torch.maximum(a, b)
+
+    def minimum(self, a, b):
+        return self.torch.minimum(a, b)
+
+    def unsort(self, x, idx):
+        return self.torch.empty_like(x).scatter_(-1, idx, x)
+
+    def arange(self, n, like):
+        return self.torch.arange(1, n + 1, dtype=like.dtype, device=like.device)
+
+    @staticmethod
+    def integer(x):
+        return not x.is_floating_point()
+
+
+_OPS: dict = {}
+
+
+def _ops_for(x):
+    kind = "np" if isinstance(x, np.ndarray) else "torch"
+    if kind not in _OPS:
+        _OPS[kind] = _NumpyOps() if kind == "np" else _TorchOps()
+    return _OPS[kind]
+
+
+@dataclass
+class CopyTable:
+    """Where each expert's copies are, seen from every source EP rank (static per plan layer).
+    Arrays are numpy; `to(convert)` maps them (the runtime makes device tensors once)."""
+
+    slot: Any  # [E, W] EP rank of e's k-th copy (holders order), padded with the first copy
+    valid: Any  # [E, W] bool: a real copy
+    own: Any  # [ep, E, W] bool: copy k of e is on source rank s
+    near: Any  # [ep, E, W] bool: copy k of e is on source s's node (own rank included)
+    copy_node: Any  # [E, W] node of copy k (-1 for padding)
+    node_of: Any  # [ep] node of each EP rank
+    nodes: tuple  # distinct nodes, ascending
+
+    def to(self, convert) -> "CopyTable":
+        return CopyTable(*(convert(getattr(self, f)) for f in ("slot", "valid", "own", "near", "copy_node", "node_of")), self.nodes)
+
+
+def rule_nodes(ep: int, local_size: int) -> np.ndarray:
+    """The EP rank -> node map the replica rule uses: consecutive EP ranks share a node,
+    `local_size` (topology.devices_per_node) to a node. EP groups are consecutive global ranks
+    (rank = ep_rank + ep*(...)), so whenever ep divides, or is a multiple of, the node size this
+    is every group's real layout; otherwise the rule (not the results) is merely suboptimal."""
+    if int(local_size) < 1:
+        raise ConfigError(f"topology.devices_per_node={local_size} must be >= 1: give the ranks per node")
+    return np.arange(int(ep)) // int(local_size)
+
+
+def copy_table(holders: Any, node_of: Any) -> CopyTable:
+    """The static table of `split_over_copies` for one layer: holders[e] lists e's EP ranks."""
+    node_of = np.asarray(node_of, dtype=np.int64)
+    ep, E = len(node_of), len(holders)
+    if E == 0 or any(len(h) == 0 or len(set(h)) != len(h) or min(h) < 0 or max(h) >= ep for h in holders):
+        raise ConfigError(f"expert holders={list(map(list, holders))} must list distinct EP ranks in [0, {ep}) for every expert: fix the plan's expert_map")
+    W = max(len(h) for h in holders)
+    slot = np.array([list(h) + [h[0]] * (W - len(h)) for h in holders], dtype=np.int64)
+    valid = np.arange(W)[None, :] < np.array([len(h) for h in holders])[:, None]
+    copy_node = np.where(valid, node_of[slot], -1)
+    own = valid[None] & (slot[None] == np.arange(ep)[:, None, None])
+    near = valid[None] & (copy_node[None] == node_of[:, None, None])
+    return CopyTable(slot, valid, own, near, copy_node, node_of, tuple(int(n) for n in np.unique(node_of)))
+
+
+def _waterfill(ops, load, mask, pool, integer: bool):
+    """[E, W] extra tokens per copy: `pool[e]` tokens poured on the masked copies of e, lowest
+    load first, up to a common level. Integers: the level's remainder goes one token each to the
+    lowest-loaded copies (ties: holders order)."""
+    W = load.shape[-1]
+    big = load.sum() + pool.sum() + 1  # above any level: unmasked copies sort last
+    ls, order = ops.sort(ops.where(mask, load, big + 0 * load))
+    ms = ops.take(mask, order)
+    lz = ops.where(ms, ls, 0 * ls)
+    cum = lz.cumsum(-1)
+    j = ops.arange(W, lz)
+    active = ms & (lz * j < pool[:, None] + cum)  # a prefix: the copies below the final level
+    k = active.sum(-1)
+    kc = ops.maximum(k, 1)
+    num = pool + ops.take(cum, (kc - 1)[:, None])[:, 0]
+    if integer:
+        q = num // kc
+        r = num - q * kc
+        xs = q[:, None] - lz + ((j - 1) < r[:, None])
+    else:
+        xs = (num / kc)[:, None] - lz
+    return ops.unsort(ops.where(active, xs, 0 * xs), order)
+
+
+def _overlap(ops, c, x):
+    """[ep, E, W] tokens from source s to copy k: the overlap of s's range in the cumulative
+    source counts c [ep, E] with k's range in the cumulative copy intake x [E, W]."""
+    c_hi, x_hi = c.cumsum(0), x.cumsum(-1)
+    lo = ops.maximum((c_hi - c)[:, :, None], (x_hi - x)[None])
+    return ops.maximum(ops.minimum(c_hi[:, :, None], x_hi[None]) - lo, 0)
+
+
+def split_over_copies(counts: Any, table: CopyTable) -> Any:
+    """[ep, E, W] tokens source s sends to expert e's k-th copy under the nearest-replica rule,
+    from counts [ep, E] (tokens each source routes to each expert). Integer counts (the
+    runtime, torch tensors on any device, no host read) give integer splits; float counts (the
+    cost model, numpy) give the same rule on expected counts. Every row sums to its count."""
+    ops = _ops_for(counts)
+    integer = ops.integer(counts)
+    own, near = table.own, table.near
+    has_own, has_near = own.any(-1), near.any(-1)
+    out = counts[..., None] * own
+    load = out.sum(0)
+    c1 = counts * (has_near & ~has_own)  # no copy here, one in this node
+    for n in table.nodes:
+        c = c1 * (table.node_of == n)[:, None]
+        x = _waterfill(ops, load, table.copy_node == n, c.sum(0), integer)
+        out = out + _overlap(ops, c, x)
+        load = load + x
+    c2 = counts * ~has_near  # no copy in this node: any copy, by load
+    out = out + _overlap(ops, c2, _waterfill(ops, load, table.valid, c2.sum(0), integer))
+    return out
+
+
+# ------------------------------------------------------------------ token origins and the exchange
+
+A2A_MODES = ("flat", "hierarchical")
+
+
+def origin_shares(origins: Any, moe_layers: Any, ep: int, num_experts: int) -> Optional[np.ndarray]:
+    """[n_moe, ep, E]: the share of expert e's tokens that start on EP rank s (columns sum to 1),
+    from origin counts ([n_moe, ep, E] or {layer: [ep, E]}, proportions only). None: tokens
+    start evenly spread (1/ep each), as without origin statistics."""
+    if origins is None:
+        return None
+    moe = list(moe_layers)
+    o = np.array([np.asarray(origins[l], dtype=np.float64) for l in moe]) if isinstance(origins, Mapping) else np.asarray(origins, dtype=np.float64)
+    if o.shape != (len(moe), ep, num_experts):
+        raise ConfigError(f"origins has shape {o.shape}, expected ({len(moe)}, {ep}, {num_experts}) = (MoE layers, EP ranks, experts): "
+                          "give tokens per source EP rank per expert for every MoE layer")
+    if (o < 0).any() or not np.isfinite(o).all():
+        raise ConfigError("origins has a negative or non-finite count: token counts are >= 0")
+    tot = o.sum(1, keepdims=True)
+    return np.where(tot > 0, o / np.where(tot > 0, tot, 1), 1.0 / ep)
+
+
+def layer_exchange(holders: Any, frac: np.ndarray, assign: float, node_of: np.ndarray, share: Optional[np.ndarray] = None
+                   ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """One MoE layer's dispatch: (routed [ep] assignments each EP rank's experts receive, tokens
+    [ep, ep] source -> destination, or None when every expert has one copy and tokens start
+    evenly spread: then the exchange is `Topology.dispatch_time`'s pattern, kept for exact
+    agreement with earlier results). `frac` [E]: the layer's share per expert; `assign`:
+    assignments per microbatch; `share` [ep, E]: origin shares (None = even);
+    `node_of` [ep]: the rule's node per EP rank (`rule_nodes`)."""
+    ep, E = len(node_of), len(holders)
+    lens = np.fromiter(map(len, holders), dtype=np.int64, count=E)
+    cols = np.fromiter(chain.from_iterable(holders), dtype=np.int64, count=int(lens.sum()))
+    if share is None and (lens == 1).all():
+        return np.bincount(cols, weights=frac, minlength=ep) * assign, None
+    counts = (np.full((ep, E), 1.0 / ep) if share is None else share) * frac[None, :] * assign  # [ep, E]
+    single = lens == 1
+    tokens = np.zeros((ep, ep))
+    if single.any():  # one copy: the rule is trivial
+        np.add.at(tokens.T, cols[np.repeat(single, lens)], counts[:, single].T)
+    rep = np.flatnonzero(~single)
+    if len(rep):
+        table = copy_table([holders[e] for e in rep], node_of)
+        split = split_over_copies(counts[:, rep], table)  # [ep, R, W]
+        dst = np.broadcast_to(table.slot[None], split.shape)
+        np.add.at(tokens, (np.broadcast_to(np.arange(ep)[:, None, None], split.shape), dst), split)
+    return tokens.sum(0), tokens
+
+
+def _hier_phases(tokens: np.ndarray, group: Any, topology: Topology) -> tuple[np.ndarray, np.ndarray]:
+    """Tutel's 2DH order as two exchanges: (within each node: s -> the rank of s's node with the
+    destination's local index, across nodes: that rank -> the destination)."""
+    node = topology.node_of[np.asarray(group, dtype=np.int64)]
+    local = np.zeros(len(node), dtype=np.int64)
+    sizes = {}
+    for i, n in enumerate(node):
+        local[i] = sizes.get(n, 0)
+        sizes[n] = local[i] + 1
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(f"parallel.a2a=hierarchical needs the EP group to hold as many ranks on every node it spans (it has {sorted(sizes.values())}): "
+                          "pick parallel.ep as a multiple or divisor of topology.devices_per_node, or parallel.a2a=flat")
+    same_node = node[:, None] == node[None, :]
+    same_local = local[:, None] == local[None, :]
+    intra = (tokens @ same_local) * same_node  # [s, r]: s hands r what goes to r's local index anywhere
+    inter = (same_node.astype(np.float64) @ tokens) * (same_local & ~same_node)  # [r, d]: node(r)'s tokens for d
+    return intra, inter
+
+
+def exchange_time(tokens_bytes: Optional[np.ndarray], routed_bytes: np.ndarray, group: Any, topology: Topology, a2a: str = "flat") -> float:
+    """Seconds of one MoE layer's dispatch + combine on `group`: `tokens_bytes` [ep, ep] source ->
+    destination bytes (None: evenly spread origins, `routed_bytes` [ep] received per rank)."""
+    if a2a == "flat":
+        if tokens_bytes is None:
+            return 2 * topology.dispatch_time(routed_bytes, group)
+        return float(topology.all_to_all_time(tokens_bytes, group) + topology.all_to_all_time(tokens_bytes.T, group))
+    b = np.broadcast_to(routed_bytes[None, :] / len(routed_bytes), (len(routed_bytes),) * 2) if tokens_bytes is None else tokens_bytes
+    t = 0.0
+    for phase in _hier_phases(b, group, topology):  # dispatch: intra then inter; combine: the reverse exchanges
+        t += topology.all_to_all_time(phase, group) + topology.all_to_all_time(phase.T, group)
+    return float(t)
+
+
+def exchange_traffic(tokens_bytes: Optional[np.ndarray], routed_bytes: np.ndarray, group: Any, topology: Topology, a2a: str = "flat"
+                     ) -> tuple[float, float, int, int]:
+    """(intra-node bytes, inter-node bytes, intra-node messages, inter-node messages) of one
+    dispatch (the combine moves the same back). Bytes a rank keeps are not counted."""
+    g = np.asarray(group, dtype=np.int64)
+    n = len(g)
+    if a2a == "flat" and tokens_bytes is None:
+        i_b, x_b = topology.dispatch_bytes_split(routed_bytes, g)
+        b = np.broadcast_to(routed_bytes[None, :] / n, (n, n))
+        phases = [b]
+    else:
+        b = np.broadcast_to(routed_bytes[None, :] / n, (n, n)) if tokens_bytes is None else tokens_bytes
+        phases = [b] if a2a == "flat" else list(_hier_phases(b, g, topology))
+        i_b = x_b = None
+    same = topology.same_node(g[:, None], g[None, :])
+    off = ~np.eye(n, dtype=bool)
+    ib = sum(float((p * (same & off)).sum()) for p in phases)
+    xb = sum(float((p * ~same).sum()) for p in phases)
+    im = sum(int(((p > 0) & same & off).sum()) for p in phases)
+    xm = sum(int(((p > 0) & ~same).sum()) for p in phases)
+    return (ib if i_b is None else i_b), (xb if x_b is None else x_b), im, xm

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from moepipe.config import ConfigError
-from moepipe.placement.cost_model import CostModel, StageCosts, stage_costs
+from moepipe.placement.cost_model import CostModel, StageCosts, exchange_time, stage_costs
 from moepipe.placement.plan import Plan, rank_grid, validate_plan
 from moepipe.placement.topology import Topology
 from moepipe.sim import engine
@@ -46,6 +46,9 @@ class SimResult:
     timeline: engine.Timeline
     stage_to_pp_rank: list[int]
     costs: Optional[StageCosts] = field(default=None, repr=False)
+    a2a_mode: str = "flat"  # parallel.a2a modelled: flat | hierarchical (Tutel's 2DH order)
+    a2a_messages_intra_node: int = 0  # all-to-all messages per iteration (every rank, every exchange)
+    a2a_messages_inter_node: int = 0
 
     def summary(self) -> dict[str, Any]:
         """Plain JSON-able numbers (no timeline)."""
@@ -68,6 +71,9 @@ class SimResult:
             "peak_inflight_microbatches": [int(x) for x in self.peak_inflight],
             "a2a_bytes_intra_node": self.a2a_bytes_intra_node,
             "a2a_bytes_inter_node": self.a2a_bytes_inter_node,
+            "a2a_mode": self.a2a_mode,
+            "a2a_messages_intra_node": self.a2a_messages_intra_node,
+            "a2a_messages_inter_node": self.a2a_messages_inter_node,
             "p2p_bytes": self.p2p_bytes,
             "busy_s": [float(x) for x in self.busy_s],
             "stage_to_pp_rank": list(self.stage_to_pp_rank),
@@ -106,10 +112,11 @@ def balanced_comm_costs(cost_model: CostModel, plan: Plan, topology: Topology, n
     """The communication every placement on this mesh pays, spread evenly: ([3] all-to-all
     seconds per action (F, B, W), gradient all-reduce seconds).
 
-    All-to-all: routed tokens start evenly spread over the EP group and replicas split their
-    expert's tokens evenly, so the bytes a layer's dispatch moves, and how many cross nodes, do
-    not depend on the placement; only their balance does, and an even split (every member
-    receiving T*top_k/ep tokens) is the fastest. Each MoE layer pays that on the cheapest
+    All-to-all: with routed tokens evenly spread over the EP group at the start, the bytes a
+    layer's dispatch moves, and how many cross nodes, depend on the placement only through
+    replicas on the senders' own ranks and nodes; the bound takes an even split (every member
+    receiving T*top_k/ep tokens, from every member alike) in the job's all-to-all mode. Skewed
+    origins let a placement keep tokens at home, so with them this is no lower bound. Each MoE layer pays that on the cheapest
     pipeline rank's EP group, and the layers are shared evenly by the stages. Stage-boundary
     sends depend only on the schedule's stage -> rank map, so the simulator's own are used.
     Gradient sync: every pipeline rank holding 1/pp of the dense (and, with dp > 1, expert)
@@ -120,7 +127,7 @@ def balanced_comm_costs(cost_model: CostModel, plan: Plan, topology: Topology, n
     a2a = np.zeros(3)
     if spec.moe_layers and plan.ep > 1:
         even = np.full(plan.ep, spec.tokens_per_microbatch * spec.top_k / plan.ep * spec.hidden_bytes_per_token)
-        per_layer = min(max(2 * topology.dispatch_time(even, grid[p, d]) for d in range(plan.dp)) for p in range(plan.pp))
+        per_layer = min(max(exchange_time(None, even, grid[p, d], topology, cost_model.a2a) for d in range(plan.dp)) for p in range(plan.pp))
         a2a[0] = a2a[1] = per_layer * len(spec.moe_layers) / n_stages
         if spec.activation_checkpointing:  # backward first recomputes the forward, dispatch included
             a2a[1] += a2a[0]
@@ -145,9 +152,14 @@ def simulate(
     routing: Any = None,
     free_comm: bool = False,
     action_overhead_s: Any = 0.0,
+    origins: Any = None,
 ) -> SimResult:
     """Simulate one iteration. `routing`: tokens per expert per MoE layer ([n_moe, E] or
-    {layer: [E]}; proportions only; None = uniform). `free_comm`: all transfers cost nothing.
+    {layer: [E]}; proportions only; None = uniform). `origins`: where those tokens start,
+    tokens per source EP rank per expert ([n_moe, ep, E] or {layer: [ep, E]}; per expert only
+    the split over sources matters; None = evenly spread). Replicated experts take tokens by
+    the runtime's nearest-replica rule, and the all-to-all follows `cost_model.a2a`.
+    `free_comm`: all transfers cost nothing.
     `action_overhead_s`: the runtime's fixed cost per action (scalar or per pipeline rank;
     `moepipe.sim.calibrate.fit_action_overhead` measures it), 0 = an ideal runtime."""
     spec = cost_model.spec
@@ -161,7 +173,7 @@ def simulate(
             f"plan.stage_to_pp_rank={list(plan.stage_to_pp_rank)} does not match schedule.name={schedule} ({s2r}): "
             "build the plan with the schedule's style (loop for interleaved, v for zbv/dualpipev)"
         )
-    costs = stage_costs(cost_model, plan, topology, routing, free_comm=free_comm)
+    costs = stage_costs(cost_model, plan, topology, routing, free_comm=free_comm, origins=origins)
     res = engine.run(order, s2r, microbatches, costs.comp, costs.a2a, costs.send, action_overhead_s)
     m, S = microbatches, plan.n_stages
     pipeline = res.makespan
@@ -218,4 +230,7 @@ def simulate(
         timeline=res.timeline,
         stage_to_pp_rank=s2r,
         costs=costs,
+        a2a_mode=cost_model.a2a,
+        a2a_messages_intra_node=int(costs.a2a_msgs_intra * m),
+        a2a_messages_inter_node=int(costs.a2a_msgs_inter * m),
     )

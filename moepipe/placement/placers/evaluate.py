@@ -18,9 +18,9 @@ from typing import Optional
 import numpy as np
 
 from moepipe.config import ConfigError
-from moepipe.placement.cost_model import _grad_sync
+from moepipe.placement.cost_model import _grad_sync, exchange_time, layer_exchange, rule_local_size, rule_nodes
 from moepipe.placement.plan import Plan, rank_grid
-from moepipe.placement.placers.inputs import BYTES_PER_PARAM_TRAIN, PlacementInputs, effective_cost_model, load_fractions
+from moepipe.placement.placers.inputs import BYTES_PER_PARAM_TRAIN, PlacementInputs, effective_cost_model, load_fractions, origin_fractions
 from moepipe.sim import engine
 from moepipe.sim.schedules import schedule_order
 
@@ -55,6 +55,8 @@ class Evaluator:
         self.order, self.s2r = schedule_order(inputs.schedule, pp, inputs.virtual_stages, inputs.microbatches)
         self.n_stages = len(self.s2r)
         self.frac = load_fractions(inputs)  # [n_moe, E]
+        self.origin_share = origin_fractions(inputs)  # [n_moe, ep, E] or None (tokens start evenly spread)
+        self.rule_nodes = rule_nodes(ep, rule_local_size(topo))  # the replica rule's node per EP rank
         self.moe = list(spec.moe_layers)
         self.moe_row = {l: i for i, l in enumerate(self.moe)}
         self.is_moe = np.array([l.is_moe for l in spec.layers], dtype=bool)
@@ -90,16 +92,21 @@ class Evaluator:
         self._static: Optional[Plan] = None
 
     # ------------------------------------------------------------------ per-layer times
-    def routed(self, plan: Plan) -> np.ndarray:
-        """[n_moe, ep] token-expert assignments per microbatch on each EP rank (replicas share equally)."""
-        ep = plan.ep
-        out = np.zeros((len(self.moe), ep))
+    def exchanges(self, plan: Plan) -> tuple[np.ndarray, list]:
+        """(routed [n_moe, ep] token-expert assignments per microbatch on each EP rank, per layer
+        the [ep, ep] source -> destination tokens or None for the even pattern): the runtime's
+        nearest-replica rule on the inputs' origins (cost_model.layer_exchange, as the simulator)."""
+        out = np.zeros((len(self.moe), plan.ep))
+        tokens = []
         for li, l in enumerate(self.moe):
-            m = plan.expert_map[l]
-            lens = np.fromiter(map(len, m), dtype=np.int64, count=len(m))
-            cols = np.fromiter(chain.from_iterable(m), dtype=np.int64, count=int(lens.sum()))
-            out[li] = np.bincount(cols, weights=np.repeat(self.frac[li] / lens, lens), minlength=ep)
-        return out * self.assign
+            share = None if self.origin_share is None else self.origin_share[li]
+            out[li], t = layer_exchange(plan.expert_map[l], self.frac[li], self.assign, self.rule_nodes, share)
+            tokens.append(t)
+        return out, tokens
+
+    def routed(self, plan: Plan) -> np.ndarray:
+        """[n_moe, ep] token-expert assignments per microbatch on each EP rank."""
+        return self.exchanges(plan)[0]
 
     def _layers_of(self, plan: Plan):
         """(routed, (comp, a2a)) of a plan's expert map, memoised on the map object (placers
@@ -107,16 +114,17 @@ class Evaluator:
         key = id(plan.expert_map)
         hit = self._memo.get(key)
         if hit is None or hit[0] is not plan.expert_map:
-            routed = self.routed(plan)
-            hit = (plan.expert_map, routed, self.layer_times(routed))
+            routed, tokens = self.exchanges(plan)
+            hit = (plan.expert_map, routed, self.layer_times(routed, tokens))
             if len(self._memo) > 16:
                 self._memo.clear()
             self._memo[key] = hit
         return hit[1], hit[2]
 
-    def layer_times(self, routed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def layer_times(self, routed: np.ndarray, tokens: Optional[list] = None) -> tuple[np.ndarray, np.ndarray]:
         """(comp [L, pp, 3, dp]: slowest EP member per layer, a2a [L, pp, dp]: dispatch + combine
-        of one phase) for a given routed-token table, on every pipeline rank."""
+        of one phase) for a given routed-token table, on every pipeline rank. `tokens` (from
+        `exchanges`): per layer source -> destination tokens; None: tokens start evenly spread."""
         cm, L = self.cm, self.spec.n_layers
         t = self.dense_t.copy()
         if self.moe:
@@ -125,7 +133,12 @@ class Evaluator:
         comp = t.max(-1)
         a2a = np.zeros((L, self.inputs.pp, self.inputs.dp))
         if self.moe and self.inputs.ep > 1:
-            per_class = np.stack([2 * np.atleast_1d(self.topo.dispatch_time(routed * self.bpt, g)) for g in self.class_group], -1)
+            if cm.a2a == "flat" and (tokens is None or all(t is None for t in tokens)):
+                per_class = np.stack([2 * np.atleast_1d(self.topo.dispatch_time(routed * self.bpt, g)) for g in self.class_group], -1)
+            else:
+                tokens = [None] * len(self.moe) if tokens is None else tokens
+                per_class = np.array([[exchange_time(None if t is None else t * self.bpt, r * self.bpt, g, self.topo, cm.a2a) for g in self.class_group]
+                                      for r, t in zip(routed, tokens)])
             a2a[self.moe] = per_class[:, self.group_class]  # [n_moe, pp, dp]
         return comp, a2a
 

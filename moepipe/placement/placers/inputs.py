@@ -31,6 +31,7 @@ class PlacementInputs:
     microbatches: int
     expert_load: Optional[dict[int, np.ndarray]] = None  # moe layer -> tokens per expert per step (EMA); None = uniform
     layer_times: Optional[np.ndarray] = None  # seconds per block per step (fwd+bwd) on a nominal device; None = cost model
+    origins: Optional[dict[int, np.ndarray]] = None  # moe layer -> [ep, E] tokens per source EP rank per expert (EMA); None = evenly spread
 
     @property
     def world(self) -> int:
@@ -42,7 +43,8 @@ class PlacementInputs:
 
 
 def inputs_from_config(
-    cfg: MoepipeConfig, topology: Optional[Topology] = None, expert_load: Optional[dict] = None, layer_times: Optional[np.ndarray] = None
+    cfg: MoepipeConfig, topology: Optional[Topology] = None, expert_load: Optional[dict] = None, layer_times: Optional[np.ndarray] = None,
+    origins: Optional[dict] = None,
 ) -> PlacementInputs:
     """The placer inputs of a validated config (the simulator's conventions for dtype and cost model)."""
     from moepipe.sim.schedules import plan_style
@@ -53,12 +55,12 @@ def inputs_from_config(
         raise ConfigError(f"parallel.pp*ep*dp={ws} > topology devices={topo.n_devices}: pick a larger topology")
     dtype = {"fp32": 4, "bf16": 2}.get(cfg.train.dtype) or (4 if topo.devices[0].kind == "cpu" else 2)
     spec = build_model_spec(cfg.model, cfg.moe, cfg.train, cfg.schedule.microbatches, cfg.parallel.dp, dtype_bytes=dtype)
-    cm = CostModel(spec, efficiency=cfg.sim.efficiency, profile=cfg.sim.profile)
+    cm = CostModel(spec, efficiency=cfg.sim.efficiency, profile=cfg.sim.profile, a2a=cfg.parallel.a2a)
     assert spec.moe_layers == moe_layer_ids(cfg.model, cfg.moe)
     return PlacementInputs(
         topology=topo, spec=spec, cost_model=cm, pp=cfg.parallel.pp, ep=cfg.parallel.ep, dp=cfg.parallel.dp,
         virtual_stages=cfg.schedule.virtual_stages, style=plan_style(cfg.schedule.name), schedule=cfg.schedule.name,
-        microbatches=cfg.schedule.microbatches, expert_load=expert_load, layer_times=layer_times,
+        microbatches=cfg.schedule.microbatches, expert_load=expert_load, layer_times=layer_times, origins=origins,
     )
 
 
@@ -84,6 +86,18 @@ def load_fractions(inputs: PlacementInputs) -> np.ndarray:
 def routing_of(inputs: PlacementInputs) -> Optional[np.ndarray]:
     """The routing argument for the simulator (None = uniform)."""
     return None if inputs.expert_load is None else load_fractions(inputs)
+
+
+def origins_of(inputs: PlacementInputs) -> Optional[dict[int, np.ndarray]]:
+    """The origins argument for the simulator (None = tokens start evenly spread)."""
+    return None if inputs.origins is None else dict(inputs.origins)
+
+
+def origin_fractions(inputs: PlacementInputs) -> Optional[np.ndarray]:
+    """[n_moe, ep, E] share of each expert's tokens starting on each EP rank, or None (even)."""
+    from moepipe.placement.cost_model import origin_shares
+
+    return origin_shares(inputs.origins, inputs.spec.moe_layers, inputs.ep, inputs.spec.num_experts) if inputs.spec.moe_layers else None
 
 
 def effective_cost_model(inputs: PlacementInputs) -> CostModel:
