@@ -102,7 +102,10 @@ class PlacerConfig:
     replica_slots: int = 0  # extra expert slots per EP rank per MoE layer (above ceil(E/ep)) for replicas of hot experts
     min_gain_frac: float = 0.02  # migrate only when the predicted per-step saving exceeds this fraction (hysteresis)
     ema_decay: float = 0.8  # weight of the past in the EMA of expert load and block times the placer reads
-    forecast: str = "ema"  # expert-load forecast the placer plans for: ema | last | a plug-in (pkg.module:attr)
+    forecast: str = "ema"  # expert-load forecast the placer plans for: ema | last | window | trend | periodic | a plug-in (pkg.module:attr)
+    # steps of expert-load history per MoE layer the forecaster reads (ema folds every step and
+    # keeps none); periodic finds periods up to half of it
+    forecast_window: int = 64
     # One process only: advise for this [pp, ep, dp] mesh (the re-plans it would make there,
     # from this run's routing statistics); null advises for the one-device job itself
     advise_mesh: Optional[list[int]] = None
@@ -465,6 +468,8 @@ def _check_advise_mesh(cfg: MoepipeConfig) -> None:
 
     devices = from_config(cfg.topology).n_devices
     if world_size(target) > devices:
+    if pc.forecast_window < 1:
+        raise ConfigError(f"placer.forecast_window={pc.forecast_window} must be an integer >= 1: steps of load history the forecaster reads, e.g. 64")
         raise ConfigError(f"placer.advise_mesh={value} needs {world_size(target)} devices but topology={cfg.topology.name} has {devices}: "
                           "pick a larger topology")
 

@@ -76,3 +76,59 @@ def test_ep_dispatch_matches_local(owners, capacity_factor, tmp_path):
     for n, g in expert_grad_sum.items():
         torch.testing.assert_close(g, ref_sum[n], rtol=1e-5, atol=1e-6)
     assert set(expert_grad_sum) <= set(ref_sum) and len(expert_grad_sum) > 0
+
+
+def _replica_worker(rank: int, world: int, holders: list[list[int]], cfg: MoEConfig, local_size: int, out_dir: str) -> None:
+    full = _layer(cfg)
+    local = _layer(cfg)
+    for key in list(local.experts.keys()):
+        if rank not in holders[int(key)]:
+            del local.experts[key]
+    local.dispatcher = ExpertParallelDispatcher(holders, rank, dist.group.WORLD, E, local_size=local_size)
+    gen = torch.Generator().manual_seed(200 + rank)
+    x = torch.randn(4 + 2 * rank, 4, D, generator=gen, requires_grad=True)
+    y = local(x)
+    (y * torch.arange(y.numel()).reshape(y.shape).cos()).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = full(x_ref)
+    (y_ref * torch.arange(y_ref.numel()).reshape(y_ref.shape).cos()).sum().backward()
+    # what each copy processed: the rule on the gathered counts, as every rank derives it
+    kept = torch.stack([torch.zeros(E, dtype=torch.long) for _ in range(world)])
+    dist.all_gather(list(kept.unbind(0)), local.stats.kept.clone())
+    save({"y": y.detach(), "y_ref": y_ref.detach(), "gx": x.grad, "gx_ref": x_ref.grad,
+          "grads": {n: p.grad for n, p in local.named_parameters() if p.grad is not None},
+          "ref_grads": {n: p.grad for n, p in full.named_parameters() if p.grad is not None},
+          "split": local.dispatcher.split(kept)}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_nearest_replica_dispatch_matches_local(capacity_factor, tmp_path):
+    # 4 ranks as 2 nodes x 2: expert 0 on every rank (own copy), 1 on ranks 0 and 1 (node 0 only:
+    # node 1 spreads over them), 2 on ranks 1 and 3 (own node everywhere), 3 on 0 and 2, rest single
+    holders = [[0, 1, 2, 3], [0, 1], [1, 3], [0, 2], [3], [2], [1], [0]]
+    cfg = MoEConfig(num_experts=E, top_k=2, expert_hidden=24, capacity_factor=capacity_factor, z_loss_coef=0.01)
+    run_distributed(_replica_worker, 4, holders, cfg, 2, str(tmp_path), timeout=200)
+    got, ref = {}, {}
+    splits = []
+    for r in range(4):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        torch.testing.assert_close(res["y"], res["y_ref"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(res["gx"], res["gx_ref"], rtol=1e-5, atol=1e-6)
+        for n, g in res["grads"].items():
+            if n.startswith("experts."):
+                got[n] = got.get(n, 0) + g
+        for n, g in res["ref_grads"].items():
+            if n.startswith("experts."):
+                ref[n] = ref.get(n, 0) + g
+        splits.append(res["split"])
+    # copies of an expert together got every rank's tokens for it: their summed gradients equal the reference's
+    for n, g in got.items():
+        torch.testing.assert_close(g, ref[n], rtol=1e-5, atol=1e-6)
+    assert set(got) == set(ref)
+    # every rank derived the same split, and each source's tokens for expert 0 stayed home
+    assert all(torch.equal(s, splits[0]) for s in splits)
+    split = splits[0]
+    for s in range(4):
+        assert split[s, 0, s] == split[s, 0].sum()  # holders of expert 0 are [0, 1, 2, 3]: copy s is rank s
+        assert split[s, 2, s // 2] == split[s, 2].sum()  # expert 2: rank 1 in node 0, rank 3 in node 1

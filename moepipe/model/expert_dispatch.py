@@ -25,6 +25,7 @@ from torch import nn
 from moepipe.model.all_to_all import flat_all_to_all
 from moepipe.model.moe import combine, run_experts_sorted
 from moepipe.model.router import Routing
+from moepipe.placement.cost_model import copy_table, rule_nodes, split_over_copies
 
 # (x, out_splits, in_splits, group) -> rows received: moepipe.model.all_to_all
 Exchange = Callable[[torch.Tensor, list, list, object], torch.Tensor]
@@ -49,60 +50,79 @@ def segment_permutation(counts: torch.Tensor, total: int | None = None) -> torch
 class ExpertParallelDispatcher:
     """Replaces a MoELayer's local dispatcher: experts live on the ranks the plan says.
 
-    `holders[e]` lists the EP ranks with a copy of expert e. A replicated expert's tokens are
-    split evenly across its copies: the j-th assignment to e on source rank s goes to copy
-    (j + s) mod n. Copies hold identical weights (their gradients are summed, see grad_sync),
-    so the split changes where the work runs, not the result.
+    `holders[e]` lists the EP ranks with a copy of expert e. A replicated expert's tokens go
+    to the nearest copy: one on the sender's own rank, else in its own node (`local_size`
+    consecutive EP ranks to a node), else spread over the copies by their load
+    (moepipe.placement.cost_model.split_over_copies, the rule the simulator models). Every rank
+    derives every sender's split from the all-gathered tokens per (source, expert), so no
+    other exchange is needed. Copies hold identical weights (their gradients are summed, see
+    grad_sync), so the split changes where the work runs, not the result.
 
-    Per layer and microbatch the host reads the device once: after the counts all-gather, this
-    rank's send sizes and receive sizes per (source, local expert) in one transfer. The
-    all-to-all needs them as host integers, so this read cannot be avoided; every other
-    size is derived from it.
+    Per layer and microbatch the host reads the device once: after the counts all-gather, the
+    group's send matrix and this rank's receive sizes per (source, local expert) in one
+    transfer. The all-to-all needs them as host integers, so this read cannot be avoided;
+    every other size is derived from it.
     """
 
-    def __init__(self, holders: list[list[int]], ep_rank: int, group, num_experts: int, exchange: Exchange = flat_all_to_all):
+    def __init__(self, holders: list[list[int]], ep_rank: int, group, num_experts: int, exchange: Exchange = flat_all_to_all,
+                 local_size: int = 1):
         if len(holders) != num_experts or any(not h for h in holders):
             raise ValueError(f"expert holders must list at least one EP rank for each of {num_experts} experts")
         self.ep_rank, self.group, self.num_experts, self.exchange = ep_rank, group, num_experts, exchange
         self.ep = dist.get_world_size(group)
-        width = max(len(h) for h in holders)
-        # Row E stands for assignments dropped by the capacity (routing gives them expert id
-        # E): their target is rank `ep`, past the group, so they are counted and sent nowhere.
-        self.n_copies = torch.tensor([len(h) for h in holders] + [1], dtype=torch.long)
-        # [E + 1, width] holder table, padded by repeating (never indexed past n_copies)
-        self.table = torch.tensor([h + [h[0]] * (width - len(h)) for h in holders] + [[self.ep] * width], dtype=torch.long)
+        self.copies = copy_table(holders, rule_nodes(self.ep, local_size)).to(torch.as_tensor)  # host tensors, moved once
+        width = self.copies.slot.shape[1]
+        # [E + 1, W + 1] copy k -> EP rank. Row E stands for assignments dropped by the capacity
+        # (routing gives them expert id E): their target is rank `ep`, past the group, so they
+        # are counted and sent nowhere; column W is never reached by a kept assignment.
+        self.table = torch.cat([torch.cat([self.copies.slot, torch.full((num_experts, 1), self.ep)], 1),
+                                torch.full((1, width + 1), self.ep)])
+        self.mine = self.copies.valid & (self.copies.slot == ep_rank)  # [E, W] copies on this rank
         self.local_experts = [e for e in range(num_experts) if ep_rank in holders[e]]
         self.local_idx = torch.tensor(self.local_experts, dtype=torch.long)
 
     def _on(self, dev: torch.device) -> None:
         """The tables follow the tokens' device (moved on the first call only)."""
         if self.table.device != dev:
-            self.table, self.n_copies, self.local_idx = self.table.to(dev), self.n_copies.to(dev), self.local_idx.to(dev)
+            self.table, self.mine, self.local_idx = self.table.to(dev), self.mine.to(dev), self.local_idx.to(dev)
+            self.copies = self.copies.to(lambda t: t.to(dev))
 
-    def targets(self, expert_idx: torch.Tensor, kept_counts: torch.Tensor) -> torch.Tensor:
-        """EP rank each (expert-sorted) assignment is sent to; `ep` for dropped ones (expert E)."""
+    def split(self, counts: torch.Tensor) -> torch.Tensor:
+        """[src, E, W] assignments each source sends to each copy, from counts [src, E]."""
+        self._on(counts.device)
+        return split_over_copies(counts, self.copies)
+
+    def targets(self, expert_idx: torch.Tensor, kept_counts: torch.Tensor, my_split: torch.Tensor) -> torch.Tensor:
+        """EP rank each (expert-sorted) assignment is sent to; `ep` for dropped ones (expert E).
+        `my_split` [E, W]: this rank's assignments per copy; an expert's assignments fill its
+        copies in holders order."""
         dev = expert_idx.device
         self._on(dev)
         starts = torch.cumsum(kept_counts, 0) - kept_counts
         starts = torch.cat([starts, starts.new_zeros(1)])  # row E: any position maps to rank ep
         pos = torch.arange(expert_idx.numel(), device=dev) - starts[expert_idx]
-        return self.table[expert_idx, (pos + self.ep_rank) % self.n_copies[expert_idx]]
+        bounds = torch.cat([my_split.cumsum(1), my_split.new_zeros(1, my_split.shape[1])])  # [E + 1, W]
+        copy = (pos[:, None] >= bounds[expert_idx]).sum(1)
+        return self.table[expert_idx, copy]
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: nn.ModuleDict) -> torch.Tensor:
         E, ep, dev = self.num_experts, self.ep, routing.all_expert_idx.device
         expert_idx = routing.all_expert_idx
-        target = self.targets(expert_idx, routing.kept_counts.to(torch.long))
-        # 1. who sends how many tokens to which (rank, expert): [dst, E] per source; the extra
-        #    row and column collect the dropped assignments and are cut off
-        sent = torch.zeros((ep + 1) * (E + 1), dtype=torch.long, device=dev).index_add_(
-            0, target * (E + 1) + expert_idx, torch.ones_like(target)
-        ).view(ep + 1, E + 1)[:ep, :E].contiguous()
-        gathered = [torch.empty_like(sent) for _ in range(ep)]
-        dist.all_gather(gathered, sent, group=self.group)
-        recv_counts = torch.stack(gathered)[:, self.ep_rank][:, self.local_idx]  # [src, L]
-        # the one host read: send sizes [ep] and receive sizes [src, L]
-        sizes = torch.cat([sent.sum(1), recv_counts.reshape(-1)]).tolist()
-        in_splits, recv = sizes[:ep], sizes[ep:]
+        kept = routing.kept_counts.to(torch.long)
+        # 1. every source's kept assignments per expert ([src, E]: the origins), then every
+        #    source's split over the copies by the nearest-replica rule, the same on all ranks
+        gathered = [torch.empty_like(kept) for _ in range(ep)]
+        dist.all_gather(gathered, kept.contiguous(), group=self.group)
+        split = self.split(torch.stack(gathered))  # [src, E, W]
+        target = self.targets(expert_idx, kept, split[self.ep_rank])
+        send = torch.zeros(ep, ep, dtype=torch.long, device=dev).scatter_add_(
+            1, self.copies.slot.reshape(1, -1).expand(ep, -1), split.reshape(ep, -1))  # [src, dst]
+        recv_counts = (split[:, self.local_idx] * self.mine[self.local_idx]).sum(2)  # [src, L]
+        # the one host read: the group's send matrix [src, dst] (what a hierarchical exchange
+        # routes by; row ep_rank is this rank's send sizes) and receive sizes [src, L]
+        sizes = torch.cat([send.reshape(-1), recv_counts.reshape(-1)]).tolist()
+        matrix = [sizes[s * ep : (s + 1) * ep] for s in range(ep)]
+        in_splits, recv = matrix[self.ep_rank], sizes[ep * ep :]
         n_local = len(self.local_experts)
         out_splits = [sum(recv[s * n_local : (s + 1) * n_local]) for s in range(ep)]
         expert_sizes = [sum(recv[s * n_local + j] for s in range(ep)) for j in range(n_local)]

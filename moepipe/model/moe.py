@@ -131,7 +131,8 @@ class MoELayer(nn.Module):
             from moepipe.model.all_to_all import exchange_for
             from moepipe.model.expert_dispatch import ExpertParallelDispatcher
 
-            self.dispatcher = ExpertParallelDispatcher(holders, ep_rank, ep_group, self.num_experts, exchange_for(a2a, local_size))
+            self.dispatcher = ExpertParallelDispatcher(holders, ep_rank, ep_group, self.num_experts, exchange_for(a2a, local_size),
+                                                       local_size=local_size)
 
     def update_expert_bias(self, load: torch.Tensor | None = None) -> None:
         """Aux-loss-free balancing step; `load` defaults to the demand counted since reset."""
