@@ -435,6 +435,8 @@ def _check_placer(pc: PlacerConfig) -> None:
     if not 0 <= pc.ema_decay < 1:
         raise ConfigError(f"placer.ema_decay={pc.ema_decay} must be in [0, 1): e.g. 0.8")
     _plugin("forecaster", pc.forecast)
+    if pc.forecast_window < 1:
+        raise ConfigError(f"placer.forecast_window={pc.forecast_window} must be an integer >= 1: steps of load history the forecaster reads, e.g. 64")
 
 
 def advisory_config(cfg: MoepipeConfig) -> MoepipeConfig:
@@ -468,8 +470,6 @@ def _check_advise_mesh(cfg: MoepipeConfig) -> None:
 
     devices = from_config(cfg.topology).n_devices
     if world_size(target) > devices:
-    if pc.forecast_window < 1:
-        raise ConfigError(f"placer.forecast_window={pc.forecast_window} must be an integer >= 1: steps of load history the forecaster reads, e.g. 64")
         raise ConfigError(f"placer.advise_mesh={value} needs {world_size(target)} devices but topology={cfg.topology.name} has {devices}: "
                           "pick a larger topology")
 

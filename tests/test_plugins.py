@@ -47,7 +47,7 @@ def test_builtins_resolve_to_their_implementations():
 
 
 def test_import_path_and_register():
-    assert resolve("forecaster", "moepipe.placement.forecast:last")([np.ones(2), np.full(2, 3.0)], 0.8).tolist() == [3.0, 3.0]
+    assert resolve("forecaster", "moepipe.placement.forecast:last")(np.array([np.ones(2), np.full(2, 3.0)]), 1, 0.8).mean.tolist() == [3.0, 3.0]
 
     @register("workload", "test_first_hot")
     def first_hot(step, layer, num_experts, ep, strength, period, burst_every, seed):
@@ -170,9 +170,28 @@ def test_conformance_catches_broken_workloads(bad, why):
         check_workload(bad)
 
 
-def test_conformance_catches_a_forecaster_that_drifts():
-    with pytest.raises(ConformanceError, match="must forecast itself"):
-        check("forecaster", lambda history, decay: np.asarray(history[-1]) * 1.1)
+def _writes_its_history(history, horizon, decay):
+    history[0] += 1  # e.g. an in-place normalisation
+    return history[-1]
+
+
+def _scenarios_off_the_mean(history, horizon, decay):
+    from moepipe.placement.forecast import Forecast
+
+    return Forecast(history[-1], np.stack([history[-1], 2 * history[-1]]), np.array([0.5, 0.5]))
+
+
+@pytest.mark.parametrize("bad,why", [
+    (lambda history, horizon, decay: np.asarray(history[-1]) * 1.1, "must forecast itself"),
+    (lambda history, horizon, decay: np.asarray(history[-1])[:1], "forecast mean must be"),
+    (lambda history, horizon, decay: history[-1] - history.mean(axis=0), "loads >= 0"),
+    (_writes_its_history, "wrote to its history"),
+    (_scenarios_off_the_mean, "weighted mean of the scenarios"),
+    (lambda history, decay: history[-1], "called as \\(history \\[T, E\\], horizon, decay\\)"),  # the old interface
+])
+def test_conformance_catches_broken_forecasters(bad, why):
+    with pytest.raises(ConformanceError, match=why):
+        check("forecaster", bad)
 
 
 def test_a_placer_function_goes_through_the_same_checks_as_a_name():

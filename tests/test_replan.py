@@ -8,7 +8,7 @@ import pytest
 from conftest import compose_cfg
 from moepipe.placement.placers import Decision
 from moepipe.placement.plan import from_json
-from moepipe.placement.forecast import ema, last
+from moepipe.placement.forecast import ema, ema_update, last
 from moepipe.placement.replan import ReplanLoop, default_plan
 from moepipe.placement.topology import from_config
 from moepipe.placement.workloads import routing_counts
@@ -50,24 +50,73 @@ def test_ema_is_the_trainers_moving_average_bit_for_bit():
     for lid in ref_load:
         assert np.array_equal(loop.load_ema[lid], ref_load[lid])
     assert np.array_equal(loop.time_ema, ref_time) and loop.step_time_ema == ref_step
-    assert np.array_equal(ema([steps[0][0], steps[1][0]], 0.7), 0.7 * steps[0][0] + (1 - 0.7) * steps[1][0])
-    assert np.array_equal(ema([steps[0][0]], 0.7), steps[0][0])
+    assert np.array_equal(ema([steps[0][0], steps[1][0]], 5, 0.7).mean, 0.7 * steps[0][0] + (1 - 0.7) * steps[1][0])
+    assert np.array_equal(ema([steps[0][0]], 5, 0.7).mean, steps[0][0])
+    # the default forecaster plans on exactly that running average; it keeps no window
+    assert {lid: f.mean for lid, f in loop.forecast_loads(5).items()}.keys() == ref_load.keys()
+    assert all(np.array_equal(f.mean, ref_load[lid]) for lid, f in loop.forecast_loads(5).items()) and not loop.load_history
 
 
 def test_the_configured_forecaster_feeds_the_placer():
-    """placer.forecast picks the forecast (a plug-in by name or import path); block times stay an EMA."""
+    """placer.forecast picks the forecast (a plug-in by name or import path) the placer gets at
+    each re-plan, from the newest placer.forecast_window steps and horizon = the steps the plan
+    will run; load_ema and block times stay EMAs."""
     assert make().forecast is ema
     loop = make("placer.forecast=last")
     assert loop.forecast is last
     loop.observe(0, {0: np.full(E, 4.0)}, np.ones(4), 1.0)
     loop.observe(1, {0: np.arange(E, dtype=float)}, np.zeros(4), 1.0)
-    assert np.array_equal(loop.load_ema[0], np.arange(E, dtype=float))  # no smoothing
-    assert np.array_equal(loop.time_ema, ema([np.ones(4), np.zeros(4)], loop.cfg.placer.ema_decay))
+    assert np.array_equal(loop.forecast_loads(5)[0].mean, np.arange(E, dtype=float))  # no smoothing
+    assert np.array_equal(loop.load_ema[0], ema_update(np.full(E, 4.0), np.arange(E, dtype=float), loop.cfg.placer.ema_decay))
+    assert np.array_equal(loop.time_ema, ema([np.ones(4), np.zeros(4)], 1, loop.cfg.placer.ema_decay).mean)
     calls = []
-    own = make(forecast=lambda history, decay: calls.append(len(history)) or np.zeros(E))
-    own.observe(0, {0: np.ones(E)}, None, 1.0)
-    own.observe(1, {0: np.ones(E)}, None, 1.0)
-    assert calls == [1, 2]  # [first observation], then [previous forecast, newest observation]
+
+    def own(history, horizon, decay):
+        calls.append((history.shape, horizon, decay))
+        return np.full(history.shape[1], float(len(calls)))
+
+    mine = make("placer.forecast_window=3", "placer.ema_decay=0.6", forecast=own)  # interval 5, 20 steps
+    for s in range(4):
+        mine.observe(s, {0: np.full(E, float(s)), 2: np.ones(E)}, None, 1.0)
+    assert calls == [] and [list(w) for w in mine.load_history.values()][0][0][0] == 1.0  # the oldest step fell out
+    mine.propose(18, default_plan(mine.cfg))
+    assert calls == [((3, E), 2, 0.6), ((3, E), 2, 0.6)]  # a call per MoE layer at propose; 2 steps left
+    assert [f.mean[0] for f in mine.last_forecast.values()] == [1.0, 2.0]
+
+
+def test_a_forecasters_window_survives_a_checkpoint():
+    loop = make("placer.forecast=window", "placer.forecast_window=4")
+    for s in range(6):
+        loop.observe(s, {1: np.full(E, float(s))}, None, 1.0)
+    state = loop.state_dict()
+    assert state["load_history.1"].shape == (4, E) and state["load_history.1"][:, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
+    back = make("placer.forecast=window", "placer.forecast_window=4")
+    back.load_state_dict(state)
+    assert np.array_equal(back.forecast_loads(5)[1].mean, np.full(E, 3.5))
+    back.observe(6, {1: np.full(E, 6.0)}, None, 1.0)  # the window stays bounded after a resume
+    assert len(back.load_history[1]) == 4 and back.forecast_loads(5)[1].mean[0] == 4.5
+    older = make("placer.forecast=window")  # a checkpoint without a window: plan on the running EMA
+    older.load_state_dict({"load_ema.1": np.ones(E)})
+    assert np.array_equal(older.forecast_loads(5)[1].mean, np.ones(E))
+
+
+def test_periodic_forecast_follows_a_moving_hot_spot_the_ema_lags():
+    """A hot block moving by half a block every 5 steps: the periodic forecaster plans for where
+    it will be over the next interval; the EMA for where it was."""
+    hot = np.ones(E)
+    hot[:2] = 10.0
+
+    def load(s):
+        return np.roll(hot, s // 5)
+
+    loops = {name: make(f"placer.forecast={name}", "placer.forecast_window=20") for name in ("ema", "periodic")}
+    for s in range(20):
+        for lp in loops.values():
+            lp.observe(s, {0: load(s)}, None, 1.0)
+    future = np.mean([load(s) for s in range(20, 25)], axis=0)
+    assert np.allclose(loops["periodic"].forecast_loads(5)[0].mean, future)
+    lagged = loops["ema"].forecast_loads(5)[0].mean
+    assert 0.5 * np.abs(lagged / lagged.sum() - future / future.sum()).sum() > 0.3  # total variation: measured 0.46
 
 
 def test_first_step_time_is_not_counted():

@@ -9,12 +9,13 @@ runs `propose` on rank 0 and broadcasts it; the single-process trainer runs it i
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections import deque
+from typing import Callable, Optional, Union
 
 import numpy as np
 
 from moepipe.config import ConfigError, MoepipeConfig, moe_layer_ids
-from moepipe.placement.forecast import ema
+from moepipe.placement.forecast import Forecast, as_forecast, ema, ema_update
 from moepipe.placement.plan import Plan, static_plan, to_json
 from moepipe.placement.topology import Topology
 
@@ -23,7 +24,7 @@ from moepipe.placement.topology import Topology
 STEP_TIME_MIX = (0.8, 0.2)  # measured step seconds (steps after the first)
 EFFICIENCY_MIX = (0.5, 0.5)  # gain_efficiency and the newest realised efficiency
 
-Forecaster = Callable[[Sequence[np.ndarray], float], np.ndarray]  # moepipe.plugins.interfaces: forecaster
+Forecaster = Callable[[np.ndarray, int, float], Union[Forecast, np.ndarray]]  # moepipe.plugins.interfaces: forecaster
 
 
 def default_plan(cfg: MoepipeConfig) -> Plan:
@@ -47,7 +48,11 @@ class ReplanLoop:
         self._topology = topology  # a Topology, or a callable building it when first needed
         # expert-load forecast: placer.forecast (built-in ema by default, or a plug-in) unless given
         self.forecast: Forecaster = forecast or resolve("forecaster", cfg.placer.forecast)
-        self.load_ema: dict[int, np.ndarray] = {}  # forecast tokens per expert per step, per MoE layer
+        # per MoE layer: EMA of tokens per expert per step over every step (ema's O(1) running
+        # form, checkpointed), and the newest placer.forecast_window steps for other forecasters
+        self.load_ema: dict[int, np.ndarray] = {}
+        self.load_history: dict[int, deque] = {}
+        self.last_forecast: dict[int, Forecast] = {}  # what the latest propose planned for, per MoE layer
         self.time_ema: Optional[np.ndarray] = None  # measured seconds per block per step (nominal device)
         self.step_time_ema: Optional[float] = None  # measured seconds per training step
         self.rebuild_s = 0.0  # measured migration time beyond the placer's transfer estimate
@@ -68,16 +73,37 @@ class ReplanLoop:
         first step's time is not counted: it pays one-off allocations."""
         decay = self.cfg.placer.ema_decay
         for layer_id, demand in expert_demand.items():
-            prev = self.load_ema.get(layer_id)
-            demand = np.asarray(demand, dtype=np.float64)
-            self.load_ema[layer_id] = self.forecast([demand] if prev is None else [prev, demand], decay)
+            self._observe_load(layer_id, np.array(demand, dtype=np.float64), decay)
         if block_seconds is not None:
             now = np.asarray(block_seconds, dtype=np.float64)
-            self.time_ema = now if self.time_ema is None else ema([self.time_ema, now], decay)  # block times: always an EMA
+            self.time_ema = now if self.time_ema is None else ema_update(self.time_ema, now, decay)  # block times: always an EMA
         if step > 0:
             prev_s = self.step_time_ema
             old, new = STEP_TIME_MIX
             self.step_time_ema = step_seconds if prev_s is None else old * prev_s + new * step_seconds
+
+    def _observe_load(self, layer_id: int, demand: np.ndarray, decay: float) -> None:
+        prev = self.load_ema.get(layer_id)
+        self.load_ema[layer_id] = demand if prev is None else ema_update(prev, demand, decay)
+        if self.forecast is not ema:  # ema reads load_ema: no window to keep
+            self._window(layer_id).append(demand)
+
+    def _window(self, layer_id: int) -> deque:
+        return self.load_history.setdefault(layer_id, deque(maxlen=self.cfg.placer.forecast_window))
+
+    def forecast_loads(self, horizon: int) -> dict[int, Forecast]:
+        """Per MoE layer, the forecast of the next `horizon` steps' load: placer.forecast on the
+        kept window; ema (and a layer with no window yet, e.g. resumed from an older checkpoint)
+        is the running average itself, the arithmetic every earlier run planned on."""
+        decay = self.cfg.placer.ema_decay
+        out = {}
+        for layer_id, running in self.load_ema.items():
+            window = self.load_history.get(layer_id)
+            if self.forecast is ema or not window:
+                out[layer_id] = Forecast(running.copy())
+            else:
+                out[layer_id] = as_forecast(self.forecast(np.stack(window), horizon, decay), len(running))
+        return out
 
     # ------------------------------------------------------------------ decisions
 
@@ -113,7 +139,9 @@ class ReplanLoop:
         pc, horizon = self.cfg.placer, self.horizon(done)
         try:
             times = self.time_ema if self.time_ema is not None and (self.time_ema > 0).all() else None
-            inputs = inputs_from_config(self.cfg, self.topology, expert_load=dict(self.load_ema) or None, layer_times=times)
+            self.last_forecast = self.forecast_loads(horizon)
+            load = {layer_id: f.mean for layer_id, f in self.last_forecast.items()}
+            inputs = inputs_from_config(self.cfg, self.topology, expert_load=load or None, layer_times=times)
             return self.judge(decide(pc.name, inputs, current, pc.replica_slots, horizon, pc.min_gain_frac), current, horizon)
         except ConfigError as err:  # e.g. no plan fits the declared memory: keep training as is
             return {"placer": pc.name, "migrate": False, "reason": f"placer error, layout kept: {err}", "plan": to_json(current)}
@@ -170,6 +198,7 @@ class ReplanLoop:
     def state_dict(self) -> dict[str, np.ndarray]:
         """Checkpoint entries (float64 arrays; the trainer stores them as tensors under placer.*)."""
         out = {f"load_ema.{lid}": v.copy() for lid, v in sorted(self.load_ema.items())}
+        out |= {f"load_history.{lid}": np.stack(w) for lid, w in sorted(self.load_history.items()) if w}
         if self.time_ema is not None:
             out["time_ema"] = self.time_ema.copy()
         if self.step_time_ema is not None:
@@ -182,6 +211,10 @@ class ReplanLoop:
         """Inverse of state_dict; values may be numpy arrays or tensors (anything np.asarray reads)."""
         arr = {k: np.asarray(v, dtype=np.float64) for k, v in state.items()}
         self.load_ema = {int(k.split(".", 1)[1]): v.copy() for k, v in arr.items() if k.startswith("load_ema.")}
+        self.load_history = {}
+        for k, v in arr.items():
+            if k.startswith("load_history.") and v.ndim == 2 and self.forecast is not ema:
+                self._window(int(k.split(".", 1)[1])).extend(v.copy())
         self.time_ema = arr["time_ema"].copy() if "time_ema" in arr else None
         self.step_time_ema = float(arr["step_time_ema"]) if "step_time_ema" in arr else None
         self.rebuild_s = float(arr["rebuild_s"]) if "rebuild_s" in arr else 0.0

@@ -36,6 +36,9 @@ BUILTINS: dict[str, dict[str, object]] = {
     "forecaster": {
         "ema": "moepipe.placement.forecast:ema",
         "last": "moepipe.placement.forecast:last",
+        "window": "moepipe.placement.forecast:window",
+        "trend": "moepipe.placement.forecast:trend",
+        "periodic": "moepipe.placement.forecast:periodic",
     },
     "workload": {
         kind: f"moepipe.placement.workloads:{kind}"

@@ -133,25 +133,46 @@ def check_workload(workload: Any) -> int:
 
 
 def check_forecaster(forecaster: Any) -> int:
-    """The shape of the observations, finite and >= 0, deterministic, and a steady load forecasts
-    itself (for any decay in [0, 1))."""
+    """Called as `(history [T, E], horizon, decay)`: a mean of E finite loads >= 0 (and, when
+    scenarios are given, [S, E] of them with weights >= 0 summing to 1 that average to the mean),
+    the history left as it was, deterministic, and a steady load forecasts itself (mean and every
+    scenario) for any horizon and decay in [0, 1)."""
+    from moepipe.placement.forecast import as_forecast
+
     label, fn = _load("forecaster", forecaster)
     rng = np.random.default_rng(0)
     n = 0
+
+    def call(history: np.ndarray, horizon: int, decay: float, case: str):
+        given = history.copy()
+        try:
+            raw = fn(history, horizon, decay)
+        except TypeError as err:
+            _fail(label, case, f"{err}: a forecaster is called as (history [T, E], horizon, decay)")
+        try:
+            out = as_forecast(raw, history.shape[1])
+        except ValueError as err:
+            _fail(label, case, f"{err}: return a Forecast(mean, scenarios, weights) or an array of {history.shape[1]} loads")
+        if not np.array_equal(history, given):
+            _fail(label, case, "wrote to its history: a forecaster must be pure")
+        if out.scenarios is not None and not np.allclose(out.weights @ out.scenarios, out.mean, rtol=1e-6, atol=1e-9 * max(out.mean.sum(), 1.0)):
+            _fail(label, case, "the mean is not the weighted mean of the scenarios")
+        return out
+
     for E in (1, 8):
-        obs = [rng.uniform(0, 100, E) for _ in range(4)]
+        obs = rng.uniform(0, 100, (12, E))
         for decay in (0.0, 0.5, 0.8):
-            for history in (obs[:1], obs[:2], obs):
-                case = f"E={E} decay={decay} history={len(history)}"
-                out = np.asarray(fn(list(history), decay), dtype=np.float64)
-                if out.shape != (E,) or not np.isfinite(out).all() or (out < 0).any():
-                    _fail(label, case, f"returned shape {out.shape} or a negative/non-finite load: give {E} finite loads >= 0")
-                if not np.array_equal(out, np.asarray(fn(list(history), decay), dtype=np.float64)):
-                    _fail(label, case, "two calls with the same history differ: a forecaster must be deterministic")
-                n += 1
-            steady = np.asarray(fn([obs[0]] * 3, decay), dtype=np.float64)
-            if not np.allclose(steady, obs[0]):
-                _fail(label, f"E={E} decay={decay} steady", "a load that never changes must forecast itself")
+            for horizon in (1, 5):
+                for T in (1, 2, 4, len(obs)):
+                    case = f"E={E} T={T} horizon={horizon} decay={decay}"
+                    out, again = call(obs[:T], horizon, decay, case), call(obs[:T], horizon, decay, case)
+                    if not (np.array_equal(out.mean, again.mean) and (out.scenarios is None) == (again.scenarios is None)
+                            and (out.scenarios is None or np.array_equal(out.scenarios, again.scenarios))):
+                        _fail(label, case, "two calls with the same history differ: a forecaster must be deterministic")
+                    n += 1
+                steady = call(np.repeat(obs[:1], 6, axis=0), horizon, decay, f"E={E} horizon={horizon} decay={decay} steady")
+                if not np.allclose(steady.mean, obs[0]) or (steady.scenarios is not None and not np.allclose(steady.scenarios, obs[0])):
+                    _fail(label, f"E={E} horizon={horizon} decay={decay} steady", "a load that never changes must forecast itself")
     return n
 
 

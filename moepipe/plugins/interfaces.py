@@ -10,10 +10,17 @@ placer       `(inputs: PlacementInputs, replica_slots: int, current: Plan | None
              Optional: a keyword `evaluator` receives the caller's Evaluator for these inputs
              (moepipe.placement.placers.evaluate), so its simulations are shared; a placer may
              return `(plan, info)` with info["evaluation"] = the Evaluation of that plan.
-forecaster   `(history: Sequence[np.ndarray], decay: float) -> np.ndarray`
-             One layer's observed load (tokens per expert per step), oldest first -> the load
-             the placer plans for. The re-plan loop calls it with [previous forecast, newest
-             observation] (or [first observation]); decay = placer.ema_decay.
+forecaster   `(history: np.ndarray, horizon: int, decay: float) -> Forecast | np.ndarray`
+             One MoE layer's observed load, float64 [T, E] (tokens per expert per step, oldest
+             first, T >= 1: the newest placer.forecast_window steps) -> the load of the next
+             `horizon` steps (placer.interval: the steps one plan runs). Return a
+             moepipe.placement.forecast.Forecast(mean [E], scenarios [S, E] | None, weights [S] |
+             None), or a bare [E] array for the mean alone: mean = the expected tokens per expert
+             per step over the horizon, finite and >= 0; scenarios = a few load vectors the
+             interval may bring, weights >= 0 summing to 1, mean their weighted mean. Pure (never
+             writes to `history`), deterministic, and a steady load forecasts itself.
+             decay = placer.ema_decay (a smoothing weight; use it or not). The re-plan loop calls
+             it at each re-plan; the built-in `ema` runs instead as its O(1) running form.
 workload     `(step, layer, num_experts, ep, strength, period, burst_every, seed) -> p`
              p: float array [num_experts], all > 0, summing to 1, a deterministic function of
              its arguments (every rank and every layout must see the same routing skew).
@@ -27,14 +34,14 @@ moe_backend  an object with `build(d_model: int, cfg: MoEConfig) -> nn.Module` a
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol, Union
 
 import numpy as np
 
 # The annotations below name moepipe's types as strings and import nothing: the registry sits
 # below every layer it serves (tests/test_layers.py). PlacementInputs:
-# moepipe.placement.placers.inputs; Plan: moepipe.placement.plan; MoEConfig, MoepipeConfig:
-# moepipe.config; nn.Module: torch.
+# moepipe.placement.placers.inputs; Plan: moepipe.placement.plan; Forecast:
+# moepipe.placement.forecast; MoEConfig, MoepipeConfig: moepipe.config; nn.Module: torch.
 
 
 class Placer(Protocol):
@@ -42,7 +49,7 @@ class Placer(Protocol):
 
 
 class Forecaster(Protocol):
-    def __call__(self, history: Sequence[np.ndarray], decay: float) -> np.ndarray: ...
+    def __call__(self, history: np.ndarray, horizon: int, decay: float) -> Union["Forecast", np.ndarray]: ...
 
 
 class Workload(Protocol):
