@@ -93,6 +93,9 @@ class ScheduleConfig:
     name: str = "1f1b"
     microbatches: int = 1
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedules)
+    # what runs the schedule's actions: torch's schedule classes, or moepipe's executor
+    # (parallel/executor.py: also runs file:<path> tables and specs without a torch class)
+    executor: str = "torch"
 
 
 @dataclass
@@ -376,9 +379,18 @@ def _check_parallel(cfg: MoepipeConfig) -> None:
 
 def _check_schedule(cfg: MoepipeConfig) -> None:
     sch, par = cfg.schedule, cfg.parallel
-    spec = _plugin("schedule", sch.name)
+    _one_of("schedule.executor", sch.executor, ("torch", "moepipe"))
     _positive("schedule.microbatches", sch.microbatches)
     _positive("schedule.virtual_stages", sch.virtual_stages)
+    if sch.name.startswith("file:"):  # a CSV action table: read and checked against the mesh by moepipe.sim.schedules
+        if sch.executor != "moepipe":
+            raise ConfigError(f"schedule.name={sch.name} is an action table, which torch's classes cannot run: set schedule.executor=moepipe")
+        if not os.path.isfile(os.path.expanduser(sch.name[5:])):
+            raise ConfigError(f"schedule.name={sch.name}: no such file: give the path of a CSV action table (one row per pipeline rank)")
+        return
+    spec = _plugin("schedule", sch.name)
+    if spec.torch_class is None and sch.executor != "moepipe":
+        raise ConfigError(f"schedule.name={sch.name} has no torch class (its order is the schedule): set schedule.executor=moepipe")
     if sch.virtual_stages > 1 and not spec.multi_stage:
         raise ConfigError(
             f"schedule.virtual_stages={sch.virtual_stages} needs a multi-stage schedule, not schedule.name={sch.name}: "

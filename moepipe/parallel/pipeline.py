@@ -1,10 +1,14 @@
-"""Pipeline schedules from torch.distributed.pipelining, built over plan-driven stages."""
+"""Pipeline schedules over plan-driven stages: torch.distributed.pipelining's schedule classes,
+or moepipe's executor (parallel/executor.py) running the schedule's action lists."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 from torch.distributed.pipelining import PipelineStage
+
+from moepipe.parallel.executor import ScheduleExecutor
+from moepipe.sim.schedules import schedule_program
 
 
 def schedule_class(name: str) -> tuple[type, bool]:
@@ -29,8 +33,13 @@ def build_schedule(
     d_model: int,
     vocab_size: int,
     logits_dtype: torch.dtype = torch.float32,
+    executor: str = "torch",
 ):
     """`modules`: stage index -> module for the stages this rank holds (plan order).
+
+    `executor`: "torch" builds the schedule's torch class; "moepipe" runs the action lists of
+    `moepipe.sim.schedules.schedule_program` (the order the simulator simulates) on
+    ScheduleExecutor. Both have the same `step(*args, target=..., losses=...)`.
 
     Gradients are not rescaled by the schedule (scale_grads=False): the loss function already
     divides by the microbatch count, as the single-process reference does, so both perform
@@ -56,6 +65,14 @@ def build_schedule(
     for idx, module in sorted(modules.items()):
         inp, out = io(idx)
         stages.append(PipelineStage(module, idx, n_stages, device, input_args=(inp,), output_args=(out,), group=pp_group))
+    if executor == "moepipe":
+        pp = torch.distributed.get_world_size(pp_group)
+        if n_stages % pp:
+            raise ValueError(f"{n_stages} stages do not split over {pp} pipeline ranks")
+        program = schedule_program(name, pp, n_stages // pp, microbatches)
+        return ScheduleExecutor({st.stage_index: st for st in stages}, program, torch.distributed.get_rank(pp_group), loss_fn)
+    if executor != "torch":
+        raise ValueError(f"schedule.executor={executor!r} is not known: choose torch or moepipe")
     cls, multi_stage = schedule_class(name)
     if not multi_stage:
         if len(stages) != 1:

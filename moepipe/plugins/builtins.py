@@ -14,11 +14,14 @@ class ScheduleSpec(NamedTuple):
     places its stages on pipeline ranks ("loop": s % pp, "v": down then back up), whether a
     rank runs several stages (schedule.virtual_stages > 1), and optionally the order the class
     executes, for the simulator and placers (a function or import path: `(pp, virtual_stages,
-    microbatches) -> per pp rank a list of (kind, stage, microbatch)`, kind F/B/I/W); needed
-    only for a single-stage class, since torch reports no order for those; without it the
-    order is torch's `pipeline_order` (multi-stage classes) or generated (GPipe, 1F1B)."""
+    microbatches) -> per pp rank a list of (kind, stage, microbatch)`, kind F/B/I/W, or of
+    action strings such as "0F1", "0SEND_F1": moepipe/sim/actions.py); needed only for a
+    single-stage class, since torch reports no order for those; without it the order is
+    torch's `pipeline_order` (multi-stage classes) or generated (GPipe, 1F1B). A spec whose
+    torch_class is None is a schedule only moepipe's executor runs (schedule.executor=moepipe):
+    its `order` is the schedule."""
 
-    torch_class: str
+    torch_class: object = None
     style: str = "loop"
     multi_stage: bool = False
     order: object = None

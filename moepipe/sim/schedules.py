@@ -7,40 +7,29 @@ interleaved_zb, zbv, dualpipev, and a user's subclass of torch's PipelineSchedul
 order torch computes, so the simulator predicts the very order the runtime executes: the
 schedule classes are built on lightweight stand-in stages (only group_size, group_rank,
 num_stages, stage_index are read when the order is computed; no process group is touched).
-A spec may instead name its own order function (`ScheduleSpec.order`).
+A spec may instead name its own order function (`ScheduleSpec.order`), and a schedule may be a
+CSV action table, `schedule.name=file:<path>` (moepipe/sim/actions.py has the format).
+
+One source for the simulator and the runtime: `schedule_program` validates the order and adds
+its sends and receives (a `Program`); the simulator runs `Program.compute_order()` and moepipe's
+executor (parallel/executor.py) runs `Program.actions`, the same compute order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
 from functools import lru_cache
 from types import SimpleNamespace
-from typing import Optional
 
 from moepipe.config import ConfigError
-from moepipe.placement.plan import stage_assignment
+from moepipe.placement.plan import STYLES, stage_assignment
 from moepipe.plugins.builtins import ScheduleSpec
 from moepipe.plugins.registry import import_path, resolve
+from moepipe.sim.actions import COMMS, STAGE_OPS, Action, Order, Program, ScheduleError, as_action, build_program, read_table  # noqa: F401 (Action, Order: re-exported)
 
 KINDS = ("F", "B", "I", "W", "FB")  # forward, full backward, backward-input, backward-weight, overlapped F+B pair
 
 # torch's single-stage classes compute no pipeline_order: their orders are generated here
 _GPIPE, _1F1B = "torch.distributed.pipelining:ScheduleGPipe", "torch.distributed.pipelining:Schedule1F1B"
-
-
-@dataclass(frozen=True)
-class Action:
-    kind: str
-    stage: int
-    mb: int
-    pair: Optional[tuple["Action", "Action"]] = None  # FB only: (forward, full backward) run overlapped
-
-    def __str__(self) -> str:
-        if self.pair:
-            return f"({self.pair[0]};{self.pair[1]})"
-        return f"{self.stage}{self.kind}{self.mb}"
-
-
-Order = dict[int, list[Action]]
 
 
 def gpipe_order(pp: int, m: int) -> Order:
@@ -103,23 +92,24 @@ def torch_order(name: str, pp: int, v: int, m: int) -> tuple[Order, list[int]]:
 
 def _own_order(name: str, spec: ScheduleSpec, pp: int, v: int, m: int) -> tuple[Order, list[int]]:
     """A spec's `order` function: (pp, virtual_stages, microbatches) -> per pp rank, a list of
-    (kind, stage, microbatch) with kind in F, B, I, W."""
+    actions: (kind, stage, microbatch) tuples with kind F, B, I, W, or action strings ("0F1",
+    "0SEND_F1", ...: see moepipe/sim/actions.py), or Actions."""
     fn = import_path(spec.order) if isinstance(spec.order, str) else spec.order
     lists = fn(pp, v, m)
+    known = {"F", "B", "I", "W", *COMMS, *STAGE_OPS}
     try:
-        order = {r: [Action(str(k), int(st), int(mb)) for k, st, mb in lists[r]] for r in range(pp)}
+        bad = sorted({str(item[0]) for r in range(pp) for item in lists[r] if isinstance(item, tuple)} - known)
+        if bad:
+            raise ConfigError(f"schedule.name={name}: its order uses action kinds {bad}; use F, B, I, W")
+        order = {r: [as_action(item) for item in lists[r]] for r in range(pp)}
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ConfigError(f"schedule.name={name}: its order function must return, per pp rank 0..{pp - 1}, a list of "
                           f"(kind, stage, microbatch): {type(err).__name__}: {err}") from None
-    bad = sorted({a.kind for acts in order.values() for a in acts} - {"F", "B", "I", "W"})
-    if bad:
-        raise ConfigError(f"schedule.name={name}: its order uses action kinds {bad}; use F, B, I, W")
     return order, stage_assignment(pp, v, spec.style)
 
 
-def schedule_order(name: str, pp: int, virtual_stages: int, m: int) -> tuple[Order, list[int]]:
-    """(per-rank action order, pp rank of each stage) for a schedule name: conf/schedule, a
-    registered plug-in or an import path to a ScheduleSpec."""
+def _spec_order(name: str, pp: int, virtual_stages: int, m: int) -> tuple[Order, list[int]]:
+    """The order a registry schedule defines (with or without sends and receives) and its stage placement."""
     spec = resolve("schedule", name)
     if spec.order is not None:
         return _own_order(name, spec, pp, virtual_stages, m)
@@ -131,7 +121,7 @@ def schedule_order(name: str, pp: int, virtual_stages: int, m: int) -> tuple[Ord
         raise ConfigError(f"schedule.virtual_stages={virtual_stages} with schedule.name={name}: V schedules need exactly 2")
     from torch.distributed.pipelining.schedules import PipelineScheduleMulti
 
-    if not issubclass(_torch_class(spec), PipelineScheduleMulti):
+    if spec.torch_class is None or not issubclass(_torch_class(spec), PipelineScheduleMulti):
         raise ConfigError(f"schedule.name={name}: the simulator cannot derive the order of single-stage class {spec.torch_class}: "
                           "give its ScheduleSpec an `order` function (pp, virtual_stages, microbatches) -> per-rank actions")
     order, mapping = torch_order(name, pp, virtual_stages, m)
@@ -141,6 +131,94 @@ def schedule_order(name: str, pp: int, virtual_stages: int, m: int) -> tuple[Ord
     return order, mapping
 
 
+TABLE = "file:"  # schedule.name=file:<path>: a CSV action table
+
+
+def is_table(name: str) -> bool:
+    return name.startswith(TABLE)
+
+
+@lru_cache(maxsize=16)
+def _table_cached(path: str, mtime_ns: int) -> Order:
+    return read_table(path)
+
+
+def table_order(name: str) -> Order:
+    """The rows of a `file:<path>` schedule (one line on an unreadable or malformed table)."""
+    path = os.path.expanduser(name[len(TABLE):])
+    try:
+        return _table_cached(path, os.stat(path).st_mtime_ns)
+    except OSError as err:
+        raise ConfigError(f"schedule.name={name}: cannot read the table ({err.strerror}): give the path of a CSV action table") from None
+    except ScheduleError as err:
+        raise ConfigError(f"schedule.name={name}: {err}") from None
+
+
+def _table_style(name: str, order: Order) -> str:
+    """loop or V, from where the table runs its stages."""
+    pp = len(order)
+    n = 1 + max((a.stage for acts in order.values() for a in acts), default=0)
+    if pp == 0 or n % pp:
+        raise ConfigError(f"schedule.name={name}: the table has {pp} rows and {n} stages: it needs one row per pipeline rank "
+                          "and the same number of stages on each")
+    try:
+        from moepipe.sim.actions import stage_map
+
+        found = stage_map(order, n)
+    except ScheduleError as err:
+        raise ConfigError(f"schedule.name={name}: {err}") from None
+    for style in STYLES:
+        if found == stage_assignment(pp, n // pp, style):
+            return style
+    raise ConfigError(f"schedule.name={name}: the table puts stages on ranks {found}, which is neither the loop "
+                      f"({stage_assignment(pp, n // pp, 'loop')}) nor the V placement: reorder its stages")
+
+
+@lru_cache(maxsize=64)
+def _program_cached(name: str, key, pp: int, v: int, m: int) -> Program:
+    if is_table(name):
+        lists = table_order(name)
+        n = 1 + max((a.stage for acts in lists.values() for a in acts), default=0)
+        if len(lists) != pp or n != pp * v:
+            raise ConfigError(f"schedule.name={name}: the table has {len(lists)} rows and {n} stages, but parallel.pp={pp} and "
+                              f"schedule.virtual_stages={v} make {pp} ranks and {pp * v} stages: write the table for this mesh")
+        mapping = stage_assignment(pp, v, _table_style(name, lists))
+    else:
+        lists, mapping = _spec_order(name, pp, v, m)
+    try:
+        return build_program(lists, pp, pp * v, m, stage_to_rank=mapping)
+    except ScheduleError as err:
+        raise ConfigError(f"schedule.name={name}: {err}") from None
+
+
+def schedule_program(name: str, pp: int, virtual_stages: int, m: int) -> Program:
+    """The validated schedule with its sends and receives: what moepipe's executor runs (and,
+    through `compute_order()`, what the simulator runs). Treat it as read-only (cached)."""
+    if is_table(name):
+        path = os.path.expanduser(name[len(TABLE):])
+        try:
+            key = os.stat(path).st_mtime_ns
+        except OSError:
+            table_order(name)  # raises its one-line error
+    else:
+        key = resolve("schedule", name)  # the spec itself: a name registered anew is another schedule
+        try:
+            hash(key)
+        except TypeError:
+            key = id(key)
+    return _program_cached(name, key, pp, virtual_stages, m)
+
+
+def schedule_order(name: str, pp: int, virtual_stages: int, m: int) -> tuple[Order, list[int]]:
+    """(per-rank compute order, pp rank of each stage) for a schedule name: conf/schedule, a
+    registered plug-in, an import path to a ScheduleSpec, or file:<path> (a CSV action table)."""
+    prog = schedule_program(name, pp, virtual_stages, m)
+    return prog.compute_order(), list(prog.stage_to_rank)
+
+
 def plan_style(name: str) -> str:
-    """How a plan for this schedule assigns stages to pipeline ranks (its ScheduleSpec's style)."""
+    """How a plan for this schedule assigns stages to pipeline ranks (its ScheduleSpec's style,
+    or where a table runs its stages)."""
+    if is_table(name):
+        return _table_style(name, table_order(name))
     return resolve("schedule", name).style

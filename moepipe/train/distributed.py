@@ -154,7 +154,7 @@ class DistributedTrainer:
         microbatch = (cfg.train.batch_size // (self.slices * m), cfg.train.seq_len)
         self.schedule = build_schedule(
             cfg.schedule.name, self.modules, plan.n_stages, m, lambda out, y: lm_loss(out, y) / m, self.device, mesh.pp_group,
-            microbatch, cfg.model.d_model, cfg.model.vocab_size, self.amp_dtype or torch.float32,
+            microbatch, cfg.model.d_model, cfg.model.vocab_size, self.amp_dtype or torch.float32, executor=cfg.schedule.executor,
         )
         self.holds_first = 0 in self.stage_ids
         self.holds_last = (plan.n_stages - 1) in self.stage_ids
