@@ -13,8 +13,19 @@ class RoutingStats:
     placer see the same counters whatever runs the experts.
     """
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, source: int = 0, n_sources: int = 1):
         self.num_experts = num_experts
+        self.set_source(source, n_sources)
+
+    def set_source(self, source: int, n_sources: int) -> None:
+        """Token origins: this layer's tokens start on EP rank `source` of `n_sources` (the
+        runtime sets its EP rank; one process is the single source). `origins` [n_sources, E]
+        counts demand in row `source` only, so summing every rank's counters (the trainer's
+        all-reduce) gives tokens per (source EP rank, expert) with no extra communication.
+        Starts a fresh count."""
+        if not 0 <= int(source) < int(n_sources):
+            raise ValueError(f"routing-stats source={source} must be in [0, {n_sources}): pass the EP rank and EP size")
+        self.source, self.n_sources = int(source), int(n_sources)
         self.reset()
 
     def reset(self) -> None:
@@ -25,6 +36,7 @@ class RoutingStats:
 
     def _zeros(self, dev: torch.device | None) -> None:
         self.demand = torch.zeros(self.num_experts, dtype=torch.long, device=dev)  # assignments asked of each expert (before capacity)
+        self.origins = torch.zeros(self.n_sources, self.num_experts, dtype=torch.long, device=dev)  # demand by source EP rank (row `source`)
         self.kept = torch.zeros(self.num_experts, dtype=torch.long, device=dev)  # assignments each expert processed
         self.asked = torch.zeros((), dtype=torch.long, device=dev)  # assignments requested (tokens * k)
         self.aux_loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -41,9 +53,10 @@ class RoutingStats:
             if self.calls == 0:  # nothing counted yet: zeros made there, not a blocking copy
                 self._zeros(dev)
             else:
-                self.demand, self.kept = self.demand.to(dev), self.kept.to(dev)
+                self.demand, self.kept, self.origins = self.demand.to(dev), self.kept.to(dev), self.origins.to(dev)
                 self.asked, self.aux_loss_sum, self.z_loss_sum = self.asked.to(dev), self.aux_loss_sum.to(dev), self.z_loss_sum.to(dev)
         self.demand += demand.detach().long()
+        self.origins[self.source] += demand.detach().long()
         self.kept += kept.detach().long()
         self.asked += demand.detach().sum() if asked is None else asked
         if aux_loss is not None:
@@ -60,10 +73,12 @@ class RoutingStats:
         trainer calls it once per step. The counters travel as float64, exact below 2**53."""
         E = self.num_experts
         packed = torch.cat([self.demand.double(), self.kept.double(),
-                            torch.stack([self.asked.double(), self.aux_loss_sum.double(), self.z_loss_sum.double()])])
+                            torch.stack([self.asked.double(), self.aux_loss_sum.double(), self.z_loss_sum.double()]),
+                            self.origins.double().reshape(-1)])
         vals = packed.tolist()
         out = RoutingStats.__new__(RoutingStats)
-        out.num_experts, out.calls = E, self.calls
+        out.num_experts, out.calls, out.source, out.n_sources = E, self.calls, self.source, self.n_sources
+        out.origins = torch.tensor(vals[2 * E + 3 :], dtype=torch.float64).long().view(self.n_sources, E)
         out.demand = torch.tensor(vals[:E], dtype=torch.float64).long()
         out.kept = torch.tensor(vals[E : 2 * E], dtype=torch.float64).long()
         out.asked, out.aux_loss_sum, out.z_loss_sum = int(vals[2 * E]), vals[2 * E + 1], vals[2 * E + 2]

@@ -54,6 +54,7 @@ class ReplanLoop:
         self.load_history: dict[int, deque] = {}
         self.last_forecast: dict[int, Forecast] = {}  # what the latest propose planned for, per MoE layer
         self.time_ema: Optional[np.ndarray] = None  # measured seconds per block per step (nominal device)
+        self.origin_ema: dict[int, np.ndarray] = {}  # per MoE layer: tokens per (source EP rank, expert) per step (EMA)
         self.step_time_ema: Optional[float] = None  # measured seconds per training step
         self.rebuild_s = 0.0  # measured migration time beyond the placer's transfer estimate
         self.gain_efficiency = 1.0  # share of predicted savings past migrations showed (EMA)
@@ -67,13 +68,19 @@ class ReplanLoop:
 
     # ------------------------------------------------------------------ statistics
 
-    def observe(self, step: int, expert_demand: dict[int, np.ndarray], block_seconds: Optional[np.ndarray], step_seconds: float) -> None:
+    def observe(self, step: int, expert_demand: dict[int, np.ndarray], block_seconds: Optional[np.ndarray], step_seconds: float,
+                origins: Optional[dict[int, np.ndarray]] = None) -> None:
         """After step index `step`: whole-job tokens per expert per MoE layer, measured seconds per
         block on a nominal device (None when not measured), and the step's wall seconds. The
-        first step's time is not counted: it pays one-off allocations."""
+        first step's time is not counted: it pays one-off allocations. `origins`: per MoE layer,
+        tokens per (source EP rank, expert) [ep, E], kept as an EMA for the placer."""
         decay = self.cfg.placer.ema_decay
         for layer_id, demand in expert_demand.items():
             self._observe_load(layer_id, np.array(demand, dtype=np.float64), decay)
+        for layer_id, o in (origins or {}).items():
+            o, prev = np.array(o, dtype=np.float64), self.origin_ema.get(layer_id)
+            # another EP size (a resharded resume) starts the average afresh
+            self.origin_ema[layer_id] = o if prev is None or prev.shape != o.shape else ema_update(prev, o, decay)
         if block_seconds is not None:
             now = np.asarray(block_seconds, dtype=np.float64)
             self.time_ema = now if self.time_ema is None else ema_update(self.time_ema, now, decay)  # block times: always an EMA
@@ -141,10 +148,18 @@ class ReplanLoop:
             times = self.time_ema if self.time_ema is not None and (self.time_ema > 0).all() else None
             self.last_forecast = self.forecast_loads(horizon)
             load = {layer_id: f.mean for layer_id, f in self.last_forecast.items()}
-            inputs = inputs_from_config(self.cfg, self.topology, expert_load=load or None, layer_times=times)
+            inputs = inputs_from_config(self.cfg, self.topology, expert_load=load or None, layer_times=times, origins=self.origins_for_plan())
             return self.judge(decide(pc.name, inputs, current, pc.replica_slots, horizon, pc.min_gain_frac), current, horizon)
         except ConfigError as err:  # e.g. no plan fits the declared memory: keep training as is
             return {"placer": pc.name, "migrate": False, "reason": f"placer error, layout kept: {err}", "plan": to_json(current)}
+
+    def origins_for_plan(self) -> Optional[dict[int, np.ndarray]]:
+        """The origin EMA when it describes the mesh being planned (its EP size and every MoE
+        layer); otherwise None, i.e. tokens assumed evenly spread (e.g. placer.advise_mesh)."""
+        ep, layers = self.cfg.parallel.ep, moe_layer_ids(self.cfg.model, self.cfg.moe)
+        if not layers or any(l not in self.origin_ema or self.origin_ema[l].shape[0] != ep for l in layers):
+            return None
+        return {l: self.origin_ema[l] for l in layers}
 
     def judge(self, d, current: Plan, horizon: int) -> dict:
         """Re-check the placer's decision `d` in measured units. The cost model's absolute times
@@ -199,6 +214,7 @@ class ReplanLoop:
         """Checkpoint entries (float64 arrays; the trainer stores them as tensors under placer.*)."""
         out = {f"load_ema.{lid}": v.copy() for lid, v in sorted(self.load_ema.items())}
         out |= {f"load_history.{lid}": np.stack(w) for lid, w in sorted(self.load_history.items()) if w}
+        out |= {f"origin_ema.{lid}": v.copy() for lid, v in sorted(self.origin_ema.items())}
         if self.time_ema is not None:
             out["time_ema"] = self.time_ema.copy()
         if self.step_time_ema is not None:
@@ -212,6 +228,7 @@ class ReplanLoop:
         arr = {k: np.asarray(v, dtype=np.float64) for k, v in state.items()}
         self.load_ema = {int(k.split(".", 1)[1]): v.copy() for k, v in arr.items() if k.startswith("load_ema.")}
         self.load_history = {}
+        self.origin_ema = {int(k.split(".", 1)[1]): v.copy() for k, v in arr.items() if k.startswith("origin_ema.") and v.ndim == 2}
         for k, v in arr.items():
             if k.startswith("load_history.") and v.ndim == 2 and self.forecast is not ema:
                 self._window(int(k.split(".", 1)[1])).extend(v.copy())

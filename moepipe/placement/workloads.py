@@ -14,13 +14,24 @@ every expert. Definitions (s = strength, E = num_experts):
   rotating    hot_expert whose hot expert moves to the next expert every `period` steps
   burst       uniform, except hot_expert on steps where step % burst_every == 0
   lognormal   p ~ exp(s * z), z ~ N(0, 1) per expert, drawn per layer (sigma = s); fixed over steps
+  local_hot   origin skew: the experts, shuffled per layer (by seed), are cut into `ep` blocks
+              and the data starting on EP rank r prefers block r (s times the share of every
+              other expert); over all ranks the load is (near) uniform, so only where tokens
+              start, not how many each expert gets, rewards a placement. Not yet registered as
+              a short name: workload.kind=moepipe.placement.workloads:local_hot
 
 Each is a function with the workload plug-in signature (moepipe.plugins.interfaces), so
 `workload.kind` may also name a user's own (pkg.module:attr, register(), an entry point).
+A workload whose function also takes `source` (an EP rank, or None for the whole job) can
+differ per source rank: the runtime asks each rank for its own (`source` = its EP rank) and
+the simulator reads all of them as token origins (`origin_distribution`); the others give
+every source the same distribution, so their numerics do not change.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import inspect
+from functools import lru_cache
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -79,6 +90,23 @@ def lognormal(step, layer, num_experts, ep, strength, period, burst_every, seed)
     return _normalised(np.exp(strength * _rng(seed, layer, 3).standard_normal(num_experts)))
 
 
+def local_hot(step, layer, num_experts, ep, strength, period, burst_every, seed, source=None) -> np.ndarray:
+    if source is None:  # the whole job: every source's data in equal parts
+        return np.mean([local_hot(step, layer, num_experts, ep, strength, period, burst_every, seed, r) for r in range(ep)], 0)
+    blocks = np.array_split(_rng(seed, layer, 4).permutation(num_experts), ep)
+    w = np.ones(num_experts)
+    w[blocks[int(source) % ep]] = strength
+    return _normalised(w)
+
+
+@lru_cache(maxsize=None)
+def _takes_source(fn) -> bool:
+    try:
+        return "source" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _normalised(w: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
@@ -93,9 +121,11 @@ def expert_distribution(
     period: int = 50,
     burst_every: int = 10,
     seed: int = 0,
+    source: Optional[int] = None,
 ) -> np.ndarray:
     """Probabilities over the `num_experts` experts of MoE layer `layer` at `step` (sum 1, all > 0)
-    from workload `kind`: a built-in above, an import path or a registered plug-in."""
+    from workload `kind`: a built-in above, an import path or a registered plug-in. `source`:
+    the EP rank the tokens start on (None: the whole job); only workloads taking `source` use it."""
     from moepipe.plugins.registry import resolve
 
     E = int(num_experts)
@@ -106,7 +136,26 @@ def expert_distribution(
         raise ConfigError(f"workload strength={strength} must be a finite number > 0: e.g. 1.0 (zipf exponent, hot factor, sigma)")
     if period < 1 or burst_every < 1 or ep < 1:
         raise ConfigError(f"workload period={period}/burst_every={burst_every}/ep={ep} must be >= 1: use positive integers")
+    if source is not None and not 0 <= int(source) < ep:
+        raise ConfigError(f"workload source={source} must be an EP rank in [0, {ep}): pass the rank's mesh.ep_rank")
+    if _takes_source(fn):
+        return fn(step, layer, E, ep, strength, period, burst_every, seed, source=source)
     return fn(step, layer, E, ep, strength, period, burst_every, seed)
+
+
+def origin_distribution(kind: str, step: int, layer: int, num_experts: int, ep: int = 1, **kw) -> np.ndarray:
+    """[ep, E]: row r = the distribution of the tokens starting on EP rank r (all rows equal for
+    workloads that do not take `source`)."""
+    return np.stack([expert_distribution(kind, step, layer, num_experts, ep=ep, source=r, **kw) for r in range(ep)])
+
+
+def routing_origins(
+    kind: str, step: int, moe_layers: Sequence[int], num_experts: int, tokens: float, top_k: int, ep: int = 1, **kw
+) -> dict[int, np.ndarray]:
+    """Expected assignments per (source EP rank, expert) for each MoE layer, `tokens` spread evenly
+    over the sources: the simulator's `origins` (their column sums are `routing_counts`' counts
+    when every source's data is alike)."""
+    return {int(l): origin_distribution(kind, step, int(l), num_experts, ep=ep, **kw) * tokens * top_k / ep for l in moe_layers}
 
 
 def routing_counts(

@@ -15,11 +15,13 @@ from torch import nn
 from moepipe.config import MoepipeConfig, moe_layer_ids
 
 
-def routing_skew(cfg: MoepipeConfig, step: int) -> dict[int, torch.Tensor] | None:
+def routing_skew(cfg: MoepipeConfig, step: int, source: int | None = None) -> dict[int, torch.Tensor] | None:
     """Logit offsets log(p_e * E) per MoE layer for this step, or None when no skew is set.
 
     For softmax routing this multiplies each expert's prior odds by p_e * E, so a uniform
-    router ends up choosing experts in proportion to the workload's distribution p.
+    router ends up choosing experts in proportion to the workload's distribution p. `source`:
+    this rank's EP rank, for workloads whose skew depends on where tokens start (origin skew;
+    None: the whole job's distribution, as one process sees it).
     """
     w = cfg.workload
     if w.kind == "none" or cfg.moe.num_experts == 0:
@@ -30,7 +32,8 @@ def routing_skew(cfg: MoepipeConfig, step: int) -> dict[int, torch.Tensor] | Non
     out = {}
     for layer in moe_layer_ids(cfg.model, cfg.moe):
         p = expert_distribution(
-            w.kind, step, layer, E, ep=cfg.parallel.ep, strength=w.strength, period=w.period, burst_every=w.burst_every, seed=w.seed
+            w.kind, step, layer, E, ep=cfg.parallel.ep, strength=w.strength, period=w.period, burst_every=w.burst_every, seed=w.seed,
+            source=source,
         )
         out[layer] = torch.from_numpy(np.log(np.maximum(p, 1e-12) * E)).float()
     return out
