@@ -370,10 +370,31 @@ def _check_parallel(cfg: MoepipeConfig) -> None:
         _positive(f"parallel.{name}", getattr(par, name))
     _one_of("parallel.backend", par.backend, ("auto", "gloo", "nccl"))
     _one_of("parallel.a2a", par.a2a, A2A_MODES)
-    if par.a2a == "hierarchical" and cfg.moe.backend == "native":
+    if par.a2a == "hierarchical":
+        _check_hierarchical(cfg)
+
+
+def _check_hierarchical(cfg: MoepipeConfig) -> None:
+    """The hierarchical all-to-all takes its nodes from the topology: global rank r is on node
+    r // topology.devices_per_node, and an EP group is ep adjacent ranks (moepipe.parallel.mesh:
+    rank = ep_rank + ep * (pp_rank + pp * dp_rank)), so every EP group must be whole nodes of
+    equal size or lie inside one node (then it is the flat exchange)."""
+    par, topo = cfg.parallel, cfg.topology
+    local, world = topo.devices_per_node, par.pp * par.ep * par.dp
+    if par.ep < 2:
+        raise ConfigError(f"parallel.a2a=hierarchical needs expert parallelism (parallel.ep={par.ep}): set parallel.ep >= 2 or parallel.a2a=flat")
+    if local < 1 or topo.nodes < 1:
+        return  # the topology's own check names it
+    if world > topo.nodes * local:
         raise ConfigError(
-            "parallel.a2a=hierarchical is implemented for moe.backend=tutel only (Tutel's 2DH all-to-all), not yet for the native "
-            "dispatcher: set parallel.a2a=flat or moe.backend=tutel"
+            f"topology.nodes*devices_per_node={topo.nodes * local} < parallel.pp*ep*dp={world}, but parallel.a2a=hierarchical takes its "
+            f"nodes from the topology (topology={topo.name}): pick a topology with a device per worker (e.g. topology=local_cpu_2nodes for 4 CPU ranks)"
+        )
+    if par.ep % local and local % par.ep and world > local:
+        raise ConfigError(
+            f"topology.devices_per_node={local} splits the EP groups of parallel.ep={par.ep} into unequal parts of nodes (rank r is on node "
+            f"r // devices_per_node; an EP group is ep adjacent ranks): for parallel.a2a=hierarchical make devices_per_node a divisor "
+            f"or a multiple of parallel.ep, or set parallel.a2a=flat"
         )
 
 

@@ -45,7 +45,11 @@ CATALOGUE = [
     (["parallel=pp2", "parallel.backend=gloo", "train.device=cuda"], "parallel.backend=gloo with train.device=cuda"),
     (["parallel=single", "topology.probe=true"], "topology.probe=true measures the workers of a multi-process job"),
     (["parallel=single", "topology.detect=true"], "topology.detect=true measures the workers of a multi-process job"),
-    (["parallel.a2a=hierarchical"], "parallel.a2a=hierarchical is implemented for moe.backend=tutel only"),
+    (["parallel=pp2", "parallel.a2a=hierarchical"], "parallel.a2a=hierarchical needs expert parallelism (parallel.ep=1)"),
+    (["parallel.ep=4", "parallel.pp=2", "parallel.a2a=hierarchical", "topology=local_cpu_2nodes"],
+     "topology.nodes*devices_per_node=4 < parallel.pp*ep*dp=8, but parallel.a2a=hierarchical takes its nodes from the topology"),
+    (["parallel.pp=1", "parallel.ep=4", "parallel.a2a=hierarchical", "topology.nodes=2", "topology.devices_per_node=3",
+      "topology.device_groups=[{count:6}]"], "topology.devices_per_node=3 splits the EP groups of parallel.ep=4 into unequal parts"),
 ]
 
 

@@ -493,6 +493,10 @@ ROWS: dict[tuple[str, str], list[Row]] = {
     ("placer", "topo"): [("dist", EP2_SKEW + ("placer=topo",), check_expert_placer)],
     ("topology", "local_cpu"): [("train1", ("topology=local_cpu", "workload.emulate_speed=true"), check_local_cpu)],
     ("topology", "local_cpu_slow"): [("train1", SLOW, check_local_cpu_slow)],
+    # parallel.a2a=hierarchical: 4 ranks declared as 2 nodes x 2, each EP group spanning both (its
+    # parity with the flat exchange, bit for bit, is tests/test_all_to_all.py's)
+    ("topology", "local_cpu_2nodes"): [("dist", ("parallel.pp=1", "parallel.ep=4", "parallel.dp=1", "topology=local_cpu_2nodes",
+                                                 "parallel.a2a=hierarchical"), check_mesh(1, 4, 1))],
     ("topology", "nvlink_8gpu"): [("sim", SIM_SMALL + ("topology=nvlink_8gpu", "parallel.pp=2", "parallel.ep=4"),
                                    check_sim_topology("nvlink_8gpu", 8, False))],
     ("topology", "ib_4x8"): [("sim", SIM_SMALL + ("topology=ib_4x8", "parallel.pp=2", "parallel.ep=16"), check_sim_topology("ib_4x8", 32, True))],

@@ -7,9 +7,13 @@ and pipeline code are the same for all of them:
 - `stats` (RoutingStats, device-side counters), `record_stats`, `aux_loss_scale`;
 - `update_expert_bias(load=None)`;
 - `set_routing_skew(offset)`: an injected [E] logit offset (workload.kind), or None;
-- `attach_expert_group(holders, ep_rank, ep_group, a2a, local_size)`: the runtime hands the
-  layer its EP group, the plan's holders of each expert and the all-to-all to use
-  (`parallel.a2a`; `local_size` = ranks per node from the topology), after the stage is built.
+- `attach_expert_group(holders, ep_rank, ep_group, a2a, local_size, node_groups)`: the runtime
+  hands the layer its EP group, the plan's holders of each expert and the all-to-all to use
+  (`parallel.a2a`; `local_size` = ranks per node from the topology; `node_groups` = the
+  mesh's intra-/inter-node sub-groups of the EP group, `moepipe.model.all_to_all.NodeGroups`,
+  or None when the EP group does not span several nodes), after the stage is built. Groups
+  are made by the mesh, collectively, never here: pipeline ranks hold different numbers of
+  MoE layers. A backend with its own exchange (tutel's 2DH) may ignore `node_groups`.
 
 Each backend also has `check_config(cfg)`, which rejects (one-line ConfigError) the options it
 cannot honour; config.validate calls it before any worker starts. `moe.backend` is looked up in

@@ -27,8 +27,9 @@ from moepipe.model.moe import combine, run_experts_sorted
 from moepipe.model.router import Routing
 from moepipe.placement.cost_model import copy_table, rule_nodes, split_over_copies
 
-# (x, out_splits, in_splits, group) -> rows received: moepipe.model.all_to_all
-Exchange = Callable[[torch.Tensor, list, list, object], torch.Tensor]
+# (x, out_splits, in_splits, group, sizes) -> rows received, sizes[s][d] = rows EP rank s sends
+# to d (host ints): moepipe.model.all_to_all
+Exchange = Callable[[torch.Tensor, list, list, object, list], torch.Tensor]
 
 
 def segment_permutation(counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
@@ -131,7 +132,7 @@ class ExpertParallelDispatcher:
         #    order, and puts the dropped ones (target ep) last, where the kept count cuts them off
         order = torch.argsort(target, stable=True)[: sum(in_splits)]
         tokens = routing.all_token_idx[order]
-        received = self.exchange(x[tokens], out_splits, in_splits, self.group)
+        received = self.exchange(x[tokens], out_splits, in_splits, self.group, matrix)
 
         # 3. local experts on contiguous slices
         perm = segment_permutation(recv_counts, sum(out_splits))
@@ -141,5 +142,5 @@ class ExpertParallelDispatcher:
         y_received = y_by_expert[inverse]
 
         # 4. combine at home
-        y = self.exchange(y_received, in_splits, out_splits, self.group)
+        y = self.exchange(y_received, in_splits, out_splits, self.group, [list(c) for c in zip(*matrix)])
         return combine(x, y, routing.all_weights[order], tokens)

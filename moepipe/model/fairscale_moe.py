@@ -140,7 +140,7 @@ class FairscaleMoE(nn.Module):
         """An injected [E] logit offset (workload.kind), or None: added to the gate's logits."""
         self.router.skew = None if offset is None else offset.to(self.router.weight.device)
 
-    def attach_expert_group(self, holders, ep_rank: int, ep_group, a2a: str = "flat", local_size: int = 1) -> None:
+    def attach_expert_group(self, holders, ep_rank: int, ep_group, a2a: str = "flat", local_size: int = 1, node_groups=None) -> None:
         """fairscale all-to-alls over `MOELayer.group`, WORLD by default: under pipeline or data
         parallelism that would exchange tokens with other stages. Use the (size-1) EP group."""
         if dist.get_world_size(ep_group) != 1 or sorted(map(list, holders)) != [[0]] * self.num_experts:

@@ -122,17 +122,20 @@ class MoELayer(nn.Module):
         """An injected [E] logit offset (workload.kind), or None; moved to the device once per step."""
         self.router.skew = None if offset is None else offset.to(self.router.weight.device)
 
-    def attach_expert_group(self, holders: list[list[int]], ep_rank: int, ep_group, a2a: str = "flat", local_size: int = 1) -> None:
-        """The runtime's expert parallelism: experts live on the EP ranks `holders` names. `a2a` and
-        `local_size` (ranks per node) choose the exchange (moepipe.model.all_to_all)."""
+    def attach_expert_group(self, holders: list[list[int]], ep_rank: int, ep_group, a2a: str = "flat", local_size: int = 1,
+                            node_groups=None) -> None:
+        """The runtime's expert parallelism: experts live on the EP ranks `holders` names. `a2a`,
+        `local_size` (ranks per node) and the mesh's `node_groups` (hierarchical over several
+        nodes) choose the exchange (moepipe.model.all_to_all.exchange_for)."""
         import torch.distributed as dist
 
-        if dist.get_world_size(ep_group) > 1:
+        ep = dist.get_world_size(ep_group)
+        if ep > 1:
             from moepipe.model.all_to_all import exchange_for
             from moepipe.model.expert_dispatch import ExpertParallelDispatcher
 
-            self.dispatcher = ExpertParallelDispatcher(holders, ep_rank, ep_group, self.num_experts, exchange_for(a2a, local_size),
-                                                       local_size=local_size)
+            exchange = exchange_for(a2a, local_size, ep, node_groups)
+            self.dispatcher = ExpertParallelDispatcher(holders, ep_rank, ep_group, self.num_experts, exchange, local_size=local_size)
 
     def update_expert_bias(self, load: torch.Tensor | None = None) -> None:
         """Aux-loss-free balancing step; `load` defaults to the demand counted since reset."""

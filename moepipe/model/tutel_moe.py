@@ -96,8 +96,10 @@ class TutelMoE(nn.Module):
         self._local = list(range(cfg.num_experts))
         self._ffn = _held_llama_ffn(d_model, cfg.expert_hidden, len(self._local))
 
-    def attach_expert_group(self, holders: list[list[int]], ep_rank: int, ep_group, a2a: str = "flat", local_size: int = 1) -> None:
-        """Tutel's expert parallelism: EP rank r must hold the r-th contiguous, equal block of experts."""
+    def attach_expert_group(self, holders: list[list[int]], ep_rank: int, ep_group, a2a: str = "flat", local_size: int = 1,
+                            node_groups=None) -> None:
+        """Tutel's expert parallelism: EP rank r must hold the r-th contiguous, equal block of experts.
+        Its 2DH exchange makes its own node groups (`node_groups` is the native exchange's)."""
         ep = dist.get_world_size(ep_group) if ep_group is not None else 1
         per = self.num_experts // ep
         want = [[e // per] for e in range(self.num_experts)]

@@ -142,11 +142,13 @@ class DistributedTrainer:
         }
         self.slowdowns = [SlowDevice(m, self.speed) for m in self.modules.values()] if self.speed < 1 else []
         self.clock = BlockClock(list(self.modules.values()), cfg.model.n_layers, self.device)
+        # node groups only where the mesh made them (a plug-in backend written before them still attaches)
+        nodes = {"node_groups": mesh.node_groups} if getattr(mesh, "node_groups", None) is not None else {}
         for module in self.modules.values():
             module.activation_checkpointing = cfg.train.activation_checkpointing
             for layer_id, moe in module.moe_layers():
-                moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group,
-                                        a2a=cfg.parallel.a2a, local_size=cfg.topology.devices_per_node)
+                moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group, a2a=cfg.parallel.a2a,
+                                        local_size=cfg.topology.devices_per_node, **nodes)
         self.dense, self.expert = split_params(list(self.modules.values()))
         self.replicas = ExpertReplicas(list(self.modules.values()), plan.expert_map, mesh.ep_rank, mesh.ep_group, self.device)
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)

@@ -271,8 +271,16 @@ def _threads_per_worker(cfg: MoepipeConfig, local_world: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_world))
 
 
-def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, local_rank: int = 0) -> dict | None:
+def mesh_for(cfg: MoepipeConfig):
+    """The job's mesh (collective); with parallel.a2a=hierarchical also the node groups of EP
+    groups that span nodes, the nodes being the topology's (rank r on r // devices_per_node)."""
     from moepipe.parallel.mesh import build_mesh
+
+    par = cfg.parallel
+    return build_mesh(par.pp, par.ep, par.dp, cfg.topology.devices_per_node if par.a2a == "hierarchical" else 0)
+
+
+def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, local_rank: int = 0) -> dict | None:
     from moepipe.train.distributed import DistributedTrainer
     from moepipe.train.loop import train
     from moepipe.train.preempt import Preempted
@@ -293,7 +301,7 @@ def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, l
         shared = [run_dir]
         dist.broadcast_object_list(shared, src=0)  # under torchrun every rank's Hydra made its own dir
         run_dir = shared[0]
-        mesh = build_mesh(cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.dp)
+        mesh = mesh_for(cfg)
         # What is alive now (torch, numpy, Hydra, the config) lives as long as the worker: keep
         # it out of cyclic garbage collection, so the full collection after each migration
         # scans only what the run itself made (it took 0.34 of a 0.61 s migration otherwise)
