@@ -38,6 +38,7 @@ SCRIPTS = {
     "fig_balance": r"max_over_mean_last_quarter=aux_loss:[0-9.]+,aux_free:[0-9.]+,none:[0-9.]+",
     "bench_placer": r"geomean_speedup_topo_vs_static_skewed=[0-9.]+",
     "bench_sim_scale": r"sim_time_s=[0-9.]+",
+    "eval_forecast": r"tv_periodic_over_ema_moving=[0-9.]+",
 }
 FIGURES = {"fig_bubble": ["fig_bubble", "fig_gantt"], "fig_memory": ["fig_memory"], "fig_interleaved": ["fig_interleaved"],
            "fig_zero_bubble": ["fig_zero_bubble"], "fig_capacity": ["fig_capacity"], "fig_balance": ["fig_balance", "fig_load_heatmap"],

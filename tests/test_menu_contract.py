@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import pytest
 import torch
 
-from moepipe.config import MOE_BACKENDS, conf_dir
+from moepipe.config import FORECASTERS, MOE_BACKENDS, conf_dir
 
 from conftest import compose_cfg
 
@@ -332,6 +333,30 @@ def check_expert_placer(r: Result) -> None:
     assert any(owners != static_map for owners in plan["expert_map"].values())
 
 
+def check_forecast(name: str) -> Callable:
+    """placer.forecast=<name>: the advisory re-plan after 3 of 5 steps planned for that
+    forecaster's output on the expert load the run logged (expert_load.jsonl, every step):
+    the newest placer.forecast_window=2 steps (ema: its running average over all 3), horizon 2."""
+
+    def check(r: Result) -> None:
+        from moepipe.placement.forecast import forecast
+        from moepipe.plugins.registry import resolve
+
+        trained(r)
+        loop = r.trainer.replan
+        assert loop.forecast is resolve("forecaster", name) and r.config["placer"]["forecast"] == name
+        assert [row["step"] for row in r.rows if row.get("event") == "replan"] == [3]
+        logged = [json.loads(line)["tokens_per_expert"] for line in (r.run_dir / "expert_load.jsonl").read_text().splitlines()][:3]
+        assert loop.last_forecast and len(logged) == 3
+        for layer, f in loop.last_forecast.items():
+            seen = [row[str(layer)] for row in logged]
+            want = forecast(name, seen if name == "ema" else seen[-2:], 2, r.config["placer"]["ema_decay"])
+            assert np.allclose(f.mean, want.mean), (layer, f.mean, want.mean)
+            assert (f.scenarios is None) == (want.scenarios is None)
+
+    return check
+
+
 def check_local_cpu(r: Result) -> None:
     trained(r)
     # emulation asked for, but every device of local_cpu runs at speed 1: nothing sleeps
@@ -491,6 +516,9 @@ ROWS: dict[tuple[str, str], list[Row]] = {
                                      check_balance_by_time)],
     ("placer", "eplb"): [("dist", EP2_SKEW + ("placer=eplb",), check_expert_placer)],
     ("placer", "topo"): [("dist", EP2_SKEW + ("placer=topo",), check_expert_placer)],
+    **{("placer.forecast", f): [("train1", ("parallel=single", "placer=topo", f"placer.forecast={f}", "placer.forecast_window=2",
+                                              "placer.interval=3", "train.steps=5", "train.log_every=1"), check_forecast(f))]
+       for f in FORECASTERS},
     ("topology", "local_cpu"): [("train1", ("topology=local_cpu", "workload.emulate_speed=true"), check_local_cpu)],
     ("topology", "local_cpu_slow"): [("train1", SLOW, check_local_cpu_slow)],
     # parallel.a2a=hierarchical: 4 ranks declared as 2 nodes x 2, each EP group spanning both (its
@@ -521,7 +549,7 @@ def menu() -> set[tuple[str, str]]:
     """Every option the conf/ tree and the backend list offer."""
     options = {(g, p.stem) for g in GROUPS for p in (CONF / g).glob("*.yaml")}
     options |= {("hydra/launcher", p.stem) for p in (CONF / "hydra" / "launcher").glob("*.yaml")}
-    return options | {("moe.backend", b) for b in MOE_BACKENDS}
+    return options | {("moe.backend", b) for b in MOE_BACKENDS} | {("placer.forecast", f) for f in FORECASTERS}
 
 
 def test_every_menu_option_has_a_row():
