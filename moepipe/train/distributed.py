@@ -149,6 +149,9 @@ class DistributedTrainer:
             for layer_id, moe in module.moe_layers():
                 moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group, a2a=cfg.parallel.a2a,
                                         local_size=cfg.topology.devices_per_node, **nodes)
+        for module in self.modules.values():  # token origins: this rank's row of [ep, E] (summed over the world per step)
+            for _, moe in module.moe_layers():
+                moe.stats.set_source(mesh.ep_rank, mesh.ep)
         self.dense, self.expert = split_params(list(self.modules.values()))
         self.replicas = ExpertReplicas(list(self.modules.values()), plan.expert_map, mesh.ep_rank, mesh.ep_group, self.device)
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)
@@ -182,7 +185,7 @@ class DistributedTrainer:
         cfg = self.cfg
         inject_fault(self.mesh.rank, step)
         start = time.perf_counter()
-        skew = self._skew = routing_skew(cfg, step)
+        skew = self._skew = routing_skew(cfg, step, source=self.mesh.ep_rank)
         self.clock.take()  # drop evaluation forwards: only training steps count
         for module in self.modules.values():
             module.train()
@@ -211,7 +214,8 @@ class DistributedTrainer:
         block_seconds = self._block_seconds(first=step == 0)
         result = StepResult.from_stats(loss, float(norm), lr, start, inputs.numel(), stats)
         demand = {layer_id: s.demand.double().numpy() for layer_id, s in stats.items()}  # reduced: same on all ranks
-        self.replan.observe(step, demand, block_seconds, result.seconds)
+        origins = {layer_id: s.origins.double().numpy() for layer_id, s in stats.items()}  # [ep, E] per layer
+        self.replan.observe(step, demand, block_seconds, result.seconds, origins=origins)
         return result
 
     def _global_routing_stats(self) -> dict[int, RoutingStats]:
@@ -222,7 +226,8 @@ class DistributedTrainer:
         row = {lid: i for i, lid in enumerate(self.moe_ids)}
         # packed on the device from the device-side counters: NCCL reduces device tensors only,
         # and nothing is read back before the reduction
-        packed = torch.zeros(len(self.moe_ids), 2 * E + 4, dtype=torch.float64, device=self.device)
+        O = self.mesh.ep * E  # token origins [ep, E] after the scalars
+        packed = torch.zeros(len(self.moe_ids), 2 * E + 4 + O, dtype=torch.float64, device=self.device)
         for module in self.modules.values():
             for layer_id, moe in module.moe_layers():
                 s = moe.stats
@@ -230,12 +235,14 @@ class DistributedTrainer:
                 packed[row[layer_id], : 2 * E] = torch.cat([s.demand.double(), s.kept.double()]).to(self.device)
                 packed[row[layer_id], 2 * E : 2 * E + 3] = scalars
                 packed[row[layer_id], 2 * E + 3] = s.calls
+                packed[row[layer_id], 2 * E + 4 :] = s.origins.double().reshape(-1).to(self.device)
         dist.all_reduce(packed)
         packed = packed.cpu()
         out = {}
         for layer_id, i in row.items():
-            s = RoutingStats(E)
+            s = RoutingStats(E, 0, self.mesh.ep)
             s.demand, s.kept = packed[i, :E].round().long(), packed[i, E : 2 * E].round().long()
+            s.origins = packed[i, 2 * E + 4 :].round().long().view(self.mesh.ep, E)
             s.asked, s.aux_loss_sum, s.z_loss_sum, s.calls = int(packed[i, 2 * E]), float(packed[i, 2 * E + 1]), float(packed[i, 2 * E + 2]), int(packed[i, 2 * E + 3])
             out[layer_id] = s
         return out
