@@ -34,6 +34,9 @@ def one_line(text: str, *parts: str) -> None:
 CATALOGUE = [
     (["parallel.pp=8", "schedule.microbatches=8"], "parallel.pp*schedule.virtual_stages=8 > model.n_layers=4"),
     (["parallel.pp=2", "schedule.microbatches=1"], "schedule.microbatches=1 < parallel.pp=2"),
+    (["schedule.executor=fast"], "schedule.executor='fast' is not known: choose one of torch, moepipe"),
+    (["schedule.name=file:/no/such.csv"], "is an action table, which torch's classes cannot run: set schedule.executor=moepipe"),
+    (["schedule.name=file:/no/such.csv", "schedule.executor=moepipe"], "schedule.name=file:/no/such.csv: no such file"),
     (["moe.top_k=9"], "moe.top_k=9 > moe.num_experts=8"),
     (["schedule.name=bogus"], "schedule.name='bogus' is not known"),
     (["placer.name=bogus"], "placer.name='bogus'"),
