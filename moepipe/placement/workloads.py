@@ -17,8 +17,7 @@ every expert. Definitions (s = strength, E = num_experts):
   local_hot   origin skew: the experts, shuffled per layer (by seed), are cut into `ep` blocks
               and the data starting on EP rank r prefers block r (s times the share of every
               other expert); over all ranks the load is (near) uniform, so only where tokens
-              start, not how many each expert gets, rewards a placement. Not yet registered as
-              a short name: workload.kind=moepipe.placement.workloads:local_hot
+              start, not how many each expert gets, rewards a placement.
 
 Each is a function with the workload plug-in signature (moepipe.plugins.interfaces), so
 `workload.kind` may also name a user's own (pkg.module:attr, register(), an entry point).

@@ -45,7 +45,7 @@ BUILTINS: dict[str, dict[str, object]] = {
     },
     "workload": {
         kind: f"moepipe.placement.workloads:{kind}"
-        for kind in ("none", "zipf", "hot_expert", "hot_rank", "rotating", "burst", "lognormal")
+        for kind in ("none", "zipf", "hot_expert", "hot_rank", "rotating", "burst", "lognormal", "local_hot")
     },
     "schedule": {
         "gpipe": ScheduleSpec(f"{_PIPELINING}:ScheduleGPipe"),
