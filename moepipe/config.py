@@ -230,7 +230,7 @@ class WorkloadConfig:
     function of (step, layer), so every layout sees the same routing. Off by default.
     """
 
-    kind: str = "none"  # none | zipf | hot_expert | hot_rank | rotating | burst | lognormal | a plug-in (pkg.module:attr)
+    kind: str = "none"  # none | zipf | hot_expert | hot_rank | rotating | burst | lognormal | local_hot | a plug-in (pkg.module:attr)
     strength: float = 1.0
     period: int = 50  # rotating: steps between hotspot moves
     burst_every: int = 10  # burst: a hotspot on every k-th step
