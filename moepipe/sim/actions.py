@@ -209,8 +209,11 @@ def check_coverage(order: Order, n_stages: int, m: int, chain_len: int) -> dict[
             _fail(f"stage {s} runs {s}I{i} but never {s}W{i}: its weight gradient would be lost")
         backwards[s] = backwards.get(s, 0) + 1
     chains = n_stages // chain_len
+    by_mb: dict[int, list[int]] = {}
+    for s, i in state:
+        by_mb.setdefault(i, []).append(s)
     for i in range(m):
-        on = sorted(s for (s, j) in state if j == i)
+        on = sorted(by_mb.get(i, ()))
         if not on:
             _fail(f"microbatch {i} runs on no stage: every microbatch 0..{m - 1} needs a forward on each stage of its chain")
         c = on[0] // chain_len
