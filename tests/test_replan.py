@@ -247,3 +247,13 @@ def test_one_process_logs_advisory_decisions(tmp_path, capsys):
     assert [e["step"] for e in place["events"]] == [2, 4] and place["events"][0]["reason"] == replans[0]["reason"]
     assert "is advisory" in capsys.readouterr().err
     assert rows.index(replans[0]) == rows.index(next(r for r in rows if r["step"] == 2 and "loss" in r)) + 1  # after the step's row
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_forecast_window_is_checked_in_one_line(value):
+    from moepipe.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose_cfg([f"placer.forecast_window={value}"])
+    msg = str(err.value)
+    assert msg.startswith(f"placer.forecast_window={value} must be an integer >= 1: ") and "\n" not in msg
