@@ -2,7 +2,8 @@
 
 Parity: torch's own orders (1F1B, interleaved 1F1B, ZBV) run through our executor give the
 same per-step losses and parameters as torch's schedule classes, bit for bit on CPU (fp32,
-one thread): the executor calls the same PipelineStage compute in the same per-rank order,
+one thread; pp2, and pp2 x ep2 with the expert all-to-alls inside stages): the executor calls
+the same PipelineStage compute in the same per-rank order,
 so every floating-point sum is formed identically; only the message posting differs.
 A hand-written CSV 1F1B table runs end to end through `moepipe-train` and matches torch's
 1F1B. Malformed tables fail with one line.
@@ -32,19 +33,19 @@ TINY = ["model.d_model=16", "model.n_heads=2", "model.ffn_hidden=32", "model.n_l
 ORDERS = [("1f1b", 1), ("interleaved_1f1b", 2), ("zbv", 2), ("interleaved_zb", 2), ("dualpipev", 2), ("gpipe", 1)]
 
 
-def _cfg(schedule: str, v: int, executor: str):
+def _cfg(schedule: str, v: int, executor: str, ep: int = 1):
     return compose_cfg(TINY + [f"schedule.name={schedule}", f"schedule.virtual_stages={v}", "schedule.microbatches=4",
-                               f"schedule.executor={executor}", "parallel.pp=2", "parallel.ep=1", "parallel.dp=1"])
+                               f"schedule.executor={executor}", "parallel.pp=2", f"parallel.ep={ep}", "parallel.dp=1"])
 
 
-def _worker(rank: int, world: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, out_dir: str, orders=ORDERS, ep: int = 1) -> None:
     from moepipe.parallel.mesh import build_mesh
     from moepipe.train.distributed import DistributedTrainer
 
-    mesh = build_mesh(2, 1, 1)
-    for schedule, v in ORDERS:
+    mesh = build_mesh(2, ep, 1)
+    for schedule, v in orders:
         for executor in ("torch", "moepipe"):
-            trainer = DistributedTrainer(_cfg(schedule, v, executor), mesh, None)
+            trainer = DistributedTrainer(_cfg(schedule, v, executor, ep), mesh, None)
             losses = [trainer.train_step(s).loss for s in range(STEPS)]
             state = gather_state(list(trainer.modules.values()), rank)
             if rank == 0:
@@ -52,16 +53,29 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
                      os.path.join(out_dir, f"{schedule}.{executor}.pt"))
 
 
-@pytest.mark.timeout(120)
-def test_torch_orders_run_bitwise_equal_through_the_executor(tmp_path):
-    run_distributed(_worker, 2, str(tmp_path), timeout=110)
-    for schedule, _ in ORDERS:
+def _assert_bitwise(tmp_path, orders) -> None:
+    for schedule, _ in orders:
         ref, ours = (torch.load(tmp_path / f"{schedule}.{e}.pt") for e in ("torch", "moepipe"))
         assert ours["type"] == "ScheduleExecutor" and ref["type"] != "ScheduleExecutor"
         assert ours["losses"] == ref["losses"], schedule
         assert set(ours["state"]) == set(ref["state"])
         for name, p in ref["state"].items():
             assert torch.equal(ours["state"][name], p), f"{schedule}: {name} differs"
+
+
+@pytest.mark.timeout(120)
+def test_torch_orders_run_bitwise_equal_through_the_executor(tmp_path):
+    run_distributed(_worker, 2, str(tmp_path), timeout=110)
+    _assert_bitwise(tmp_path, ORDERS)
+
+
+@pytest.mark.timeout(120)
+def test_expert_parallel_stages_run_bitwise_equal_through_the_executor(tmp_path):
+    # pp2 x ep2: the expert all-to-alls inside each stage pair up between the EP ranks, which
+    # run the same action list
+    orders = [("1f1b", 1), ("zbv", 2)]
+    run_distributed(_worker, 4, str(tmp_path), orders, 2, timeout=110)
+    _assert_bitwise(tmp_path, orders)
 
 
 def one_f_one_b_table(pp: int, m: int) -> list[list[str]]:
