@@ -116,3 +116,22 @@ def test_hydra_target_form_through_config_validation():
     assert cfg.workload.kind == "moepipe.placement.workloads.zipf"
     with pytest.raises(ConfigError, match="workload.kind='moepipe.placement.workloads.nope' is not known"):
         validate(compose_cfg(["workload.kind=moepipe.placement.workloads.nope"]))
+
+
+def test_conformance_builds_the_schedule_program():
+    """check_schedule runs the executor's validation on the spec's program at a few shapes: an
+    order missing its backwards fails naming what to add; an order-only spec (no torch class,
+    for moepipe's executor) passes, as every built-in does."""
+    from moepipe.plugins import known
+    from moepipe.plugins.conformance import ConformanceError, check_schedule
+
+    assert all(check_schedule(name) == 3 for name in known("schedule"))
+    assert check_schedule(ScheduleSpec(None, order=reversed_gpipe)) == 3
+
+    def forwards_only(pp, v, m):
+        return {r: [("F", r, i) for i in range(m)] for r in range(pp)}
+
+    with pytest.raises(ConformanceError, match=r"\[program\]: at pp=2, virtual_stages=1, microbatches=4: .*never runs the backward"):
+        check_schedule(ScheduleSpec(None, order=forwards_only))
+    with pytest.raises(ConformanceError, match="neither a torch_class nor an order"):
+        check_schedule(ScheduleSpec(None))

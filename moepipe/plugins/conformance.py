@@ -180,22 +180,44 @@ def check_forecaster(forecaster: Any) -> int:
 
 
 def check_schedule(schedule: Any) -> int:
-    """A ScheduleSpec: style "loop" | "v", a torch.distributed.pipelining schedule class, single-
-    stage classes for multi_stage=False and multi-stage ones otherwise; V style runs 2 stages per rank."""
+    """A ScheduleSpec: style "loop" | "v"; a torch.distributed.pipelining class (single-stage for
+    multi_stage=False, multi-stage otherwise) or, for a schedule only moepipe's executor runs,
+    none and an `order` function; V style runs 2 stages per rank; and the program it gives at a
+    few shapes passes the executor's validation (every microbatch's forward and backward on every
+    stage, sends matched to receives, no deadlock when simulated). Returns the shapes checked."""
     from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
+    from moepipe.config import ConfigError
+    from moepipe.plugins.registry import register, unregister
+    from moepipe.sim.schedules import schedule_program
+
     label, spec = _load("schedule", schedule)
-    if not all(hasattr(spec, a) for a in ("torch_class", "style", "multi_stage")):
-        _fail(label, "spec", "is not a ScheduleSpec(torch_class, style, multi_stage)")
+    if not all(hasattr(spec, a) for a in ("torch_class", "style", "multi_stage", "order")):
+        _fail(label, "spec", "is not a ScheduleSpec(torch_class, style, multi_stage, order)")
     if spec.style not in ("loop", "v"):
         _fail(label, "spec", f"style={spec.style!r}: use 'loop' or 'v'")
-    cls = import_path(spec.torch_class) if isinstance(spec.torch_class, str) else spec.torch_class
-    base = PipelineScheduleMulti if spec.multi_stage else PipelineScheduleSingle
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        _fail(label, "spec", f"torch_class {cls!r} is not a {base.__name__} (multi_stage={spec.multi_stage})")
+    if spec.torch_class is None and spec.order is None:
+        _fail(label, "spec", "has neither a torch_class nor an order function: give one")
+    if spec.torch_class is not None:
+        cls = import_path(spec.torch_class) if isinstance(spec.torch_class, str) else spec.torch_class
+        base = PipelineScheduleMulti if spec.multi_stage else PipelineScheduleSingle
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            _fail(label, "spec", f"torch_class {cls!r} is not a {base.__name__} (multi_stage={spec.multi_stage})")
     if spec.style == "v" and not spec.multi_stage:
         _fail(label, "spec", "a V-style schedule places two stages per rank: set multi_stage=True")
-    return 1
+    v = 2 if spec.multi_stage else 1
+    name = "_conformance_schedule"  # checked under a private name: the spec need not be registered
+    register("schedule", name)(spec)
+    shapes = [(2, 4), (4, 8), (4, 12)]
+    try:
+        for pp, m in shapes:
+            try:
+                schedule_program(name, pp, v, m)
+            except ConfigError as err:
+                _fail(label, "program", f"at pp={pp}, virtual_stages={v}, microbatches={m}: {err}")
+    finally:
+        unregister("schedule", name)
+    return len(shapes)
 
 
 # ------------------------------------------------------------------ MoE backends
