@@ -3,8 +3,9 @@
 - one process: train in place;
 - one node, several processes: spawn pp*ep*dp workers from inside the (single) Hydra job, so
   there is one run dir and one W&B run; the first worker to fail ends the job with its error;
-- torchrun (many nodes), or SLURM with one task per rank (Hydra's submitit launcher): this
-  process is one worker; rank 0's run dir is broadcast to all.
+- torchrun (many nodes), or one submitit task per rank (Hydra's submitit launchers: SLURM, or
+  submitit_local on one machine): this process is one worker; rank 0's run dir is broadcast to
+  all, and the dirs other workers' Hydra made (torchrun) are removed while still empty.
 Collectives carry `parallel.collective_timeout_s`, so a lost peer ends the job instead of
 hanging it.
 
@@ -20,6 +21,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -48,15 +50,22 @@ def under_torchrun() -> bool:
 
 
 def slurm_tasks() -> tuple[int, int, int, str] | None:
-    """(rank, world, local_rank, init_method) when SLURM runs one task per rank (submitit
-    launcher with tasks_per_node = devices per node), else None."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+    """(rank, world, local_rank, init_method) when submitit runs one task per rank: on SLURM
+    (hydra/launcher=slurm, tasks_per_node = devices per node) or on this machine through its
+    local executor (hydra/launcher=submitit_local: the same tasks without a cluster), else None.
+    The store is at $MASTER_ADDR:$MASTER_PORT where set, else on the job's first host (local:
+    127.0.0.1) at a port derived from the job id, the same for every task of the job."""
+    on_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+    local = int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1 and "SUBMITIT_LOCAL_GLOBALID" in os.environ
+    if not (on_slurm or local):
         return None
-    import submitit  # the hydra-submitit-launcher dependency; gives the job's host list
+    import submitit  # the hydra-submitit-launcher dependency: ranks and the job's host list
 
     env = submitit.JobEnvironment()
-    port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
-    return env.global_rank, env.num_tasks, env.local_rank, f"tcp://{env.hostnames[0]}:{port}"
+    host = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if local else env.hostnames[0])
+    job = int(re.sub(r"\D", "", str(env.raw_job_id)) or 0)
+    port = int(os.environ.get("MASTER_PORT") or 20000 + job % 20000)
+    return env.global_rank, env.num_tasks, env.local_rank, f"tcp://{host}:{port}"
 
 
 def resolve_backend(cfg: MoepipeConfig, local_world: int, cuda_available: bool, gpu_count: int) -> tuple[str, str, str | None]:
@@ -271,6 +280,26 @@ def _threads_per_worker(cfg: MoepipeConfig, local_world: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_world))
 
 
+def drop_hydra_shell(own: str, job_dir: str) -> None:
+    """Under torchrun every worker runs Hydra, which makes a run dir per worker (a timestamped
+    one per start second); rank 0's is the job's. Remove this worker's own dir when it is
+    another directory holding nothing but what Hydra put there (.hydra/*.yaml, an empty job
+    log), so a job leaves one run dir. Anything else in it, and it stays."""
+    try:
+        if os.path.exists(job_dir) and os.path.samefile(own, job_dir):
+            return
+        names = os.listdir(own)
+        hydra = os.path.join(own, ".hydra")
+        logs = [n for n in names if n.endswith(".log")]
+        if set(names) - {".hydra"} - set(logs) or any(os.path.getsize(os.path.join(own, n)) for n in logs):
+            return
+        if os.path.isdir(hydra) and any(not n.endswith(".yaml") for n in os.listdir(hydra)):
+            return
+    except OSError:
+        return
+    shutil.rmtree(own, ignore_errors=True)  # workers of one node may share the dir: both remove it
+
+
 def mesh_for(cfg: MoepipeConfig):
     """The job's mesh (collective); with parallel.a2a=hierarchical also the node groups of EP
     groups that span nodes, the nodes being the topology's (rank r on r // devices_per_node)."""
@@ -285,7 +314,16 @@ def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, l
     from moepipe.train.loop import train
     from moepipe.train.preempt import Preempted
 
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or n)
+    # ranks on this node: torchrun's LOCAL_WORLD_SIZE, SLURM's per-node task count (read as
+    # placement.topology does, also in SLURM's "8(x2)" form, which int() refused), else all ranks
+    per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    per_node = per_node.split("(")[0].split(",")[0].strip()
+    local_world = int(per_node) if per_node.isdigit() and int(per_node) > 0 else n
+    par = cfg.parallel
+    if per_node and rank == 0 and par.a2a == "hierarchical" and local_world != min(cfg.topology.devices_per_node, n):
+        print(f"moepipe: parallel.a2a=hierarchical groups ranks into nodes of topology.devices_per_node={cfg.topology.devices_per_node}, "
+              f"but this job runs {local_world} per node: the results are the same, but the exchange's phases do not follow "
+              "the machines (pick this cluster's topology)", file=sys.stderr, flush=True)
     device, backend, notice = resolve_backend(cfg, local_world, torch.cuda.is_available(), torch.cuda.device_count())
     if device == "cpu":
         if notice and rank == 0 and cfg.train.device != "cpu":  # torchrun/SLURM: this launcher did not print it
@@ -300,6 +338,8 @@ def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, l
     try:
         shared = [run_dir]
         dist.broadcast_object_list(shared, src=0)  # under torchrun every rank's Hydra made its own dir
+        if shared[0] != run_dir:
+            drop_hydra_shell(run_dir, shared[0])
         run_dir = shared[0]
         mesh = mesh_for(cfg)
         # What is alive now (torch, numpy, Hydra, the config) lives as long as the worker: keep
