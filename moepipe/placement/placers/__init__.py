@@ -26,7 +26,7 @@ from moepipe.config import ConfigError
 from moepipe.placement.plan import Plan, mesh_coords, stage_assignment, validate_plan
 from moepipe.placement.placers import baselines
 from moepipe.placement.placers.evaluate import Evaluation, Evaluator
-from moepipe.placement.placers.inputs import PlacementInputs, effective_cost_model, inputs_from_config, load_fractions, routing_of
+from moepipe.placement.placers.inputs import PlacementInputs, effective_cost_model, inputs_from_config, load_fractions, origins_of, routing_of
 from moepipe.placement.placers.migration import migration_bytes, migration_time_s
 
 __all__ = [
@@ -71,10 +71,13 @@ def gc_paused():
 
 
 def make_placement(name, inputs: PlacementInputs, replica_slots: int = 0, current: Optional[Plan] = None,
-                   evaluator: Optional[Evaluator] = None) -> Plan:
+                   evaluator: Optional[Evaluator] = None, compare_layouts: bool = False) -> Plan:
     """The plan placer `name` chooses for `inputs`; valid, within memory, stage -> pp rank fixed
     by the schedule. `current` (optional) is a candidate topo keeps on ties (no churn). `name` is
-    a placer's name (moepipe.plugins) or the placer function itself."""
+    a placer's name (moepipe.plugins) or the placer function itself. plan.meta carries the
+    all-to-all bytes per iteration by link class (`a2a_bytes_intra_node`, `a2a_bytes_inter_node`);
+    `compare_layouts`: also solve under the other EP group layout and report which is faster in
+    plan.meta["ep_layout"] (layout.py; the plan stays in the runtime's rank order)."""
     from moepipe.plugins.registry import resolve
 
     placer = resolve("placer", name) if isinstance(name, str) else name
@@ -82,7 +85,14 @@ def make_placement(name, inputs: PlacementInputs, replica_slots: int = 0, curren
     if replica_slots < 0:
         raise ConfigError(f"placer.replica_slots={replica_slots} must be >= 0: extra expert slots per EP rank")
     with gc_paused():
-        return _make_placement(name, placer, inputs, replica_slots, current, evaluator)
+        plan = _make_placement(name, placer, inputs, replica_slots, current, evaluator)
+        if compare_layouts:
+            from moepipe.placement.placers.layout import compare_ep_layouts
+
+            report = compare_ep_layouts(placer, inputs, replica_slots, runtime_plan=plan)
+            if report is not None:
+                plan.meta["ep_layout"] = report
+        return plan
 
 
 # The built-in placers under the plug-in interface (moepipe.plugins.interfaces); each takes the
@@ -129,8 +139,9 @@ def _make_placement(name: str, placer, inputs: PlacementInputs, replica_slots: i
         raise ConfigError(f"placer.name={name} put stages on pp ranks {plan.stage_to_pp_rank}, but schedule.name={inputs.schedule} "
                           f"fixes {expected}: keep stage_assignment(pp, virtual_stages, inputs.style)")
     res = check_memory(plan, ev, name, replica_slots, info.get("evaluation"))
+    solve = time.perf_counter() - t0
     meta = dict(plan.meta) | {"placer": name, "style": inputs.style, "replica_slots": int(replica_slots),
-                              "predicted_s": res.iteration_time_s, "solve_time_s": time.perf_counter() - t0}
+                              "predicted_s": res.iteration_time_s, "solve_time_s": solve} | ev.traffic(plan)
     if info:
         meta["candidates_s"] = info.get("candidates", {})
         meta["boundary_evals"] = info.get("boundary_evals", 0)
@@ -138,10 +149,11 @@ def _make_placement(name: str, placer, inputs: PlacementInputs, replica_slots: i
 
 
 def predict_iteration_time(plan: Plan, inputs: PlacementInputs) -> float:
-    """moepipe.sim.simulate's iteration time for the plan under the inputs' routing and layer times."""
+    """moepipe.sim.simulate's iteration time for the plan under the inputs' routing, token origins and layer times."""
     from moepipe.sim import simulate
 
-    res = simulate(plan, inputs.schedule, inputs.microbatches, inputs.topology, effective_cost_model(inputs), routing_of(inputs))
+    res = simulate(plan, inputs.schedule, inputs.microbatches, inputs.topology, effective_cost_model(inputs), routing_of(inputs),
+                   origins=origins_of(inputs))
     return float(res.iteration_time_s)
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from moepipe.config import ConfigError
-from moepipe.placement.cost_model import _grad_sync, exchange_time, layer_exchange, rule_local_size, rule_nodes
+from moepipe.placement.cost_model import _grad_sync, exchange_time, exchange_traffic, layer_exchange, rule_local_size, rule_nodes
 from moepipe.placement.plan import Plan, rank_grid
 from moepipe.placement.placers.inputs import BYTES_PER_PARAM_TRAIN, PlacementInputs, effective_cost_model, load_fractions, origin_fractions
 from moepipe.sim import engine
@@ -103,6 +103,28 @@ class Evaluator:
             out[li], t = layer_exchange(plan.expert_map[l], self.frac[li], self.assign, self.rule_nodes, share)
             tokens.append(t)
         return out, tokens
+
+    def traffic(self, plan: Plan) -> dict:
+        """All-to-all bytes per iteration by link class, as the simulator counts them
+        (`SimResult.a2a_bytes_intra_node/inter_node`): every MoE layer's dispatch + combine on its
+        stage's EP groups (each dp replica), forward and backward (and the recomputed forward),
+        times the microbatches, under the nearest-replica rule and the inputs' origins."""
+        routed, tokens = self.exchanges(plan)
+        passes = 2 * (3 if self.spec.activation_checkpointing else 2)
+        intra = inter = 0.0
+        if self.inputs.ep > 1:
+            for li, l in enumerate(self.moe):
+                p = plan.stage_to_pp_rank[plan.stage_of_layer(l)]
+                tok = None if tokens[li] is None else tokens[li] * self.bpt
+                seen: dict = {}
+                for d in range(self.inputs.dp):
+                    c = int(self.group_class[p, d])
+                    if c not in seen:
+                        seen[c] = exchange_traffic(tok, routed[li] * self.bpt, self.class_group[c], self.topo, self.cm.a2a)[:2]
+                    intra += seen[c][0]
+                    inter += seen[c][1]
+        m = self.inputs.microbatches * passes
+        return {"a2a_bytes_intra_node": intra * m, "a2a_bytes_inter_node": inter * m}
 
     def routed(self, plan: Plan) -> np.ndarray:
         """[n_moe, ep] token-expert assignments per microbatch on each EP rank."""

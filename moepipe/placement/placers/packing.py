@@ -401,3 +401,99 @@ def eplb_batch(w: np.ndarray, ep: int, slots: int, member_node: Optional[Sequenc
 def eplb_layer(w: np.ndarray, ep: int, slots: int, member_node: Optional[Sequence[int]] = None) -> list[list[int]]:
     """`eplb_batch` for one layer: expert -> EP ranks."""
     return eplb_batch(np.asarray(w, dtype=np.float64)[None], ep, slots, member_node)[0]
+
+
+# ------------------------------------------------------------------ origin-aware packing
+
+
+def pack_by_origin(w: np.ndarray, origins: np.ndarray, cost: np.ndarray, node_of: Sequence[int], slots: int, rate: np.ndarray,
+                   base: np.ndarray, scale: np.ndarray, slack: float, n_replicas) -> tuple[np.ndarray, np.ndarray]:
+    """Homes and replicas that keep each expert's tokens near where they start, for C problems.
+
+    w [C, E] expert loads; origins [C, ep, E] of those loads per source EP rank; cost [ep, ep]
+    per token sent from rank s to rank d (e.g. 1/bandwidth, 0 on the diagonal); node_of [ep];
+    `slots` per rank; rate [ep] member speeds; base [C] each member's fixed work; scale [C]
+    work per unit load.
+
+    Homes, heaviest expert first: the rank with the cheapest traffic from the expert's sources
+    (its own rank, else its node), among ranks with a free slot whose finish time stays within
+    `slack` x the balanced finish time (else the rank finishing first). Then up to
+    `n_replicas[c]` copies, one at a time, each for the (expert, node) with the most tokens from
+    a node holding no copy of it (the nearest-replica rule keeps those tokens in that node), on
+    the node's rank that finishes first with a free slot. Returns (EP rank [C, P], expert
+    [C, P]) of every piece, rank -1 for padding, as `expert_maps` reads them."""
+    w = np.asarray(w, dtype=np.float64)
+    C, E = w.shape
+    ep = len(rate)
+    rows = np.arange(C)
+    node_of = np.asarray(node_of)
+    rate = np.asarray(rate, dtype=np.float64)
+    col, load, ok = pieces_batch(w, np.ones((C, E), dtype=np.int64))
+    tc = np.einsum("cse,sd->ced", origins, cost)  # [C, E, ep] traffic cost of a home on d
+    work = np.repeat(np.asarray(base, dtype=np.float64)[:, None], ep, 1)
+    target = slack * (work.sum(1) + scale * w.sum(1)) / rate.sum()  # slack x the balanced finish time
+    count = np.zeros((C, ep), dtype=np.int64)
+    home = np.full((C, E), -1, dtype=np.int64)
+    for j in range(col.shape[1]):
+        e, x = col[:, j], load[:, j] * scale
+        fin = (work + x[:, None]) / rate
+        fin = np.where(count < slots, fin, np.inf)
+        fmin = fin.min(1)
+        allowed = fin <= np.maximum(target, fmin)[:, None] * (1 + 1e-9)
+        t = np.where(allowed, tc[rows, e], np.inf)
+        tmin = t.min(1)
+        near = t <= tmin[:, None] + 1e-9 * np.abs(tmin)[:, None]  # cheapest traffic, then first to finish
+        b = np.where(near, fin, np.inf).argmin(1)
+        r = rows[ok[:, j] & np.isfinite(fmin)]
+        home[r, e[r]] = b[r]
+        work[r, b[r]] += x[r]
+        count[r, b[r]] += 1
+    # every rank needs an expert: an empty rank takes the lightest expert of the fullest rank
+    for c, b in zip(*np.nonzero(count == 0)):
+        d = count[c].argmax()
+        if count[c, d] < 2:
+            continue
+        mine = np.flatnonzero(home[c] == d)
+        e = mine[w[c, mine].argmin()]
+        home[c, e] = b
+        count[c, d] -= 1
+        count[c, b] += 1
+        work[c, d] -= w[c, e] * scale[c]
+        work[c, b] += w[c, e] * scale[c]
+    held = np.zeros((C, E, ep), dtype=bool)
+    r, e = np.nonzero(home >= 0)
+    held[r, e, home[r, e]] = True
+    groups = np.unique(node_of)
+    in_node = node_of[None, :] == groups[:, None]  # [G, ep]
+    demand = np.einsum("cse,gs->cge", origins, in_node.astype(np.float64))  # [C, G, E] tokens from node g
+    # cross-node tokens each rank receives: copies go first where they relieve the busiest receiver
+    cross = node_of[:, None] != node_of[None, :]
+    recv_x = np.einsum("cse,ced,sd->cd", origins, held.astype(np.float64), cross.astype(np.float64))
+    left = np.array(np.broadcast_to(np.asarray(n_replicas, dtype=np.int64), (C,)))
+    while (left > 0).any():
+        has = np.einsum("ced,gd->cge", held, in_node) > 0
+        room = ((count < slots)[:, None, :] & in_node[None]).any(2)  # [C, G]
+        gain = np.where(~has & room[:, :, None], demand, -np.inf)  # [C, G, E]
+        h = recv_x.argmax(1)
+        mine = np.where(held[rows, :, h][:, None, :], gain, -np.inf).reshape(C, -1)  # copies of the busiest receiver's experts
+        gain = gain.reshape(C, -1)
+        k = np.where(mine.max(1) > 0, mine.argmax(1), gain.argmax(1))
+        live = (left > 0) & (gain[rows, k] > 0)
+        if not live.any():
+            break
+        r = rows[live]
+        g, e = np.divmod(k[r], E)
+        moved = demand[r, g, e]
+        fin = np.where(in_node[g] & (count[r] < slots), (work[r] + (moved * scale[r])[:, None]) / rate, np.inf)
+        b = fin.argmin(1)
+        owners = held[r, e]  # the copies those tokens went to before (approximately evenly)
+        part = owners * (moved / owners.sum(1))[:, None]
+        work[r] -= part * scale[r, None]
+        recv_x[r] -= part
+        work[r, b] += moved * scale[r]
+        held[r, e, b] = True
+        count[r, b] += 1
+        left[r] -= 1
+    r, e, d = np.nonzero(held)
+    rank, expert, valid = _pad_rows(r, C, d, e)
+    return np.where(valid, rank, -1), expert

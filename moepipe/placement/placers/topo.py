@@ -23,16 +23,19 @@ from typing import Optional
 
 import numpy as np
 
+from moepipe.placement.cost_model import exchange_time, layer_exchange
 from moepipe.placement.plan import Plan
 from moepipe.placement.placers import baselines
 from moepipe.placement.placers.evaluate import Evaluator
 from moepipe.placement.placers.packing import (
-    every_bin_used, expert_maps, node_groups, node_members, pack_batch, pack_in_nodes, pieces_batch, refine_batch, replicate_counts_batch,
+    every_bin_used, expert_maps, node_groups, node_members, pack_batch, pack_by_origin, pack_in_nodes, pieces_batch, refine_batch,
+    replicate_counts_batch,
 )
 
 EVAL_ACTION_BUDGET = 6000  # engine actions the boundary search may simulate (a few tenths of a second)
 LARGE_GROUP_SLOTS = 256  # EP group slots above which a layer tries fewer packing variants (solve time)
 REFINE_ROUNDS = 6  # moves/swaps per packing refinement
+ORIGIN_SLACKS = (1.1, 1.02, 1.3)  # how far past the balanced finish an origin-local home may go (the first on large groups)
 # candidate preference on equal time: fewer replicas, then in-node replicas
 HIER_FIT, FLAT_FIT, HIER_ALL, FLAT_ALL = range(4)
 
@@ -149,6 +152,8 @@ def layer_placements(ev: Evaluator, rows: list[int], rate: np.ndarray, nodes: tu
     C, E = w.shape
     valid = pb >= 0
     pb = refine_batch(pb.clip(min=0), pe, valid, w * X[:, None], K, np.broadcast_to(rate, (C, ep)), np.repeat(dense[:, None], ep, 1), REFINE_ROUNDS)
+    if ev.origin_share is not None or ev.cm.a2a != "flat":
+        return _exact_choice(ev, rows_a, owner, expert_maps(np.where(valid, pb, -1), pe, E), rate, nodes, group, K, X_l, dense_l)
     # tokens each member receives: replicas split their expert's load evenly
     crow = np.broadcast_to(np.arange(C)[:, None], pb.shape)[valid]
     copies = np.bincount(crow * E + pe[valid], minlength=C * E).reshape(C, E).clip(min=1)
@@ -164,6 +169,60 @@ def layer_placements(ev: Evaluator, rows: list[int], rate: np.ndarray, nodes: tu
     chosen = near[first]
     maps = expert_maps(np.where(valid[chosen], pb[chosen], -1), pe[chosen], E)
     return {int(rows_a[i]): m for i, m in zip(layers, maps)}
+
+
+def origin_candidates(ev: Evaluator, rows_a: np.ndarray, rate: np.ndarray, nodes: tuple, group: np.ndarray, K: int,
+                      X_l: np.ndarray, dense_l: np.ndarray) -> tuple[np.ndarray, list]:
+    """Origin-local packings of the layers `rows_a` (`pack_by_origin`): homes on the rank (else
+    the node) where most of an expert's tokens start, within a few balance slacks, without
+    replicas and with every spare slot given to copies in the nodes of most remote demand.
+    Returns (layer index into rows_a [N], expert maps [N])."""
+    E, ep = ev.spec.num_experts, len(rate)
+    C = len(rows_a)
+    w = ev.loads[rows_a]
+    origins = ev.origin_share[rows_a] * w[:, None, :] if ev.origin_share is not None else np.broadcast_to(w[:, None, :] / ep, (C, ep, E))
+    g = np.asarray(group, dtype=np.int64)
+    cost = 1.0 / ev.topo.bandwidth[np.ix_(g, g)]
+    np.fill_diagonal(cost, 0.0)
+    spare = max(0, ep * K - E)
+    slacks = ORIGIN_SLACKS[:1] if ep * K > LARGE_GROUP_SLOTS else ORIGIN_SLACKS
+    owner, maps = [], []
+    for slack in slacks:
+        for reps in dict.fromkeys((0, spare)):
+            rank, expert = pack_by_origin(w, origins, cost, nodes, K, rate, dense_l, X_l, slack, reps)
+            owner.append(np.arange(C))
+            maps += expert_maps(rank, expert, E)
+    return np.concatenate(owner), maps
+
+
+def _exact_choice(ev: Evaluator, rows_a, owner, maps, rate, nodes, group, K, X_l, dense_l) -> dict[int, list[list[int]]]:
+    """Each layer's candidate (the packings in `maps`, one per entry of `owner`, plus the
+    origin-local packings) with the least compute + all-to-all time under the runtime's
+    nearest-replica rule, the inputs' token origins and all-to-all mode (the evaluator's
+    exchange); ties within 1e-6: fewer inter-node bytes, then the earlier candidate."""
+    o2, m2 = origin_candidates(ev, rows_a, rate, nodes, group, K, X_l, dense_l)
+    owner = np.concatenate([owner, o2])
+    maps = list(maps) + m2
+    g = np.asarray(group, dtype=np.int64)
+    cross = ev.topo.node_of[g][:, None] != ev.topo.node_of[g][None, :]
+    t = np.zeros(len(owner))
+    inter = np.zeros(len(owner))
+    for i, (c, m) in enumerate(zip(owner, maps)):
+        li = int(rows_a[c])
+        share = None if ev.origin_share is None else ev.origin_share[li]
+        routed, tok = layer_exchange(m, ev.frac[li], ev.assign, ev.rule_nodes, share)
+        comp = ((dense_l[c] + X_l[c] * routed) / rate).max()
+        a2a = exchange_time(None if tok is None else tok * ev.bpt, routed * ev.bpt, g, ev.topo, ev.cm.a2a) if len(g) > 1 else 0.0
+        t[i] = comp + 2 * a2a  # F and B: dispatch + combine each
+        inter[i] = float((tok * cross).sum()) if tok is not None else float((routed[None, :] / len(g) * cross).sum())
+    fastest = np.full(len(rows_a), np.inf)
+    np.minimum.at(fastest, owner, t)
+    out = {}
+    for c in range(len(rows_a)):
+        idx = np.flatnonzero((owner == c) & (t <= fastest[c] * (1 + 1e-6)))
+        if len(idx):
+            out[int(rows_a[c])] = maps[idx[np.argmin(inter[idx])]]  # argmin: the first on ties
+    return out
 
 
 def _profiles(ev: Evaluator) -> tuple[list[int], dict]:
