@@ -54,6 +54,8 @@ BUILTINS: dict[str, dict[str, object]] = {
         "interleaved_zb": ScheduleSpec(f"{_PIPELINING}:ScheduleInterleavedZeroBubble", "loop", True),
         "zbv": ScheduleSpec(f"{_PIPELINING}:ScheduleZBVZeroBubble", "v", True),
         "dualpipev": ScheduleSpec(f"{_PIPELINING}:ScheduleDualPipeV", "v", True),
+        # runs on moepipe's executor only: two weight versions, gradients applied one step late
+        "pipedream_2bw": ScheduleSpec(None, "loop", False, "moepipe.sim.schedules:pipedream_2bw_order"),
     },
     "moe_backend": {
         "native": "moepipe.model.backends:native",

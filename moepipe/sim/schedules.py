@@ -53,6 +53,48 @@ def one_f_one_b_order(pp: int, m: int) -> Order:
     return out
 
 
+def pipedream_2bw_order(pp: int, v: int, m: int) -> Order:
+    """PipeDream-2BW (Narayanan et al., 2021) per iteration: the 1F1B order, run with two weight
+    versions and the gradient applied one step late (moepipe.train.optim.WeightStash). The
+    function's attributes tell the simulator and the trainers what the order alone does not:
+    `weight_versions` (2: a stage holds W(t) and the stashed W(t-1)) and `flush` (False: in
+    the paper the steady 1F1B state carries across iterations, so the simulator reports the
+    steady-state iteration; moepipe's executor still drains the pipeline at every step)."""
+    if v != 1:
+        raise ConfigError(f"schedule.virtual_stages={v} with schedule.name=pipedream_2bw: it runs one stage per rank; set 1")
+    return one_f_one_b_order(pp, m)
+
+
+pipedream_2bw_order.weight_versions = 2
+pipedream_2bw_order.flush = False
+
+
+def order_traits(name: str) -> tuple[int, bool]:
+    """(weight versions a stage holds, whether the pipeline drains between iterations) that a
+    schedule's order function declares (attributes `weight_versions`, `flush`); (1, True) else."""
+    if is_table(name):
+        return 1, True
+    fn = resolve("schedule", name).order
+    if fn is None:
+        return 1, True
+    fn = import_path(fn) if isinstance(fn, str) else fn
+    return int(getattr(fn, "weight_versions", 1)), bool(getattr(fn, "flush", True))
+
+
+UNROLL = 3  # iterations run back to back to measure a no-flush schedule's steady iteration
+
+
+def steady_iteration(name: str, pp: int, v: int, m: int, makespan) -> float:
+    """Per-iteration time of a schedule whose pipeline never drains (`flush = False`): its
+    order over UNROLL * m microbatches is UNROLL iterations back to back, so the difference
+    to one iteration, over UNROLL - 1, is the steady state (for 1F1B: m * (F + B) on the
+    bottleneck stage instead of (m + pp - 1) * (F + B)). `makespan(order, stage_to_rank, m)`
+    runs the engine with the caller's costs."""
+    one = makespan(*schedule_order(name, pp, v, m), m)
+    many = makespan(*schedule_order(name, pp, v, UNROLL * m), UNROLL * m)
+    return (many - one) / (UNROLL - 1)
+
+
 def _convert(a) -> Action:
     kind = a.computation_type.value
     if kind == "OVERLAP_F_B":

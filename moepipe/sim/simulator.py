@@ -18,7 +18,7 @@ from moepipe.placement.cost_model import CostModel, StageCosts, exchange_time, s
 from moepipe.placement.plan import Plan, rank_grid, validate_plan
 from moepipe.placement.topology import Topology
 from moepipe.sim import engine
-from moepipe.sim.schedules import Order, schedule_order
+from moepipe.sim.schedules import Order, order_traits, schedule_order, steady_iteration
 
 
 @dataclass
@@ -49,6 +49,11 @@ class SimResult:
     a2a_mode: str = "flat"  # parallel.a2a modelled: flat | hierarchical (Tutel's 2DH order)
     a2a_messages_intra_node: int = 0  # all-to-all messages per iteration (every rank, every exchange)
     a2a_messages_inter_node: int = 0
+    # weight versions a stage keeps (PipeDream-2BW: 2) and the bytes of parameters each device
+    # holds for them (fp32, all versions; optimizer state and gradients not included)
+    weight_versions: int = 1
+    weight_bytes: Optional[np.ndarray] = None  # [world] by global rank
+    flush: bool = True  # False: iteration times are the steady state of a pipeline that never drains
 
     def summary(self) -> dict[str, Any]:
         """Plain JSON-able numbers (no timeline)."""
@@ -74,6 +79,9 @@ class SimResult:
             "a2a_mode": self.a2a_mode,
             "a2a_messages_intra_node": self.a2a_messages_intra_node,
             "a2a_messages_inter_node": self.a2a_messages_inter_node,
+            "weight_versions": self.weight_versions,
+            "weight_bytes": None if self.weight_bytes is None else [float(x) for x in self.weight_bytes],
+            "flush": self.flush,
             "p2p_bytes": self.p2p_bytes,
             "busy_s": [float(x) for x in self.busy_s],
             "stage_to_pp_rank": list(self.stage_to_pp_rank),
@@ -176,7 +184,11 @@ def simulate(
     costs = stage_costs(cost_model, plan, topology, routing, free_comm=free_comm, origins=origins)
     res = engine.run(order, s2r, microbatches, costs.comp, costs.a2a, costs.send, action_overhead_s)
     m, S = microbatches, plan.n_stages
+    versions, flush = order_traits(schedule)
     pipeline = res.makespan
+    if not flush:  # PipeDream-2BW: the steady state of back-to-back iterations (no drain)
+        pipeline = steady_iteration(schedule, plan.pp, v, m, lambda o, r, k: engine.run(
+            o, r, k, costs.comp, costs.a2a, costs.send, action_overhead_s).makespan)
     iteration = pipeline + costs.grad_sync_s
     bubble = 1.0 - float(res.busy.sum()) / (plan.pp * pipeline) if pipeline > 0 else 0.0
 
@@ -205,6 +217,12 @@ def simulate(
     bal = engine.run(order, s2r, m, np.tile(t_bal, (S, 1)), np.zeros((S, 3)), np.zeros(S), action_overhead_s)
     a2a_bal, grad_bal = (np.zeros(3), 0.0) if free_comm else balanced_comm_costs(cost_model, plan, topology, S)
     bal_comm = engine.run(order, s2r, m, np.tile(t_bal, (S, 1)), np.tile(a2a_bal, (S, 1)), costs.send, action_overhead_s)
+    bal_s, bal_comm_s = bal.makespan, bal_comm.makespan
+    if not flush:
+        bal_s = steady_iteration(schedule, plan.pp, v, m, lambda o, r, k: engine.run(
+            o, r, k, np.tile(t_bal, (S, 1)), np.zeros((S, 3)), np.zeros(S), action_overhead_s).makespan)
+        bal_comm_s = steady_iteration(schedule, plan.pp, v, m, lambda o, r, k: engine.run(
+            o, r, k, np.tile(t_bal, (S, 1)), np.tile(a2a_bal, (S, 1)), costs.send, action_overhead_s).makespan)
 
     return SimResult(
         schedule=schedule,
@@ -219,8 +237,8 @@ def simulate(
         bubble_fraction=float(bubble),
         idle_fraction=float(idle),
         lower_bound_s=lower,
-        balanced_bound_s=float(bal.makespan),
-        balanced_comm_bound_s=float(bal_comm.makespan + grad_bal),
+        balanced_bound_s=float(bal_s),
+        balanced_comm_bound_s=float(bal_comm_s + grad_bal),
         peak_activation_bytes=peak_bytes,
         peak_inflight=peak_inflight(res, S),
         a2a_bytes_intra_node=float(costs.a2a_bytes_intra * m),
@@ -233,4 +251,29 @@ def simulate(
         a2a_mode=cost_model.a2a,
         a2a_messages_intra_node=int(costs.a2a_msgs_intra * m),
         a2a_messages_inter_node=int(costs.a2a_msgs_inter * m),
+        weight_versions=versions,
+        weight_bytes=versions * weight_params(cost_model, plan) * 4.0,
+        flush=flush,
     )
+
+
+def weight_params(cost_model: CostModel, plan: Plan) -> np.ndarray:
+    """[world] parameters each device holds (its stages' dense parameters, replicated over EP
+    and DP, plus the experts its EP rank holds, replicas included)."""
+    spec = cost_model.spec
+    grid = rank_grid(plan.pp, plan.ep, plan.dp)  # [pp, dp, ep]
+    out = np.zeros(plan.world_size)
+    for p in range(plan.pp):
+        stages = plan.stages_of_rank(p)
+        layers = [l for s in stages for l in range(*plan.stage_layers[s])]
+        dense = sum(spec.layers[l].params for l in layers)
+        dense += spec.embed_params * (0 in stages) + spec.head_params * (plan.n_stages - 1 in stages)
+        experts = np.zeros(plan.ep)
+        for l in layers:
+            if spec.layers[l].is_moe:
+                for e, owners in enumerate(plan.expert_map[l]):
+                    for o in owners:
+                        experts[o] += spec.layers[l].expert_params
+        for e in range(plan.ep):
+            out[grid[p, :, e]] = dense + experts[e]
+    return out

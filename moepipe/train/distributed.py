@@ -31,7 +31,7 @@ from moepipe.placement.replan import ReplanLoop, default_plan  # noqa: F401 (def
 from moepipe.placement.topology import from_config as topology_from_config
 from moepipe.sim.schedules import plan_style
 from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_context, autocast_dtype, resolve_device, seed_everything
-from moepipe.train.optim import build_optimizer, lr_at, set_lr
+from moepipe.train.optim import WeightStash, build_optimizer, delayed_update, lr_at, set_lr
 from moepipe.train.block_clock import BlockClock
 from moepipe.train.workload import SlowDevice, routing_skew
 
@@ -155,6 +155,8 @@ class DistributedTrainer:
         self.dense, self.expert = split_params(list(self.modules.values()))
         self.replicas = ExpertReplicas(list(self.modules.values()), plan.expert_map, mesh.ep_rank, mesh.ep_group, self.device)
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)
+        # pipedream_2bw: two weight versions, step t's gradient at W(t-1) (a rebuild restarts the delay)
+        self.stash = WeightStash(p for mod in self.modules.values() for p in mod.parameters()) if delayed_update(cfg.schedule.name) else None
         m = cfg.schedule.microbatches
         microbatch = (cfg.train.batch_size // (self.slices * m), cfg.train.seq_len)
         self.schedule = build_schedule(
@@ -196,7 +198,13 @@ class DistributedTrainer:
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         inputs, targets = train_batch(self.corpus, step, cfg.train.seed, cfg.train.batch_size, cfg.train.seq_len)
-        loss = self._run(inputs, targets)
+        if self.stash is not None:
+            self.stash.compute()
+        try:
+            loss = self._run(inputs, targets)
+        finally:
+            if self.stash is not None:
+                self.stash.restore()
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss={loss} at step {step}: lower optim.lr or raise optim.warmup_steps")
         sync_gradients(self.dense, self.expert, self.mesh)
@@ -206,6 +214,8 @@ class DistributedTrainer:
             raise NonFiniteLossError(f"grad_norm={float(norm)} at step {step}: lower optim.lr or raise optim.warmup_steps")
         if cfg.optim.grad_clip > 0:
             clip_gradients(self.dense + self.expert, norm, cfg.optim.grad_clip)
+        if self.stash is not None:
+            self.stash.before_update()
         self.optimizer.step()
         stats = self._global_routing_stats()
         for module in self.modules.values():

@@ -22,7 +22,7 @@ from moepipe.model import MoETransformer, build_model, count_parameters, lm_loss
 from moepipe.parallel.grad_sync import fill_missing_grads
 from moepipe.train.checkpoint import attempt_number, checkpoint_root, find_resume, load_checkpoint, mesh_of, plan_for_resume, save_checkpoint
 from moepipe.train.metrics import MetricsLogger, routing_metrics
-from moepipe.train.optim import build_optimizer, lr_at, set_lr
+from moepipe.train.optim import WeightStash, build_optimizer, delayed_update, lr_at, set_lr
 from moepipe.train.preempt import EXIT_PREEMPTED, Preempted, StopOnSignal, inject_sigterm
 from moepipe.train.run_info import run_info
 from moepipe.train.workload import SlowDevice, routing_skew
@@ -131,6 +131,8 @@ class Trainer:
         self.model = (model or build_model(cfg.model, cfg.moe, cfg.train.seed)).to(self.device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        # schedule=pipedream_2bw: the reference of its delayed rule (step t's gradient at W(t-1))
+        self.stash = WeightStash(self.model.parameters()) if delayed_update(cfg.schedule.name) else None
         self.val_set = val_batches(self.corpus, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
         self.speed = emulated_speed(cfg)
         self.slowdown = SlowDevice(self.model, self.speed) if self.speed < 1 else None
@@ -163,12 +165,16 @@ class Trainer:
         self.model.set_routing_skew(routing_skew(cfg, step))
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        if self.stash is not None:
+            self.stash.compute()
         for x, y in zip(inputs.chunk(m), targets.chunk(m)):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 loss = lm_loss(self.model(x), y)
             (loss / m).backward()
             total += float(loss.detach()) / m
+        if self.stash is not None:
+            self.stash.restore()
         if not math.isfinite(total):
             raise NonFiniteLossError(f"loss={total} at step {step}: lower optim.lr or raise optim.warmup_steps")
         fill_missing_grads(list(self.model.parameters()))
@@ -176,6 +182,8 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if not math.isfinite(grad_norm):  # a finite loss can still overflow in backward
             raise NonFiniteLossError(f"grad_norm={grad_norm} at step {step}: lower optim.lr or raise optim.warmup_steps")
+        if self.stash is not None:
+            self.stash.before_update()
         self.optimizer.step()
         # Aux-loss-free bias moves after the update, from this step's demand (DeepSeek-V3).
         self.model.update_expert_bias()

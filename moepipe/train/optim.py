@@ -30,3 +30,54 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class WeightStash:
+    """PipeDream-2BW's delayed update with two weight versions (Narayanan et al., 2021):
+    W(t+1) = W(t) - lr * update(grad f_t(W(t-1))), W(-1) = W(0).
+
+    Step t computes its gradient with the stashed previous version W(t-1) (forward and backward
+    alike: `compute()` swaps it in, `restore()` swaps W(t) back), and the optimizer applies that
+    gradient to W(t) (`before_update()` first stashes W(t) as the next step's compute version).
+    The versions are exchanged by rebinding `.data`, so no copy is made on the way in or out and
+    the optimizer's state stays keyed by the same parameters; memory holds two versions. Used by
+    the single-process reference and the distributed trainer alike, so both apply one rule."""
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        self.prev: list[torch.Tensor] | None = None  # W(t-1); None before the first update (W(-1) = W(0))
+        self._live: list[torch.Tensor] | None = None
+
+    def compute(self) -> None:
+        if self.prev is None:
+            return
+        self._live = [p.data for p in self.params]
+        for p, w in zip(self.params, self.prev):
+            p.data = w
+
+    def restore(self) -> None:
+        if self._live is None:
+            return
+        for p, w in zip(self.params, self._live):
+            p.data = w
+        self._live = None
+
+    @torch.no_grad()
+    def before_update(self) -> None:
+        """W(t) becomes the stashed version; the optimizer then turns the live one into W(t+1)."""
+        if self.prev is None:
+            self.prev = [p.detach().clone() for p in self.params]
+        else:
+            for w, p in zip(self.prev, self.params):
+                w.copy_(p)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.prev is None else {f"stash.{i}": w for i, w in enumerate(self.prev)}
+
+
+def delayed_update(schedule_name: str) -> bool:
+    """Whether the schedule computes step t's gradient with W(t-1) (two weight versions, as
+    PipeDream-2BW's order function declares)."""
+    from moepipe.sim.schedules import order_traits
+
+    return order_traits(schedule_name)[0] == 2

@@ -1,0 +1,131 @@
+"""PipeDream-2BW (schedule=pipedream_2bw): two weight versions and a one-step gradient delay,
+W(t+1) = W(t) - update(grad f_t(W(t-1))), W(-1) = W(0).
+
+The single-process Trainer is the reference of that rule (checked here against an independent
+re-implementation: a standard 1F1B trainer whose parameters are set to W(t-1) before the
+gradient and to W(t) before the optimizer step). The distributed run (pp2, pp2 x ep2, through
+moepipe's executor) matches it to 1e-5 like the other schedules (tests/test_parallel_parity.py
+states why 1e-5 and not bitwise). The simulator's 2BW: the steady no-flush iteration and two
+weight versions.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from moepipe.config import ConfigError
+
+from conftest import compose_cfg
+from dist_utils import gather_state, run_distributed, save
+
+STEPS = 5
+TINY = ["model.d_model=16", "model.n_heads=2", "model.ffn_hidden=32", "model.n_layers=4", "model.max_seq_len=8",
+        "moe.num_experts=4", "moe.expert_hidden=16", "moe.top_k=2", "moe.capacity_factor=0", "moe.aux_loss_coef=0",
+        "moe.z_loss_coef=0.01", "train.batch_size=8", "train.seq_len=8", f"train.steps={STEPS}", "train.dtype=fp32",
+        "data.max_bytes=100000", "optim.warmup_steps=1", "optim.lr=3e-3", "optim.grad_clip=0.05"]
+
+
+def _cfg(schedule: str, pp: int = 1, ep: int = 1):
+    return compose_cfg(TINY + [f"schedule={schedule}", "schedule.microbatches=4", f"parallel.pp={pp}", f"parallel.ep={ep}", "parallel.dp=1"])
+
+
+def _reference(schedule: str = "pipedream_2bw"):
+    from moepipe.train.loop import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(_cfg(schedule))
+        losses = [trainer.train_step(s).loss for s in range(STEPS)]
+        return trainer, losses
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_preset_runs_on_moepipes_executor_and_torch_cannot_run_it():
+    cfg = _cfg("pipedream_2bw")
+    assert cfg.schedule.executor == "moepipe" and cfg.schedule.name == "pipedream_2bw"
+    with pytest.raises(ConfigError, match="set schedule.executor=moepipe"):
+        compose_cfg(TINY + ["schedule.name=pipedream_2bw", "schedule.executor=torch"])
+    from moepipe.sim.schedules import schedule_program
+
+    with pytest.raises(ConfigError, match="virtual_stages=2 with schedule.name=pipedream_2bw"):
+        schedule_program("pipedream_2bw", 2, 2, 4)
+
+
+@pytest.mark.timeout(60)
+def test_reference_applies_the_delayed_rule_exactly():
+    from moepipe.train.loop import Trainer
+
+    ours, losses = _reference()
+    # Independent re-implementation on a standard trainer: parameters hold W(t-1) while the
+    # gradient is computed, W(t) when the optimizer applies it.
+    torch.set_num_threads(1)
+    plain = Trainer(_cfg("1f1b"))
+    params = list(plain.model.parameters())
+    w_now = [p.detach().clone() for p in params]  # W(t)
+    w_prev = [p.detach().clone() for p in params]  # W(t-1)
+    step_fn = plain.optimizer.step
+
+    def delayed_step(*a, **k):
+        with torch.no_grad():
+            for p, w in zip(params, w_now):
+                p.copy_(w)
+        out = step_fn(*a, **k)
+        for i, p in enumerate(params):
+            w_prev[i] = w_now[i]
+            w_now[i] = p.detach().clone()
+        return out
+
+    plain.optimizer.step = delayed_step
+    expected = []
+    for s in range(STEPS):
+        with torch.no_grad():
+            for p, w in zip(params, w_prev):
+                p.copy_(w)
+        expected.append(plain.train_step(s).loss)
+    assert losses == expected
+    for (name, p), w in zip(ours.model.named_parameters(), w_now):
+        assert torch.equal(p, w), name
+    # the delay is real: step 0 is plain AdamW, later steps are not
+    _, plain_losses = _reference("1f1b")
+    assert losses[0] == plain_losses[0] and losses[2] != plain_losses[2]
+
+
+def _worker(rank: int, world: int, ep: int, out_dir: str) -> None:
+    from moepipe.parallel.mesh import build_mesh
+    from moepipe.train.distributed import DistributedTrainer
+
+    trainer = DistributedTrainer(_cfg("pipedream_2bw", 2, ep), build_mesh(2, ep, 1), None)
+    losses = [trainer.train_step(s).loss for s in range(STEPS)]
+    state = gather_state(list(trainer.modules.values()), rank)
+    if rank == 0:
+        save({"losses": losses, "state": state, "type": type(trainer.schedule).__name__}, os.path.join(out_dir, "2bw.pt"))
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("ep", [1, 2], ids=["pp2", "pp2_ep2"])
+def test_distributed_2bw_matches_the_delayed_reference(ep, tmp_path):
+    from test_parallel_parity import assert_matches
+
+    run_distributed(_worker, 2 * ep, ep, str(tmp_path), timeout=130)
+    ref, losses = _reference()
+    got = torch.load(tmp_path / "2bw.pt")
+    assert got["type"] == "ScheduleExecutor"
+    assert_matches(got, losses, {n: p.detach() for n, p in ref.model.named_parameters()}, label=f"2bw pp2 ep{ep}")
+
+
+def test_simulator_reports_the_steady_no_flush_iteration_and_two_weight_versions():
+    from moepipe.sim.simulator import simulate_order
+    from moepipe.sim.schedules import schedule_order, steady_iteration
+
+    pp, m, F, B = 4, 8, 1.0, 2.0
+    comp = np.tile([F, B, 0.0], (pp, 1))
+    order, s2r = schedule_order("pipedream_2bw", pp, 1, m)
+    flushed = simulate_order(order, s2r, m, comp).makespan
+    assert flushed == pytest.approx((m + pp - 1) * (F + B))  # 1F1B with its flush
+    steady = steady_iteration("pipedream_2bw", pp, 1, m, lambda o, s, k: simulate_order(o, s, k, comp).makespan)
+    assert steady == pytest.approx(m * (F + B))  # no flush: the bottleneck stage never idles
