@@ -135,3 +135,18 @@ def test_conformance_builds_the_schedule_program():
         check_schedule(ScheduleSpec(None, order=forwards_only))
     with pytest.raises(ConformanceError, match="neither a torch_class nor an order"):
         check_schedule(ScheduleSpec(None))
+
+
+def test_a_deadlocking_table_stops_the_launcher_before_any_worker(tmp_path, monkeypatch):
+    """launch() checks the schedule's program in preflight: a table whose ranks wait on each
+    other is one ConfigError, and no worker is started (patched to fail if it were)."""
+    from moepipe.train import launch as launch_mod
+
+    table = tmp_path / "deadlock.csv"
+    table.write_text("0F0,0B0,0F1,0B1\n1F1,1B1,1F0,1B0\n")
+    monkeypatch.setattr(launch_mod, "_run_workers", lambda *a: pytest.fail("a worker was started"))
+    cfg = compose_cfg(["parallel=pp2", "schedule.microbatches=2", "schedule.executor=moepipe", f"schedule.name=file:{table}"])
+    with pytest.raises(ConfigError) as err:
+        launch_mod.launch(cfg, str(tmp_path / "run"))
+    msg = str(err.value)
+    assert "\n" not in msg and "the order deadlocks (simulated" in msg

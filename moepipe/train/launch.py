@@ -160,11 +160,18 @@ def single_process_notices(cfg: MoepipeConfig) -> list[str]:
 
 
 def preflight(cfg: MoepipeConfig, run_dir: str) -> None:
-    """Checks that need the file system, made once before any worker starts (each raises a
-    one-line ConfigError): the data file and the checkpoint to resume from."""
+    """Checks that need the file system or the simulator, made once before any worker starts
+    (each raises a one-line ConfigError): the data file, the schedule's program (a CSV table or
+    an order function: every backward present, sends matched, no deadlock) and the checkpoint
+    to resume from."""
     d = cfg.data
     if d.name == "memmap" and d.path and not os.path.isfile(d.path):
         raise ConfigError(f"data.path={d.path} does not exist: check the path or make it with moepipe-make-memmap --out {d.path} FILES...")
+    sch = cfg.schedule
+    if world_size(cfg) > 1 and cfg.parallel.pp > 1 and sch.executor == "moepipe":
+        from moepipe.sim.schedules import schedule_program
+
+        schedule_program(sch.name, cfg.parallel.pp, sch.virtual_stages, sch.microbatches)
     from moepipe.train.checkpoint import find_resume
 
     find_resume(cfg, run_dir)
