@@ -49,7 +49,7 @@ from moepipe.placement.placers import (  # noqa: E402
 )
 from moepipe.placement.placers.inputs import PlacementInputs  # noqa: E402
 from moepipe.placement.topology import from_config  # noqa: E402
-from moepipe.placement.workloads import expert_distribution  # noqa: E402
+from moepipe.placement.workloads import expert_distribution, origin_distribution  # noqa: E402
 from moepipe.sim import simulate  # noqa: E402
 from moepipe.train.metrics import write_json  # noqa: E402
 
@@ -140,17 +140,10 @@ def run_case(topo_name: str, overrides: list, args) -> dict:
 
 def scale_case(repeats: int) -> dict:
     """Solve time at 1,024 devices: 128 nodes x 8 H100, pp=16 x ep=64, 64 layers, 256 experts, top-8, Zipf(0.5) load."""
-    model = ModelConfig(name="bench", vocab_size=32000, d_model=4096, n_layers=64, n_heads=32, n_kv_heads=8, ffn_hidden=14336, max_seq_len=4096)
-    moe = MoEConfig(num_experts=256, top_k=8, expert_hidden=2048, num_shared_experts=1)
-    world, pp, ep, m = 1024, 16, 64, 64
-    train = TrainConfig(batch_size=m * 16, seq_len=4096)
-    topo = from_config(TopologyConfig(
-        name="ib_128x8", nodes=world // 8, devices_per_node=8,
-        device_groups=[DeviceGroupConfig(count=world, name="H100-SXM", tflops=690.0, memory_gb=80.0)],
-        intra_node_bw_gbps=450.0, intra_node_latency_us=5.0, inter_node_bw_gbps=50.0, inter_node_latency_us=10.0), world)
-    spec = build_model_spec(model, moe, train, microbatches=m, dp=1)
-    load = {l: expert_distribution("zipf", 0, l, 256, strength=0.5) for l in spec.moe_layers}
-    inp = PlacementInputs(topo, spec, CostModel(spec), pp, ep, 1, 1, "loop", "1f1b", m, expert_load=load)
+    base = scale_inputs()
+    world, pp, ep, m = base.world, base.pp, base.ep, base.microbatches
+    load = {l: expert_distribution("zipf", 0, l, 256, strength=0.5) for l in base.spec.moe_layers}
+    inp = PlacementInputs(**{**base.__dict__, "expert_load": load})
     out = {"devices": world, "layers": 64, "experts": 256, "pp": pp, "ep": ep, "microbatches": m, "workload": "zipf(0.5)", "replica_slots": 1}
     for name in ("static", "eplb", "topo"):
         times, cpu, plan = [], [], None
@@ -163,6 +156,121 @@ def scale_case(repeats: int) -> dict:
                      "solve_cpu_times_s": cpu, "solve_cpu_s": statistics.median(cpu)}
     out["loadavg"] = list(os.getloadavg())
     return out
+
+
+# ------------------------------------------------------------------ multi-node: token origins (issue 14)
+#
+# EP groups that span nodes, loads whose tokens start unevenly over the EP ranks. Each source
+# rank's routing is the job-wide skew (kind, strength) times the origin skew (local_hot: rank
+# r's data prefers its own block of experts, s times); the job-wide load of local_hot alone is
+# near uniform. Same protocol: plan on the past window's mean origins, judge on the next window.
+MULTINODE_WORKLOADS = {  # name -> (job-wide kind, strength, origin strength)
+    "local_hot": ("none", 1.0, 8.0),
+    "local_hot_x_zipf": ("zipf", 1.0, 4.0),
+    "local_hot_x_rotating": ("rotating", 8.0, 8.0),
+    "local_hot_x_lognormal": ("lognormal", 1.0, 3.0),
+}
+MULTINODE_CASES = {  # EP groups over 2, 4 and 8 nodes
+    "ib_4x8": CASES["ib_4x8"],
+    "ib_16x8": ["topology=ib_16x8", "model=deepseek_v2_lite", "parallel.pp=4", "parallel.ep=32", "parallel.dp=1",
+                "schedule=1f1b", "schedule.microbatches=16", "train.batch_size=512"],
+    "ib_128x8_1024": "scale",  # scale_case's job: 1,024 devices, pp=16 x ep=64, 64 layers, 256 experts, top-8
+}
+
+
+def scale_inputs() -> PlacementInputs:
+    """scale_case's job (128 nodes x 8 H100, pp=16 x ep=64, 64 layers, 256 experts, top-8), uniform load."""
+    model = ModelConfig(name="bench", vocab_size=32000, d_model=4096, n_layers=64, n_heads=32, n_kv_heads=8, ffn_hidden=14336, max_seq_len=4096)
+    moe = MoEConfig(num_experts=256, top_k=8, expert_hidden=2048, num_shared_experts=1)
+    world, pp, ep, m = 1024, 16, 64, 64
+    train = TrainConfig(batch_size=m * 16, seq_len=4096)
+    topo = from_config(TopologyConfig(
+        name="ib_128x8", nodes=world // 8, devices_per_node=8,
+        device_groups=[DeviceGroupConfig(count=world, name="H100-SXM", tflops=690.0, memory_gb=80.0)],
+        intra_node_bw_gbps=450.0, intra_node_latency_us=5.0, inter_node_bw_gbps=50.0, inter_node_latency_us=10.0), world)
+    spec = build_model_spec(model, moe, train, microbatches=m, dp=1)
+    return PlacementInputs(topo, spec, CostModel(spec), pp, ep, 1, 1, "loop", "1f1b", m)
+
+
+def origin_loads(kind: str, strength: float, origin_strength: float, steps, moe_layers, E: int, ep: int) -> np.ndarray:
+    """[len(steps), n_moe, ep, E]: each source rank's routing distribution (rows sum to 1/ep)."""
+    out = []
+    for s in steps:
+        per = []
+        for l in moe_layers:
+            job = expert_distribution(kind, s, l, E, ep=ep, strength=strength, period=25, burst_every=10)
+            o = origin_distribution("local_hot", s, l, E, ep=ep, strength=origin_strength) * job[None, :]
+            per.append(o / o.sum(1, keepdims=True) / ep)
+        out.append(per)
+    return np.array(out)
+
+
+def run_multinode_case(name: str, base: PlacementInputs, args, workloads: dict) -> dict:
+    moe, E, ep = base.spec.moe_layers, base.spec.num_experts, base.ep
+    s0, n = args.s0, args.interval
+    out = {"world": base.world, "pp": base.pp, "ep": base.ep, "dp": base.dp, "experts": E,
+           "ep_group_nodes": int(len(np.unique(base.topology.node_of[:ep]))), "workloads": {}}
+    for wname, (kind, strength, o_strength) in workloads.items():
+        observed = origin_loads(kind, strength, o_strength, range(s0 - n, s0), moe, E, ep).mean(0)  # [n_moe, ep, E]
+        future = origin_loads(kind, strength, o_strength, range(s0, s0 + n), moe, E, ep)
+        uniq, weight = np.unique(future.reshape(n, -1), axis=0, return_counts=True)
+
+        def inputs_of(o):
+            return PlacementInputs(**{**base.__dict__, "expert_load": {l: o[i].sum(0) for i, l in enumerate(moe)},
+                                      "origins": {l: o[i] for i, l in enumerate(moe)}})
+
+        inp = inputs_of(observed)
+        judges = [(k, Evaluator(inputs_of(u.reshape(observed.shape)))) for u, k in zip(uniq, weight)]
+        rows = {}
+        for pname in ("static", "eplb", "topo"):
+            t0 = time.perf_counter()
+            plan = make_placement(pname, inp, replica_slots=args.replica_slots, compare_layouts=(pname == "topo" and args.layouts))
+            solve = time.perf_counter() - t0
+            realised = inter = intra = 0.0
+            for k, ev in judges:
+                realised += k * ev.evaluate(plan).iteration_time_s
+                tr = ev.traffic(plan)
+                inter += k * tr["a2a_bytes_inter_node"]
+                intra += k * tr["a2a_bytes_intra_node"]
+            rows[pname] = {"predicted_s": plan.meta["predicted_s"], "realised_s": realised / n,
+                           "a2a_bytes_inter_node": inter / n, "a2a_bytes_intra_node": intra / n,
+                           "predicted_a2a_bytes_inter_node": plan.meta["a2a_bytes_inter_node"], "solve_time_s": solve,
+                           "replicas": int(sum(len(r) - 1 for m in plan.expert_map.values() for r in m)),
+                           "topo_variant": plan.meta.get("variant")}
+            if "ep_layout" in plan.meta:
+                rows[pname]["ep_layout"] = plan.meta["ep_layout"]
+            if pname == "eplb":  # how much of eplb's step the all-to-all (and other communication) is
+                free = simulate(plan, inp.schedule, inp.microbatches, inp.topology, inp.cost_model, np.array([inp.expert_load[l] for l in moe]),
+                                free_comm=True, origins=inp.origins).iteration_time_s
+                rows["comm_share_of_eplb_step"] = 1.0 - free / plan.meta["predicted_s"]
+        rows["inter_node_bytes_ratio_topo_vs_eplb"] = rows["topo"]["a2a_bytes_inter_node"] / rows["eplb"]["a2a_bytes_inter_node"]
+        rows["speedup_topo_vs_eplb"] = rows["eplb"]["realised_s"] / rows["topo"]["realised_s"]
+        out["workloads"][wname] = rows
+        lay = rows["topo"].get("ep_layout") or {}
+        print(f"{name:<15} {wname:<22} " + " ".join(f"{p}={rows[p]['realised_s']:.3f}s/{rows[p]['a2a_bytes_inter_node'] / 1e12:.3f}TB" for p in ("static", "eplb", "topo"))
+              + f"  bytes topo/eplb={rows['inter_node_bytes_ratio_topo_vs_eplb']:.3f} speedup={rows['speedup_topo_vs_eplb']:.3f}x"
+              f" comm_share={rows['comm_share_of_eplb_step']:.2f} solve={rows['topo']['solve_time_s']:.2f}s"
+              + (f" ep_layout best={lay.get('best')} x{lay.get('speedup_best_vs_runtime', 1):.3f}" if lay else ""), flush=True)
+    return out
+
+
+def summarise_multinode(cases: dict) -> dict:
+    gm = lambda x: float(np.exp(np.mean(np.log(x)))) if len(x) else None  # noqa: E731
+    ratios = [r["inter_node_bytes_ratio_topo_vs_eplb"] for c in cases.values() for r in c["workloads"].values()]
+    speed = [r["speedup_topo_vs_eplb"] for c in cases.values() for r in c["workloads"].values()]
+    significant = [r["speedup_topo_vs_eplb"] for c in cases.values() for r in c["workloads"].values()
+                   if r["comm_share_of_eplb_step"] >= COMM_SIGNIFICANT]
+    return {
+        "inter_node_bytes_ratio_topo_vs_eplb": gm(ratios),
+        "speedup_topo_vs_eplb_multinode": gm(speed),
+        "max_inter_node_bytes_ratio_topo_vs_eplb": float(max(ratios)) if ratios else None,
+        "min_speedup_topo_vs_eplb_multinode": float(min(speed)) if speed else None,
+        "speedup_topo_vs_eplb_multinode_comm_significant": gm(significant),
+        "multinode_cases_topo_slower_than_eplb": int(sum(x < 1 - 1e-9 for x in speed)),
+    }
+
+
+COMM_SIGNIFICANT = 0.2  # "the all-to-all is a significant share of the step": communication >= 20% of eplb's step
 
 
 def summarise(cases: dict) -> dict:
@@ -197,28 +305,41 @@ def main() -> None:
     ap.add_argument("--s0", type=int, default=100, help="the step the placer runs at")
     ap.add_argument("--scale-repeats", type=int, default=3)
     ap.add_argument("--no-scale", action="store_true")
+    ap.add_argument("--multinode", nargs="*", default=list(MULTINODE_CASES), choices=list(MULTINODE_CASES),
+                    help="multi-node cases with token origins (none: skip)")
+    ap.add_argument("--no-layouts", dest="layouts", action="store_false", help="skip topo's EP layout comparison")
     fc.add_output_args(ap, os.path.join(ROOT, "results", "bench_placer.json"))
     args = ap.parse_args()
     if args.quick:
         args.topologies, args.interval, args.s0, args.scale_repeats, args.no_scale = ["nvlink_8gpu"], 2, 4, 1, True
+        args.multinode = ["ib_4x8"]
     args.out = fc.check_output(args)
     info = fc.provenance(args, {t: CASES[t] + COMMON for t in args.topologies}, seed=0)
     t_start = time.perf_counter()
     import torch.distributed.pipelining.schedules  # noqa: F401,E501  (imported before timing: we time placers, not imports)
 
     cases = {t: run_case(t, CASES[t], args) for t in args.topologies}
+    multi_wl = {"local_hot": MULTINODE_WORKLOADS["local_hot"]} if args.quick else MULTINODE_WORKLOADS
+    multinode = {c: run_multinode_case(c, scale_inputs() if MULTINODE_CASES[c] == "scale" else inputs_from_config(compose_config(MULTINODE_CASES[c] + COMMON)),
+                                       args, multi_wl) for c in args.multinode}
     scale = None if args.no_scale else scale_case(args.scale_repeats)
-    summary = summarise(cases)
+    summary = summarise(cases) | summarise_multinode(multinode)
     aims = {
         "topo_within_1.15x_of_balanced_bound_on_average": summary["mean_topo_over_balanced_bound"] <= 1.15,
         "topo_1.3x_over_static_on_skewed": summary["geomean_speedup_topo_vs_static_skewed"] >= 1.3,
         "topo_never_slower_than_eplb": summary["cases_topo_slower_than_eplb_realised"] == 0,
         "solve_under_1s_at_1024_devices": None if scale is None else scale["topo"]["solve_time_s"] < 1.0,
         "solve_cpu_under_1s_at_1024_devices": None if scale is None else scale["topo"]["solve_cpu_s"] < 1.0,  # wall depends on the machine's load
+        "topo_30pct_fewer_inter_node_bytes_than_eplb": None if not multinode else summary["inter_node_bytes_ratio_topo_vs_eplb"] <= 0.7,
+        "topo_30pct_fewer_inter_node_bytes_than_eplb_every_case": None if not multinode else summary["max_inter_node_bytes_ratio_topo_vs_eplb"] <= 0.7,
+        "topo_1.1x_over_eplb_where_comm_significant": None if summary["speedup_topo_vs_eplb_multinode_comm_significant"] is None
+        else summary["speedup_topo_vs_eplb_multinode_comm_significant"] >= 1.1,
+        "topo_never_slower_than_eplb_multinode": None if not multinode else summary["multinode_cases_topo_slower_than_eplb"] == 0,
     }
     result = summary | {
-        "aims": aims, "cases": cases, "scale_1024": scale,
-        "config": {"args": vars(args), "workloads": WORKLOADS, "placers": PLACERS, "common_overrides": COMMON},
+        "aims": aims, "cases": cases, "scale_1024": scale, "multinode": multinode,
+        "config": {"args": vars(args), "workloads": WORKLOADS, "placers": PLACERS, "common_overrides": COMMON,
+                   "multinode_workloads": MULTINODE_WORKLOADS, "multinode_cases": MULTINODE_CASES, "comm_significant": COMM_SIGNIFICANT},
         "method": {"observed": "mean routing distribution over steps [s0-interval, s0)", "realised": "mean over steps [s0, s0+interval) of the "
                    "simulated iteration time with that step's distribution", "skewed": "every workload but balanced",
                    "speedup": "static realised_s / topo realised_s, geometric mean over topologies x skewed workloads"},
@@ -228,7 +349,7 @@ def main() -> None:
     write_json(args.out, result)
     for k, v in summary.items():
         if k != "geomean_speedup_topo_vs_static_skewed":
-            print(f"{k}={v:.4g}")
+            print(f"{k}={v:.4g}" if v is not None else f"{k}=None")
     if scale:
         print(f"solve_time_s_1024={scale['topo']['solve_time_s']:.3f} solve_cpu_s_1024={scale['topo']['solve_cpu_s']:.3f} (static {scale['static']['predicted_s']:.3f}s eplb "
               f"{scale['eplb']['predicted_s']:.3f}s topo {scale['topo']['predicted_s']:.3f}s predicted; loadavg {scale['loadavg'][0]:.1f})")
