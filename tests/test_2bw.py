@@ -129,3 +129,23 @@ def test_simulator_reports_the_steady_no_flush_iteration_and_two_weight_versions
     assert flushed == pytest.approx((m + pp - 1) * (F + B))  # 1F1B with its flush
     steady = steady_iteration("pipedream_2bw", pp, 1, m, lambda o, s, k: simulate_order(o, s, k, comp).makespan)
     assert steady == pytest.approx(m * (F + B))  # no flush: the bottleneck stage never idles
+
+
+def test_full_simulation_of_2bw_against_1f1b():
+    from moepipe.sim.simulator import simulate
+    from test_sim import setup
+
+    prof = {"device": {"tflops": 0.01}, "tokens_per_microbatch": 128,  # every block 1 ms per phase: uniform stages
+            "layers": {str(i): {"fwd_s": 1e-3, "bwd_input_s": 1e-3, "bwd_weight_s": 1e-3} for i in range(8)},
+            "embedding": {"fwd_s": 0, "bwd_s": 0}, "head": {"fwd_s": 0, "bwd_s": 0},
+            "expert_per_token_s": {"fwd_s": 0, "bwd_s": 0}}
+    p, m = 4, 8
+    plan, topo, cm = setup(pp=p, ep=1, m=m, profile=prof)
+    one = simulate(plan, "1f1b", m, topo, cm, free_comm=True)
+    two = simulate(plan, "pipedream_2bw", m, topo, cm, free_comm=True)
+    assert one.iteration_time_s == pytest.approx((m + p - 1) * 2 * 3e-3) and one.flush and one.weight_versions == 1
+    assert two.iteration_time_s == pytest.approx(m * 2 * 3e-3) and not two.flush and two.weight_versions == 2
+    assert two.bubble_fraction == pytest.approx(0.0, abs=1e-9) and two.balanced_bound_s == pytest.approx(two.iteration_time_s)
+    assert list(two.peak_inflight) == list(one.peak_inflight) == [4, 3, 2, 1]  # 1F1B's activations
+    np.testing.assert_allclose(two.weight_bytes, 2 * one.weight_bytes)
+    assert one.weight_bytes.min() > 0 and two.summary()["weight_versions"] == 2

@@ -293,6 +293,17 @@ def check_schedule(name: str) -> Callable:
     return check
 
 
+def check_2bw(r: Result, root: Path) -> None:
+    """pipedream_2bw runs on moepipe's executor and matches one process applying the same
+    delayed rule (step 1's gradient at W(0)), not the plain one (the delay moves the loss)."""
+    trained(r)
+    s = r.summary
+    assert s["pipeline_schedule"] == "ScheduleExecutor" and s["placement"]["final_stage_to_pp_rank"] == [0, 1]
+    delayed = result("train1", DIST[2:] + ("schedule=pipedream_2bw", "schedule.microbatches=2"), root).summary["final_train_loss"]
+    assert abs(s["final_train_loss"] - delayed) < 1e-4
+    assert abs(s["final_train_loss"] - reference_loss(root, 2)) > 1e-3
+
+
 def check_static(r: Result) -> None:
     trained(r)
     p = r.summary["placement"]
@@ -501,6 +512,7 @@ ROWS: dict[tuple[str, str], list[Row]] = {
     ("parallel", "pp2_dp2"): [("dist", ("parallel=pp2_dp2",), check_mesh(2, 1, 2))],
     **{("schedule", s): [("dist", ("parallel=pp2", f"schedule={s}", f"schedule.microbatches={4 if s == 'dualpipev' else 2}"), check_schedule(s))]
        for s in SCHEDULE_CLASSES},
+    ("schedule", "pipedream_2bw"): [("dist", ("parallel=pp2", "schedule=pipedream_2bw", "schedule.microbatches=2"), check_2bw)],
     ("placer", "static"): [("dist", ("parallel=pp2", "placer=static"), check_static)],
     # The topology declares pp rank 0 at half speed; not emulated: an emulated worker's measured
     # block times are confounded by CPU contention (on a loaded machine the other rank's blocks
