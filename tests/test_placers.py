@@ -413,3 +413,90 @@ def test_realised_efficiency_is_the_share_of_the_predicted_saving_seen():
     assert realised_efficiency(1.0, 0.5, 2.0, 2.4) == EFFICIENCY_FLOOR  # the move made it slower
     assert realised_efficiency(1.0, 1.0, 2.0, 1.5) is None  # nothing was predicted
     assert realised_efficiency(1.0, 0.5, None, 1.5) is None
+
+
+# ------------------------------------------------------------------ token origins: bytes by link class (issue 14)
+
+
+def _origins(inp, per_expert_sources):
+    """{layer: [ep, E]} with expert e's tokens split over source ranks as per_expert_sources[e] = {rank: share}."""
+    E, ep = inp.spec.num_experts, inp.ep
+    o = np.zeros((ep, E))
+    for e, src in enumerate(per_expert_sources):
+        for r, share in src.items():
+            o[r, e] = share
+    return {l: o.copy() for l in inp.spec.moe_layers}
+
+
+def test_placer_bytes_by_link_class_match_a_hand_computed_case():
+    # 2 nodes x 2 ranks (ranks 0,1 | 2,3), one expert per rank (static: expert e on rank e), equal loads
+    inp = inputs(pp=1, ep=4, topo=topology(2, 2), n_layers=2, experts=4, top_k=1, m=2)
+    inp.origins = _origins(inp, [{0: 1.0}, {0: 0.5, 2: 0.5}, {3: 1.0}, {2: 1.0}])
+    spec = inp.spec
+    A = spec.tokens_per_microbatch * spec.top_k / 4  # assignments per expert per microbatch
+    per_iter = spec.hidden_bytes_per_token * inp.microbatches * len(spec.moe_layers) * 2 * 2  # dispatch+combine, fwd+bwd
+    # e0 stays on rank 0; e1: rank 0 -> 1 (intra), rank 2 -> 1 (inter); e2: 3 -> 2 (intra); e3: 2 -> 3 (intra)
+    want = {"a2a_bytes_intra_node": (A / 2 + A + A) * per_iter, "a2a_bytes_inter_node": (A / 2) * per_iter}
+    static = make_placement("static", inp)
+    assert static.expert_map[spec.moe_layers[0]] == [[0], [1], [2], [3]]
+    for k, v in want.items():
+        assert Evaluator(inp).traffic(static)[k] == pytest.approx(v, rel=1e-12)
+        assert static.meta[k] == pytest.approx(v, rel=1e-12)
+    res = simulate(static, inp.schedule, inp.microbatches, inp.topology, inp.cost_model, routing_of(inp), origins=inp.origins)
+    assert res.a2a_bytes_intra_node == pytest.approx(want["a2a_bytes_intra_node"], rel=1e-12)
+    assert res.a2a_bytes_inter_node == pytest.approx(want["a2a_bytes_inter_node"], rel=1e-12)
+    # a copy of e1 on rank 2: rank 2's half stays on its own rank (nearest replica), rank 0's half still goes to rank 1
+    rep = Plan(static.stage_layers, static.stage_to_pp_rank, {l: [[0], [1, 2], [2], [3]] for l in spec.moe_layers}, 1, 4, 1)
+    tr = Evaluator(inp).traffic(rep)
+    assert tr["a2a_bytes_inter_node"] == pytest.approx(0.0, abs=1e-6)
+    assert tr["a2a_bytes_intra_node"] == pytest.approx((A / 2 + A + A) * per_iter, rel=1e-12)
+
+
+def _local_hot(inp, strength=8.0, seed=0):
+    from moepipe.placement.workloads import routing_origins
+
+    return routing_origins("local_hot", 0, inp.spec.moe_layers, inp.spec.num_experts, 1000, inp.spec.top_k, ep=inp.ep, strength=strength, seed=seed)
+
+
+def test_topo_puts_origin_local_experts_on_their_node_and_moves_fewer_inter_node_bytes():
+    inp = inputs(pp=1, ep=4, topo=topology(2, 2), n_layers=2, experts=8, top_k=2, m=4)
+    inp.origins = _local_hot(inp)
+    inp.expert_load = {l: o.sum(0) for l, o in inp.origins.items()}
+    node = inp.topology.node_of
+    topo_plan = make_placement("topo", inp, replica_slots=0)
+    for l, emap in topo_plan.expert_map.items():
+        for e, ranks in enumerate(emap):
+            src = int(np.argmax(inp.origins[l][:, e]))  # the rank whose data prefers e
+            assert {int(node[r]) for r in ranks} == {int(node[src])}, (l, e, ranks, src)
+    eplb_plan = make_placement("eplb", inp, replica_slots=0)
+    assert topo_plan.meta["a2a_bytes_inter_node"] < 0.7 * eplb_plan.meta["a2a_bytes_inter_node"]
+    assert topo_plan.meta["predicted_s"] <= eplb_plan.meta["predicted_s"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topo_never_slower_than_eplb_with_skewed_origins(seed):
+    rng = np.random.default_rng(seed)
+    inp = inputs(pp=2, ep=4, topo=topology(4, 2), n_layers=4, experts=8, top_k=2, m=4)
+    # job-wide skew times a random per-source skew (Dirichlet rows)
+    job = rng.dirichlet(np.full(inp.spec.num_experts, 0.7), size=len(inp.spec.moe_layers))
+    inp.origins = {l: rng.dirichlet(np.full(inp.spec.num_experts, 0.5), size=inp.ep) * job[i] for i, l in enumerate(inp.spec.moe_layers)}
+    inp.expert_load = {l: o.sum(0) for l, o in inp.origins.items()}
+    t = {n: predict_iteration_time(make_placement(n, inp, replica_slots=1), inp) for n in ("static", "eplb", "topo")}
+    assert t["topo"] <= min(t["static"], t["eplb"]) * (1 + 1e-12)
+
+
+def test_ep_layout_comparison_reports_both_orders_and_keeps_the_runtime_plan():
+    from moepipe.placement.placers.layout import device_order
+
+    # pp=2 x ep=2 on 2 nodes x 2: EP inside nodes (runtime order) or across them
+    assert device_order("ep_inner", 2, 2, 1).tolist() == [0, 1, 2, 3]
+    assert device_order("ep_outer", 2, 2, 1).tolist() == [0, 2, 1, 3]  # (pp0: ep0, ep1) on devices 0 and 2
+    inp = inputs(pp=2, ep=2, topo=topology(2, 2), n_layers=4, experts=4, m=4)
+    plan = make_placement("topo", inp, replica_slots=0, compare_layouts=True)
+    rep = plan.meta["ep_layout"]
+    inner, outer = rep["layouts"]["ep_inner"], rep["layouts"]["ep_outer"]
+    assert inner["ep_group_nodes"] == 1 and outer["ep_group_nodes"] == 2
+    assert inner["a2a_bytes_inter_node"] == 0 and outer["a2a_bytes_inter_node"] > 0
+    assert inner["predicted_s"] == pytest.approx(plan.meta["predicted_s"], rel=1e-12)  # the returned plan is the runtime order's
+    assert rep["best"] == min(rep["layouts"], key=lambda k: rep["layouts"][k]["predicted_s"])
+    assert rep["speedup_best_vs_runtime"] >= 1.0 and rep["runtime"] == "ep_inner"

@@ -92,3 +92,29 @@ def test_cli_plans_with_the_configured_placer_under_the_workload(tmp_path):
     # without the workload the same placer plans for uniform routing, and hot_rank's skew is gone
     uniform, _ = simulate_in_process(tmp_path, "uniform", *SKEWED[:-2], "placer=static")
     assert uniform["routing"] == "uniform" and uniform["iteration_time_s"] < static["iteration_time_s"]
+
+
+@pytest.mark.timeout(90)
+def test_cli_reads_token_origins_from_a_per_source_workload_and_reports_bytes_per_link_class(tmp_path):
+    # 4 EP ranks as 2 nodes x 2, local_hot: each rank's data prefers its own block of experts,
+    # while the job-wide load is uniform; the origins reach the placer and the simulator
+    common = ["topology=local_cpu_2nodes", "parallel.pp=1", "parallel.ep=4", "parallel.dp=1", "model.n_layers=2",
+              "schedule.microbatches=2", "sim.out_trace=false", "workload.kind=local_hot", "workload.strength=8", "placer.replica_slots=1"]
+    static, _ = simulate_in_process(tmp_path, "static", *common, "placer=static")
+    topo, line = simulate_in_process(tmp_path, "topo", *common, "placer=topo")
+    for s in (static, topo):
+        assert s["token_origins"] == "per source EP rank (workload)" and "per source EP rank" in s["routing"]
+        assert s["a2a_bytes_intra_node"] > 0 and s["a2a_bytes_inter_node"] > 0
+        # the placer's own byte figures are the simulator's (same rule, same origins)
+        assert s["placer_a2a_bytes_inter_node"] == pytest.approx(s["a2a_bytes_inter_node"], rel=1e-9)
+        assert s["placer_a2a_bytes_intra_node"] == pytest.approx(s["a2a_bytes_intra_node"], rel=1e-9)
+    assert topo["a2a_bytes_inter_node"] < 0.8 * static["a2a_bytes_inter_node"]  # homes where the tokens start
+    assert "a2a_bytes_inter_node=" in line and "a2a_bytes_intra_node=" in line
+    # with pp=1 x dp=1 there is only one EP order: nothing to compare
+    assert topo["ep_layout"] is None
+    two = ["topology=local_cpu_2nodes", "parallel.pp=2", "parallel.ep=2", "parallel.dp=1", "model.n_layers=2", "schedule.microbatches=2",
+           "sim.out_trace=false", "placer=topo"]
+    lay, line = simulate_in_process(tmp_path, "layout", *two)
+    assert lay["ep_layout"]["runtime"] == "ep_inner" and set(lay["ep_layout"]["layouts"]) == {"ep_inner", "ep_outer"}
+    assert lay["ep_layout"]["layouts"]["ep_inner"]["ep_group_nodes"] == 1 and lay["ep_layout"]["layouts"]["ep_outer"]["ep_group_nodes"] == 2
+    assert f"ep_layout_best={lay['ep_layout']['best']}" in line

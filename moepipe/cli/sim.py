@@ -38,25 +38,37 @@ def make_routing(n_moe: int, num_experts: int, sc: SimConfig) -> Optional[np.nda
 WORKLOAD_STEP = 0
 
 
-def expert_load(c, moe_ids: list[int]) -> tuple[Optional[dict[int, np.ndarray]], str]:
-    """(share of tokens per expert per MoE layer, or None for uniform; a label of its source).
+def expert_load(c, moe_ids: list[int]) -> tuple[Optional[dict[int, np.ndarray]], str, Optional[dict[int, np.ndarray]]]:
+    """(share of tokens per expert per MoE layer, or None for uniform; a label of its source;
+    token origins per MoE layer [ep, E], or None when every EP rank's data routes alike).
 
     `sim.routing` is the router's own preference, `workload.kind` the injected skew; the runtime
     adds log(p E) to the logits, which multiplies the router's odds by p, so both together
-    multiply here."""
-    from moepipe.placement.workloads import expert_distribution
+    multiply here. A workload that takes `source=` skews per EP rank: the runtime asks each
+    rank for its own distribution, so here each source row is its distribution times the
+    routing, each rank holding 1/ep of the tokens (the origins), and the load is their sum."""
+    from moepipe.placement.workloads import _takes_source, expert_distribution, origin_distribution
+    from moepipe.plugins.registry import resolve
 
-    E, w = c.moe.num_experts, c.workload
+    E, w, ep = c.moe.num_experts, c.workload, c.parallel.ep
     base = make_routing(len(moe_ids), E, c.sim)
     parts = [] if base is None else [f"sim.routing={c.sim.routing}(zipf_s={c.sim.zipf_s})"]
+    origins = None
     if w.kind != "none" and moe_ids:
-        skew = np.stack([expert_distribution(w.kind, WORKLOAD_STEP, l, E, ep=c.parallel.ep, strength=w.strength, period=w.period,
-                                             burst_every=w.burst_every, seed=w.seed) for l in moe_ids])
+        kw = dict(strength=w.strength, period=w.period, burst_every=w.burst_every, seed=w.seed)
+        if _takes_source(resolve("workload", w.kind, field="workload kind")):
+            origins = {}
+            for i, l in enumerate(moe_ids):
+                o = origin_distribution(w.kind, WORKLOAD_STEP, l, E, ep=ep, **kw) * (1.0 if base is None else base[i][None, :])
+                origins[l] = o / o.sum(1, keepdims=True) / ep
+            parts.append(f"workload.kind={w.kind}(strength={w.strength}, step {WORKLOAD_STEP}, per source EP rank)")
+            return {l: o.sum(0) for l, o in origins.items()}, " x ".join(parts), origins
+        skew = np.stack([expert_distribution(w.kind, WORKLOAD_STEP, l, E, ep=ep, **kw) for l in moe_ids])
         base = skew if base is None else base * skew
         parts.append(f"workload.kind={w.kind}(strength={w.strength}, step {WORKLOAD_STEP})")
     if base is None:
-        return None, "uniform"
-    return {l: row / row.sum() for l, row in zip(moe_ids, base)}, " x ".join(parts)
+        return None, "uniform", None
+    return {l: row / row.sum() for l, row in zip(moe_ids, base)}, " x ".join(parts), None
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -73,14 +85,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     ws = world_size(c)
     topo = from_config(c.topology, ws)
     moe_ids = moe_layer_ids(c.model, c.moe)
-    load, routing_label = expert_load(c, moe_ids)
-    inputs = inputs_from_config(c, topo, expert_load=load)
+    load, routing_label, origins = expert_load(c, moe_ids)
+    inputs = inputs_from_config(c, topo, expert_load=load, origins=origins)
     routing = routing_of(inputs)
     pc = c.placer
-    plan = make_placement(pc.name, inputs, pc.replica_slots)
+    plan = make_placement(pc.name, inputs, pc.replica_slots, compare_layouts=True)
 
     def sim(p):
-        return simulate(p, c.schedule.name, c.schedule.microbatches, topo, inputs.cost_model, routing, sc.free_comm)
+        return simulate(p, c.schedule.name, c.schedule.microbatches, topo, inputs.cost_model, routing, sc.free_comm, origins=origins)
 
     res = sim(plan)
     static_s = float(res.iteration_time_s) if pc.name == "static" else float(sim(make_placement("static", inputs)).iteration_time_s)
@@ -97,6 +109,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "static_iteration_time_s": static_s,
         "stage_layers": [list(r) for r in plan.stage_layers],
         "routing": routing_label,
+        "token_origins": "per source EP rank (workload)" if origins is not None else "evenly spread",
+        "placer_a2a_bytes_intra_node": plan.meta.get("a2a_bytes_intra_node"),  # the placer's figures (per iteration); the
+        "placer_a2a_bytes_inter_node": plan.meta.get("a2a_bytes_inter_node"),  # simulated ones are a2a_bytes_intra/inter_node
+        "ep_layout": plan.meta.get("ep_layout"),  # EP inside nodes vs across: which is faster (the runtime keeps ep_inner)
         "workload": asdict(c.workload),
         "sim": asdict(sc),
     }
@@ -114,7 +130,9 @@ def summary_line(s: dict[str, Any]) -> str:
         f"iteration_time_s={s['iteration_time_s']:.6g} bubble_fraction={s['bubble_fraction']:.4f} "
         f"lower_bound_s={s['lower_bound_s']:.6g} balanced_bound_s={s['balanced_bound_s']:.6g} "
         f"balanced_comm_bound_s={s['balanced_comm_bound_s']:.6g} placer={s['placer']} "
-        f"placer_predicted_s={s['placer_predicted_s']:.6g} static_iteration_time_s={s['static_iteration_time_s']:.6g} routing={s['routing'].replace(' ', '')}"
+        f"placer_predicted_s={s['placer_predicted_s']:.6g} static_iteration_time_s={s['static_iteration_time_s']:.6g} routing={s['routing'].replace(' ', '')} "
+        f"a2a_bytes_intra_node={s['a2a_bytes_intra_node']:.6g} a2a_bytes_inter_node={s['a2a_bytes_inter_node']:.6g}"
+        + (f" ep_layout_best={s['ep_layout']['best']}" if s.get("ep_layout") else "")
     )
 
 

@@ -407,7 +407,7 @@ def eplb_layer(w: np.ndarray, ep: int, slots: int, member_node: Optional[Sequenc
 
 
 def pack_by_origin(w: np.ndarray, origins: np.ndarray, cost: np.ndarray, node_of: Sequence[int], slots: int, rate: np.ndarray,
-                   base: np.ndarray, scale: np.ndarray, slack: float, n_replicas) -> tuple[np.ndarray, np.ndarray]:
+                   base: np.ndarray, scale: np.ndarray, slack: float, n_replicas, balance_first: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Homes and replicas that keep each expert's tokens near where they start, for C problems.
 
     w [C, E] expert loads; origins [C, ep, E] of those loads per source EP rank; cost [ep, ep]
@@ -420,7 +420,10 @@ def pack_by_origin(w: np.ndarray, origins: np.ndarray, cost: np.ndarray, node_of
     `slack` x the balanced finish time (else the rank finishing first). Then up to
     `n_replicas[c]` copies, one at a time, each for the (expert, node) with the most tokens from
     a node holding no copy of it (the nearest-replica rule keeps those tokens in that node), on
-    the node's rank that finishes first with a free slot. Returns (EP rank [C, P], expert
+    the node's rank that finishes first with a free slot. `balance_first`: before those, copies
+    for balance (EPLB's rule: the expert with the most load per copy, while that exceeds a
+    rank's fair share), each in the node with the most demand per copy of it there, so that a
+    hot expert is split inside the nodes its tokens come from. Returns (EP rank [C, P], expert
     [C, P]) of every piece, rank -1 for padding, as `expert_maps` reads them."""
     w = np.asarray(w, dtype=np.float64)
     C, E = w.shape
@@ -466,10 +469,38 @@ def pack_by_origin(w: np.ndarray, origins: np.ndarray, cost: np.ndarray, node_of
     groups = np.unique(node_of)
     in_node = node_of[None, :] == groups[:, None]  # [G, ep]
     demand = np.einsum("cse,gs->cge", origins, in_node.astype(np.float64))  # [C, G, E] tokens from node g
-    # cross-node tokens each rank receives: copies go first where they relieve the busiest receiver
-    cross = node_of[:, None] != node_of[None, :]
-    recv_x = np.einsum("cse,ced,sd->cd", origins, held.astype(np.float64), cross.astype(np.float64))
     left = np.array(np.broadcast_to(np.asarray(n_replicas, dtype=np.int64), (C,)))
+    if balance_first:
+        fair = w.sum(1) / ep  # a rank's fair share of the routed load
+        copies = np.ones((C, E))
+        while (left > 0).any():
+            per = w / copies
+            e = per.argmax(1)
+            n_in = np.einsum("cd,gd->cg", held[rows, e].astype(np.float64), in_node)  # copies of e per node
+            room = (count < slots) & ~held[rows, e]
+            node_room = (room[:, None, :] & in_node[None]).any(2)
+            g = np.where(node_room, demand[rows, :, e] / (n_in + 1), -np.inf).argmax(1)
+            live = (left > 0) & (per[rows, e] > fair * (1 + 1e-9)) & node_room[rows, g]
+            if not live.any():
+                break
+            r = rows[live]
+            er, gr = e[r], g[r]
+            c_old = copies[r, er]
+            fin = np.where(in_node[gr] & room[r], (work[r] + (w[r, er] / (c_old + 1) * scale[r])[:, None]) / rate, np.inf)
+            b = fin.argmin(1)
+            work[r] -= held[r, er] * ((w[r, er] / c_old - w[r, er] / (c_old + 1)) * scale[r])[:, None]
+            work[r, b] += w[r, er] / (c_old + 1) * scale[r]
+            held[r, er, b] = True
+            copies[r, er] += 1
+            count[r, b] += 1
+            left[r] -= 1
+    # cross-node tokens each rank receives (remote sources spread evenly over the copies):
+    # copies go first where they relieve the busiest receiver
+    cross = node_of[:, None] != node_of[None, :]
+    has = np.einsum("ced,gd->cge", held, in_node) > 0
+    node_ix = np.searchsorted(groups, node_of)
+    remote = origins * ~has[:, node_ix, :]  # [C, ep, E] tokens whose node holds no copy
+    recv_x = np.einsum("cse,ced,sd->cd", remote / held.sum(2)[:, None, :], held.astype(np.float64), cross.astype(np.float64))
     while (left > 0).any():
         has = np.einsum("ced,gd->cge", held, in_node) > 0
         room = ((count < slots)[:, None, :] & in_node[None]).any(2)  # [C, G]

@@ -175,7 +175,8 @@ def origin_candidates(ev: Evaluator, rows_a: np.ndarray, rate: np.ndarray, nodes
                       X_l: np.ndarray, dense_l: np.ndarray) -> tuple[np.ndarray, list]:
     """Origin-local packings of the layers `rows_a` (`pack_by_origin`): homes on the rank (else
     the node) where most of an expert's tokens start, within a few balance slacks, without
-    replicas and with every spare slot given to copies in the nodes of most remote demand.
+    replicas, with every spare slot given to copies in the nodes of most remote demand, and
+    with copies for balance first (hot experts split inside the nodes that use them).
     Returns (layer index into rows_a [N], expert maps [N])."""
     E, ep = ev.spec.num_experts, len(rate)
     C = len(rows_a)
@@ -187,9 +188,10 @@ def origin_candidates(ev: Evaluator, rows_a: np.ndarray, rate: np.ndarray, nodes
     spare = max(0, ep * K - E)
     slacks = ORIGIN_SLACKS[:1] if ep * K > LARGE_GROUP_SLOTS else ORIGIN_SLACKS
     owner, maps = [], []
+    variants = [(0, False)] + ([(spare, False), (spare, True)] if spare else [])
     for slack in slacks:
-        for reps in dict.fromkeys((0, spare)):
-            rank, expert = pack_by_origin(w, origins, cost, nodes, K, rate, dense_l, X_l, slack, reps)
+        for reps, balance_first in variants:
+            rank, expert = pack_by_origin(w, origins, cost, nodes, K, rate, dense_l, X_l, slack, reps, balance_first)
             owner.append(np.arange(C))
             maps += expert_maps(rank, expert, E)
     return np.concatenate(owner), maps
