@@ -188,6 +188,7 @@ class ReplanLoop:
             "expected_gain_s": gain,
             "predicted_migration_s": cost,
             "solve_s": d.solve_time_s,
+            **{f"{k}_{tag}": v for tag, t in (("old", d.traffic_old), ("new", d.traffic_new)) for k, v in (t or {}).items()},  # all-to-all bytes per iteration by link class, current and proposed plan
             "reason": reason,
             "plan": to_json(d.plan if migrate else current),
         }

@@ -169,6 +169,8 @@ class Decision:
     solve_time_s: float
     reason: str
     candidate: Optional[Plan] = None  # what the placer proposed (also when not migrating)
+    traffic_old: Optional[dict] = None  # all-to-all bytes per iteration by link class, current plan (Evaluator.traffic)
+    traffic_new: Optional[dict] = None  # the same for the proposed plan
 
 
 def decide(name: str, inputs: PlacementInputs, current: Plan, replica_slots: int, horizon_steps: int, min_gain_frac: float = 0.02) -> Decision:
@@ -193,7 +195,8 @@ def decide(name: str, inputs: PlacementInputs, current: Plan, replica_slots: int
         ok, why = False, f"gain {gain:.3g} s over {horizon_steps} steps <= migration {cost:.3g} s"
     else:
         ok, why = True, f"gain {gain:.3g} s over {horizon_steps} steps > migration {cost:.3g} s, saving {frac:.2%} per step"
-    return Decision(new if ok else current, ok, old_s, new_s, gain, cost, int(moved.sum()), solve, why, new)
+    traffic_new = {k: new.meta[k] for k in ("a2a_bytes_intra_node", "a2a_bytes_inter_node") if k in new.meta} or ev.traffic(new)
+    return Decision(new if ok else current, ok, old_s, new_s, gain, cost, int(moved.sum()), solve, why, new, ev.traffic(current), traffic_new)
 
 
 def realised_efficiency(predicted_old_s: float, predicted_new_s: float, measured_before_s: float, measured_after_s: float) -> Optional[float]:
