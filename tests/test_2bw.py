@@ -95,27 +95,29 @@ def test_reference_applies_the_delayed_rule_exactly():
     assert losses[0] == plain_losses[0] and losses[2] != plain_losses[2]
 
 
-def _worker(rank: int, world: int, ep: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, pp: int, ep: int, out_dir: str) -> None:
     from moepipe.parallel.mesh import build_mesh
     from moepipe.train.distributed import DistributedTrainer
 
-    trainer = DistributedTrainer(_cfg("pipedream_2bw", 2, ep), build_mesh(2, ep, 1), None)
+    trainer = DistributedTrainer(_cfg("pipedream_2bw", pp, ep), build_mesh(pp, ep, 1), None)
     losses = [trainer.train_step(s).loss for s in range(STEPS)]
+    trainer.drain_pipeline()  # the last batch's backwards and update: parameters are W(STEPS)
     state = gather_state(list(trainer.modules.values()), rank)
     if rank == 0:
         save({"losses": losses, "state": state, "type": type(trainer.schedule).__name__}, os.path.join(out_dir, "2bw.pt"))
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("ep", [1, 2], ids=["pp2", "pp2_ep2"])
-def test_distributed_2bw_matches_the_delayed_reference(ep, tmp_path):
+@pytest.mark.parametrize("pp,ep", [(2, 1), (2, 2), (4, 1)], ids=["pp2", "pp2_ep2", "pp4"])
+def test_distributed_2bw_matches_the_delayed_reference(pp, ep, tmp_path):
+    # no flush: rank r runs the last pp-1-r backwards of batch t-1 inside step t, with W(t-2)
     from test_parallel_parity import assert_matches
 
-    run_distributed(_worker, 2 * ep, ep, str(tmp_path), timeout=130)
+    run_distributed(_worker, pp * ep, pp, ep, str(tmp_path), timeout=130)
     ref, losses = _reference()
     got = torch.load(tmp_path / "2bw.pt")
-    assert got["type"] == "ScheduleExecutor"
-    assert_matches(got, losses, {n: p.detach() for n, p in ref.model.named_parameters()}, label=f"2bw pp2 ep{ep}")
+    assert got["type"] == "StreamExecutor"
+    assert_matches(got, losses, {n: p.detach() for n, p in ref.model.named_parameters()}, label=f"2bw pp{pp} ep{ep}")
 
 
 def test_simulator_reports_the_steady_no_flush_iteration_and_two_weight_versions():

@@ -187,10 +187,147 @@ class ScheduleExecutor(_PipelineSchedule):
         self._losses = []
 
 
+class StreamExecutor(ScheduleExecutor):
+    """PipeDream-2BW without a flush (one stage per rank): step t runs the lists of
+    `moepipe.sim.schedules.two_bw_stream`, so the last warm-up depth of backwards of batch t-1
+    run inside step t, interleaved with batch t's forwards, and nothing drains in between.
+
+    Microbatch slots: batch b's microbatch i is slot (b % 2) * m + i (two batches are in
+    flight; torch's stage keeps per-slot state, so its infrastructure is built for 2m slots
+    and its runtime state is cleared only after `drain()`). Weight versions: before a compute
+    action of batch b the executor calls `handlers["WEIGHTS"](stage, (b + 1) % 2)` (batch b
+    runs with W(b-1), kept in buffer (b - 1) % 2); after a stage's last backward of batch b it
+    calls `handlers["REDUCE_GRAD"](stage, b)` (that batch's gradient is complete there).
+    `batch` is the batch the last step ran; `drain()` finishes the in-flight backwards."""
+
+    def __init__(self, stages: dict[int, Any], program: Program, phases: dict[str, dict[int, list[Action]]], rank: int,
+                 loss_fn: Optional[Callable], handlers: dict[str, Callable]):
+        self.m = program.microbatches
+        super().__init__(stages, program, rank, loss_fn)  # the flushed program: stage map, forward-only order
+        missing = {"WEIGHTS", "REDUCE_GRAD"} - set(handlers)
+        if missing:
+            raise ValueError(f"the 2BW stream executor needs handlers {sorted(missing)}")
+        self.stream_handlers = dict(handlers)
+        self.phases = phases
+        self.batch = -1  # the batch the last step ran
+        self._restart = True  # the pipeline is empty: the next step is a 'first' iteration
+        self._compiled: dict[tuple[str, int], list] = {}
+        self._prev_sends: list = []
+
+    def _is_last_backward(self, a: Action) -> bool:
+        return a.mb % self.m == self.m - 1
+
+    def _stream_ops(self, phase: str, parity: int) -> list:
+        """`phase`'s list with slots for a step whose batch has `parity` (drain: of the batch after)."""
+        key = (phase, parity)
+        if key not in self._compiled:
+            m, ops = self.m, []
+            for a in self.phases[phase][self.rank]:
+                if a.kind == "REDUCE_GRAD":
+                    ops.append(self._reduce(a.stage))
+                    continue
+                rel = a.mb // m  # 0: the previous batch, 1: this step's
+                b_par = (parity + rel + 1) % 2
+                slot = b_par * m + a.mb % m
+                op = self._compile(Action(a.kind, a.stage, slot))
+                if a.kind in ("F", "B"):
+                    op = self._versioned(op, a.stage, (b_par + 1) % 2, slot if a.kind == "B" else None)
+                ops.append(op)
+            self._compiled[key] = ops
+        return self._compiled[key]
+
+    def _versioned(self, op, stage: int, version: int, freed_slot: Optional[int]) -> Callable[[], None]:
+        bind, st = self.stream_handlers["WEIGHTS"], self.stages[stage]
+
+        def run() -> None:
+            bind(stage, version)
+            op()
+            if freed_slot is not None:  # the slot's receive buffers are reused two batches on: drop their input gradients
+                for info in st.args_recv_info.get(freed_slot, ()):
+                    if not info.is_root_arg and info.buffer is not None:
+                        info.buffer.grad = None
+        return run
+
+    def _reduce(self, stage: int) -> Callable[[], None]:
+        fn = self.stream_handlers["REDUCE_GRAD"]
+        return lambda: fn(stage, self._reduce_batch)
+
+    def step(self, *args, target=None, losses: Optional[list] = None, return_outputs: bool = False,
+             loss_kwargs: Optional[dict] = None, **kwargs):
+        if not torch.is_grad_enabled():
+            raise RuntimeError("step() needs gradients enabled")
+        m = self.m
+        for st in self._stage_list:
+            st.has_backward = True
+            if self._restart:
+                st.clear_runtime_states()
+        arg_mbs, kwarg_mbs = self._split_inputs(args, kwargs)
+        targets = list(_split_tensor(target, TensorChunkSpec(0), m)) if target is not None else None
+        if not self._fwd_init or not self._bwd_init:  # per-slot receive buffers and metadata: 2m slots
+            self._n_microbatches = 2 * m
+            try:
+                self._fwd_init, self._bwd_init = self._initialize_pp_stages(
+                    self._stage_list, arg_mbs[0], kwarg_mbs[0], targets[0] if targets is not None else None,
+                    self._fwd_init, self._bwd_init, loss_kwargs=loss_kwargs)
+            finally:
+                self._n_microbatches = m
+        self.batch += 1
+        phase = "first" if self._restart else "steady"
+        self._arg_mbs, self._kwarg_mbs = arg_mbs * 2, kwarg_mbs * 2  # slot -> its microbatch's inputs
+        self._target_mbs = targets * 2 if targets is not None else None
+        self._return_outputs, self._loss_kwargs = False, loss_kwargs  # outputs are never merged: nothing piles up
+        self._losses = [None] * (2 * m)
+        self._reduce_batch = self.batch - 1  # REDUCE_GRAD in a step list: the previous batch's, or this one's (below)
+        try:
+            for op in self._run_list(phase, self.batch % 2):
+                op()
+            for works in self._prev_sends:  # a send's receiver runs at the latest in the step after it
+                for w in works:
+                    w.wait()
+        finally:
+            self._prev_sends, self._sends[:] = list(self._sends), []
+            self._arg_mbs = self._kwarg_mbs = self._target_mbs = None
+        self._restart = False
+        if self._recv:
+            raise RuntimeError(f"pipeline rank {self.rank}: receives {sorted(self._recv)} were posted but never used")
+        if losses is not None and any(st.is_last for st in self._stage_list):
+            losses.clear()
+            losses.extend(x for x in self._losses if x is not None)
+        self._losses = []
+        return None
+
+    def _run_list(self, phase: str, parity: int):
+        """The ops, keeping `_reduce_batch` right: a REDUCE_GRAD after a backward of slot parity p
+        belongs to the batch with that parity."""
+        for op, a in zip(self._stream_ops(phase, parity), self.phases[phase][self.rank]):
+            if a.kind == "B":
+                self._reduce_batch = self.batch - (1 if a.mb < self.m else 0) if phase != "drain" else self.batch
+            yield op
+
+    def drain(self) -> None:
+        """Finish the backwards still in flight (the last batch's), wait for every send, and
+        leave the pipeline empty (the next step starts a 'first' iteration)."""
+        if self._restart:
+            return
+        self._recv.clear()
+        self._reduce_batch = self.batch
+        for op in self._run_list("drain", (self.batch + 1) % 2):
+            op()
+        for works in self._prev_sends + self._sends:
+            for w in works:
+                w.wait()
+        self._prev_sends, self._sends[:] = [], []
+        if self._recv:
+            raise RuntimeError(f"pipeline rank {self.rank}: receives {sorted(self._recv)} were posted but never used")
+        for st in self._stage_list:
+            st.clear_runtime_states()
+        self._restart = True
+
+
 def make_executor(stages: list, program: Program, rank: int, loss_fn: Optional[Callable],
                   handlers: Optional[dict[str, Callable[[int], None]]] = None) -> ScheduleExecutor:
     """An executor over PipelineStages built for `program` (stage ids = their stage_index)."""
     return ScheduleExecutor({st.stage_index: st for st in stages}, program, rank, loss_fn, handlers)
 
 
-__all__ = ["ScheduleExecutor", "make_executor"]
+__all__ = ["ScheduleExecutor", "StreamExecutor", "make_executor"]

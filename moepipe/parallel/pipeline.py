@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 from torch.distributed.pipelining import PipelineStage
 
-from moepipe.parallel.executor import ScheduleExecutor
-from moepipe.sim.schedules import schedule_program
+from moepipe.parallel.executor import ScheduleExecutor, StreamExecutor
+from moepipe.sim.schedules import order_traits, schedule_program, two_bw_stream
 
 
 def schedule_class(name: str) -> tuple[type, bool]:
@@ -34,6 +34,7 @@ def build_schedule(
     vocab_size: int,
     logits_dtype: torch.dtype = torch.float32,
     executor: str = "torch",
+    stream_handlers: dict | None = None,
 ):
     """`modules`: stage index -> module for the stages this rank holds (plan order).
 
@@ -44,6 +45,10 @@ def build_schedule(
     Gradients are not rescaled by the schedule (scale_grads=False): the loss function already
     divides by the microbatch count, as the single-process reference does, so both perform
     the same arithmetic.
+
+    `stream_handlers` (WEIGHTS, REDUCE_GRAD: see StreamExecutor): for a schedule whose order
+    declares `flush = False` (pipedream_2bw, one stage per rank), run it without a flush
+    between steps on StreamExecutor; without them it runs one flushed iteration per step.
 
     Stage input/output shapes are given up front (static metadata). Left to infer them, the
     engine runs an extra forward on uninitialised tensors, which would route garbage through
@@ -70,6 +75,11 @@ def build_schedule(
         if n_stages % pp:
             raise ValueError(f"{n_stages} stages do not split over {pp} pipeline ranks")
         program = schedule_program(name, pp, n_stages // pp, microbatches)
+        if stream_handlers is not None and not order_traits(name)[1]:
+            if n_stages != pp:
+                raise ValueError(f"schedule.name={name} runs without a flush with one stage per rank, got {n_stages} stages on {pp} ranks")
+            return StreamExecutor({st.stage_index: st for st in stages}, program, two_bw_stream(pp, microbatches),
+                                  torch.distributed.get_rank(pp_group), loss_fn, stream_handlers)
         return ScheduleExecutor({st.stage_index: st for st in stages}, program, torch.distributed.get_rank(pp_group), loss_fn)
     if executor != "torch":
         raise ValueError(f"schedule.executor={executor!r} is not known: choose torch or moepipe")

@@ -69,6 +69,50 @@ pipedream_2bw_order.weight_versions = 2
 pipedream_2bw_order.flush = False
 
 
+
+def two_bw_stream(pp: int, m: int) -> dict[str, dict[int, list[Action]]]:
+    """PipeDream-2BW without a flush: per pp rank the action lists the executor runs each step.
+    1F1B's stream over all iterations is cut at the first forward of every batch, so iteration
+    t holds batch t's m forwards and the m backwards m - w earlier (w = pp - 1 - r warm-up
+    forwards on rank r): the last w backwards of batch t-1, then the first m - w of batch t.
+    Microbatch ids are relative: 0..m-1 the previous batch, m..2m-1 this step's batch.
+    'first': an iteration after a drained pipeline (no previous batch); 'steady'; 'drain':
+    the w backwards left after the last step (its batch numbered 0..m-1). REDUCE_GRAD follows
+    a stage's last backward of a batch (that batch's gradient is complete there). Sends follow
+    their producer, receives precede their consumer: one stage per rank, so each direction
+    between two ranks carries one kind of message in microbatch order."""
+    def lowered(r: int, compute: list[Action]) -> list[Action]:
+        out: list[Action] = []
+        for a in compute:
+            if a.kind == "F" and r > 0:
+                out.append(Action("RECV_F", r, a.mb))
+            if a.kind == "B" and r < pp - 1:
+                out.append(Action("RECV_B", r, a.mb))
+            out.append(a)
+            if a.kind == "F" and r < pp - 1:
+                out.append(Action("SEND_F", r, a.mb))
+            if a.kind == "B":
+                if r > 0:
+                    out.append(Action("SEND_B", r, a.mb))
+                if a.mb % m == m - 1:
+                    out.append(Action("REDUCE_GRAD", r))
+        return out
+
+    phases: dict[str, dict[int, list[Action]]] = {"first": {}, "steady": {}, "drain": {}}
+    for r in range(pp):
+        w = min(pp - 1 - r, m)
+        first, steady = [], []
+        for i in range(m):
+            first.append(Action("F", r, m + i))
+            steady.append(Action("F", r, m + i))
+            if i >= w:
+                first.append(Action("B", r, m + i - w))
+            steady.append(Action("B", r, m + i - w))
+        phases["first"][r] = lowered(r, first)
+        phases["steady"][r] = lowered(r, steady)
+        phases["drain"][r] = lowered(r, [Action("B", r, i) for i in range(m - w, m)])
+    return phases
+
 def order_traits(name: str) -> tuple[int, bool]:
     """(weight versions a stage holds, whether the pipeline drains between iterations) that a
     schedule's order function declares (attributes `weight_versions`, `flush`); (1, True) else."""

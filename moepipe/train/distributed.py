@@ -31,7 +31,7 @@ from moepipe.placement.replan import ReplanLoop, default_plan  # noqa: F401 (def
 from moepipe.placement.topology import from_config as topology_from_config
 from moepipe.sim.schedules import plan_style
 from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_context, autocast_dtype, resolve_device, seed_everything
-from moepipe.train.optim import WeightStash, build_optimizer, delayed_update, lr_at, set_lr
+from moepipe.train.optim import VersionedWeights, WeightStash, build_optimizer, delayed_update, lr_at, set_lr
 from moepipe.train.block_clock import BlockClock
 from moepipe.train.workload import SlowDevice, routing_skew
 
@@ -155,13 +155,21 @@ class DistributedTrainer:
         self.dense, self.expert = split_params(list(self.modules.values()))
         self.replicas = ExpertReplicas(list(self.modules.values()), plan.expert_map, mesh.ep_rank, mesh.ep_group, self.device)
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)
-        # pipedream_2bw: two weight versions, step t's gradient at W(t-1) (a rebuild restarts the delay)
-        self.stash = WeightStash(p for mod in self.modules.values() for p in mod.parameters()) if delayed_update(cfg.schedule.name) else None
+        # pipedream_2bw: two weight versions, step t's gradient at W(t-1). Pipelined: no flush
+        # between steps (StreamExecutor + VersionedWeights); one pipeline rank: WeightStash
+        params = [p for mod in self.modules.values() for p in mod.parameters()]
+        two_bw = delayed_update(cfg.schedule.name)
+        self.versions = VersionedWeights(params) if two_bw and mesh.pp > 1 else None
+        self.stash = WeightStash(params) if two_bw and self.versions is None else None
+        self._batch_step: dict[int, int] = {}  # 2BW stream: executor batch -> trainer step (its lr)
+        stream = None if self.versions is None else {"WEIGHTS": lambda s, v: self.versions.bind(v),
+                                                     "REDUCE_GRAD": lambda s, b: self.versions.take_grads(b)}
         m = cfg.schedule.microbatches
         microbatch = (cfg.train.batch_size // (self.slices * m), cfg.train.seq_len)
         self.schedule = build_schedule(
             cfg.schedule.name, self.modules, plan.n_stages, m, lambda out, y: lm_loss(out, y) / m, self.device, mesh.pp_group,
             microbatch, cfg.model.d_model, cfg.model.vocab_size, self.amp_dtype or torch.float32, executor=cfg.schedule.executor,
+            stream_handlers=stream,
         )
         self.holds_first = 0 in self.stage_ids
         self.holds_last = (plan.n_stages - 1) in self.stage_ids
@@ -196,8 +204,10 @@ class DistributedTrainer:
             module.set_routing_skew(skew)
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
         inputs, targets = train_batch(self.corpus, step, cfg.train.seed, cfg.train.batch_size, cfg.train.seq_len)
+        if self.versions is not None:
+            return self._stream_step(step, inputs, targets, start)
+        self.optimizer.zero_grad(set_to_none=True)
         if self.stash is not None:
             self.stash.compute()
         try:
@@ -227,6 +237,56 @@ class DistributedTrainer:
         origins = {layer_id: s.origins.double().numpy() for layer_id, s in stats.items()}  # [ep, E] per layer
         self.replan.observe(step, demand, block_seconds, result.seconds, origins=origins)
         return result
+
+    def _stream_step(self, step: int, inputs: torch.Tensor, targets: torch.Tensor, start: float) -> StepResult:
+        """PipeDream-2BW without a flush: run batch `step` (its last backwards run next step), then
+        apply the previous batch's gradient, now complete on every rank (W(b) = W(b-1) - update(g_{b-1})).
+        The row reports this batch's loss and the applied gradient's norm and lr (nan on a first step)."""
+        loss = self._run(inputs, targets)  # .grad keeps the in-flight batch's partial gradient: no zero_grad
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"loss={loss} at step {step}: lower optim.lr or raise optim.warmup_steps")
+        batch = self.schedule.batch
+        self._batch_step[batch] = step
+        norm, lr = float("nan"), float("nan")
+        if batch - 1 in self.versions.ready:  # every rank alike: none only on the first step after a drain
+            norm, lr = self._apply_2bw(batch - 1)
+        stats = self._global_routing_stats()
+        for module in self.modules.values():
+            for layer_id, moe in module.moe_layers():
+                moe.update_expert_bias(stats[layer_id].demand)
+        block_seconds = self._block_seconds(first=step == 0)
+        result = StepResult.from_stats(loss, norm, lr, start, inputs.numel(), stats)
+        demand = {layer_id: s.demand.double().numpy() for layer_id, s in stats.items()}
+        origins = {layer_id: s.origins.double().numpy() for layer_id, s in stats.items()}
+        self.replan.observe(step, demand, block_seconds, result.seconds, origins=origins)
+        return result
+
+    def _apply_2bw(self, batch: int) -> tuple[float, float]:
+        """Sync, clip and apply batch `batch`'s gradient with the lr of the step that ran it."""
+        cfg = self.cfg
+        lr = lr_at(self._batch_step.pop(batch), cfg.train.steps, cfg.optim)
+        set_lr(self.optimizer, lr)
+        with self.versions.update(batch):
+            sync_gradients(self.dense, self.expert, self.mesh)
+            self.replicas.sync()
+            norm = global_grad_norm(self.dense, self.replicas.primary_only(self.expert), self.mesh)
+            if not math.isfinite(float(norm)):
+                raise NonFiniteLossError(f"grad_norm={float(norm)} at batch {batch}: lower optim.lr or raise optim.warmup_steps")
+            if cfg.optim.grad_clip > 0:
+                clip_gradients(self.dense + self.expert, norm, cfg.optim.grad_clip)
+            self.optimizer.step()
+        return float(norm), lr
+
+    def drain_pipeline(self) -> None:
+        """2BW without a flush: finish the in-flight backwards and apply the last batch's
+        gradient, so the parameters are W(steps done) (before evaluation, checkpoints, moves)."""
+        if self.versions is None or self.schedule.batch < 0:
+            return
+        self.schedule.drain()
+        batch = self.schedule.batch
+        if batch in self.versions.ready:
+            self._apply_2bw(batch)
+        self.versions.latest(batch)
 
     def _global_routing_stats(self) -> dict[int, RoutingStats]:
         """Sum every rank's counters into whole-job per-layer statistics (on all ranks)."""
@@ -291,6 +351,7 @@ class DistributedTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        self.drain_pipeline()
         for module in self.modules.values():
             module.eval()
         losses = [self._forward_only(x, y) for x, y in self.val_set]
@@ -390,6 +451,7 @@ class DistributedTrainer:
         n = self.mesh.world_size
         bw = None if cfg.topology.detect or cfg.topology.probe else self.topology.bandwidth[:n, :n]
         moves = transfers(self.plan, new_plan, self.layout, bw)
+        self.drain_pipeline()  # 2BW: nothing in flight moves; the rebuilt stages restart the delay
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not state: free them before anything new is allocated
         entries = self._entries()
         received, _ = exchange(self.mesh.rank, moves, entries, self.layout, self.device)

@@ -371,6 +371,7 @@ def _loop(cfg: MoepipeConfig, trainer, logger: MetricsLogger, run_dir: str, conf
         stopping = stop.agreed(trainer)
         if stopping or (t.ckpt_every and (done % t.ckpt_every == 0 or done == t.steps)):
             began = time.perf_counter()
+            getattr(trainer, "drain_pipeline", lambda: None)()  # 2BW: a checkpoint holds no in-flight batch
             latest = save_checkpoint(trainer, cfg, root, done, config_dict)
             logger.event({"step": done, "event": "checkpoint", "path": latest, "seconds": time.perf_counter() - began})
         if stopping and done < t.steps:

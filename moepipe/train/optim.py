@@ -1,6 +1,7 @@
 """AdamW with decoupled weight decay on matrices only, and warmup + cosine learning rate."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -81,3 +82,60 @@ def delayed_update(schedule_name: str) -> bool:
     from moepipe.sim.schedules import order_traits
 
     return order_traits(schedule_name)[0] == 2
+
+
+class VersionedWeights:
+    """PipeDream-2BW without a flush (the distributed runtime's half of the delayed rule):
+    W(k) lives in buffer k % 2, batch b computes with W(b-1) (W(-1) = W(0)), and while batch
+    b+1's forwards run, batch b's last backwards still need W(b-1).
+
+    `bind(v)` points every parameter at buffer v (`.data` rebinding: autograd saved the
+    parameter itself, so a backward must see the buffer its forward saw; the executor binds
+    before every compute action). `take_grads(b)` moves batch b's completed gradient aside
+    (the next batch accumulates into .grad meanwhile). `update(b)` is the context in which the
+    caller syncs, clips and steps: on entry W(b) is copied into buffer (b+1) % 2 (it held
+    W(b-1), whose last user, batch b, is done), bound, and given batch b's gradient; the
+    optimizer's in-place step then makes W(b+1) there. Its in-place writes bump the
+    parameters' version counters, which autograd would read as a modification of what batch
+    b+1 saved (it saved the parameter while bound to the other buffer, untouched): the
+    counters are restored on exit."""
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        self.bufs = [[p.data for p in self.params], [p.detach().clone() for p in self.params]]
+        self.bound = 0
+        self.ready: dict[int, list] = {}
+
+    def bind(self, version: int) -> None:
+        if version != self.bound:
+            for p, w in zip(self.params, self.bufs[version]):
+                p.data = w
+            self.bound = version
+
+    def take_grads(self, batch: int) -> None:
+        self.ready[batch] = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+
+    @contextlib.contextmanager
+    def update(self, batch: int):
+        grads = self.ready.pop(batch)
+        current = [p.grad for p in self.params]
+        dst, src = (batch + 1) % 2, batch % 2
+        with torch.no_grad():
+            for d, s in zip(self.bufs[dst], self.bufs[src]):
+                d.copy_(s)
+        self.bind(dst)
+        versions = [p._version for p in self.params]
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        try:
+            yield
+        finally:
+            torch._C._autograd._unsafe_set_version_counter(self.params, versions)
+            for p, g in zip(self.params, current):
+                p.grad = g
+
+    def latest(self, batch: int) -> None:
+        """Bind W(batch + 1), the newest version after batch's update (evaluation, checkpoints)."""
+        self.bind((batch + 1) % 2)
