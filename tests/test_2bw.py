@@ -3,10 +3,11 @@ W(t+1) = W(t) - update(grad f_t(W(t-1))), W(-1) = W(0).
 
 The single-process Trainer is the reference of that rule (checked here against an independent
 re-implementation: a standard 1F1B trainer whose parameters are set to W(t-1) before the
-gradient and to W(t) before the optimizer step). The distributed run (pp2, pp2 x ep2, through
-moepipe's executor) matches it to 1e-5 like the other schedules (tests/test_parallel_parity.py
-states why 1e-5 and not bitwise). The simulator's 2BW: the steady no-flush iteration and two
-weight versions.
+gradient and to W(t) before the optimizer step). The distributed run (pp2, pp2 x ep2, pp4)
+runs without a flush (StreamExecutor: batch t-1's last backwards inside step t, with the
+weights their forwards used) and matches it to 1e-5 like the other schedules
+(tests/test_parallel_parity.py states why 1e-5 and not bitwise). The simulator's 2BW: the
+steady no-flush iteration of the same stream, and two weight versions.
 """
 from __future__ import annotations
 
@@ -151,3 +152,21 @@ def test_full_simulation_of_2bw_against_1f1b():
     assert list(two.peak_inflight) == list(one.peak_inflight) == [4, 3, 2, 1]  # 1F1B's activations
     np.testing.assert_allclose(two.weight_bytes, 2 * one.weight_bytes)
     assert one.weight_bytes.min() > 0 and two.summary()["weight_versions"] == 2
+
+
+def test_the_runtime_stream_is_the_simulated_order_cut_per_step():
+    from moepipe.sim.schedules import one_f_one_b_order, two_bw_stream
+
+    pp, m, steps = 4, 5, 3
+    phases = two_bw_stream(pp, m)
+    for r in range(pp):
+        ran, reduced = [], []
+        for t, phase in enumerate(["first"] + ["steady"] * (steps - 1) + ["drain"]):
+            base = (t - 1) * m if phase != "drain" else (steps - 1) * m  # relative id 0 = the previous batch's first
+            for a in phases[phase][r]:
+                if a.kind in ("F", "B"):
+                    ran.append((a.kind, a.mb + base))
+                elif a.kind == "REDUCE_GRAD":  # right after the stage's last backward of a batch
+                    reduced.append(ran[-1])
+        assert ran == [(a.kind, a.mb) for a in one_f_one_b_order(pp, steps * m)[r]]
+        assert reduced == [("B", b * m + m - 1) for b in range(steps)]

@@ -57,9 +57,10 @@ def pipedream_2bw_order(pp: int, v: int, m: int) -> Order:
     """PipeDream-2BW (Narayanan et al., 2021) per iteration: the 1F1B order, run with two weight
     versions and the gradient applied one step late (moepipe.train.optim.WeightStash). The
     function's attributes tell the simulator and the trainers what the order alone does not:
-    `weight_versions` (2: a stage holds W(t) and the stashed W(t-1)) and `flush` (False: in
-    the paper the steady 1F1B state carries across iterations, so the simulator reports the
-    steady-state iteration; moepipe's executor still drains the pipeline at every step)."""
+    `weight_versions` (2: a stage holds W(t) and the stashed W(t-1)) and `flush` (False: the
+    steady 1F1B state carries across iterations; the simulator reports the steady iteration
+    of this order unrolled, and the distributed runtime runs the same stream cut per step,
+    `two_bw_stream`, on parallel/executor.StreamExecutor)."""
     if v != 1:
         raise ConfigError(f"schedule.virtual_stages={v} with schedule.name=pipedream_2bw: it runs one stage per rank; set 1")
     return one_f_one_b_order(pp, m)
