@@ -22,7 +22,7 @@ LAYERS: list[list[str]] = [
     ["config", "plugins", "placement", "placement.topology"],
     # the model (no process groups), data, and the pure placement vocabulary
     ["model", "data", "placement.plan", "placement.cost_model",
-     "placement.model_spec", "placement.workloads", "placement.forecast"],
+     "placement.model_spec", "placement.workloads", "placement.forecast", "placement.shadows"],
     ["sim"],                 # discrete-event simulator over plans
     # placers score candidate plans with the simulator; the re-plan loop runs them
     ["placement.placers", "placement.replan"],
