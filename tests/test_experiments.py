@@ -40,10 +40,12 @@ SCRIPTS = {
     "bench_placer": r"geomean_speedup_topo_vs_static_skewed=[0-9.]+",
     "bench_sim_scale": r"sim_time_s=[0-9.]+",
     "eval_forecast": r"tv_periodic_over_ema_moving=[0-9.]+",
+    "fig_2bw": r"final_loss_2bw_minus_1f1b=-?[0-9.]+",
+    "bench_2bw": r"measured_speedup_2bw_vs_1f1b=[0-9.]+",
 }
 FIGURES = {"fig_bubble": ["fig_bubble", "fig_gantt"], "fig_memory": ["fig_memory"], "fig_interleaved": ["fig_interleaved"],
            "fig_zero_bubble": ["fig_zero_bubble"], "fig_capacity": ["fig_capacity"], "fig_balance": ["fig_balance", "fig_load_heatmap"],
-           "fig_placement": ["fig_placement"]}
+           "fig_placement": ["fig_placement"], "fig_2bw": ["fig_2bw"]}
 OWN_PROVENANCE = set(SCRIPTS) - {"bench_moe_layer"}  # bench_moe_layer.py records its own run_info (another owner's file)
 
 
