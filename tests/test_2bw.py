@@ -96,12 +96,16 @@ def test_reference_applies_the_delayed_rule_exactly():
     assert losses[0] == plain_losses[0] and losses[2] != plain_losses[2]
 
 
-def _worker(rank: int, world: int, pp: int, ep: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, pp: int, ep: int, out_dir: str, drain_after: int) -> None:
     from moepipe.parallel.mesh import build_mesh
     from moepipe.train.distributed import DistributedTrainer
 
     trainer = DistributedTrainer(_cfg("pipedream_2bw", pp, ep), build_mesh(pp, ep, 1), None)
-    losses = [trainer.train_step(s).loss for s in range(STEPS)]
+    losses = []
+    for s in range(STEPS):
+        losses.append(trainer.train_step(s).loss)
+        if s + 1 == drain_after:  # a mid-run drain (evaluation, checkpoint) must not change the numerics
+            trainer.drain_pipeline()
     trainer.drain_pipeline()  # the last batch's backwards and update: parameters are W(STEPS)
     state = gather_state(list(trainer.modules.values()), rank)
     if rank == 0:
@@ -109,12 +113,12 @@ def _worker(rank: int, world: int, pp: int, ep: int, out_dir: str) -> None:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("pp,ep", [(2, 1), (2, 2), (4, 1)], ids=["pp2", "pp2_ep2", "pp4"])
-def test_distributed_2bw_matches_the_delayed_reference(pp, ep, tmp_path):
+@pytest.mark.parametrize("pp,ep,drain_after", [(2, 1, 0), (2, 2, 3), (4, 1, 0)], ids=["pp2", "pp2_ep2_drained_midway", "pp4"])
+def test_distributed_2bw_matches_the_delayed_reference(pp, ep, drain_after, tmp_path):
     # no flush: rank r runs the last pp-1-r backwards of batch t-1 inside step t, with W(t-2)
     from test_parallel_parity import assert_matches
 
-    run_distributed(_worker, pp * ep, pp, ep, str(tmp_path), timeout=130)
+    run_distributed(_worker, pp * ep, pp, ep, str(tmp_path), drain_after, timeout=130)
     ref, losses = _reference()
     got = torch.load(tmp_path / "2bw.pt")
     assert got["type"] == "StreamExecutor"

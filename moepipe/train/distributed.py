@@ -241,13 +241,14 @@ class DistributedTrainer:
     def _stream_step(self, step: int, inputs: torch.Tensor, targets: torch.Tensor, start: float) -> StepResult:
         """PipeDream-2BW without a flush: run batch `step` (its last backwards run next step), then
         apply the previous batch's gradient, now complete on every rank (W(b) = W(b-1) - update(g_{b-1})).
-        The row reports this batch's loss and the applied gradient's norm and lr (nan on a first step)."""
+        The row reports this batch's loss and the applied gradient's norm and lr (0 on a step
+        that applies none: the first after a drain)."""
         loss = self._run(inputs, targets)  # .grad keeps the in-flight batch's partial gradient: no zero_grad
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss={loss} at step {step}: lower optim.lr or raise optim.warmup_steps")
         batch = self.schedule.batch
         self._batch_step[batch] = step
-        norm, lr = float("nan"), float("nan")
+        norm, lr = 0.0, 0.0
         if batch - 1 in self.versions.ready:  # every rank alike: none only on the first step after a drain
             norm, lr = self._apply_2bw(batch - 1)
         stats = self._global_routing_stats()
