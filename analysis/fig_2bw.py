@@ -45,8 +45,8 @@ def draw_2bw(res: dict, figures_dir: str) -> list[str]:
     axes[2].set_title(f"iteration time, pp={res['pp']}, m={res['m']}", fontsize=9)
     axes[2].legend(fontsize=7)
     axes[2].grid(alpha=0.3, axis="y")
-    fig.suptitle("PipeDream-2BW vs 1F1B, tiny MoE model on CPU: 2BW applies each gradient one step late "
-                 "(W(t+1) = W(t) - lr*g(W(t-1))), so per step it learns slightly less; it saves the flush", fontsize=8)
+    fig.suptitle("PipeDream-2BW vs 1F1B, tiny MoE model, pp=2 on CPU: 2BW drains no pipeline between steps and applies each "
+                 "gradient one step late (W(t+1) = W(t) - lr*g(W(t-1)))", fontsize=8)
     _stamp(fig, res)
     return [_save(fig, figures_dir, "fig_2bw")]
 
