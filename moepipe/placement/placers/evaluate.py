@@ -87,6 +87,7 @@ class Evaluator:
                 self.group_class[p, d] = classes[key]
         self._inflight: Optional[np.ndarray] = None
         self._memo: dict = {}
+        self._exch: dict = {}
         self._evals: dict = {}
         self._extras = None
         self._static: Optional[Plan] = None
@@ -95,13 +96,21 @@ class Evaluator:
     def exchanges(self, plan: Plan) -> tuple[np.ndarray, list]:
         """(routed [n_moe, ep] token-expert assignments per microbatch on each EP rank, per layer
         the [ep, ep] source -> destination tokens or None for the even pattern): the runtime's
-        nearest-replica rule on the inputs' origins (cost_model.layer_exchange, as the simulator)."""
+        nearest-replica rule on the inputs' origins (cost_model.layer_exchange, as the simulator).
+        Memoised on the expert map object (plans are treated as immutable)."""
+        key = id(plan.expert_map)
+        hit = self._exch.get(key)
+        if hit is not None and hit[0] is plan.expert_map:
+            return hit[1], hit[2]
         out = np.zeros((len(self.moe), plan.ep))
         tokens = []
         for li, l in enumerate(self.moe):
             share = None if self.origin_share is None else self.origin_share[li]
             out[li], t = layer_exchange(plan.expert_map[l], self.frac[li], self.assign, self.rule_nodes, share)
             tokens.append(t)
+        if len(self._exch) > 16:
+            self._exch.clear()
+        self._exch[key] = (plan.expert_map, out, tokens)
         return out, tokens
 
     def traffic(self, plan: Plan) -> dict:

@@ -413,96 +413,96 @@ def pack_by_origin(w: np.ndarray, origins: np.ndarray, cost: np.ndarray, node_of
     w [C, E] expert loads; origins [C, ep, E] of those loads per source EP rank; cost [ep, ep]
     per token sent from rank s to rank d (e.g. 1/bandwidth, 0 on the diagonal); node_of [ep];
     `slots` per rank; rate [ep] member speeds; base [C] each member's fixed work; scale [C]
-    work per unit load.
+    work per unit load; `n_replicas` [C] (or scalar) extra copies at most.
 
-    Homes, heaviest expert first: the rank with the cheapest traffic from the expert's sources
-    (its own rank, else its node), among ranks with a free slot whose finish time stays within
-    `slack` x the balanced finish time (else the rank finishing first). Then up to
-    `n_replicas[c]` copies, one at a time, each for the (expert, node) with the most tokens from
-    a node holding no copy of it (the nearest-replica rule keeps those tokens in that node), on
-    the node's rank that finishes first with a free slot. `balance_first`: before those, copies
-    for balance (EPLB's rule: the expert with the most load per copy, while that exceeds a
-    rank's fair share), each in the node with the most demand per copy of it there, so that a
-    hot expert is split inside the nodes its tokens come from. Returns (EP rank [C, P], expert
-    [C, P]) of every piece, rank -1 for padding, as `expert_maps` reads them."""
+    1. Copies for balance (`balance_first`): EPLB's rule, the expert with the most load per copy
+       gets one more while that exceeds a rank's fair share (within the budget).
+    2. Pieces (an expert with c copies: c pieces of w/c), heaviest first, each on the rank with
+       the cheapest traffic from the expert's sources that no copy in their node serves yet (the
+       nearest-replica rule keeps those tokens in the node), among ranks with a free slot not
+       holding the expert whose expert work stays within `slack` x its balanced share (else
+       the rank finishing first); ties: the rank finishing first.
+    3. With the budget left, copies for locality one at a time: for the (expert, node) with the
+       most tokens from a node holding no copy of it, preferring experts of the rank receiving
+       the most cross-node tokens, on the node's rank that finishes first with a free slot.
+    Returns (EP rank [C, P], expert [C, P]) of every piece, rank -1 for padding, as
+    `expert_maps` reads them."""
     w = np.asarray(w, dtype=np.float64)
+    origins = np.asarray(origins, dtype=np.float64)
     C, E = w.shape
     ep = len(rate)
     rows = np.arange(C)
     node_of = np.asarray(node_of)
     rate = np.asarray(rate, dtype=np.float64)
-    col, load, ok = pieces_batch(w, np.ones((C, E), dtype=np.int64))
-    tc = np.einsum("cse,sd->ced", origins, cost)  # [C, E, ep] traffic cost of a home on d
+    scale = np.asarray(scale, dtype=np.float64)
+    groups = np.unique(node_of)
+    node_ix = np.searchsorted(groups, node_of)  # EP rank -> node index
+    in_node = node_ix[None, :] == np.arange(len(groups))[:, None]  # [G, ep]
+    left = np.array(np.broadcast_to(np.asarray(n_replicas, dtype=np.int64), (C,)))
+    copies = np.ones((C, E), dtype=np.int64)
+    if balance_first:
+        fair = w.sum(1) / ep  # a rank's fair share of the routed load
+        while True:
+            per = w / copies
+            e = per.argmax(1)
+            live = (left > 0) & (per[rows, e] > fair * (1 + 1e-9)) & (copies[rows, e] < ep)
+            if not live.any():
+                break
+            copies[rows[live], e[live]] += 1
+            left[live] -= 1
+    col, load, ok = pieces_batch(w, copies)
     work = np.repeat(np.asarray(base, dtype=np.float64)[:, None], ep, 1)
-    target = slack * (work.sum(1) + scale * w.sum(1)) / rate.sum()  # slack x the balanced finish time
+    # a rank may take up to `slack` x its balanced share of the expert work (beside its fixed work)
+    balanced = (work.sum(1) + scale * w.sum(1)) / rate.sum()  # [C] the balanced finish time
+    cap = work + slack * np.maximum(balanced[:, None] * rate - work, 0.0)  # [C, ep] work allowed
     count = np.zeros((C, ep), dtype=np.int64)
-    home = np.full((C, E), -1, dtype=np.int64)
+    held = np.zeros((C, E, ep), dtype=bool)
+    demand = np.matmul(in_node.astype(np.float64), origins)  # [C, G, E] tokens from node g
+    unserved = np.ones((C, ep, E), dtype=bool)  # source s has no copy of e in its node yet
     for j in range(col.shape[1]):
         e, x = col[:, j], load[:, j] * scale
-        fin = (work + x[:, None]) / rate
-        fin = np.where(count < slots, fin, np.inf)
+        after = work + x[:, None]
+        fin = np.where((count < slots) & ~held[rows, e], after / rate, np.inf)
         fmin = fin.min(1)
-        allowed = fin <= np.maximum(target, fmin)[:, None] * (1 + 1e-9)
-        t = np.where(allowed, tc[rows, e], np.inf)
+        allowed = ((after <= cap * (1 + 1e-9)) & np.isfinite(fin)) | (fin <= fmin[:, None] * (1 + 1e-9))
+        # a copy beyond one per demanding node: into the node with the most demand per copy there
+        served = ~unserved[rows, :, e].any(1)
+        if served.any():
+            n_in = held[rows, e].astype(np.float64) @ in_node.T  # [C, G] copies of e per node
+            per = np.where((allowed[:, None, :] & in_node[None]).any(2), demand[rows, :, e] / (n_in + 1), -np.inf)
+            allowed &= ~served[:, None] | in_node[per.argmax(1)]
+        tc = (origins[rows, :, e] * unserved[rows, :, e]) @ cost  # [C, ep] traffic cost of this piece on d
+        t = np.where(allowed, tc, np.inf)
         tmin = t.min(1)
         near = t <= tmin[:, None] + 1e-9 * np.abs(tmin)[:, None]  # cheapest traffic, then first to finish
         b = np.where(near, fin, np.inf).argmin(1)
         r = rows[ok[:, j] & np.isfinite(fmin)]
-        home[r, e[r]] = b[r]
-        work[r, b[r]] += x[r]
-        count[r, b[r]] += 1
-    # every rank needs an expert: an empty rank takes the lightest expert of the fullest rank
+        er, br = e[r], b[r]
+        held[r, er, br] = True
+        unserved[r, :, er] &= (node_ix[None, :] != node_ix[br][:, None])
+        work[r, br] += x[r]
+        count[r, br] += 1
+    # every rank needs an expert: an empty rank takes the lightest piece of the fullest rank
     for c, b in zip(*np.nonzero(count == 0)):
         d = count[c].argmax()
-        if count[c, d] < 2:
+        cand = np.flatnonzero(held[c, :, d] & ~held[c, :, b])
+        if count[c, d] < 2 or not len(cand):
             continue
-        mine = np.flatnonzero(home[c] == d)
-        e = mine[w[c, mine].argmin()]
-        home[c, e] = b
+        e = cand[(w[c, cand] / held[c, cand].sum(1)).argmin()]
+        piece = w[c, e] / held[c, e].sum() * scale[c]
+        held[c, e, d], held[c, e, b] = False, True
         count[c, d] -= 1
         count[c, b] += 1
-        work[c, d] -= w[c, e] * scale[c]
-        work[c, b] += w[c, e] * scale[c]
-    held = np.zeros((C, E, ep), dtype=bool)
-    r, e = np.nonzero(home >= 0)
-    held[r, e, home[r, e]] = True
-    groups = np.unique(node_of)
-    in_node = node_of[None, :] == groups[:, None]  # [G, ep]
-    demand = np.einsum("cse,gs->cge", origins, in_node.astype(np.float64))  # [C, G, E] tokens from node g
-    left = np.array(np.broadcast_to(np.asarray(n_replicas, dtype=np.int64), (C,)))
-    if balance_first:
-        fair = w.sum(1) / ep  # a rank's fair share of the routed load
-        copies = np.ones((C, E))
-        while (left > 0).any():
-            per = w / copies
-            e = per.argmax(1)
-            n_in = np.einsum("cd,gd->cg", held[rows, e].astype(np.float64), in_node)  # copies of e per node
-            room = (count < slots) & ~held[rows, e]
-            node_room = (room[:, None, :] & in_node[None]).any(2)
-            g = np.where(node_room, demand[rows, :, e] / (n_in + 1), -np.inf).argmax(1)
-            live = (left > 0) & (per[rows, e] > fair * (1 + 1e-9)) & node_room[rows, g]
-            if not live.any():
-                break
-            r = rows[live]
-            er, gr = e[r], g[r]
-            c_old = copies[r, er]
-            fin = np.where(in_node[gr] & room[r], (work[r] + (w[r, er] / (c_old + 1) * scale[r])[:, None]) / rate, np.inf)
-            b = fin.argmin(1)
-            work[r] -= held[r, er] * ((w[r, er] / c_old - w[r, er] / (c_old + 1)) * scale[r])[:, None]
-            work[r, b] += w[r, er] / (c_old + 1) * scale[r]
-            held[r, er, b] = True
-            copies[r, er] += 1
-            count[r, b] += 1
-            left[r] -= 1
+        work[c, d] -= piece
+        work[c, b] += piece
+    has = np.matmul(held.astype(np.float64), in_node.T.astype(np.float64)).transpose(0, 2, 1) > 0  # [C, G, E]
     # cross-node tokens each rank receives (remote sources spread evenly over the copies):
-    # copies go first where they relieve the busiest receiver
+    # locality copies go first where they relieve the busiest receiver
     cross = node_of[:, None] != node_of[None, :]
-    has = np.einsum("ced,gd->cge", held, in_node) > 0
-    node_ix = np.searchsorted(groups, node_of)
     remote = origins * ~has[:, node_ix, :]  # [C, ep, E] tokens whose node holds no copy
-    recv_x = np.einsum("cse,ced,sd->cd", remote / held.sum(2)[:, None, :], held.astype(np.float64), cross.astype(np.float64))
+    recv_x = (np.matmul(remote / held.sum(2)[:, None, :], held.astype(np.float64)) * cross).sum(1)
+    left = np.minimum(left, (slots * ep - count.sum(1)).clip(min=0))
     while (left > 0).any():
-        has = np.einsum("ced,gd->cge", held, in_node) > 0
         room = ((count < slots)[:, None, :] & in_node[None]).any(2)  # [C, G]
         gain = np.where(~has & room[:, :, None], demand, -np.inf)  # [C, G, E]
         h = recv_x.argmax(1)
@@ -523,6 +523,7 @@ def pack_by_origin(w: np.ndarray, origins: np.ndarray, cost: np.ndarray, node_of
         recv_x[r] -= part
         work[r, b] += moved * scale[r]
         held[r, e, b] = True
+        has[r, g, e] = True
         count[r, b] += 1
         left[r] -= 1
     r, e, d = np.nonzero(held)

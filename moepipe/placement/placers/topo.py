@@ -186,9 +186,10 @@ def origin_candidates(ev: Evaluator, rows_a: np.ndarray, rate: np.ndarray, nodes
     cost = 1.0 / ev.topo.bandwidth[np.ix_(g, g)]
     np.fill_diagonal(cost, 0.0)
     spare = max(0, ep * K - E)
-    slacks = ORIGIN_SLACKS[:1] if ep * K > LARGE_GROUP_SLOTS else ORIGIN_SLACKS
+    large = ep * K > LARGE_GROUP_SLOTS  # solve-time budget: fewer variants on large groups
+    slacks = ORIGIN_SLACKS[:1] if large else ORIGIN_SLACKS
     owner, maps = [], []
-    variants = [(0, False)] + ([(spare, False), (spare, True)] if spare else [])
+    variants = [(0, False)] + (([(spare, True)] if large else [(spare, False), (spare, True)]) if spare else [])
     for slack in slacks:
         for reps, balance_first in variants:
             rank, expert = pack_by_origin(w, origins, cost, nodes, K, rate, dense_l, X_l, slack, reps, balance_first)
@@ -209,10 +210,24 @@ def _exact_choice(ev: Evaluator, rows_a, owner, maps, rate, nodes, group, K, X_l
     cross = ev.topo.node_of[g][:, None] != ev.topo.node_of[g][None, :]
     t = np.zeros(len(owner))
     inter = np.zeros(len(owner))
+    seen: dict = {}
+    n_given = len(owner) - len(o2)
+    node = ev.topo.node_of[g]
     for i, (c, m) in enumerate(zip(owner, maps)):
+        key = (int(c), tuple(map(tuple, m)))
+        if key in seen:  # the same packing from another variant: score it once
+            t[i], inter[i] = t[seen[key]], inter[seen[key]]
+            maps[i] = maps[seen[key]]
+            continue
+        seen[key] = i
         li = int(rows_a[c])
         share = None if ev.origin_share is None else ev.origin_share[li]
         routed, tok = layer_exchange(m, ev.frac[li], ev.assign, ev.rule_nodes, share)
+        if i >= n_given:  # origin-local packings balance on estimates: even out their exact loads inside nodes
+            m2 = _rebalance_in_node(m, routed, ev.loads[li], K, node, rate, dense_l[c], X_l[c])
+            if m2 is not m:
+                maps[i] = m = m2
+                routed, tok = layer_exchange(m, ev.frac[li], ev.assign, ev.rule_nodes, share)
         comp = ((dense_l[c] + X_l[c] * routed) / rate).max()
         a2a = exchange_time(None if tok is None else tok * ev.bpt, routed * ev.bpt, g, ev.topo, ev.cm.a2a) if len(g) > 1 else 0.0
         t[i] = comp + 2 * a2a  # F and B: dispatch + combine each
@@ -225,6 +240,62 @@ def _exact_choice(ev: Evaluator, rows_a, owner, maps, rate, nodes, group, K, X_l
         if len(idx):
             out[int(rows_a[c])] = maps[idx[np.argmin(inter[idx])]]  # argmin: the first on ties
     return out
+
+
+def _rebalance_in_node(m: list, routed: np.ndarray, w: np.ndarray, K: int, node: np.ndarray, rate: np.ndarray, dense: float, X: float,
+                       rounds: Optional[int] = None) -> list:
+    """Moves and swaps of single-copy experts between ranks of one node that lower the slowest
+    rank's finish time, from the exact routed tokens `routed` [ep] (a single copy takes all its
+    expert's tokens wherever it sits, so the loads stay exact; the experts stay in their node, so
+    cross-node bytes do not change). Returns `m` itself when nothing moved, else a new map."""
+    ep, E = len(routed), len(m)
+    lens = np.fromiter(map(len, m), dtype=np.int64, count=E)
+    where = np.array([h[0] for h in m], dtype=np.int64)
+    single = lens == 1
+    count = np.bincount(np.concatenate([np.asarray(h) for h in m]), minlength=ep)
+    load = np.asarray(routed, dtype=np.float64).copy()
+    moved = False
+    for _ in range(2 * ep if rounds is None else rounds):
+        fin = (dense + X * load) / rate
+        h = int(fin.argmax())
+        mine = np.flatnonzero(single & (where == h))
+        peers = np.flatnonzero((node == node[h]) & (np.arange(ep) != h))
+        if not len(mine) or not len(peers):
+            break
+        x = w[mine]  # [a]
+        # moves of e to b: [a, b]
+        mv = np.maximum((dense + X * (load[h] - x[:, None])) / rate[h], (dense + X * (load[peers][None, :] + x[:, None])) / rate[peers][None, :])
+        mv = np.where((count[peers] < K)[None, :], mv, np.inf)
+        # swaps of e (on h) with f (single, on b in the node), f lighter: [a, f]
+        theirs = np.flatnonzero(single & np.isin(where, peers))
+        y = w[theirs]
+        d = x[:, None] - y[None, :]
+        b_of = where[theirs]
+        sw = np.maximum((dense + X * (load[h] - d)) / rate[h], (dense + X * (load[b_of][None, :] + d)) / rate[b_of][None, :])
+        sw = np.where(d > 0, sw, np.inf)
+        best_mv = mv.min() if mv.size else np.inf
+        best_sw = sw.min() if sw.size else np.inf
+        if min(best_mv, best_sw) >= fin[h] * (1 - 1e-9):
+            break
+        if best_mv <= best_sw:
+            i, j = np.unravel_index(mv.argmin(), mv.shape)
+            e, b = int(mine[i]), int(peers[j])
+            load[h] -= w[e]
+            load[b] += w[e]
+            count[h] -= 1
+            count[b] += 1
+            where[e] = b
+        else:
+            i, j = np.unravel_index(sw.argmin(), sw.shape)
+            e, f = int(mine[i]), int(theirs[j])
+            b = int(where[f])
+            load[h] += w[f] - w[e]
+            load[b] += w[e] - w[f]
+            where[e], where[f] = b, h
+        moved = True
+    if not moved:
+        return m
+    return [[int(where[e])] if single[e] else h for e, h in enumerate(m)]
 
 
 def _profiles(ev: Evaluator) -> tuple[list[int], dict]:
