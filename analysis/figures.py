@@ -388,7 +388,14 @@ DRAWERS = {
     "fig_capacity": draw_capacity,
     "fig_balance": draw_balance,
     "fig_placement": draw_placement,
+    "fig_2bw": lambda res, d: _draw_2bw(res, d),
 }
+
+
+def _draw_2bw(res: dict, figures_dir: str) -> list[str]:
+    from analysis.fig_2bw import draw_2bw  # that module imports this one: import late
+
+    return draw_2bw(res, figures_dir)
 
 
 def draw_figure(name: str, results_dir: str = "results", figures_dir: str = "figures") -> list[str]:

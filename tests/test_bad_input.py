@@ -262,3 +262,4 @@ def test_single_process_names_the_schedule_it_does_not_run():
     assert single_process_notices(compose_cfg(["schedule=1f1b"])) == []
     (line,) = single_process_notices(compose_cfg(["schedule=interleaved_1f1b", "schedule.microbatches=4"]))
     one_line(line, "moepipe (one process): schedule.name=interleaved_1f1b has no effect", "schedule.microbatches=4")
+    assert single_process_notices(compose_cfg(["schedule=pipedream_2bw"])) == []  # its delayed update does apply

@@ -150,7 +150,11 @@ def single_process_notices(cfg: MoepipeConfig) -> list[str]:
     """One line for each pipeline option that one process does not use, so a sweep over it is
     never mistaken for a comparison: one process accumulates gradients over
     schedule.microbatches, the arithmetic every schedule performs."""
+    from moepipe.train.optim import delayed_update
+
     sch, out = cfg.schedule, []
+    if delayed_update(sch.name):  # PipeDream-2BW's one-step delay applies in one process too
+        return out
     if sch.name != "1f1b" or sch.virtual_stages > 1:
         out.append(
             f"moepipe (one process): schedule.name={sch.name} has no effect (parallel.pp*ep*dp=1): gradients accumulate over "
