@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import fig_common as fc  # noqa: E402
 
-from moepipe.config import DeviceGroupConfig, ModelConfig, MoEConfig, TopologyConfig, TrainConfig, compose_config  # noqa: E402
+from moepipe.config import ConfigError, DeviceGroupConfig, ModelConfig, MoEConfig, TopologyConfig, TrainConfig, compose_config  # noqa: E402
 from moepipe.placement.cost_model import CostModel  # noqa: E402
 from moepipe.placement.model_spec import build_model_spec  # noqa: E402
 from moepipe.placement.placers import (  # noqa: E402
@@ -224,7 +224,11 @@ def run_multinode_case(name: str, base: PlacementInputs, args, workloads: dict) 
         rows = {}
         for pname in ("static", "eplb", "topo"):
             t0 = time.perf_counter()
-            plan = make_placement(pname, inp, replica_slots=args.replica_slots, compare_layouts=(pname == "topo" and args.layouts))
+            try:
+                plan = make_placement(pname, inp, replica_slots=args.replica_slots, compare_layouts=(pname == "topo" and args.layouts))
+            except ConfigError as err:  # e.g. the static plan's hot rank does not fit its memory
+                rows[pname] = {"error": str(err).splitlines()[0]}
+                continue
             solve = time.perf_counter() - t0
             realised = inter = intra = 0.0
             for k, ev in judges:
@@ -243,11 +247,15 @@ def run_multinode_case(name: str, base: PlacementInputs, args, workloads: dict) 
                 free = simulate(plan, inp.schedule, inp.microbatches, inp.topology, inp.cost_model, np.array([inp.expert_load[l] for l in moe]),
                                 free_comm=True, origins=inp.origins).iteration_time_s
                 rows["comm_share_of_eplb_step"] = 1.0 - free / plan.meta["predicted_s"]
+        out["workloads"][wname] = rows
+        if "error" in rows["eplb"] or "error" in rows["topo"]:
+            print(f"{name:<15} {wname:<22} eplb/topo infeasible: {rows['eplb'].get('error') or rows['topo'].get('error')}", flush=True)
+            continue
         rows["inter_node_bytes_ratio_topo_vs_eplb"] = rows["topo"]["a2a_bytes_inter_node"] / rows["eplb"]["a2a_bytes_inter_node"]
         rows["speedup_topo_vs_eplb"] = rows["eplb"]["realised_s"] / rows["topo"]["realised_s"]
-        out["workloads"][wname] = rows
         lay = rows["topo"].get("ep_layout") or {}
-        print(f"{name:<15} {wname:<22} " + " ".join(f"{p}={rows[p]['realised_s']:.3f}s/{rows[p]['a2a_bytes_inter_node'] / 1e12:.3f}TB" for p in ("static", "eplb", "topo"))
+        fmt = lambda p: "infeasible" if "error" in rows[p] else f"{rows[p]['realised_s']:.3f}s/{rows[p]['a2a_bytes_inter_node'] / 1e12:.3f}TB"  # noqa: E731
+        print(f"{name:<15} {wname:<22} " + " ".join(f"{p}={fmt(p)}" for p in ("static", "eplb", "topo"))
               + f"  bytes topo/eplb={rows['inter_node_bytes_ratio_topo_vs_eplb']:.3f} speedup={rows['speedup_topo_vs_eplb']:.3f}x"
               f" comm_share={rows['comm_share_of_eplb_step']:.2f} solve={rows['topo']['solve_time_s']:.2f}s"
               + (f" ep_layout best={lay.get('best')} x{lay.get('speedup_best_vs_runtime', 1):.3f}" if lay else ""), flush=True)
@@ -256,10 +264,10 @@ def run_multinode_case(name: str, base: PlacementInputs, args, workloads: dict) 
 
 def summarise_multinode(cases: dict) -> dict:
     gm = lambda x: float(np.exp(np.mean(np.log(x)))) if len(x) else None  # noqa: E731
-    ratios = [r["inter_node_bytes_ratio_topo_vs_eplb"] for c in cases.values() for r in c["workloads"].values()]
-    speed = [r["speedup_topo_vs_eplb"] for c in cases.values() for r in c["workloads"].values()]
-    significant = [r["speedup_topo_vs_eplb"] for c in cases.values() for r in c["workloads"].values()
-                   if r["comm_share_of_eplb_step"] >= COMM_SIGNIFICANT]
+    done = [r for c in cases.values() for r in c["workloads"].values() if "speedup_topo_vs_eplb" in r]
+    ratios = [r["inter_node_bytes_ratio_topo_vs_eplb"] for r in done]
+    speed = [r["speedup_topo_vs_eplb"] for r in done]
+    significant = [r["speedup_topo_vs_eplb"] for r in done if r["comm_share_of_eplb_step"] >= COMM_SIGNIFICANT]
     return {
         "inter_node_bytes_ratio_topo_vs_eplb": gm(ratios),
         "speedup_topo_vs_eplb_multinode": gm(speed),
@@ -267,6 +275,7 @@ def summarise_multinode(cases: dict) -> dict:
         "min_speedup_topo_vs_eplb_multinode": float(min(speed)) if speed else None,
         "speedup_topo_vs_eplb_multinode_comm_significant": gm(significant),
         "multinode_cases_topo_slower_than_eplb": int(sum(x < 1 - 1e-9 for x in speed)),
+        "multinode_cases_infeasible": sum(len(c["workloads"]) for c in cases.values()) - len(done),
     }
 
 

@@ -406,6 +406,37 @@ def eplb_layer(w: np.ndarray, ep: int, slots: int, member_node: Optional[Sequenc
 # ------------------------------------------------------------------ origin-aware packing
 
 
+def _plan_copies(n: np.ndarray, dem: np.ndarray, fair: np.ndarray, left: np.ndarray, node_slots: np.ndarray, size: np.ndarray) -> None:
+    """Copies per (expert, node) for balance, in place: n [C, E, G] (0s), dem [C, E, G] tokens
+    for e starting in node g, fair [C] a rank's fair share, left [C] the copy budget (spent
+    here), node_slots / size [G] slots and ranks per node. Each expert starts with one copy in
+    the node of its most demand. Under the nearest-replica rule a node's copies share its
+    demand and the demand of nodes without a copy spreads over all copies, so while an
+    expert's heaviest copy carries more than a fair share, the heaviest such expert gets one
+    more copy: in its node of most demand without a copy, else in the node whose copies carry
+    the most each (up to one per rank and the node's slots)."""
+    C, E, G = dem.shape
+    rows = np.arange(C)
+    n[rows[:, None], np.arange(E)[None, :], dem.argmax(2)] = 1
+    limit = np.asarray(node_slots)  # every expert's first copy counts in its node (single copies may move later)
+    for _ in range(int(left.max()) if C else 0):
+        N = n.sum(2)
+        R = (dem * (n == 0)).sum(2)  # [C, E] demand from nodes without a copy: spread over the copies
+        heavy = np.where(n > 0, dem / np.maximum(n, 1), -np.inf).max(2) + R / N
+        e = heavy.argmax(1)
+        de, ne = dem[rows, e], n[rows, e]  # [C, G]
+        room = (ne < size[None, :]) & (n.sum(1) < limit[None, :])
+        # a node without a copy takes its own demand home first (locality and relief), else the
+        # node whose copies carry the most demand each
+        bare = room & (ne == 0) & (de > 0)
+        g = np.where(bare.any(1), np.where(bare, de, -np.inf).argmax(1), np.where(room & (ne > 0), de / np.maximum(ne, 1), -np.inf).argmax(1))
+        live = (left > 0) & (heavy[rows, e] > fair * (1 + 1e-9)) & room[rows, g]
+        if not live.any():
+            return
+        n[rows[live], e[live], g[live]] += 1
+        left[live] -= 1
+
+
 def pack_by_origin(w: np.ndarray, origins: np.ndarray, cost: np.ndarray, node_of: Sequence[int], slots: int, rate: np.ndarray,
                    base: np.ndarray, scale: np.ndarray, slack: float, n_replicas, balance_first: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Homes and replicas that keep each expert's tokens near where they start, for C problems.
@@ -415,9 +446,10 @@ def pack_by_origin(w: np.ndarray, origins: np.ndarray, cost: np.ndarray, node_of
     `slots` per rank; rate [ep] member speeds; base [C] each member's fixed work; scale [C]
     work per unit load; `n_replicas` [C] (or scalar) extra copies at most.
 
-    1. Copies for balance (`balance_first`): EPLB's rule, the expert with the most load per copy
-       gets one more while that exceeds a rank's fair share (within the budget).
-    2. Pieces (an expert with c copies: c pieces of w/c), heaviest first, each on the rank with
+    1. Copies for balance (`balance_first`, `_plan_copies`): per (expert, node), while the
+       heaviest copy exceeds a rank's fair share (within the budget).
+    2. Pieces (one per planned copy, in its node, of the load the rule sends it; else one per
+       expert), heaviest first, each on the rank with
        the cheapest traffic from the expert's sources that no copy in their node serves yet (the
        nearest-replica rule keeps those tokens in the node), among ranks with a free slot not
        holding the expert whose expert work stays within `slack` x its balanced share (else
@@ -439,38 +471,39 @@ def pack_by_origin(w: np.ndarray, origins: np.ndarray, cost: np.ndarray, node_of
     node_ix = np.searchsorted(groups, node_of)  # EP rank -> node index
     in_node = node_ix[None, :] == np.arange(len(groups))[:, None]  # [G, ep]
     left = np.array(np.broadcast_to(np.asarray(n_replicas, dtype=np.int64), (C,)))
-    copies = np.ones((C, E), dtype=np.int64)
+    G = len(groups)
+    size = in_node.sum(1)  # ranks per node
+    demand = np.matmul(in_node.astype(np.float64), origins)  # [C, G, E] tokens from node g
+    dem = demand.transpose(0, 2, 1)  # [C, E, G]
+    n = np.zeros((C, E, G), dtype=np.int64)  # copies of e planned in node g (balance_first)
     if balance_first:
-        fair = w.sum(1) / ep  # a rank's fair share of the routed load
-        while True:
-            per = w / copies
-            e = per.argmax(1)
-            live = (left > 0) & (per[rows, e] > fair * (1 + 1e-9)) & (copies[rows, e] < ep)
-            if not live.any():
-                break
-            copies[rows[live], e[live]] += 1
-            left[live] -= 1
-    col, load, ok = pieces_batch(w, copies)
+        _plan_copies(n, dem, w.sum(1) / ep, left, slots * size, size)
+    # pieces: an expert with planned copies gives one piece per copy, fixed to its node, of the
+    # load the rule sends it (its node's demand over its copies there, plus an even part of the
+    # demand from nodes without a copy); any other expert one free piece of its whole load
+    multi = n.sum(2) > 1
+    per_copy = dem / np.maximum(n, 1) + ((dem * (n == 0)).sum(2) / np.maximum(n.sum(2), 1))[:, :, None]
+    cnt = np.concatenate([np.where(multi[:, :, None], n, 0), (~multi)[:, :, None].astype(np.int64)], 2)  # [C, E, G+1]; G: free
+    src = np.repeat(np.arange(C * E * (G + 1)), cnt.ravel())
+    row, rem = np.divmod(src, E * (G + 1))
+    pe, pg = np.divmod(rem, G + 1)
+    pl = np.concatenate([per_copy, w[:, :, None]], 2).ravel()[src]
+    o = np.lexsort((pe, -pl, row))
+    col, load, pnode, ok = _pad_rows(row[o], C, pe[o], pl[o], pg[o])
+    node_ok = np.vstack([in_node, np.ones((1, ep), dtype=bool)])  # [G+1, ep]: a piece's allowed ranks
     work = np.repeat(np.asarray(base, dtype=np.float64)[:, None], ep, 1)
     # a rank may take up to `slack` x its balanced share of the expert work (beside its fixed work)
     balanced = (work.sum(1) + scale * w.sum(1)) / rate.sum()  # [C] the balanced finish time
     cap = work + slack * np.maximum(balanced[:, None] * rate - work, 0.0)  # [C, ep] work allowed
     count = np.zeros((C, ep), dtype=np.int64)
     held = np.zeros((C, E, ep), dtype=bool)
-    demand = np.matmul(in_node.astype(np.float64), origins)  # [C, G, E] tokens from node g
     unserved = np.ones((C, ep, E), dtype=bool)  # source s has no copy of e in its node yet
     for j in range(col.shape[1]):
         e, x = col[:, j], load[:, j] * scale
         after = work + x[:, None]
-        fin = np.where((count < slots) & ~held[rows, e], after / rate, np.inf)
+        fin = np.where((count < slots) & ~held[rows, e] & node_ok[pnode[:, j]], after / rate, np.inf)
         fmin = fin.min(1)
         allowed = ((after <= cap * (1 + 1e-9)) & np.isfinite(fin)) | (fin <= fmin[:, None] * (1 + 1e-9))
-        # a copy beyond one per demanding node: into the node with the most demand per copy there
-        served = ~unserved[rows, :, e].any(1)
-        if served.any():
-            n_in = held[rows, e].astype(np.float64) @ in_node.T  # [C, G] copies of e per node
-            per = np.where((allowed[:, None, :] & in_node[None]).any(2), demand[rows, :, e] / (n_in + 1), -np.inf)
-            allowed &= ~served[:, None] | in_node[per.argmax(1)]
         tc = (origins[rows, :, e] * unserved[rows, :, e]) @ cost  # [C, ep] traffic cost of this piece on d
         t = np.where(allowed, tc, np.inf)
         tmin = t.min(1)
