@@ -22,8 +22,19 @@ Skewed workloads are all but `balanced`. Writes results/bench_placer.json (confi
 environment) and prints `geomean_speedup_topo_vs_static_skewed=` (static / topo realised
 time, geometric mean over topologies x skewed workloads) last.
 
+Multi-node cases with token origins (issue 14, `multinode` in the JSON): EP groups spanning 2
+(ib_4x8, ep=16), 4 (ib_16x8, ep=32) and 8 nodes (scale_case's 1,024-device job, ep=64);
+loads whose tokens start unevenly over the EP ranks (local_hot alone and times a job-wide
+zipf / rotating / lognormal skew), planned on the past window's mean origins and judged on
+the next window's (same protocol). Per placer (static, eplb, topo at the same replica budget):
+realised_s and the realised all-to-all bytes per iteration by link class
+(a2a_bytes_inter_node / a2a_bytes_intra_node, the evaluator's nearest-replica exchange), and
+topo's EP layout report (plan.meta["ep_layout"]). Top-level: inter_node_bytes_ratio_topo_vs_eplb
+and speedup_topo_vs_eplb_multinode (geometric means over cases x workloads),
+speedup_topo_vs_eplb_multinode_comm_significant (where communication is >= 20% of eplb's step).
+
     PYTHONPATH=. python experiments/bench_placer.py
-    PYTHONPATH=. python experiments/bench_placer.py --quick --out /tmp/x.json   # one topology, 2-step windows, no 1,024-device case
+    PYTHONPATH=. python experiments/bench_placer.py --quick --out /tmp/x.json   # one topology (+ ib_4x8 local_hot), 2-step windows, no 1,024-device case
 """
 from __future__ import annotations
 

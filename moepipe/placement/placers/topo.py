@@ -10,6 +10,13 @@ minimise the simulated iteration time.
    by node speed and keeps every replica inside its expert's node. Each is refined by moves and
    swaps on the slowest member (all layers' candidates in one batched pass); the layer keeps the variant with the least compute + all-to-all
    time (ties: fewer replicas, in-node first: cheaper to migrate and to route).
+   With token origins (inputs.origins) or parallel.a2a=hierarchical, origin-local packings join
+   (`pack_by_origin`: homes on the rank, else the node, where an expert's tokens start, within a
+   balance slack; copies planned per (expert, node) for balance, then copies in the nodes of most
+   remote demand; single-copy experts then balanced inside their node on exact loads), and every
+   candidate is scored with the runtime's nearest-replica exchange on those origins
+   (`layer_exchange`, `exchange_time`: the evaluator's model), ties broken by fewer inter-node
+   bytes. Without origins the even-split estimate above is used (unchanged plans and solve time).
 2. Layers: exact min-max partition of per-(block, pipeline rank) times that include each MoE
    block's critical path (slowest EP member + dispatch/combine), within each rank's memory.
 3. Candidates (this plan, the same experts on the static split, static, balance_by_time, eplb
