@@ -35,12 +35,12 @@ SCRIPTS = {
     "bench_runtime": r"overhead_vs_bare=[0-9.]+",
     "bench_executor": r"worst_ratio_moepipe_vs_torch=[0-9.]+",
     "fig_memory": r"max_abs_measured_minus_expected_inflight=[0-9.]+",
-    "bench_a2a": r"hier_over_flat_measured=[0-9.]+",
     "fig_capacity": r"dropped_frac_mean_by_cf=1:[0-9.]+,0:0\.000",
     "fig_balance": r"max_over_mean_last_quarter=aux_loss:[0-9.]+,aux_free:[0-9.]+,none:[0-9.]+",
     "bench_placer": r"geomean_speedup_topo_vs_static_skewed=[0-9.]+",
     "bench_sim_scale": r"sim_time_s=[0-9.]+",
     "eval_forecast": r"tv_periodic_over_ema_moving=[0-9.]+",
+    "bench_shadows": r"speedup_shadow_vs_plan_moving=[0-9.]+",
     "fig_2bw": r"final_loss_2bw_minus_1f1b=-?[0-9.]+",
     "bench_2bw": r"measured_speedup_2bw_vs_1f1b=[0-9.]+",
 }

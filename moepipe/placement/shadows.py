@@ -23,15 +23,21 @@ X is the per-step transfer: W_S[h, r] = the weight bytes of every shadow home h 
 all-to-all of those bytes: `Topology.all_to_all_time`, so each link's own bandwidth and
 latency count, NVLink and NIC ports run in parallel, and several shadows fed by one home
 serialise on its port) and G_S the gradient bytes back (r -> h). The transfers are charged in
-full, not overlapped with compute (an upper bound on their cost). The greedy builds S one
-shadow at a time: the hottest copy on the bottleneck rank (largest compute + receive time)
-gets a shadow on the rank where it ends lowest (its time after taking the shadow's share,
-plus the shadow's own transfer, in step seconds); it stops when no target stays below the
-bottleneck's time or no slot is free. S is the prefix of that sequence with the largest
-m*(T({}) - T(S)) - X(S) (so two equally hot ranks, where one shadow alone saves nothing,
-are still handled), empty when no prefix is positive. In the loop the tokens of an expert
-split evenly over its copies and the all-to-all is each rank's receive / send time of an even
-dispatch; the chosen S is then re-checked with the exact rule (the nearest-replica split and
+full, not overlapped with compute (an upper bound on their cost). The greedy builds S step
+by step: the hottest copy on the bottleneck rank b (largest compute + receive time) gets
+shadows on the ranks where they end lowest (a rank's time after taking the shadow's share,
+plus the shadow's own transfer, in step seconds; ranks with a free slot and no copy of it).
+A step adds one shadow, or several when e needs them (half of the copies that would bring b
+down to the next rank, at least one; more if with fewer a target would end above b: an expert
+hotter than a rank's fair share must be spread over many ranks at once); the next copies on b
+are tried when the hottest cannot be placed. The greedy stops when no copy on b can be placed
+below b's time, no slot is free, PATIENCE steps in a row did not improve the best net, or the
+net can no longer beat the best (the saving is bounded by the compute of a perfectly balanced
+layer with free all-to-all). S is the step prefix with the largest m*(T({}) - T(S)) - X(S) (so
+two equally hot ranks, where one shadow alone saves nothing, are still handled), empty when
+none is positive. In the loop the tokens of an expert split evenly over its copies and the
+all-to-all is each rank's receive time of an even dispatch (send streams kept at their start);
+the chosen S is then re-checked with the exact rule (the nearest-replica split and
 `exchange_time`, the cost model's own numbers) and dropped if it does not pay there.
 
 How it differs from FasterMoE's rule of thumb (shadow e when 3 x the compute of e's tokens +
@@ -314,12 +320,14 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
     forbid[rows, cols] = np.inf
     held = np.zeros((ep, E), dtype=bool)
     held[cols, rows] = True
+    held_t = held.T.astype(np.float64)  # [E, ep] 1.0 where e has a copy (a contiguous row per expert)
     L = np.bincount(cols, weights=(tok_a / lens)[rows], minlength=ep).astype(np.float64)  # routed assignments per rank (even split)
 
     g = s.greedy_terms()
     c0, c1, rin, sout_t, lat_r, lat_s, kcoef, solo = (g[k] for k in ("c0", "c1", "rin", "sout_t", "lat_r", "lat_s", "kcoef", "solo"))
     npass = s.a2a_passes
     rin0, rin1, lr0, lr1 = rin[0], rin[1], lat_r[0], lat_r[1]
+    inter = bool(rin1.any() or lr1.any())  # the group spans nodes (else one receive stream per rank)
     comp = c0 + c1 * L
     recv = np.maximum(rin0 * L + lr0, rin1 * L + lr1)  # [ep]
     send = np.einsum("dcs,d->cs", sout_t, L) + lat_s  # [2, ep]
@@ -337,14 +345,15 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
     floor = float(max(c0.max(), c0.min() + float(np.sum(tok)) / float((1.0 / c1).sum())))
     # per-step transfer streams (seconds): weights home -> shadow and gradients back, by link class
     cls_of, wl, gl, lat = g["cls_of"], g["wl"], g["gl"], g["lat"]
-    streams: dict = {}  # (kind, class, rank) -> [bytes seconds, max latency]
+    # per (send|recv, class, rank): seconds of bytes and the largest latency, weights then gradients
+    sw, sl = [0.0] * (8 * ep), [0.0] * (8 * ep)
     x_w = x_g = 0.0
 
-    def stream(k, c, r, t, a) -> float:
-        v = streams.setdefault((k, c, r), [0.0, 0.0])
-        v[0] += t
-        v[1] = max(v[1], a)
-        return v[0] + v[1]
+    def stream(i: int, t: float, a: float) -> float:
+        sw[i] += t
+        if a > sl[i]:
+            sl[i] = a
+        return sw[i] + sl[i]
 
     free = [int(shadow_slots)] * ep
     home = [h[0] for h in copies]
@@ -355,51 +364,66 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
     while len(seq) < limit:
         b = int(key.argmax())
         kb = float(key[b])
-        key[b] = -np.inf
-        k2 = float(key[key.argmax()])  # the next rank's time: what b must come down to
-        key[b] = kb
         picked = None
         on_b = np.flatnonzero(held[b]).tolist()  # experts with a copy on b
-        for e in sorted(on_b, key=lambda x: (-tok[x] / ncop[x], x))[:4]:  # hottest copies first
-            c = ncop[e]
+        hot = sorted(on_b, key=lambda x: (-tok[x] / ncop[x], x))[:4]  # the hottest copies on b first
+        for e in hot:
             if tok[e] <= 0:
                 break
-            # copies of e that bring b down to the next rank: tok/(c+k) <= tok/c - (kb - k2)/kcoef_b;
-            # a step adds half of them (at least one), so the sequence stays fine-grained near the end
-            q = 1.0 / c - (kb - k2) / (tok[e] * kcoef[b])
-            need = (1.0 / q - c) if q > 0 else float(ep)
-            k = max(1, min(math.ceil(need / 2), limit - len(seq)))
-            share = tok[e] / (c + k)
-            new_key = key + share * kcoef
+            new_key = key + (tok[e] / (ncop[e] + 1)) * kcoef
             score = new_key * m
             score += solo[home[e]]
             score += forbid[e]
-            order = [int(score.argmin())] if k == 1 else np.argsort(score, kind="stable")[:k].tolist()
-            rs = [r for r in order if forbid[e, r] == 0 and new_key[r] < kb]
-            if rs:
-                picked = (e, rs)
+            r = int(score.argmin())
+            if forbid[e, r] == 0 and new_key[r] < kb:
+                picked = (e, [r])
                 break
+        if hot and tok[hot[0]] > 0 and (picked is None or picked[0] != hot[0]):
+            # no single shadow of the hottest copy helps: spread it over several ranks at once (an
+            # expert hotter than a rank's fair share overloads any one target); the smallest j
+            # whose j best targets all stay below b's time (bounded by the prefix maxima of their
+            # times and coefficients). Taken over the single shadow of a cooler copy when it
+            # takes more off b per slot used.
+            e, c = hot[0], ncop[hot[0]]
+            score = key * m
+            score += solo[home[e]]
+            score += forbid[e]
+            order = np.argsort(score, kind="stable")
+            order = order[: int(np.isfinite(score).sum())]
+            if len(order):
+                js = np.arange(1, len(order) + 1)
+                ok = np.flatnonzero(np.maximum.accumulate(key[order]) + tok[e] / (c + js) * np.maximum.accumulate(kcoef[order]) < kb)
+                if len(ok):
+                    j = int(ok[0]) + 1
+
+                    def per_slot(x, n):  # b's assignments removed per shadow
+                        return tok[x] * (1.0 / ncop[x] - 1.0 / (ncop[x] + n)) / n
+
+                    if picked is None or per_slot(e, j) > per_slot(picked[0], 1):
+                        picked = (e, order[:j].tolist())
         if picked is None:
             break
         e, rs = picked
         h = home[e]
         old, ncop[e] = tok[e] / ncop[e], ncop[e] + len(rs)
         new = tok[e] / ncop[e]
-        L[copies[e]] += new - old  # only the copies' ranks change; whole-array updates cost no more at this size
+        L += held_t[e] * (new - old)  # only the copies' ranks change; whole-array updates cost no more at this size
         L[rs] += new
         copies[e].extend(rs)
         forbid[e, rs] = np.inf
         held[rs, e] = True
+        held_t[e, rs] = 1.0
         for r in rs:
             free[r] -= 1
             if free[r] == 0:
                 forbid[:, r] = np.inf
-            c = cls_of[h][r]
-            x_w = max(x_w, stream("ws", c, h, wl[h][r], lat[h][r]), stream("wr", c, r, wl[h][r], lat[h][r]))
-            x_g = max(x_g, stream("gs", c, r, gl[h][r], lat[r][h]), stream("gr", c, h, gl[h][r], lat[r][h]))
+            o = cls_of[h][r] * ep
+            w, a, gb, ga = wl[h][r], lat[h][r], gl[h][r], lat[r][h]
+            x_w = max(x_w, stream(o + h, w, a), stream(2 * ep + o + r, w, a))
+            x_g = max(x_g, stream(4 * ep + o + r, gb, ga), stream(6 * ep + o + h, gb, ga))
             seq.append((e, r))
         comp = c0 + c1 * L
-        recv = np.maximum(rin0 * L + lr0, rin1 * L + lr1)
+        recv = np.maximum(rin0 * L + lr0, rin1 * L + lr1) if inter else rin0 * L + lr0
         key = comp + npass * recv
         ob = objective()
         ends.append(len(seq))
