@@ -35,6 +35,7 @@ SCRIPTS = {
     "bench_runtime": r"overhead_vs_bare=[0-9.]+",
     "bench_executor": r"worst_ratio_moepipe_vs_torch=[0-9.]+",
     "fig_memory": r"max_abs_measured_minus_expected_inflight=[0-9.]+",
+    "bench_a2a": r"hier_over_flat_measured=[0-9.]+",
     "fig_capacity": r"dropped_frac_mean_by_cf=1:[0-9.]+,0:0\.000",
     "fig_balance": r"max_over_mean_last_quarter=aux_loss:[0-9.]+,aux_free:[0-9.]+,none:[0-9.]+",
     "bench_placer": r"geomean_speedup_topo_vs_static_skewed=[0-9.]+",
