@@ -27,15 +27,15 @@ full, not overlapped with compute (an upper bound on their cost). The greedy bui
 by step: the hottest copy on the bottleneck rank b (largest compute + receive time) gets
 shadows on the ranks where they end lowest (a rank's time after taking the shadow's share,
 plus the shadow's own transfer, in step seconds; ranks with a free slot and no copy of it).
-A step adds one shadow, or several when e needs them (half of the copies that would bring b
-down to the next rank, at least one; more if with fewer a target would end above b: an expert
-hotter than a rank's fair share must be spread over many ranks at once); the next copies on b
-are tried when the hottest cannot be placed. The greedy stops when no copy on b can be placed
-below b's time, no slot is free, PATIENCE steps in a row did not improve the best net, or the
-net can no longer beat the best (the saving is bounded by the compute of a perfectly balanced
-layer with free all-to-all). S is the step prefix with the largest m*(T({}) - T(S)) - X(S) (so
-two equally hot ranks, where one shadow alone saves nothing, are still handled), empty when
-none is positive. In the loop the tokens of an expert split evenly over its copies and the
+A step adds one shadow of the hottest of b's (four hottest) copies that has a target ending
+below b's time; or, when the hottest has none (an expert hotter than a rank's fair share
+overloads any one target), the fewest shadows of it that all end below b, if they take more
+of b's tokens per slot than the single shadow of a cooler copy. The greedy stops when nothing
+on b can be placed, no slot is free, PATIENCE steps in a row did not raise the best net by
+more than TOL of the layer's step time, or the net can no longer beat the best (the saving is
+bounded by the compute of a perfectly balanced layer with free all-to-all). S is the step
+prefix with the largest m*(T({}) - T(S)) - X(S) (so two equally hot ranks, where one shadow
+alone saves nothing, are still handled), empty when none is positive. In the loop the tokens of an expert split evenly over its copies and the
 all-to-all is each rank's receive time of an even dispatch (send streams kept at their start);
 the chosen S is then re-checked with the exact rule (the nearest-replica split and
 `exchange_time`, the cost model's own numbers) and dropped if it does not pay there.
@@ -74,6 +74,7 @@ Shadows = dict  # expert -> tuple of extra EP ranks (shadow copies)
 # the greedy stops after this many shadows in a row that did not raise the best net saving: a
 # tie among up to this many equally hot ranks is still crossed (one shadow alone saves nothing there)
 PATIENCE = 8
+TOL = 1e-3  # a step whose net gain is under this share of the layer's step time does not restart the patience
 
 
 @dataclass
@@ -360,6 +361,7 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
     seq: list[tuple[int, int]] = []
     ends, nets, trans, objs = [0], [0.0], [0.0], [base]  # per greedy step: shadows so far, net, X, objective
     best, since = 0.0, 0
+    tol = TOL * m * base
     limit = ep * shadow_slots if max_candidates is None else min(max_candidates, ep * shadow_slots)
     while len(seq) < limit:
         b = int(key.argmax())
@@ -378,7 +380,11 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
             if forbid[e, r] == 0 and new_key[r] < kb:
                 picked = (e, [r])
                 break
-        if hot and tok[hot[0]] > 0 and (picked is None or picked[0] != hot[0]):
+        e = hot[0] if hot else -1
+        # the spread can only win if even its best case (two copies, b's share per slot
+        # tok/(c(c+2))) beats the single shadow found; and only if some rank can take a copy
+        if e >= 0 and tok[e] > 0 and (picked is None or (picked[0] != e and tok[e] / (ncop[e] * (ncop[e] + 2))
+                                                       > tok[picked[0]] / (ncop[picked[0]] * (ncop[picked[0]] + 1)))):
             # no single shadow of the hottest copy helps: spread it over several ranks at once (an
             # expert hotter than a rank's fair share overloads any one target); the smallest j
             # whose j best targets all stay below b's time (bounded by the prefix maxima of their
@@ -430,10 +436,11 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
         objs.append(ob)
         trans.append(x_w + x_g)
         nets.append(m * (base - ob) - (x_w + x_g))
-        if nets[-1] > best:
-            best, since = nets[-1], 0
+        if nets[-1] > best + tol:  # a real gain (not a rounding-level one) restarts the patience
+            since = 0
         else:
             since += 1
+        best = max(best, nets[-1])
         if since >= patience or m * (base - floor) - (x_w + x_g) <= best:
             break
     i = int(np.argmax(nets))  # first of the best prefixes (ties: fewer shadows)
