@@ -334,6 +334,7 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
     send = np.einsum("dcs,d->cs", sout_t, L) + lat_s  # [2, ep]
     kcoef = c1 + npass * rin.max(0)  # seconds per microbatch per added assignment on a rank
     key = comp + npass * recv
+    keym, buf, tmp = key * m, np.empty(ep), np.empty(ep)  # scratch: the loop allocates nothing per step
 
     send_max = float(send.max())  # the send streams of an even dispatch barely move with L: kept at their start
 
@@ -372,12 +373,13 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
         for e in hot:
             if tok[e] <= 0:
                 break
-            new_key = key + (tok[e] / (ncop[e] + 1)) * kcoef
-            score = new_key * m
-            score += solo[home[e]]
-            score += forbid[e]
-            r = int(score.argmin())
-            if forbid[e, r] == 0 and new_key[r] < kb:
+            share = tok[e] / (ncop[e] + 1)
+            np.multiply(kcoef, share * m, out=buf)  # the rank's step seconds after taking the share, + the transfer
+            buf += keym
+            buf += solo[home[e]]
+            buf += forbid[e]
+            r = int(buf.argmin())
+            if forbid[e, r] == 0 and key[r] + share * kcoef[r] < kb:
                 picked = (e, [r])
                 break
         e = hot[0] if hot else -1
@@ -391,8 +393,7 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
             # times and coefficients). Taken over the single shadow of a cooler copy when it
             # takes more off b per slot used.
             e, c = hot[0], ncop[hot[0]]
-            score = key * m
-            score += solo[home[e]]
+            score = keym + solo[home[e]]
             score += forbid[e]
             order = np.argsort(score, kind="stable")
             order = order[: int(np.isfinite(score).sum())]
@@ -428,9 +429,17 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
             x_w = max(x_w, stream(o + h, w, a), stream(2 * ep + o + r, w, a))
             x_g = max(x_g, stream(4 * ep + o + r, gb, ga), stream(6 * ep + o + h, gb, ga))
             seq.append((e, r))
-        comp = c0 + c1 * L
-        recv = np.maximum(rin0 * L + lr0, rin1 * L + lr1) if inter else rin0 * L + lr0
-        key = comp + npass * recv
+        np.multiply(c1, L, out=comp)
+        comp += c0
+        np.multiply(rin0, L, out=recv)
+        recv += lr0
+        if inter:
+            np.multiply(rin1, L, out=tmp)
+            tmp += lr1
+            np.maximum(recv, tmp, out=recv)
+        np.multiply(recv, npass, out=key)
+        key += comp
+        np.multiply(key, m, out=keym)
         ob = objective()
         ends.append(len(seq))
         objs.append(ob)
