@@ -74,6 +74,7 @@ Shadows = dict  # expert -> tuple of extra EP ranks (shadow copies)
 # the greedy stops after this many shadows in a row that did not raise the best net saving: a
 # tie among up to this many equally hot ranks is still crossed (one shadow alone saves nothing there)
 PATIENCE = 8
+SCALAR_UPDATE = 6  # up to this many changed ranks, the greedy updates elements rather than whole arrays (faster)
 TOL = 1e-3  # a step whose net gain is under this share of the layer's step time does not restart the patience
 
 
@@ -358,6 +359,7 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
         return sw[i] + sl[i]
 
     free = [int(shadow_slots)] * ep
+    on_rank: dict[int, list] = {}
     home = [h[0] for h in copies]
     seq: list[tuple[int, int]] = []
     ends, nets, trans, objs = [0], [0.0], [0.0], [base]  # per greedy step: shadows so far, net, X, objective
@@ -368,7 +370,9 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
         b = int(key.argmax())
         kb = float(key[b])
         picked = None
-        on_b = np.flatnonzero(held[b]).tolist()  # experts with a copy on b
+        on_b = on_rank.get(b)  # experts with a copy on b (looked up once per rank, then kept)
+        if on_b is None:
+            on_b = on_rank[b] = np.flatnonzero(held[b]).tolist()
         hot = sorted(on_b, key=lambda x: (-tok[x] / ncop[x], x))[:4]  # the hottest copies on b first
         for e in hot:
             if tok[e] <= 0:
@@ -414,9 +418,39 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
         h = home[e]
         old, ncop[e] = tok[e] / ncop[e], ncop[e] + len(rs)
         new = tok[e] / ncop[e]
-        L += held_t[e] * (new - old)  # only the copies' ranks change; whole-array updates cost no more at this size
-        L[rs] += new
+        affected = copies[e] + rs  # only the copies' ranks change
+        if len(affected) <= SCALAR_UPDATE:  # a few ranks: element updates (same arithmetic as the vector form below)
+            for j in copies[e]:
+                L[j] += new - old
+            for j in rs:
+                L[j] += new
+            for j in affected:
+                lj = L[j]
+                cj = c1[j] * lj + c0[j]
+                rj = rin0[j] * lj + lr0[j]
+                if inter:
+                    rj = max(rj, rin1[j] * lj + lr1[j])
+                comp[j], recv[j] = cj, rj
+                key[j] = rj * npass + cj
+                keym[j] = key[j] * m
+        else:
+            L += held_t[e] * (new - old)
+            L[rs] += new
+            np.multiply(c1, L, out=comp)
+            comp += c0
+            np.multiply(rin0, L, out=recv)
+            recv += lr0
+            if inter:
+                np.multiply(rin1, L, out=tmp)
+                tmp += lr1
+                np.maximum(recv, tmp, out=recv)
+            np.multiply(recv, npass, out=key)
+            key += comp
+            np.multiply(key, m, out=keym)
         copies[e].extend(rs)
+        for r in rs:
+            if r in on_rank:
+                on_rank[r].append(e)
         forbid[e, rs] = np.inf
         held[rs, e] = True
         held_t[e, rs] = 1.0
@@ -429,17 +463,6 @@ def choose_shadows(load: Any, holders: Sequence[Sequence[int]], setup: ShadowLay
             x_w = max(x_w, stream(o + h, w, a), stream(2 * ep + o + r, w, a))
             x_g = max(x_g, stream(4 * ep + o + r, gb, ga), stream(6 * ep + o + h, gb, ga))
             seq.append((e, r))
-        np.multiply(c1, L, out=comp)
-        comp += c0
-        np.multiply(rin0, L, out=recv)
-        recv += lr0
-        if inter:
-            np.multiply(rin1, L, out=tmp)
-            tmp += lr1
-            np.maximum(recv, tmp, out=recv)
-        np.multiply(recv, npass, out=key)
-        key += comp
-        np.multiply(key, m, out=keym)
         ob = objective()
         ends.append(len(seq))
         objs.append(ob)
