@@ -459,9 +459,10 @@ def _local_hot(inp, strength=8.0, seed=0):
 
 
 def test_topo_puts_origin_local_experts_on_their_node_and_moves_fewer_inter_node_bytes():
-    inp = inputs(pp=1, ep=4, topo=topology(2, 2), n_layers=2, experts=8, top_k=2, m=4)
+    inp = inputs(pp=1, ep=4, topo=topology(2, 2), n_layers=3, experts=8, top_k=2, m=4)
     inp.origins = _local_hot(inp)
-    inp.expert_load = {l: o.sum(0) for l, o in inp.origins.items()}
+    # every layer the same (uniform) job-wide load, bit for bit: only the origins tell the layers apart
+    inp.expert_load = {l: np.ones(inp.spec.num_experts) for l in inp.origins}
     node = inp.topology.node_of
     topo_plan = make_placement("topo", inp, replica_slots=0)
     for l, emap in topo_plan.expert_map.items():

@@ -339,8 +339,9 @@ def topo(ev: Evaluator, replica_slots: int, current: Optional[Plan] = None) -> t
     for k in range(len(keys)):
         p = kinds.index(k)
         rate, nodes = ev.rates[p].min(0), baselines.member_nodes(ev, p)
-        first: dict = {}  # layers with the same load and work share one solve
-        of_row = [first.setdefault(ev.loads[li].tobytes() + ev.cm.expert_work[l].tobytes() + ev.cm.dense_work[l].tobytes(), li)
+        first: dict = {}  # layers with the same load, token origins and work share one solve
+        origin_key = (lambda li: b"") if ev.origin_share is None else (lambda li: ev.origin_share[li].tobytes())
+        of_row = [first.setdefault(ev.loads[li].tobytes() + origin_key(li) + ev.cm.expert_work[l].tobytes() + ev.cm.dense_work[l].tobytes(), li)
                   for li, l in enumerate(ev.moe)]
         solved = layer_placements(ev, sorted(set(of_row)), rate, nodes, ev.grid[p, 0], K)
         maps, taken = {}, set()
