@@ -1,4 +1,4 @@
-"""Figure 9 (PipeDream-2BW vs 1F1B), drawn from results/fig_2bw.json only: loss against step and
+"""Figure 8 (PipeDream-2BW vs 1F1B), drawn from results/fig_2bw.json only: loss against step and
 against wall time (tiny model, pp=2 on CPU; the single-process reference of the delayed rule
 on top of 2BW's distributed losses), and the iteration time relative to 1F1B from the formula,
 the simulator and the measurement side by side.

@@ -1,4 +1,4 @@
-"""Reproduction figure 9: PipeDream-2BW against 1F1B, convergence and iteration time (issue 16).
+"""Reproduction figure 8: PipeDream-2BW against 1F1B, convergence and iteration time (issue 16).
 
 Trains the `tiny` model at pp=2 (2 gloo processes, 1 thread each, fp32, CPU) with 1F1B
 (moepipe's executor, a flush every step) and with PipeDream-2BW (schedule=pipedream_2bw: no

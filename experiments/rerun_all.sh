@@ -2,7 +2,7 @@
 # Regenerate results/*.json from a clean worktree of HEAD, one script at a time.
 #
 #   experiments/rerun_all.sh                  # everything (about 65 min on 2 quiet cores)
-#   experiments/rerun_all.sh --cheap          # only the deterministic, timing-insensitive ones (about 3.5 min)
+#   experiments/rerun_all.sh --cheap          # only the deterministic, timing-insensitive ones (about 11 min: bench_placer solves 1,024-device jobs with token origins)
 #   experiments/rerun_all.sh fig_memory soak  # just these
 #
 # The code runs from `git worktree add $WT HEAD` (default /tmp/wt-rerun) with PYTHONPATH=$WT, so
@@ -20,7 +20,7 @@ PY=${PY:-$REPO/.venv/bin/python}
 
 # name -> expected seconds on 2 quiet cores (from the last recorded runs)
 declare -A SECONDS_EXPECTED=(
-  [bench_sim_scale]=5 [bench_placer]=25 [eval_forecast]=35 [bench_shadows]=130 [bench_executor]=90 [bench_2bw]=45 [fig_2bw]=90
+  [bench_sim_scale]=5 [bench_placer]=560 [eval_forecast]=35 [bench_shadows]=80 [bench_executor]=45 [bench_2bw]=25 [fig_2bw]=45
   [fig_memory]=75 [fig_interleaved]=60 [fig_bubble]=125 [fig_zero_bubble]=155 [fig_capacity]=130 [fig_balance]=115
   [bench_moe_layer]=180 [bench_migration_memory]=120 [bench_runtime]=110 [bench_a2a]=45 [bench_sim]=285 [fig_placement]=380
   [soak]=1045 [bench_dynamic]=1100
