@@ -70,6 +70,7 @@ class ExpertParallelDispatcher:
         if len(holders) != num_experts or any(not h for h in holders):
             raise ValueError(f"expert holders must list at least one EP rank for each of {num_experts} experts")
         self.ep_rank, self.group, self.num_experts, self.exchange = ep_rank, group, num_experts, exchange
+        self.needs_matrix = exchange is not flat_all_to_all  # the flat exchange routes by its own splits only
         self.ep = dist.get_world_size(group)
         self.copies = copy_table(holders, rule_nodes(self.ep, local_size)).to(torch.as_tensor)  # host tensors, moved once
         width = self.copies.slot.shape[1]
@@ -91,6 +92,8 @@ class ExpertParallelDispatcher:
     def split(self, counts: torch.Tensor) -> torch.Tensor:
         """[src, E, W] assignments each source sends to each copy, from counts [src, E]."""
         self._on(counts.device)
+        if self.copies.slot.shape[1] == 1:  # no replicas: every assignment goes to the one copy
+            return counts.unsqueeze(2)
         return split_over_copies(counts, self.copies)
 
     def targets(self, expert_idx: torch.Tensor, kept_counts: torch.Tensor, my_split: torch.Tensor) -> torch.Tensor:
@@ -142,5 +145,6 @@ class ExpertParallelDispatcher:
         y_received = y_by_expert[inverse]
 
         # 4. combine at home
-        y = self.exchange(y_received, in_splits, out_splits, self.group, [list(c) for c in zip(*matrix)])
+        back = [list(c) for c in zip(*matrix)] if self.needs_matrix else None  # combine: the matrix transposed
+        y = self.exchange(y_received, in_splits, out_splits, self.group, back)
         return combine(x, y, routing.all_weights[order], tokens)
