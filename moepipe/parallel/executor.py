@@ -58,7 +58,9 @@ class ScheduleExecutor(_PipelineSchedule):
         self._sends: list = []
         self._last: Optional[set] = None
         self._ops = [self._compile(a) for a in program.actions[rank]]
-        self._fwd_ops = [op for op, a in zip(self._ops, program.actions[rank]) if a.kind in ("F", "SEND_F", "RECV_F")]
+        # forward-only runs: the forward actions, including the forward half of an overlapped pair
+        fwd = [x for a in program.actions[rank] for x in a.leaves() if x.kind in ("F", "SEND_F", "RECV_F")]
+        self._fwd_ops = [self._compile(a) for a in fwd]
 
     # ------------------------------------------------------------------ compilation
 
