@@ -181,6 +181,10 @@ class ScheduleExecutor(_PipelineSchedule):
         finally:
             self._sends.clear()
             self._arg_mbs = self._kwarg_mbs = self._target_mbs = None
+        self._end_step(losses)
+
+    def _end_step(self, losses) -> None:
+        """Every posted receive was used; hand the last stage's losses over in microbatch order."""
         if self._recv:
             raise RuntimeError(f"pipeline rank {self.rank}: receives {sorted(self._recv)} were posted but never used")
         if losses is not None and any(st.is_last for st in self._stage_list):
@@ -290,12 +294,7 @@ class StreamExecutor(ScheduleExecutor):
             self._prev_sends, self._sends[:] = list(self._sends), []
             self._arg_mbs = self._kwarg_mbs = self._target_mbs = None
         self._restart = False
-        if self._recv:
-            raise RuntimeError(f"pipeline rank {self.rank}: receives {sorted(self._recv)} were posted but never used")
-        if losses is not None and any(st.is_last for st in self._stage_list):
-            losses.clear()
-            losses.extend(x for x in self._losses if x is not None)
-        self._losses = []
+        self._end_step(losses)
         return None
 
     def _run_list(self, phase: str, parity: int):
