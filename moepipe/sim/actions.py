@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 COMPUTE = ("F", "B", "I", "W")
 COMMS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
@@ -248,32 +248,41 @@ def lower(prog: Program, order: Order) -> Order:
     ranks are matched in posting order). No rank able to advance: a deadlock (one line)."""
     s2r = prog.stage_to_rank
     out: Order = {r: [] for r in order}
-    ptr = {r: 0 for r in order}
     produced: set[tuple[str, int, int]] = set()
+
+    def ready(r: int, a: Action) -> bool:
+        return all(n is None or n in produced for n in (_needs(prog, x) for x in a.leaves()))
+
+    def run(r: int, a: Action) -> None:
+        out[r].append(a)
+        for x in a.leaves():
+            fam = _family(x)
+            produced.add((fam, x.stage, x.mb))
+            nb = prog.next(x.stage) if fam == "F" else prog.prev(x.stage) if fam == "G" else None
+            if nb is not None and s2r[nb] != r:
+                kind = "F" if fam == "F" else "B"
+                out[r].append(Action(f"SEND_{kind}", x.stage, x.mb))
+                out[s2r[nb]].append(Action(f"RECV_{kind}", nb, x.mb))
+
+    _run_in_turn(order, ready, run)
+    return out
+
+
+def _run_in_turn(order: Order, ready: Callable[[int, Action], bool], run: Callable[[int, Action], None]) -> None:
+    """Ranks in turn run their next actions while `ready` says so; none able to: a deadlock."""
+    ptr = {r: 0 for r in order}
     left = sum(len(v) for v in order.values())
     while left:
         progress = False
         for r in sorted(order):
             acts = order[r]
-            while ptr[r] < len(acts):
-                a = acts[ptr[r]]
-                if any(n is not None and n not in produced for n in map(lambda x: _needs(prog, x), a.leaves())):
-                    break
-                out[r].append(a)
-                for x in a.leaves():
-                    fam = _family(x)
-                    produced.add((fam, x.stage, x.mb))
-                    nb = prog.next(x.stage) if fam == "F" else prog.prev(x.stage) if fam == "G" else None
-                    if nb is not None and s2r[nb] != r:
-                        kind = "F" if fam == "F" else "B"
-                        out[r].append(Action(f"SEND_{kind}", x.stage, x.mb))
-                        out[s2r[nb]].append(Action(f"RECV_{kind}", nb, x.mb))
+            while ptr[r] < len(acts) and ready(r, acts[ptr[r]]):
+                run(r, acts[ptr[r]])
                 ptr[r] += 1
                 left -= 1
                 progress = True
         if not progress:
             _deadlock(order, ptr)
-    return out
 
 
 def _deadlock(order: Order, ptr: dict[int, int]):
@@ -335,25 +344,17 @@ def check_comms(prog: Program, order: Order) -> None:
                       "messages between two ranks match in order; receive in the order sent")
     # Run it: a consumer waits for the matching send; sends and receive postings never block.
     sent: set[tuple[str, int, int]] = set()
-    ptr = {r: 0 for r in order}
-    left = sum(len(v) for v in order.values())
-    while left:
-        progress = False
-        for r in sorted(order):
-            acts = order[r]
-            while ptr[r] < len(acts):
-                a = acts[ptr[r]]
-                if a.kind not in COMMS and any(
-                        (n := _needs(prog, x)) is not None and s2r[n[1]] != r and ("F" if x.kind == "F" else "B", n[1], x.mb) not in sent
-                        for x in a.leaves()):
-                    break
-                if a.kind.startswith("SEND"):
-                    sent.add((a.kind[-1], a.stage, a.mb))
-                ptr[r] += 1
-                left -= 1
-                progress = True
-        if not progress:
-            _deadlock(order, ptr)
+
+    def ready(r: int, a: Action) -> bool:
+        return a.kind in COMMS or not any(
+            (n := _needs(prog, x)) is not None and s2r[n[1]] != r and ("F" if x.kind == "F" else "B", n[1], x.mb) not in sent
+            for x in a.leaves())
+
+    def run(r: int, a: Action) -> None:
+        if a.kind.startswith("SEND"):
+            sent.add((a.kind[-1], a.stage, a.mb))
+
+    _run_in_turn(order, ready, run)
 
 
 def build_program(lists: Order, pp: int, n_stages: int, m: int, chain_len: int = 0,
