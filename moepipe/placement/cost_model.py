@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -583,6 +583,138 @@ def layer_exchange(holders: Any, frac: np.ndarray, assign: float, node_of: np.nd
         dst = np.broadcast_to(table.slot[None], split.shape)
         np.add.at(tokens, (np.broadcast_to(np.arange(ep)[:, None, None], split.shape), dst), split)
     return tokens.sum(0), tokens
+
+
+# ------------------------------------------------------------------ the rule in closed form (even origins)
+#
+# With tokens starting evenly spread (no origin statistics) every source sends c_e = f_e *
+# assign / ep tokens to expert e, and the rule needs no matching of ranges: a source holding a
+# copy keeps its c_e; the k copies in a node of L ranks share the c_e of its L - k other ranks
+# equally (their loads are equal, c_e each); the ranks of nodes without a copy water-fill the
+# copies, whose loads are then c_e * L / k. What the all-to-all model reads when all links of a
+# class (inside a node, across nodes) are alike is each rank's tokens sent and received per
+# class, and whether it exchanges any with a peer of the class (the latency term): `ClassSums`.
+# The placers' evaluator uses it (no [ep, ep] matrix, all layers at once); it equals the general
+# rule to rounding (tests/test_placers.py).
+
+
+@dataclass
+class ClassSums:
+    """One MoE layer's dispatch by link class: tokens each EP rank sends to / receives from
+    other ranks of its node (row 0) and of other nodes (row 1), [2, ep] each, and whether any
+    peer of the class exchanges a positive amount with it (bool [2, ep])."""
+
+    send: np.ndarray
+    recv: np.ndarray
+    send_on: np.ndarray
+    recv_on: np.ndarray
+
+
+def uniform_exchanges(maps: Sequence[Sequence[Sequence[int]]], frac: np.ndarray, assign: float, node_of: np.ndarray
+                      ) -> tuple[np.ndarray, list[Optional[ClassSums]]]:
+    """`layer_exchange` with evenly spread origins for n layers at once (maps[i]: layer i's
+    holders, frac [n, E]): (routed [n, ep], per layer None when every expert has one copy (the
+    even pattern, computed as layer_exchange does) else its ClassSums)."""
+    frac = np.asarray(frac, dtype=np.float64)
+    n, E = frac.shape
+    node_of = np.asarray(node_of)
+    ep = len(node_of)
+    _, node = np.unique(node_of, return_inverse=True)
+    G = int(node.max()) + 1
+    size = np.bincount(node, minlength=G).astype(np.float64)
+    lens = np.fromiter((len(h) for m in maps for h in m), dtype=np.int64, count=n * E)
+    cols = np.fromiter(chain.from_iterable(chain.from_iterable(maps)), dtype=np.int64, count=int(lens.sum()))
+    le = np.repeat(np.arange(n * E), lens)  # layer * E + expert of every copy
+    lay = le // E
+    dst = lay * ep + cols  # (layer, EP rank) of every copy
+    replicated = np.bincount(le // E, weights=lens[le] > 1, minlength=n) > 0  # [n] layers with a replica
+    routed = np.zeros((n, ep))
+    one = ~replicated[lay]
+    if one.any():  # as layer_exchange: the bincount of the shares, times the assignments
+        routed[~replicated] = (np.bincount(dst[one], weights=frac.ravel()[le[one]], minlength=n * ep).reshape(n, ep)[~replicated] * assign)
+    sums: list[Optional[ClassSums]] = [None] * n
+    if not replicated.any():
+        return routed, sums
+    keep = ~one
+    le, lay, dst, cols = le[keep], lay[keep], dst[keep], cols[keep]
+    ce = (1.0 / ep) * frac * assign  # [n, E] tokens every source routes to e (layer_exchange's counts)
+    cn = node[cols]
+    k = np.bincount(le * G + cn, minlength=n * E * G).reshape(n, E, G)
+    has = k > 0
+    c = ce.ravel()[le]
+    kk = k.reshape(-1)[le * G + cn]
+    x1 = (size[cn] - kk) * c / kk  # from the copy's node-mates without a copy
+    pool = ce * (ep - (has * size).sum(2))  # [n, E] from the nodes without a copy
+    # tier 2: water-fill each expert's copies (loads c * L / k) with its pool
+    lens_k = np.bincount(le, minlength=n * E)
+    start = np.cumsum(lens_k) - lens_k
+    pos = np.arange(len(le)) - start[le]
+    W = int(lens_k.max())
+    ids, inv = np.unique(le, return_inverse=True)
+    load = np.zeros((len(ids), W))
+    mask = np.zeros((len(ids), W), dtype=bool)
+    load[inv, pos] = c + x1
+    mask[inv, pos] = True
+    x2w = _waterfill(_NumpyOps, load, mask, pool.ravel()[ids], False)
+    x2 = x2w[inv, pos]
+    flat_n = n * ep
+    routed_rep = np.bincount(dst, weights=c + x1 + x2, minlength=flat_n).reshape(n, ep)
+    routed[replicated] = routed_rep[replicated]
+    recv = np.stack([np.bincount(dst, weights=x, minlength=flat_n).reshape(n, ep) for x in (x1, x2)], 1)  # [n, 2, ep]
+    recv_on = np.stack([np.bincount(dst, weights=x > 0, minlength=flat_n).reshape(n, ep) > 0 for x in (x1, x2)], 1)
+    # sends: a source in node g sends c_e inside the node when g holds a copy of e and it does not, else across
+    pos_e = ce > 0
+    near = np.einsum("neg,ne->ng", has.astype(np.float64), ce)
+    far = np.einsum("neg,ne->ng", (~has).astype(np.float64), ce)
+    near_on = (has & pos_e[:, :, None]).sum(1)
+    far_on = (~has & pos_e[:, :, None]).sum(1)
+    own = np.bincount(dst, weights=c, minlength=flat_n).reshape(n, ep)
+    own_on = np.bincount(dst, weights=c > 0, minlength=flat_n).reshape(n, ep)
+    intra_on = near_on[:, node] - own_on > 0
+    send = np.stack([np.where(intra_on, np.maximum(near[:, node] - own, 0.0), 0.0), far[:, node]], 1)
+    send_on = np.stack([intra_on, far_on[:, node] > 0], 1)
+    for i in np.flatnonzero(replicated):
+        sums[i] = ClassSums(send[i], recv[i], send_on[i], recv_on[i])
+    return routed, sums
+
+
+def uniform_links(topology: Topology, group: Any, node_of: np.ndarray) -> Optional[tuple[tuple[float, float], tuple[float, float]]]:
+    """((1/bandwidth, latency) inside a node, (the same) across nodes) of `group` when every link
+    of a class is alike and the rule's nodes (`node_of`, rule_nodes) are the group's real ones
+    (then ClassSums gives `all_to_all_time` exactly); else None. A class without links: (0, 0)."""
+    g = np.asarray(group, dtype=np.int64)
+    rule_same = np.asarray(node_of)[:, None] == np.asarray(node_of)[None, :]
+    same = topology.same_node(g[:, None], g[None, :])
+    if len(g) != len(rule_same) or not np.array_equal(same, rule_same):
+        return None
+    inv = 1.0 / topology.bandwidth[np.ix_(g, g)]
+    lat = topology.latency[np.ix_(g, g)]
+    out = []
+    for mask in (same & ~np.eye(len(g), dtype=bool), ~same):
+        if not mask.any():
+            out.append((0.0, 0.0))
+            continue
+        i, la = inv[mask], lat[mask]
+        if not ((i == i[0]).all() and (la == la[0]).all()):
+            return None
+        out.append((float(i[0]), float(la[0])))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def class_sums_time(sums: Sequence[ClassSums], bytes_per_token: float, links: tuple) -> np.ndarray:
+    """[n] seconds of each layer's dispatch + combine (`exchange_time`, flat) from its ClassSums
+    on a group with `uniform_links` `links`. The combine is the transposed exchange: sends and
+    receives swap, so it lasts as long as the dispatch."""
+    send = np.stack([s.send for s in sums])  # [n, 2, ep]
+    recv = np.stack([s.recv for s in sums])
+    s_on = np.stack([s.send_on for s in sums])
+    r_on = np.stack([s.recv_on for s in sums])
+    worst = np.zeros(len(sums))
+    for m, (inv, lat) in enumerate(links):
+        t_s = send[:, m] * bytes_per_token * inv + np.where(s_on[:, m], lat, 0.0)
+        t_r = recv[:, m] * bytes_per_token * inv + np.where(r_on[:, m], lat, 0.0)
+        worst = np.maximum(worst, np.maximum(t_s, t_r).max(-1))
+    return worst + worst
 
 
 def _hier_phases(tokens: np.ndarray, group: Any, topology: Topology) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,10 @@ from typing import Optional
 import numpy as np
 
 from moepipe.config import ConfigError
-from moepipe.placement.cost_model import _grad_sync, exchange_time, exchange_traffic, layer_exchange, rule_local_size, rule_nodes
+from moepipe.placement.cost_model import (
+    ClassSums, _grad_sync, class_sums_time, exchange_time, exchange_traffic, layer_exchange, rule_local_size, rule_nodes, uniform_exchanges,
+    uniform_links,
+)
 from moepipe.placement.plan import Plan, rank_grid
 from moepipe.placement.placers.inputs import BYTES_PER_PARAM_TRAIN, PlacementInputs, effective_cost_model, load_fractions, origin_fractions
 from moepipe.sim import engine
@@ -85,6 +88,10 @@ class Evaluator:
                     classes[key] = len(classes)
                     self.class_group.append(g)
                 self.group_class[p, d] = classes[key]
+        # even origins, flat all-to-all, and links alike within each class: the rule's closed form
+        # (`uniform_exchanges`) replaces the [ep, ep] token matrices (same times to rounding)
+        links = [uniform_links(topo, g, self.rule_nodes) for g in self.class_group] if ep > 1 else []
+        self.class_links = links if self.origin_share is None and cm.a2a == "flat" and all(x is not None for x in links) else None
         self._inflight: Optional[np.ndarray] = None
         self._memo: dict = {}
         self._exch: dict = {}
@@ -95,19 +102,23 @@ class Evaluator:
     # ------------------------------------------------------------------ per-layer times
     def exchanges(self, plan: Plan) -> tuple[np.ndarray, list]:
         """(routed [n_moe, ep] token-expert assignments per microbatch on each EP rank, per layer
-        the [ep, ep] source -> destination tokens or None for the even pattern): the runtime's
-        nearest-replica rule on the inputs' origins (cost_model.layer_exchange, as the simulator).
+        the [ep, ep] source -> destination tokens, or None for the even pattern, or its ClassSums
+        (even origins on uniform links: `class_links`)): the runtime's nearest-replica rule on the
+        inputs' origins (cost_model.layer_exchange, as the simulator).
         Memoised on the expert map object (plans are treated as immutable)."""
         key = id(plan.expert_map)
         hit = self._exch.get(key)
         if hit is not None and hit[0] is plan.expert_map:
             return hit[1], hit[2]
-        out = np.zeros((len(self.moe), plan.ep))
-        tokens = []
-        for li, l in enumerate(self.moe):
-            share = None if self.origin_share is None else self.origin_share[li]
-            out[li], t = layer_exchange(plan.expert_map[l], self.frac[li], self.assign, self.rule_nodes, share)
-            tokens.append(t)
+        if self.class_links is not None and self.moe:
+            out, tokens = uniform_exchanges([plan.expert_map[l] for l in self.moe], self.frac, self.assign, self.rule_nodes)
+        else:
+            out = np.zeros((len(self.moe), plan.ep))
+            tokens = []
+            for li, l in enumerate(self.moe):
+                share = None if self.origin_share is None else self.origin_share[li]
+                out[li], t = layer_exchange(plan.expert_map[l], self.frac[li], self.assign, self.rule_nodes, share)
+                tokens.append(t)
         if len(self._exch) > 16:
             self._exch.clear()
         self._exch[key] = (plan.expert_map, out, tokens)
@@ -124,11 +135,16 @@ class Evaluator:
         if self.inputs.ep > 1:
             for li, l in enumerate(self.moe):
                 p = plan.stage_to_pp_rank[plan.stage_of_layer(l)]
-                tok = None if tokens[li] is None else tokens[li] * self.bpt
+                t = tokens[li]
+                tok = None if t is None or isinstance(t, ClassSums) else t * self.bpt
                 seen: dict = {}
                 for d in range(self.inputs.dp):
                     c = int(self.group_class[p, d])
-                    if c not in seen:
+                    if c in seen:
+                        pass
+                    elif isinstance(t, ClassSums):  # bytes sent inside / across nodes
+                        seen[c] = (float(t.send[0].sum()) * self.bpt, float(t.send[1].sum()) * self.bpt)
+                    else:
                         seen[c] = exchange_traffic(tok, routed[li] * self.bpt, self.class_group[c], self.topo, self.cm.a2a)[:2]
                     intra += seen[c][0]
                     inter += seen[c][1]
@@ -166,6 +182,14 @@ class Evaluator:
         if self.moe and self.inputs.ep > 1:
             if cm.a2a == "flat" and (tokens is None or all(t is None for t in tokens)):
                 per_class = np.stack([2 * np.atleast_1d(self.topo.dispatch_time(routed * self.bpt, g)) for g in self.class_group], -1)
+            elif any(isinstance(t, ClassSums) for t in tokens):  # uniform_exchanges: each row by its form
+                rows = np.array([isinstance(t, ClassSums) for t in tokens])
+                per_class = np.zeros((len(self.moe), len(self.class_group)))
+                sums = [t for t in tokens if t is not None]
+                for j, (g, links) in enumerate(zip(self.class_group, self.class_links)):
+                    if (~rows).any():
+                        per_class[~rows, j] = 2 * np.atleast_1d(self.topo.dispatch_time(routed[~rows] * self.bpt, g))
+                    per_class[rows, j] = class_sums_time(sums, self.bpt, links)
             else:
                 tokens = [None] * len(self.moe) if tokens is None else tokens
                 per_class = np.array([[exchange_time(None if t is None else t * self.bpt, r * self.bpt, g, self.topo, cm.a2a) for g in self.class_group]

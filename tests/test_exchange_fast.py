@@ -1,0 +1,77 @@
+"""The placers' fast forms of the nearest-replica rule equal the general rule
+(cost_model.layer_exchange / exchange_time / exchange_traffic) to rounding, on random plans."""
+import numpy as np
+import pytest
+
+from moepipe.placement.cost_model import exchange_time, exchange_traffic, layer_exchange, rule_nodes, uniform_exchanges, uniform_links, class_sums_time
+from moepipe.placement.plan import Plan
+from moepipe.placement.placers import Evaluator, make_placement
+
+from test_placers import inputs, topology
+
+
+def random_holders(rng, E, ep, max_copies):
+    """Every expert on 1..max_copies distinct EP ranks, in random order; some experts unused."""
+    return [list(rng.choice(ep, size=int(rng.integers(1, max_copies + 1)), replace=False)) for _ in range(E)]
+
+
+@pytest.mark.parametrize("ep,local", [(8, 4), (8, 2), (6, 4), (4, 1), (4, 8), (16, 4)])
+def test_uniform_closed_form_equals_the_general_rule(ep, local):
+    rng = np.random.default_rng(ep * 10 + local)
+    topo = topology(max(1, -(-ep // local)), local) if ep >= local else topology(1, local)
+    g = np.arange(ep)
+    nodes = rule_nodes(ep, local)
+    links = uniform_links(topo, g, nodes)
+    assert links is not None
+    E, n = 12, 20
+    maps = [random_holders(rng, E, ep, 3) for _ in range(n)]
+    frac = rng.dirichlet(np.full(E, 0.7), size=n)
+    frac[rng.random((n, E)) < 0.15] = 0.0  # experts nobody routes to
+    frac[0] = 1.0 / E
+    maps[1] = [[int(e % ep)] for e in range(E)]  # a layer without replicas: the even pattern
+    assign = 4096.0
+    routed, sums = uniform_exchanges(maps, frac, assign, nodes)
+    bpt = 7168.0
+    t_fast = class_sums_time([s for s in sums if s is not None], bpt, links)
+    j = 0
+    for i in range(n):
+        r, tok = layer_exchange(maps[i], frac[i], assign, nodes)
+        np.testing.assert_allclose(routed[i], r, rtol=1e-12, atol=1e-9)
+        if tok is None:
+            assert sums[i] is None
+            continue
+        t = exchange_time(tok * bpt, r * bpt, g, topo)
+        assert t_fast[j] == pytest.approx(t, rel=1e-12)
+        ib, xb = exchange_traffic(tok * bpt, r * bpt, g, topo)[:2]
+        assert float(sums[i].send[0].sum()) * bpt == pytest.approx(ib, rel=1e-12, abs=1e-6)
+        assert float(sums[i].send[1].sum()) * bpt == pytest.approx(xb, rel=1e-12, abs=1e-6)
+        j += 1
+
+
+def test_uniform_links_refuses_mixed_links_and_foreign_nodes():
+    topo = topology(2, 4)
+    assert uniform_links(topo, np.arange(8), rule_nodes(8, 2)) is None  # the rule's nodes are not the group's
+    bw = topo.bandwidth.copy()
+    bw[0, 1] = bw[1, 0] = bw[0, 1] / 2
+    topo2 = type(topo)(topo.name, topo.devices, bw, topo.latency)
+    assert uniform_links(topo2, np.arange(8), rule_nodes(8, 4)) is None
+    assert uniform_links(topo, np.arange(8), rule_nodes(8, 4)) is not None
+
+
+@pytest.mark.parametrize("placer", ["eplb", "topo"])
+def test_evaluator_fast_path_equals_the_general_rule(placer):
+    inp = inputs(pp=2, ep=8, dp=2, n_layers=6, experts=16, topo=topology(8, 4))  # EP groups over 2 nodes
+    rng = np.random.default_rng(3)
+    inp.expert_load = {l: rng.lognormal(0, 1.2, 16) for l in inp.spec.moe_layers}
+    fast = Evaluator(inp)
+    assert fast.class_links is not None
+    slow = Evaluator(inp)
+    slow.class_links = None
+    plan = make_placement(placer, inp, replica_slots=2)
+    assert any(len(h) > 1 for m in plan.expert_map.values() for h in m)
+    a, b = fast.evaluate(plan), slow.evaluate(plan)
+    assert a.iteration_time_s == pytest.approx(b.iteration_time_s, rel=1e-12)
+    np.testing.assert_allclose(a.act_bytes, b.act_bytes, rtol=1e-12)
+    for k, v in slow.traffic(plan).items():
+        assert fast.traffic(plan)[k] == pytest.approx(v, rel=1e-12)
+    np.testing.assert_allclose(fast.routed(plan), slow.routed(plan), rtol=1e-12)
