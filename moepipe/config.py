@@ -22,6 +22,7 @@ SCHEDULES = builtin_names("schedule")
 MULTI_STAGE_SCHEDULES = tuple(n for n, spec in BUILTINS["schedule"].items() if spec.multi_stage)
 PLACERS = builtin_names("placer")
 FORECASTERS = builtin_names("forecaster")
+OBJECTIVES = ("mean", "expected", "quantile")  # placer.objective (placement/placers/robust.py)
 MOE_BACKENDS = builtin_names("moe_backend")
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "score")
@@ -109,6 +110,10 @@ class PlacerConfig:
     # steps of expert-load history per MoE layer the forecaster reads (ema folds every step and
     # keeps none); periodic finds periods up to half of it
     forecast_window: int = 64
+    # what the placer optimises over the forecast's load scenarios: mean (the time at the mean
+    # load) | expected (the scenarios' weighted mean time) | quantile (their placer.quantile)
+    objective: str = "mean"
+    quantile: float = 0.9
     # One process only: advise for this [pp, ep, dp] mesh (the re-plans it would make there,
     # from this run's routing statistics); null advises for the one-device job itself
     advise_mesh: Optional[list[int]] = None
@@ -470,6 +475,13 @@ def _check_placer(pc: PlacerConfig) -> None:
     _plugin("forecaster", pc.forecast)
     if pc.forecast_window < 1:
         raise ConfigError(f"placer.forecast_window={pc.forecast_window} must be an integer >= 1: steps of load history the forecaster reads, e.g. 64")
+    if pc.objective not in OBJECTIVES:
+        raise ConfigError(f"placer.objective={pc.objective!r} is not one of {list(OBJECTIVES)}: pick one")
+    if not 0 < pc.quantile <= 1:
+        raise ConfigError(f"placer.quantile={pc.quantile} must be in (0, 1]: e.g. 0.9 (the time 90% of the load scenarios stay under)")
+    if pc.objective != "mean" and pc.forecast in ("ema", "last"):
+        raise ConfigError(f"placer.objective={pc.objective} needs load scenarios, which placer.forecast={pc.forecast} does not give: "
+                          "use placer.forecast=window, trend or periodic, or placer.objective=mean")
 
 
 def advisory_config(cfg: MoepipeConfig) -> MoepipeConfig:

@@ -148,10 +148,24 @@ class ReplanLoop:
             times = self.time_ema if self.time_ema is not None and (self.time_ema > 0).all() else None
             self.last_forecast = self.forecast_loads(horizon)
             load = {layer_id: f.mean for layer_id, f in self.last_forecast.items()}
-            inputs = inputs_from_config(self.cfg, self.topology, expert_load=load or None, layer_times=times, origins=self.origins_for_plan())
+            inputs = inputs_from_config(self.cfg, self.topology, expert_load=load or None, layer_times=times, origins=self.origins_for_plan(),
+                                        **self.scenarios_for_plan())
             return self.judge(decide(pc.name, inputs, current, pc.replica_slots, horizon, pc.min_gain_frac), current, horizon)
         except ConfigError as err:  # e.g. no plan fits the declared memory: keep training as is
             return {"placer": pc.name, "migrate": False, "reason": f"placer error, layout kept: {err}", "plan": to_json(current)}
+
+    def scenarios_for_plan(self) -> dict:
+        """The latest forecast's load scenarios as the placer reads them (`scenarios`: one {moe
+        layer: load} per scenario, `scenario_weights`), for placer.objective=expected|quantile;
+        empty when the objective is the mean or a layer's forecast has no scenarios."""
+        fc = self.last_forecast
+        if self.cfg.placer.objective == "mean" or not fc or any(f.scenarios is None for f in fc.values()):
+            return {}
+        n = {len(f.scenarios) for f in fc.values()}
+        if len(n) != 1:  # forecasters give every layer as many scenarios (one horizon); a plug-in may not
+            return {}
+        first = next(iter(fc.values()))
+        return {"scenarios": [{l: f.scenarios[k] for l, f in fc.items()} for k in range(n.pop())], "scenario_weights": first.weights}
 
     def origins_for_plan(self) -> Optional[dict[int, np.ndarray]]:
         """The origin EMA when it describes the mesh being planned (its EP size and every MoE

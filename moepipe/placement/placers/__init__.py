@@ -24,7 +24,7 @@ import numpy as np
 
 from moepipe.config import ConfigError
 from moepipe.placement.plan import Plan, mesh_coords, stage_assignment, validate_plan
-from moepipe.placement.placers import baselines
+from moepipe.placement.placers import baselines, robust
 from moepipe.placement.placers.evaluate import Evaluation, Evaluator
 from moepipe.placement.placers.inputs import PlacementInputs, effective_cost_model, inputs_from_config, load_fractions, origins_of, routing_of
 from moepipe.placement.placers.migration import migration_bytes, migration_time_s
@@ -181,8 +181,12 @@ def decide(name: str, inputs: PlacementInputs, current: Plan, replica_slots: int
     ev = Evaluator(inputs)
     new = make_placement(name, inputs, replica_slots, current, evaluator=ev)
     solve = time.perf_counter() - t0
-    old_s = ev.evaluate(current).iteration_time_s
-    new_s = float(new.meta.get("predicted_s", ev.evaluate(new).iteration_time_s))
+    if robust.is_robust(inputs):  # placer.objective over the load scenarios, for both plans
+        score = robust.scorer(inputs, ev)
+        old_s, new_s = score(current), score(new)
+    else:
+        old_s = ev.evaluate(current).iteration_time_s
+        new_s = float(new.meta.get("predicted_s", ev.evaluate(new).iteration_time_s))
     gain = (old_s - new_s) * horizon_steps
     moved = migration_bytes(current, new, inputs)
     cost = migration_time_s(current, new, inputs)

@@ -32,6 +32,12 @@ class PlacementInputs:
     expert_load: Optional[dict[int, np.ndarray]] = None  # moe layer -> tokens per expert per step (EMA); None = uniform
     layer_times: Optional[np.ndarray] = None  # seconds per block per step (fwd+bwd) on a nominal device; None = cost model
     origins: Optional[dict[int, np.ndarray]] = None  # moe layer -> [ep, E] tokens per source EP rank per expert (EMA); None = evenly spread
+    # robust plans (placers/robust.py): loads the next interval may bring (Forecast.scenarios, one
+    # {moe layer: tokens per expert} each) with their weights, and what the placer optimises over them
+    scenarios: Optional[list[dict[int, np.ndarray]]] = None
+    scenario_weights: Optional[np.ndarray] = None
+    objective: str = "mean"  # placer.objective: mean | expected | quantile
+    quantile: float = 0.9  # placer.quantile (objective=quantile)
 
     @property
     def world(self) -> int:
@@ -44,7 +50,7 @@ class PlacementInputs:
 
 def inputs_from_config(
     cfg: MoepipeConfig, topology: Optional[Topology] = None, expert_load: Optional[dict] = None, layer_times: Optional[np.ndarray] = None,
-    origins: Optional[dict] = None,
+    origins: Optional[dict] = None, scenarios: Optional[list] = None, scenario_weights: Optional[np.ndarray] = None,
 ) -> PlacementInputs:
     """The placer inputs of a validated config (the simulator's conventions for dtype and cost model)."""
     from moepipe.sim.schedules import plan_style
@@ -61,6 +67,7 @@ def inputs_from_config(
         topology=topo, spec=spec, cost_model=cm, pp=cfg.parallel.pp, ep=cfg.parallel.ep, dp=cfg.parallel.dp,
         virtual_stages=cfg.schedule.virtual_stages, style=plan_style(cfg.schedule.name), schedule=cfg.schedule.name,
         microbatches=cfg.schedule.microbatches, expert_load=expert_load, layer_times=layer_times, origins=origins,
+        scenarios=scenarios, scenario_weights=scenario_weights, objective=cfg.placer.objective, quantile=cfg.placer.quantile,
     )
 
 

@@ -26,13 +26,14 @@ minimise the simulated iteration time.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
 
 from moepipe.placement.cost_model import exchange_time, layer_exchange
 from moepipe.placement.plan import Plan
-from moepipe.placement.placers import baselines
+from moepipe.placement.placers import baselines, robust
 from moepipe.placement.placers.evaluate import Evaluator
 from moepipe.placement.placers.packing import (
     every_bin_used, expert_maps, node_groups, node_members, pack_batch, pack_by_origin, pack_in_nodes, pieces_batch, refine_batch,
@@ -331,6 +332,14 @@ def _with_layers(stage_layers, s2r, kinds, maps_by_kind, moe) -> dict:
 
 
 def topo(ev: Evaluator, replica_slots: int, current: Optional[Plan] = None) -> tuple[Plan, dict]:
+    """topo's plan for the evaluator's job: on the mean load, or over the load scenarios
+    (placer.objective=expected|quantile with inputs.scenarios: `_robust_topo`)."""
+    if robust.is_robust(ev.inputs):
+        return _robust_topo(ev, replica_slots, current)
+    return _topo_mean(ev, replica_slots, current)
+
+
+def _topo_mean(ev: Evaluator, replica_slots: int, current: Optional[Plan] = None) -> tuple[Plan, dict]:
     i = ev.inputs
     K = baselines.slots_per_rank(i, replica_slots)
     kinds, keys = _profiles(ev)
@@ -422,3 +431,33 @@ def _boundary_search(ev: Evaluator, plan: Plan, t: float, res0, make, tag):
                     layers, plan, t, res0, improved = trial, p, res.iteration_time_s, res, True
                     break
     return plan, t, res0, n
+
+
+def _robust_topo(ev: Evaluator, replica_slots: int, current: Optional[Plan]) -> tuple[Plan, dict]:
+    """topo for placer.objective=expected|quantile (placers/robust.py): the candidates of the
+    mean-load solve (topo's own choice, eplb, static, the current plan) and hedge candidates
+    (topo and eplb packed on `robust.hedge_load`, which copies every expert hot in some scenario),
+    each scored by the objective over the scenarios; the best that fits in memory. Ties: the
+    earlier candidate (the mean-load plan first)."""
+    i = ev.inputs
+    score = robust.scorer(i, ev)
+    plan, _ = _topo_mean(ev, replica_slots, current)  # ev's own load is the mean
+    cands = [("mean", plan)]
+    if current is not None and list(current.stage_to_pp_rank) == ev.s2r and current.n_layers == ev.spec.n_layers:
+        cands.append(("current", current))
+    cands += [("eplb", baselines.eplb(ev, replica_slots)), ("static", ev.static_plan())]
+    hedge = robust.hedge_load(i)
+    if hedge is not None and replica_slots > 0:
+        h_ev = Evaluator(replace(i, expert_load=hedge, scenarios=None, scenario_weights=None, objective="mean"))
+        h_plan, _ = _topo_mean(h_ev, replica_slots, None)
+        cands += [("hedge", h_plan), ("hedge_eplb", baselines.eplb(h_ev, replica_slots))]
+    scored = []
+    for j, (tag, p) in enumerate(cands):
+        fits = bool((ev.evaluate(p).memory_bytes <= ev.mem).all())
+        scored.append((not fits, score(p), j, tag, p))
+    scored.sort(key=lambda x: x[:3])
+    _, best_s, _, tag, best = scored[0]
+    meta = dict(best.meta) | {"placer": "topo", "replica_slots": int(replica_slots), "variant": f"robust:{tag}",
+                              "objective": i.objective, "objective_s": best_s}
+    out = {"candidates": {t: s for _, s, _, t, _ in scored}, "chosen": tag, "evaluation": ev.evaluate(best), "objective_s": best_s}
+    return Plan(best.stage_layers, best.stage_to_pp_rank, best.expert_map, best.pp, best.ep, best.dp, meta), out
