@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from moepipe.config import FORECASTERS, MOE_BACKENDS, conf_dir
+from moepipe.config import FORECASTERS, MOE_BACKENDS, OBJECTIVES, conf_dir
 
 from conftest import compose_cfg
 
@@ -368,6 +368,26 @@ def check_forecast(name: str) -> Callable:
     return check
 
 
+def check_objective(name: str) -> Callable:
+    """placer.objective=<name> (with placer.forecast=window, whose scenarios are the window's
+    stretches): the advisory re-plan after 3 of 5 steps handed the placer the forecast's
+    scenarios and weights (expected, quantile) or none (mean). Their use is tests/test_robust.py's."""
+
+    def check(r: Result) -> None:
+        trained(r)
+        loop = r.trainer.replan
+        assert r.config["placer"]["objective"] == name and [row["step"] for row in r.rows if row.get("event") == "replan"] == [3]
+        kw = loop.scenarios_for_plan()
+        if name == "mean":
+            assert kw == {}
+            return
+        for layer, f in loop.last_forecast.items():
+            assert np.array_equal(np.stack([s[layer] for s in kw["scenarios"]]), f.scenarios)
+        assert np.array_equal(kw["scenario_weights"], next(iter(loop.last_forecast.values())).weights) and len(kw["scenarios"]) == 2
+
+    return check
+
+
 def check_local_cpu(r: Result) -> None:
     trained(r)
     # emulation asked for, but every device of local_cpu runs at speed 1: nothing sleeps
@@ -531,6 +551,10 @@ ROWS: dict[tuple[str, str], list[Row]] = {
     **{("placer.forecast", f): [("train1", ("parallel=single", "placer=topo", f"placer.forecast={f}", "placer.forecast_window=2",
                                               "placer.interval=3", "train.steps=5", "train.log_every=1"), check_forecast(f))]
        for f in FORECASTERS},
+    **{("placer.objective", o): [("train1", ("parallel=single", "placer=topo", "placer.forecast=window", "placer.forecast_window=2",
+                                             "placer.interval=3", "train.steps=5", "train.log_every=1")
+                                  + (() if o == "mean" else (f"placer.objective={o}",)), check_objective(o))]
+       for o in OBJECTIVES},
     ("topology", "local_cpu"): [("train1", ("topology=local_cpu", "workload.emulate_speed=true"), check_local_cpu)],
     ("topology", "local_cpu_slow"): [("train1", SLOW, check_local_cpu_slow)],
     # parallel.a2a=hierarchical: 4 ranks declared as 2 nodes x 2, each EP group spanning both (its
@@ -561,7 +585,8 @@ def menu() -> set[tuple[str, str]]:
     """Every option the conf/ tree and the backend list offer."""
     options = {(g, p.stem) for g in GROUPS for p in (CONF / g).glob("*.yaml")}
     options |= {("hydra/launcher", p.stem) for p in (CONF / "hydra" / "launcher").glob("*.yaml")}
-    return options | {("moe.backend", b) for b in MOE_BACKENDS} | {("placer.forecast", f) for f in FORECASTERS}
+    return (options | {("moe.backend", b) for b in MOE_BACKENDS} | {("placer.forecast", f) for f in FORECASTERS}
+            | {("placer.objective", o) for o in OBJECTIVES})
 
 
 def test_every_menu_option_has_a_row():
