@@ -338,6 +338,7 @@ def summarise_multinode(cases: dict) -> dict:
 #   topo    placer.forecast=periodic over the last MOVING_WINDOW steps, placer.objective=expected over
 #           its scenarios (robust.py), adopted only when decide() predicts a gain past migration
 #           and hysteresis (min_gain_frac 2%)
+MOVING_PERIODS = ("_p5", "_p20", "_p80")  # of eval_forecast's moving hot blocks (every fraction of a block): the script's time budget
 MOVING_WINDOW = 160  # steps of history the forecaster reads (periods up to 80 need 160)
 MOVING_FAMILIES_HEADLINE = ("drift", "moving", "jumping")  # geomean_speedup_topo_vs_eplb_moving
 
@@ -363,7 +364,8 @@ def moving_traces(E: int, ep: int, steps: int, quick: bool) -> dict:
     from eval_forecast import synthetic_traces
 
     tr = synthetic_traces(E, ep, steps, seed=0, quick=quick)
-    keep = {"zipf", "lognormal", "hot_expert", "burst", "drift_linear", "drift_walk"} | {k for k in tr if k.startswith(("moving_", "jumping_"))}
+    keep = ({"zipf", "lognormal", "hot_expert", "burst", "drift_linear", "drift_walk"} | {k for k in tr if k.startswith("jumping_")}
+            | {k for k in tr if k.startswith("moving_") and k.endswith(MOVING_PERIODS)})
     if quick:
         keep = {"zipf", "drift_walk", "moving_f0.5_p5", "jumping_p5"}
     return {k: v for k, v in tr.items() if k in keep}

@@ -610,6 +610,24 @@ class ClassSums:
     recv_on: np.ndarray
 
 
+_FLAT: dict = {}  # id of each layer's holders -> (the holders, copies per expert, EP rank of every copy)
+
+
+def _flat_holders(maps: Sequence, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(copies per (layer, expert), EP rank of every copy) of n layers' holders, cached on the
+    holder lists' identities: a robust placer scores one plan under many load scenarios."""
+    key = tuple(map(id, maps))
+    hit = _FLAT.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], maps)):
+        return hit[1], hit[2]
+    lens = np.fromiter((len(h) for m in maps for h in m), dtype=np.int64, count=count)
+    cols = np.fromiter(chain.from_iterable(chain.from_iterable(maps)), dtype=np.int64, count=int(lens.sum()))
+    if len(_FLAT) > 32:
+        _FLAT.clear()
+    _FLAT[key] = (list(maps), lens, cols)
+    return lens, cols
+
+
 def uniform_exchanges(maps: Sequence[Sequence[Sequence[int]]], frac: np.ndarray, assign: float, node_of: np.ndarray
                       ) -> tuple[np.ndarray, list[Optional[ClassSums]]]:
     """`layer_exchange` with evenly spread origins for n layers at once (maps[i]: layer i's
@@ -622,8 +640,7 @@ def uniform_exchanges(maps: Sequence[Sequence[Sequence[int]]], frac: np.ndarray,
     _, node = np.unique(node_of, return_inverse=True)
     G = int(node.max()) + 1
     size = np.bincount(node, minlength=G).astype(np.float64)
-    lens = np.fromiter((len(h) for m in maps for h in m), dtype=np.int64, count=n * E)
-    cols = np.fromiter(chain.from_iterable(chain.from_iterable(maps)), dtype=np.int64, count=int(lens.sum()))
+    lens, cols = _flat_holders(maps, n * E)
     le = np.repeat(np.arange(n * E), lens)  # layer * E + expert of every copy
     lay = le // E
     dst = lay * ep + cols  # (layer, EP rank) of every copy
