@@ -219,23 +219,40 @@ def origin_loads(kind: str, strength: float, origin_strength: float, steps, moe_
     return np.array(out)
 
 
-def inter_node_bound_bytes(ev: Evaluator, slots: int) -> float:
+def inter_node_bound_bytes(ev: Evaluator, slots: int, iters: int = 300) -> float:
     """A lower bound on the all-to-all bytes crossing nodes per iteration of any plan with
-    `slots` expert slots per EP rank, on the evaluator's load and origins: under the
-    nearest-replica rule the tokens of node g for expert e stay inside g exactly when g holds a
-    copy of e, and g holds at most (its ranks x slots) experts, so at best it keeps its most
-    demanded ones (no balance, no copy constraints). Counted as Evaluator.traffic counts bytes."""
+    `slots` expert slots per EP rank, on the evaluator's load and origins, counted as
+    Evaluator.traffic counts bytes. Under the nearest-replica rule the tokens of node g for
+    expert e stay inside g exactly when g holds a copy of e; g holds at most (its ranks x slots)
+    experts, and every expert needs a copy somewhere (balance is ignored). The most tokens kept
+    inside nodes is then at most, for any multipliers y_e >= 0 on "every expert has a copy",
+    sum_g (the top slots of d[g, :] + y) - sum(y) (Lagrangian relaxation; y = 0: each node keeps
+    its most demanded experts); a subgradient search over y tightens it, and any y is valid."""
     inp = ev.inputs
     node = ev.rule_nodes
     G = int(node.max()) + 1
     onehot = (node[None, :] == np.arange(G)[:, None]).astype(np.float64)  # [G, ep]
-    cap = onehot.sum(1).astype(np.int64) * slots
-    per_mb = 0.0
-    for li in range(len(ev.moe)):
-        share = np.full((inp.ep, ev.spec.num_experts), 1.0 / inp.ep) if ev.origin_share is None else ev.origin_share[li]
-        d = onehot @ (share * ev.frac[li][None, :] * ev.assign)  # [G, E] tokens from node g for e
-        top = -np.sort(-d, axis=1)
-        per_mb += float(d.sum() - sum(top[g, :cap[g]].sum() for g in range(G)))
+    cap = onehot.sum(1).astype(np.int64) * slots  # [G]
+    E = ev.spec.num_experts
+    share = np.full((len(ev.moe), inp.ep, E), 1.0 / inp.ep) if ev.origin_share is None else ev.origin_share
+    d = np.einsum("gs,lse->lge", onehot, share * ev.frac[:, None, :] * ev.assign)  # [n, G, E] tokens from node g for e
+    top = np.arange(E)[None, :] < np.minimum(cap, E)[:, None]  # [G, E]: the first cap[g] of a descending sort
+
+    def kept(y):  # [n] the relaxation's most tokens kept inside nodes, and its subgradient
+        v = d + y[:, None, :]
+        o = np.argsort(-v, axis=2, kind="stable")
+        pick = np.zeros_like(v, dtype=bool)
+        np.put_along_axis(pick, o, np.broadcast_to(top, v.shape), axis=2)
+        return (v * pick).sum((1, 2)) - y.sum(1), pick.sum(1) - 1.0
+
+    y = np.zeros((len(ev.moe), E))
+    best, _ = kept(y)
+    step0 = d.sum((1, 2)) / (E * G)  # [n] a typical demand: the step scale
+    for k in range(iters):
+        val, g = kept(y)
+        best = np.minimum(best, val)
+        y = np.maximum(0.0, y - (step0 / (1 + k / 10))[:, None] * g)
+    per_mb = float((d.sum((1, 2)) - best).sum())
     passes = 2 * (3 if ev.spec.activation_checkpointing else 2)
     return per_mb * ev.bpt * inp.microbatches * passes * inp.dp
 

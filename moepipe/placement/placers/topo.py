@@ -43,7 +43,10 @@ from moepipe.placement.placers.packing import (
 EVAL_ACTION_BUDGET = 6000  # engine actions the boundary search may simulate (a few tenths of a second)
 LARGE_GROUP_SLOTS = 256  # EP group slots above which a layer tries fewer packing variants (solve time)
 REFINE_ROUNDS = 6  # moves/swaps per packing refinement
-ORIGIN_SLACKS = (1.1, 1.02, 1.3)  # how far past the balanced finish an origin-local home may go (the first on large groups)
+# how far past the balanced finish an origin-local home may go; large slacks trade balance for
+# locality, which pays when the all-to-all is a large share (ties go to fewer inter-node bytes)
+ORIGIN_SLACKS = (1.1, 1.02, 1.3, 2.0, 5.0)
+LARGE_ORIGIN_SLACKS = (1.1,)  # on large groups (solve time)
 # candidate preference on equal time: fewer replicas, then in-node replicas
 HIER_FIT, FLAT_FIT, HIER_ALL, FLAT_ALL = range(4)
 
@@ -195,7 +198,7 @@ def origin_candidates(ev: Evaluator, rows_a: np.ndarray, rate: np.ndarray, nodes
     np.fill_diagonal(cost, 0.0)
     spare = max(0, ep * K - E)
     large = ep * K > LARGE_GROUP_SLOTS  # solve-time budget: fewer variants on large groups
-    slacks = ORIGIN_SLACKS[:1] if large else ORIGIN_SLACKS
+    slacks = LARGE_ORIGIN_SLACKS if large else ORIGIN_SLACKS
     owner, maps = [], []
     variants = [(0, False)] + (([(spare, True)] if large else [(spare, False), (spare, True)]) if spare else [])
     for slack in slacks:
