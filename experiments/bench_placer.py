@@ -384,7 +384,7 @@ def moving_traces(E: int, ep: int, steps: int, quick: bool) -> dict:
     keep = ({"zipf", "lognormal", "hot_expert", "burst", "drift_linear", "drift_walk"} | {k for k in tr if k.startswith("jumping_")}
             | {k for k in tr if k.startswith("moving_") and k.endswith(MOVING_PERIODS)})
     if quick:
-        keep = {"zipf", "drift_walk", "moving_f0.5_p5", "jumping_p5"}
+        keep = {"zipf", "moving_f0.5_p5"}
     return {k: v for k, v in tr.items() if k in keep}
 
 
