@@ -31,7 +31,16 @@ realised_s and the realised all-to-all bytes per iteration by link class
 (a2a_bytes_inter_node / a2a_bytes_intra_node, the evaluator's nearest-replica exchange), and
 topo's EP layout report (plan.meta["ep_layout"]). Top-level: inter_node_bytes_ratio_topo_vs_eplb
 and speedup_topo_vs_eplb_multinode (geometric means over cases x workloads),
-speedup_topo_vs_eplb_multinode_comm_significant (where communication is >= 20% of eplb's step).
+speedup_topo_vs_eplb_multinode_comm_significant (where communication is >= 20% of eplb's step);
+per case inter_node_bytes_bound and inter_node_bytes_ratio_bound_vs_eplb: no plan with the same
+slots moves fewer inter-node bytes on the next window's load (inter_node_bound_bytes).
+
+Changing loads (issue 15, `moving` in the JSON; run_moving): 256 experts on EP32 over 4 nodes,
+drifting loads, hot blocks moving by 1/4, 1/2 or a whole block every 5, 20 or 80 steps or
+jumping to random offsets, bursts and stationary skews; re-plans every 10 steps on the observed
+past, scored on the true next 10 steps with migration times charged. Top-level:
+geomean_speedup_topo_vs_eplb_moving (drift, moving and jumping hot spots) and
+max_topo_over_best_static_eplb_stationary.
 
     PYTHONPATH=. python experiments/bench_placer.py
     PYTHONPATH=. python experiments/bench_placer.py --quick --out /tmp/x.json   # one topology (+ ib_4x8 local_hot), 2-step windows, no 1,024-device case

@@ -75,3 +75,22 @@ def test_evaluator_fast_path_equals_the_general_rule(placer):
     for k, v in slow.traffic(plan).items():
         assert fast.traffic(plan)[k] == pytest.approx(v, rel=1e-12)
     np.testing.assert_allclose(fast.routed(plan), slow.routed(plan), rtol=1e-12)
+
+
+@pytest.mark.parametrize("ep,local", [(8, 2), (6, 4), (12, 4), (16, 8)])
+def test_split_in_node_blocks_is_the_per_node_rule_bit_for_bit(ep, local, monkeypatch):
+    import moepipe.placement.cost_model as cm
+
+    rng = np.random.default_rng(ep + local)
+    holders = random_holders(rng, 24, ep, 4)
+    tab = cm.copy_table(holders, rule_nodes(ep, local))
+    assert cm._node_block(tab) == local
+    counts_i = rng.integers(0, 40, size=(ep, 24))
+    counts_i[:, 3] = 0
+    counts_f = rng.random((ep, 24)) * 100
+    fast = [cm.split_over_copies(c, tab) for c in (counts_i, counts_f)]
+    monkeypatch.setattr(cm, "_node_block", lambda table: 0)  # the per-node passes (the runtime's torch path)
+    slow = [cm.split_over_copies(c, tab) for c in (counts_i, counts_f)]
+    for a, b in zip(fast, slow):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)

@@ -521,6 +521,9 @@ def split_over_copies(counts: Any, table: CopyTable) -> Any:
     cost model, numpy) give the same rule on expected counts. Every row sums to its count."""
     ops = _ops_for(counts)
     integer = ops.integer(counts)
+    L = _node_block(table)
+    if isinstance(counts, np.ndarray) and L and len(table.nodes) > 1:
+        return _split_node_blocks(counts, table, L, integer)
     own, near = table.own, table.near
     has_own, has_near = own.any(-1), near.any(-1)
     out = counts[..., None] * own
@@ -534,6 +537,40 @@ def split_over_copies(counts: Any, table: CopyTable) -> Any:
     c2 = counts * ~has_near  # no copy in this node: any copy, by load
     out = out + _overlap(ops, c2, _waterfill(ops, load, table.valid, c2.sum(0), integer))
     return out
+
+
+def _node_block(table: CopyTable) -> int:
+    """L when the table's nodes are consecutive blocks of L EP ranks (the last may be short),
+    as `rule_nodes` makes them; else 0."""
+    node_of = np.asarray(table.node_of)
+    L = int((node_of == node_of[0]).sum())
+    return L if np.array_equal(node_of, np.arange(len(node_of)) // L) else 0
+
+
+def _split_node_blocks(counts: np.ndarray, table: CopyTable, L: int, integer: bool) -> np.ndarray:
+    """`split_over_copies` for numpy counts with nodes in blocks of L ranks: the in-node tier of
+    every node at once ([node, rank in node, expert, copy]) instead of one pass per node. Each
+    node's sources and copies are disjoint from the others', and the per-node pass only adds
+    zeros outside its node, so the result is the same, bit for bit (tests/test_exchange_fast.py)."""
+    ep, E = counts.shape
+    G = len(table.nodes)
+    own, near = table.own, table.near
+    has_own, has_near = own.any(-1), near.any(-1)
+    out = counts[..., None] * own
+    load = out.sum(0)  # [E, W]
+    c1 = counts * (has_near & ~has_own)
+    cg = np.concatenate([c1, np.zeros((G * L - ep, E), dtype=c1.dtype)]).reshape(G, L, E)
+    W = load.shape[-1]
+    mask = table.copy_node[None] == np.arange(G)[:, None, None]  # [G, E, W]
+    x = _waterfill(_NumpyOps, np.broadcast_to(load, (G, E, W)).reshape(G * E, W), mask.reshape(G * E, W),
+                   cg.sum(1).reshape(G * E), integer).reshape(G, E, W)
+    c_hi, x_hi = cg.cumsum(1), x.cumsum(-1)
+    lo = np.maximum((c_hi - cg)[..., None], (x_hi - x)[:, None])
+    tier1 = np.maximum(np.minimum(c_hi[..., None], x_hi[:, None]) - lo, 0).reshape(G * L, E, W)[:ep]
+    out = out + tier1
+    load = load + x.sum(0)
+    c2 = counts * ~has_near  # no copy in this node: any copy, by load
+    return out + _overlap(_NumpyOps, c2, _waterfill(_NumpyOps, load, table.valid, c2.sum(0), integer))
 
 
 # ------------------------------------------------------------------ token origins and the exchange
