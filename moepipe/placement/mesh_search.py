@@ -132,8 +132,8 @@ def evaluate_mesh(cfg: MoepipeConfig, topology: Topology, tp: int, pp: int, ep: 
         r = int(need.argmax())
         out.peak_memory_bytes, out.param_bytes, out.activation_bytes = float(need[r]), float(mem.param_bytes[r]), float(mem.act_bytes[r])
         if need[r] > cap:
-            raise ConfigError(f"needs {need[r] / 1e9:.1f} GB per GPU (parameters+AdamW {mem.param_bytes[r] / 1e9:.1f}, "
-                              f"activations {mem.act_bytes[r] / 1e9:.1f}) > {cap / 1e9:.1f} GB")
+            raise ConfigError(f"needs {need[r] / 1e9:.2f} GB per GPU (parameters+AdamW {mem.param_bytes[r] / 1e9:.2f}, "
+                              f"activations {mem.act_bytes[r] / 1e9:.2f}) > {cap / 1e9:.2f} GB")
         plan = make_placement(name, inputs, c.placer.replica_slots, evaluator=ev)
     except ConfigError as err:
         out.reason = str(err).splitlines()[0]
