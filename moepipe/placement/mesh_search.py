@@ -38,6 +38,7 @@ class MeshResult:
     bubble_fraction: Optional[float] = None
     grad_sync_s: Optional[float] = None
     placer: str = ""
+    microbatches: Optional[int] = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -56,6 +57,7 @@ class MeshSearch:
     microbatches: int
     placer: str
     tokens_per_step: int
+    microbatch_seqs: Optional[int] = None  # None: every mesh runs `microbatches`
     feasible: list[MeshResult] = field(default_factory=list)  # simulated, fastest first
     rejected: list[MeshResult] = field(default_factory=list)  # with a reason, in enumeration order
 
@@ -67,6 +69,7 @@ class MeshSearch:
         best = self.best
         return {
             "gpus": self.gpus, "topology": self.topology, "schedule": self.schedule, "microbatches": self.microbatches,
+            "microbatch_seqs": self.microbatch_seqs,
             "placer": self.placer, "tokens_per_step": self.tokens_per_step,
             "chosen": None if best is None else asdict(best),
             "feasible": [asdict(r) for r in (self.feasible if top is None else self.feasible[:top])],
@@ -101,22 +104,32 @@ def _tp_shape_problem(cfg: MoepipeConfig, tp: int) -> str:
     return ""
 
 
-def with_mesh(cfg: MoepipeConfig, tp: int, pp: int, ep: int, dp: int) -> MoepipeConfig:
-    return replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, ep=ep, dp=dp))
+def with_mesh(cfg: MoepipeConfig, tp: int, pp: int, ep: int, dp: int, microbatch_seqs: Optional[int] = None) -> MoepipeConfig:
+    """cfg on that mesh. `microbatch_seqs`: keep the microbatch size (sequences per microbatch per
+    pipeline) instead of the count: microbatches = batch_size / (ep dp microbatch_seqs)."""
+    out = replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, ep=ep, dp=dp))
+    if microbatch_seqs is not None:
+        per = ep * dp * int(microbatch_seqs)
+        if cfg.train.batch_size % per:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split into {ep * dp} pipelines x microbatches of {microbatch_seqs} sequences")
+        out = replace(out, schedule=replace(cfg.schedule, microbatches=cfg.train.batch_size // per))
+    return out
 
 
 def evaluate_mesh(cfg: MoepipeConfig, topology: Topology, tp: int, pp: int, ep: int, dp: int, placer: Optional[str] = None,
-                  workload: Optional[Callable[[MoepipeConfig], tuple]] = None) -> MeshResult:
+                  workload: Optional[Callable[[MoepipeConfig], tuple]] = None, microbatch_seqs: Optional[int] = None) -> MeshResult:
     """One mesh shape: checked, planned, simulated. `topology` is per GPU (at least tp*pp*ep*dp
-    devices). `workload(cfg) -> (expert_load, origins)` for that mesh (None: uniform routing)."""
+    devices). `workload(cfg) -> (expert_load, origins)` for that mesh (None: uniform routing);
+    `microbatch_seqs`: see `with_mesh` (None: cfg's schedule.microbatches)."""
     from moepipe.placement.placers import Evaluator, inputs_from_config, make_placement
     from moepipe.placement.placers.inputs import origins_of, routing_of
     from moepipe.sim.simulator import simulate
 
     name = placer or cfg.placer.name
     out = MeshResult(tp, pp, ep, dp, False, placer=name)
-    c = with_mesh(cfg, tp, pp, ep, dp)
     try:
+        c = with_mesh(cfg, tp, pp, ep, dp, microbatch_seqs)
+        out.microbatches = c.schedule.microbatches
         problem = _tp_shape_problem(c, tp)
         if problem:
             raise ConfigError(problem)
@@ -152,18 +165,20 @@ def evaluate_mesh(cfg: MoepipeConfig, topology: Topology, tp: int, pp: int, ep: 
 
 
 def search_mesh(cfg: MoepipeConfig, topology: Topology, placer: Optional[str] = None, gpus: Optional[int] = None,
-                tp_sizes: Sequence[int] = TP_SIZES, workload: Optional[Callable[[MoepipeConfig], tuple]] = None) -> MeshSearch:
+                tp_sizes: Sequence[int] = TP_SIZES, workload: Optional[Callable[[MoepipeConfig], tuple]] = None,
+                microbatch_seqs: Optional[int] = None) -> MeshSearch:
     """Every mesh of `gpus` GPUs (default: all of the per-GPU `topology`) for cfg's model, schedule
     and batch, simulated with `placer` (default cfg.placer.name). Feasible ones fastest first
-    (ties: smaller tp, then pp, ep); the first is the chosen mesh."""
+    (ties: smaller tp, then pp, ep); the first is the chosen mesh. The microbatch count is the
+    config's, or with `microbatch_seqs` whatever keeps that many sequences per microbatch."""
     n = topology.n_devices if gpus is None else int(gpus)
     if n > topology.n_devices:
         raise ConfigError(f"mesh search over {n} GPUs > topology devices={topology.n_devices} (topology={topology.name}): pick a larger topology")
     E = cfg.moe.num_experts if moe_layer_ids(cfg.model, cfg.moe) else 0
     out = MeshSearch(n, topology.name, cfg.schedule.name, cfg.schedule.microbatches, placer or cfg.placer.name,
-                     cfg.train.batch_size * cfg.train.seq_len)
+                     cfg.train.batch_size * cfg.train.seq_len, microbatch_seqs)
     for shape in enumerate_meshes(n, cfg.model.n_layers, E, tp_sizes):
-        r = evaluate_mesh(cfg, topology, *shape, placer=placer, workload=workload)
+        r = evaluate_mesh(cfg, topology, *shape, placer=placer, workload=workload, microbatch_seqs=microbatch_seqs)
         (out.feasible if r.feasible else out.rejected).append(r)
     out.feasible.sort(key=lambda r: (r.iteration_time_s, r.tp, r.pp, r.ep))
     return out
@@ -172,12 +187,13 @@ def search_mesh(cfg: MoepipeConfig, topology: Topology, placer: Optional[str] = 
 def format_table(search: MeshSearch, top: Optional[int] = None) -> str:
     """The best `top` feasible meshes as a text table, the chosen one marked."""
     rows = search.feasible if top is None else search.feasible[:top]
-    lines = [f"mesh search: {search.gpus} GPUs on {search.topology}, schedule={search.schedule} m={search.microbatches} "
+    m = search.microbatches if search.microbatch_seqs is None else f"{search.microbatch_seqs} seq/microbatch"
+    lines = [f"mesh search: {search.gpus} GPUs on {search.topology}, schedule={search.schedule} m={m} "
              f"placer={search.placer}: {len(search.feasible)} feasible, {len(search.rejected)} rejected",
-             f"{'':2}{'tp':>3} {'pp':>3} {'ep':>3} {'dp':>4} {'step_s':>10} {'tokens/s':>12} {'peak_GB/GPU':>12} {'bubble':>7}"]
+             f"{'':2}{'tp':>3} {'pp':>3} {'ep':>3} {'dp':>4} {'m':>4} {'step_s':>10} {'tokens/s':>12} {'peak_GB/GPU':>12} {'bubble':>7}"]
     for i, r in enumerate(rows):
-        lines.append(f"{'*' if i == 0 else ' ':2}{r.tp:>3} {r.pp:>3} {r.ep:>3} {r.dp:>4} {r.iteration_time_s:>10.4g} {r.tokens_per_s:>12.4g} "
-                     f"{r.peak_memory_bytes / 1e9:>12.1f} {r.bubble_fraction:>7.3f}")
+        lines.append(f"{'*' if i == 0 else ' ':2}{r.tp:>3} {r.pp:>3} {r.ep:>3} {r.dp:>4} {r.microbatches:>4} {r.iteration_time_s:>10.4g} "
+                     f"{r.tokens_per_s:>12.4g} {r.peak_memory_bytes / 1e9:>12.1f} {r.bubble_fraction:>7.3f}")
     best = search.best
     lines.append("chosen: none fits" if best is None else f"chosen: {best.label} (tokens/s {best.tokens_per_s:.4g})")
     return "\n".join(lines)
