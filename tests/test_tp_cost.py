@@ -204,3 +204,34 @@ def test_a_model_too_large_without_tp_or_pp_picks_them(search):
     assert {r.shape for r in no_tp} == {m for m in enumerate_meshes(8, 8, 0) if m[0] == 1}
     assert all("GB per GPU" in r.reason or "microbatches" in r.reason for r in no_tp)
     assert dense.best is not None and dense.best.tp > 1
+
+
+# ------------------------------------------------------------------ moepipe-sim
+
+
+def _cli_run(tmp_path, *overrides):
+    from moepipe.cli.sim import run
+
+    return run(compose_cfg(SMALL + ("sim.out_trace=false", "topology=nvlink_8gpu") + overrides, validated=False), tmp_path)
+
+
+def test_cli_simulates_tp_and_searches_meshes(tmp_path):
+    s = _cli_run(tmp_path / "tp", "parallel=single", "parallel.pp=2", "parallel.ep=2", "parallel.tp=2")
+    assert s["tp"] == 2 and s["world_size"] == 8 and s["topology"] == "nvlink_8gpu/tp2" and len(s["peak_activation_bytes"]) == 4
+    one = _cli_run(tmp_path / "tp1", "parallel=single", "parallel.pp=2", "parallel.ep=2")
+    assert max(s["peak_activation_bytes"]) < max(one["peak_activation_bytes"])
+    # with free communication only compute is left: twice the GPUs per device, half the time
+    free = [_cli_run(tmp_path / f"free{tp}", "parallel=single", "parallel.pp=2", "parallel.ep=2", f"parallel.tp={tp}", "sim.free_comm=true")["iteration_time_s"]
+            for tp in (1, 2)]
+    assert free[1] == pytest.approx(free[0] / 2, rel=1e-9)
+    found = _cli_run(tmp_path / "search", "sim.search_mesh=true", "sim.search_top=3")
+    c = compose_cfg(SMALL + ("topology=nvlink_8gpu",))
+    want = search_mesh(c, from_config(c.topology))
+    assert found["mesh_search"]["chosen"]["iteration_time_s"] == want.best.iteration_time_s
+    assert found["mesh_search"]["n_feasible"] == len(want.feasible) and "chosen: " + want.best.label in found["table"]
+    assert (tmp_path / "search" / "summary.json").is_file()
+
+
+def test_cli_tp_beyond_a_node_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"parallel.tp=16 does not fit in a node of topology=ib_4x8 \(8 devices per node\)"):
+        _cli_run(tmp_path, "topology=ib_4x8", "parallel=single", "parallel.tp=16", "model.n_heads=16")  # heads divide: the node is the problem
