@@ -235,3 +235,24 @@ def test_cli_simulates_tp_and_searches_meshes(tmp_path):
 def test_cli_tp_beyond_a_node_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel.tp=16 does not fit in a node of topology=ib_4x8 \(8 devices per node\)"):
         _cli_run(tmp_path, "topology=ib_4x8", "parallel=single", "parallel.tp=16", "model.n_heads=16")  # heads divide: the node is the problem
+
+
+def test_migration_estimate_under_tp_sends_experts_to_every_gpu_of_a_group(small):
+    """Dense blocks move once per group (split over its GPUs, over tp x the link); an expert goes
+    whole to every GPU of the new holder's group."""
+    from moepipe.placement.placers import migration_bytes
+
+    c, spec = small
+    ins = {tp: inputs_from_config(replace(c, parallel=replace(c.parallel, pp=2, ep=2, dp=1, tp=tp)), gpu_topology()) for tp in (1, 2)}
+    old = static_plan(spec.n_layers, spec.moe_layers, spec.num_experts, 2, 2)
+    l = spec.moe_layers[0]
+    new_map = dict(old.expert_map)
+    new_map[l] = [[1 - r for r in owners] for owners in old.expert_map[l]]  # swap one MoE layer's experts between the EP ranks
+    swap = replace(old, expert_map=new_map)
+    b1, b2 = migration_bytes(old, swap, ins[1]), migration_bytes(old, swap, ins[2])
+    assert b1.sum() > 0 and np.allclose(b2, 2 * b1)
+    cut = old.stage_layers[0][1]  # block `cut` moves from pipeline rank 1 to 0
+    moved = replace(old, stage_layers=[(0, cut + 1), (cut + 1, spec.n_layers)])
+    d1, d2 = migration_bytes(old, moved, ins[1]).sum(), migration_bytes(old, moved, ins[2]).sum()
+    dense = float(spec.layers[cut].params) * 12 * 2  # to both EP ranks of pipeline rank 0
+    assert d1 > dense and d2 == pytest.approx(dense + 2 * (d1 - dense))
