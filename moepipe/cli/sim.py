@@ -159,6 +159,7 @@ def summary_line(s: dict[str, Any]) -> str:
         f"placer_predicted_s={s['placer_predicted_s']:.6g} static_iteration_time_s={s['static_iteration_time_s']:.6g} routing={s['routing'].replace(' ', '')} "
         f"a2a_bytes_intra_node={s['a2a_bytes_intra_node']:.6g} a2a_bytes_inter_node={s['a2a_bytes_inter_node']:.6g}"
         + (f" ep_layout_best={s['ep_layout']['best']}" if s.get("ep_layout") else "")
+        + (f" tp={s['tp']} (memory per GPU)" if s.get("tp", 1) > 1 else "")
     )
 
 
