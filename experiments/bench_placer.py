@@ -341,6 +341,7 @@ def summarise_multinode(cases: dict) -> dict:
     return {
         "inter_node_bytes_ratio_bound_vs_eplb": gm(bound),  # no plan with the same slots can go below this ratio
         "max_inter_node_bytes_ratio_bound_vs_eplb": float(max(bound)) if bound else None,
+        "multinode_cases_30pct_fewer_bytes_impossible": int(sum(b > 0.7 for b in bound)),  # the bound itself is above 0.7 x eplb
         "inter_node_bytes_ratio_topo_vs_eplb": gm(ratios),
         "speedup_topo_vs_eplb_multinode": gm(speed),
         "max_inter_node_bytes_ratio_topo_vs_eplb": float(max(ratios)) if ratios else None,
