@@ -109,6 +109,10 @@ class PlacerConfig:
     # steps of expert-load history per MoE layer the forecaster reads (ema folds every step and
     # keeps none); periodic finds periods up to half of it
     forecast_window: int = 64
+    # the fast path of two-speed placement: per-microbatch shadow copies of hot experts (weights
+    # from the home, gradients back; no optimizer state moves), at most this many per EP rank per
+    # MoE layer (the memory bound); 0 turns it off (moepipe/model/shadow_exchange.py)
+    shadow_slots: int = 0
     # One process only: advise for this [pp, ep, dp] mesh (the re-plans it would make there,
     # from this run's routing statistics); null advises for the one-device job itself
     advise_mesh: Optional[list[int]] = None
@@ -310,6 +314,7 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     _check_schedule(cfg)
     _check_mesh(cfg)
     _check_placer(cfg.placer)
+    _check_shadows(cfg)
     _check_data(cfg.data)
     _check_train(cfg)
     _check_optim(cfg.optim)
@@ -470,6 +475,22 @@ def _check_placer(pc: PlacerConfig) -> None:
     _plugin("forecaster", pc.forecast)
     if pc.forecast_window < 1:
         raise ConfigError(f"placer.forecast_window={pc.forecast_window} must be an integer >= 1: steps of load history the forecaster reads, e.g. 64")
+
+
+def _check_shadows(cfg: MoepipeConfig) -> None:
+    """placer.shadow_slots: shadows live in the native expert-parallel dispatcher."""
+    n = cfg.placer.shadow_slots
+    _positive("placer.shadow_slots", n, allow_zero=True)
+    if n == 0:
+        return
+    if cfg.parallel.ep < 2 or not cfg.moe.num_experts:
+        raise ConfigError(f"placer.shadow_slots={n} needs expert parallelism (parallel.ep={cfg.parallel.ep}, moe.num_experts={cfg.moe.num_experts}): "
+                          "set parallel.ep >= 2 or placer.shadow_slots=0")
+    if cfg.moe.backend != "native":
+        raise ConfigError(f"placer.shadow_slots={n} needs moe.backend=native (got {cfg.moe.backend}): its dispatcher runs the shadows; set placer.shadow_slots=0")
+    if cfg.schedule.name == "pipedream_2bw":
+        raise ConfigError(f"placer.shadow_slots={n} is not supported with schedule.name=pipedream_2bw (weight versions are not sent to shadows): "
+                          "set placer.shadow_slots=0 or another schedule")
 
 
 def advisory_config(cfg: MoepipeConfig) -> MoepipeConfig:

@@ -99,6 +99,7 @@ class DistributedTrainer:
         self.slices = mesh.ep * mesh.dp
         self.moe_ids = moe_layer_ids(cfg.model, cfg.moe)
         self._topology = None
+        self._shadow_setups = None  # placer.shadow_slots: per MoE layer, the fast path's cost-model setup
         if cfg.topology.detect or cfg.topology.probe:
             self._topology = self._measured_topology()  # collective: every rank, at start-up
         self._skew = None  # this step's injected routing skew (workload.kind)
@@ -130,6 +131,36 @@ class DistributedTrainer:
             self._topology = topology_from_config(self.cfg.topology, self.mesh.world_size)
         return self._topology
 
+    def _shadow_policy(self, layer_id: int):
+        """placer.shadow_slots: the fast path's decision for MoE layer `layer_id` on this rank's EP
+        group (moepipe.placement.shadows.choose_shadows on the job's cost model and topology, one
+        microbatch per weight exchange: the runtime exchanges weights and gradients per
+        microbatch). Every rank of the group builds the same one, so all decide alike."""
+        from moepipe.model.shadow_exchange import shadow_policy
+        from moepipe.placement.placers.inputs import inputs_from_config
+        from moepipe.placement.shadows import choose_shadows, layer_setup
+
+        if self._shadow_setups is None:
+            # the declared topology, not a detected/probed one: that may differ between ranks,
+            # and every rank must decide alike
+            self._shadow_setups, self._shadow_topo = {}, topology_from_config(self.cfg.topology, self.mesh.world_size)
+            self._shadow_cm = inputs_from_config(self.cfg, topology=self._shadow_topo).cost_model
+        setup = self._shadow_setups.get(layer_id)
+        if setup is None:
+            mesh = self.mesh
+            group = list(range(mesh.rank - mesh.ep_rank, mesh.rank - mesh.ep_rank + mesh.ep))
+            setup = self._shadow_setups[layer_id] = layer_setup(self._shadow_cm, self._shadow_topo, group, layer_id, microbatches=1)
+        return shadow_policy(choose_shadows, setup, self.cfg.placer.shadow_slots)
+
+    def shadow_usage(self) -> dict:
+        """Shadow copies the dispatchers ran since the start (this rank's EP group; per MoE layer)."""
+        out = {}
+        for module in self.modules.values():
+            for layer_id, moe in module.moe_layers():
+                d = moe.dispatcher
+                out[layer_id] = {"copies": getattr(d, "shadow_copies", 0), "calls": getattr(d, "shadow_calls", 0)}
+        return out
+
     def _build(self, plan: Plan, entries: Optional[Entries] = None) -> None:
         """Stages, dispatch, gradient bookkeeping, optimizer and schedule for `plan`; with
         `entries` (a migration), the stages and the optimizer adopt those tensors."""
@@ -147,8 +178,9 @@ class DistributedTrainer:
         for module in self.modules.values():
             module.activation_checkpointing = cfg.train.activation_checkpointing
             for layer_id, moe in module.moe_layers():
+                shadows = {"shadows": self._shadow_policy(layer_id)} if cfg.placer.shadow_slots > 0 else {}
                 moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group, a2a=cfg.parallel.a2a,
-                                        local_size=cfg.topology.devices_per_node, **nodes)
+                                        local_size=cfg.topology.devices_per_node, **nodes, **shadows)
         for module in self.modules.values():  # token origins: this rank's row of [ep, E] (summed over the world per step)
             for _, moe in module.moe_layers():
                 moe.stats.set_source(mesh.ep_rank, mesh.ep)
