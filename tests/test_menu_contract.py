@@ -479,6 +479,14 @@ def make_memmap(root: Path) -> str:
 # ------------------------------------------------------------------ the table
 
 Row = tuple  # (mode, overrides, check)
+def check_shadow_slots(r: Result) -> None:
+    """placer.shadow_slots=1: shadows ran (metrics rows count them) and a live migration of homes
+    happened with them on; the run trained (parity with shadows off: tests/test_runtime_shadows.py)."""
+    check_expert_placer(r)
+    assert r.config["placer"]["shadow_slots"] == 1
+    assert sum(row.get("shadow_copies", 0) for row in r.logged) > 0, "no shadow copies ran"
+
+
 EP2_SKEW = ("parallel=ep2",) + SKEW
 SIM_SMALL = ("model=small", "train.batch_size=64", "train.seq_len=1024", "schedule.microbatches=4")
 
@@ -528,6 +536,9 @@ ROWS: dict[tuple[str, str], list[Row]] = {
                                      check_balance_by_time)],
     ("placer", "eplb"): [("dist", EP2_SKEW + ("placer=eplb",), check_expert_placer)],
     ("placer", "topo"): [("dist", EP2_SKEW + ("placer=topo",), check_expert_placer)],
+    # the fast path on, declared cheap links so its rule places shadows; topo migrates homes meanwhile
+    ("placer.shadow_slots", "1"): [("dist", EP2_SKEW + ("placer=topo", "placer.shadow_slots=1", "topology.intra_node_latency_us=0",
+                                                      "topology.intra_node_bw_gbps=1000"), check_shadow_slots)],
     **{("placer.forecast", f): [("train1", ("parallel=single", "placer=topo", f"placer.forecast={f}", "placer.forecast_window=2",
                                               "placer.interval=3", "train.steps=5", "train.log_every=1"), check_forecast(f))]
        for f in FORECASTERS},
@@ -561,7 +572,8 @@ def menu() -> set[tuple[str, str]]:
     """Every option the conf/ tree and the backend list offer."""
     options = {(g, p.stem) for g in GROUPS for p in (CONF / g).glob("*.yaml")}
     options |= {("hydra/launcher", p.stem) for p in (CONF / "hydra" / "launcher").glob("*.yaml")}
-    return options | {("moe.backend", b) for b in MOE_BACKENDS} | {("placer.forecast", f) for f in FORECASTERS}
+    # scalar switches that turn a subsystem on: placer.shadow_slots (the fast path)
+    return options | {("moe.backend", b) for b in MOE_BACKENDS} | {("placer.forecast", f) for f in FORECASTERS} | {("placer.shadow_slots", "1")}
 
 
 def test_every_menu_option_has_a_row():

@@ -131,3 +131,40 @@ def test_shadows_keep_parity_ep2_dp2_with_replica_and_migration(tmp_path):
     start, moved = to_json(_replica_plan(2, 4, 8, False)), to_json(_replica_plan(2, 4, 8, True))
     run_distributed(_worker, 4, (1, 2, 2), start, moved, str(tmp_path), timeout=280)
     check(torch.load(tmp_path / "run.pt"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["parallel.ep=1", "placer.shadow_slots=1"], "needs expert parallelism"),
+    (["parallel.ep=2", "placer.shadow_slots=-1"], "must be >= 0"),
+    (["parallel.ep=2", "placer.shadow_slots=1", "schedule.name=pipedream_2bw", "schedule.executor=moepipe"], "pipedream_2bw"),
+])
+def test_bad_shadow_config_is_one_line(overrides, match):
+    from moepipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match) as err:
+        compose_cfg(BASE[:-4] + ["parallel.pp=1", "parallel.dp=1"] + overrides)
+    assert "\n" not in str(err.value) and "placer.shadow_slots" in str(err.value)
+
+
+def test_fairscale_backend_is_refused():
+    from moepipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="moe.backend=native"):
+        compose_cfg(BASE[:-4] + ["parallel.pp=1", "parallel.ep=2", "parallel.dp=1", "placer.shadow_slots=1", "moe.backend=fairscale"])
+
+
+def test_exchange_plan_every_rank_agrees():
+    from moepipe.model.shadow_exchange import exchange_plan
+
+    holders = [[0], [1, 2], [2], [0]]
+    shadows = {0: (1, 2), 1: (0,), 3: (2,)}  # expert 1's home is its first holder, rank 1
+    plans = [exchange_plan(shadows, holders, r, 3) for r in range(3)]
+    # what rank s sends to d is what d receives from s, in the same expert order
+    def blocks(items, splits):
+        starts = [sum(splits[:i]) for i in range(len(splits))]
+        return [items[a : a + n] for a, n in zip(starts, splits)]
+
+    for s in range(3):
+        for d in range(3):
+            assert blocks(plans[s][0], plans[s][1])[d] == blocks(plans[d][2], plans[d][3])[s]
+    assert plans[0][0] == [0, 0, 3] and plans[0][1] == [0, 1, 2] and plans[2][2] == [0, 3]

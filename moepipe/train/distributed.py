@@ -161,11 +161,19 @@ class DistributedTrainer:
                 out[layer_id] = {"copies": getattr(d, "shadow_copies", 0), "calls": getattr(d, "shadow_calls", 0)}
         return out
 
+    def _shadow_copies_this_step(self) -> int:
+        """Shadow copies this rank's MoE layers ran since the last call (the metrics rank's row:
+        the last pipeline stage's layers, every microbatch, recomputed forwards included)."""
+        total = sum(u["copies"] for u in self.shadow_usage().values())
+        seen, self._shadow_seen = self._shadow_seen, total
+        return total - seen
+
     def _build(self, plan: Plan, entries: Optional[Entries] = None) -> None:
         """Stages, dispatch, gradient bookkeeping, optimizer and schedule for `plan`; with
         `entries` (a migration), the stages and the optimizer adopt those tensors."""
         cfg, mesh = self.cfg, self.mesh
         self.plan = plan
+        self._shadow_seen = 0  # new dispatchers count from zero
         self.stage_ids = plan.stages_of_rank(mesh.pp_rank)
         values = None if entries is None else {n: ts[0] for n, ts in entries.items()}
         self.modules: dict[int, MoETransformer] = {
@@ -265,6 +273,8 @@ class DistributedTrainer:
                 moe.update_expert_bias(stats[layer_id].demand)  # global demand: replicas stay identical
         block_seconds = self._block_seconds(first=step == 0)
         result = StepResult.from_stats(loss, float(norm), lr, start, inputs.numel(), stats)
+        if cfg.placer.shadow_slots > 0:
+            result.routing["shadow_copies"] = self._shadow_copies_this_step()
         demand = {layer_id: s.demand.double().numpy() for layer_id, s in stats.items()}  # reduced: same on all ranks
         origins = {layer_id: s.origins.double().numpy() for layer_id, s in stats.items()}  # [ep, E] per layer
         self.replan.observe(step, demand, block_seconds, result.seconds, origins=origins)
