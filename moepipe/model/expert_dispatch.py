@@ -3,6 +3,9 @@ expert map (any mapping of experts to EP ranks, not only contiguous blocks).
 
 Per MoE layer and microbatch, on every rank of the layer's EP group:
   1. counts: all-gather each rank's tokens-per-expert vector ([ep, E], a few bytes);
+     with shadows on (placer.shadow_slots), every rank decides the same shadow set from them
+     and the homes send those experts' weights (moepipe.model.shadow_exchange); shadows count
+     as copies after the holders from here on;
   2. dispatch: order this rank's surviving assignments by (owner rank, expert) and send each
      owner its slice (all_to_all_single with uneven splits);
   3. regroup what arrived from (source, expert) order into (expert, source) order, run each
