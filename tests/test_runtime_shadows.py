@@ -44,8 +44,8 @@ BASE = [
 ]
 
 
-def cfg_for(pp: int, ep: int, dp: int, slots: int):
-    return compose_cfg(BASE + [f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.dp={dp}", f"placer.shadow_slots={slots}"])
+def cfg_for(pp: int, ep: int, dp: int, slots: int, extra: tuple = ()):
+    return compose_cfg(BASE + list(extra) + [f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.dp={dp}", f"placer.shadow_slots={slots}"])
 
 
 def optimizer_state(trainer, rank: int) -> dict | None:
@@ -70,12 +70,17 @@ def optimizer_state(trainer, rank: int) -> dict | None:
     return merged
 
 
-def _worker(rank: int, world: int, layout: tuple, plan_json: str | None, migrate_json: str | None, out_dir: str) -> None:
+# (name, shadow slots, extra overrides) run one after the other in the same workers
+RUNS = ((0, 0, ()), (1, 1, ()))
+CHECKPOINTED = ("ckpt", 1, ("train.activation_checkpointing=true",))  # recomputation re-runs the weight exchange
+
+
+def _worker(rank: int, world: int, layout: tuple, plan_json: str | None, migrate_json: str | None, out_dir: str, runs: tuple = RUNS) -> None:
     pp, ep, dp = layout
     mesh = build_mesh(pp, ep, dp)
     out = {}
-    for slots in (0, 1):
-        trainer = DistributedTrainer(cfg_for(pp, ep, dp, slots), mesh, from_json(plan_json) if plan_json else None)
+    for key, slots, extra in runs:
+        trainer = DistributedTrainer(cfg_for(pp, ep, dp, slots, extra), mesh, from_json(plan_json) if plan_json else None)
         losses = []
         for s in range(STEPS):
             if migrate_json and s == 1:
@@ -83,14 +88,14 @@ def _worker(rank: int, world: int, layout: tuple, plan_json: str | None, migrate
             losses.append(trainer.train_step(s).loss)
         used = torch.tensor([sum(u["copies"] for u in trainer.shadow_usage().values())], dtype=torch.float64)
         dist.all_reduce(used)
-        out[slots] = {"losses": losses, "state": gather_state(list(trainer.modules.values()), rank),
+        out[key] = {"losses": losses, "state": gather_state(list(trainer.modules.values()), rank),
                       "optim": optimizer_state(trainer, rank), "shadows": float(used)}
     if rank == 0:
         save(out, os.path.join(out_dir, "run.pt"))
 
 
-def check(run: dict) -> None:
-    off, on = run[0], run[1]
+def check(run: dict, key=1) -> None:
+    off, on = run[0], run[key]
     assert off["shadows"] == 0
     assert on["shadows"] > 0, "the skew should have made the decision place shadows"
     torch.testing.assert_close(torch.tensor(on["losses"]), torch.tensor(off["losses"]), rtol=1e-5, atol=0)
@@ -122,8 +127,10 @@ def _replica_plan(ep: int, n_layers: int, E: int, swap: bool) -> Plan:
 
 @pytest.mark.timeout(300)
 def test_shadows_keep_parity_pp2_ep2(tmp_path):
-    run_distributed(_worker, 4, (2, 2, 1), None, None, str(tmp_path), timeout=280)
-    check(torch.load(tmp_path / "run.pt"))
+    run_distributed(_worker, 4, (2, 2, 1), None, None, str(tmp_path), RUNS + (CHECKPOINTED,), timeout=280)
+    run = torch.load(tmp_path / "run.pt")
+    check(run)
+    check(run, "ckpt")  # with activation checkpointing: same numbers as the plain run without shadows
 
 
 @pytest.mark.timeout(300)

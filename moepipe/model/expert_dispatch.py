@@ -67,7 +67,8 @@ class ExpertParallelDispatcher:
     Per layer and microbatch the host reads the device once: after the counts all-gather, the
     group's send matrix and this rank's receive sizes per (source, local expert) in one
     transfer. The all-to-all needs them as host integers, so this read cannot be avoided;
-    every other size is derived from it.
+    every other size is derived from it. With shadows on, the gathered counts are read first
+    (the decision runs on the host), so such a layer reads twice.
     """
 
     def __init__(self, holders: list[list[int]], ep_rank: int, group, num_experts: int, exchange: Exchange = flat_all_to_all,
