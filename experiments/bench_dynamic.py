@@ -18,6 +18,10 @@ Scenarios (all labelled, injected conditions; see `workload.*` in conf):
          `shadow_step_steady_ratio` on tokens/s after the first windows). On one machine the
          weight broadcast and gradient return run over loopback, so this shows the compute
          balance a shadow buys and the cost of its bookkeeping, not a network's transfer cost.
+         Also one MoE layer alone (2 gloo ranks, --layer-iters rounds): the busiest rank's CPU
+         seconds per forward + backward, off / on (`shadow_layer_cpu_ratio`), and the wall
+         ratio (`shadow_layer_wall_ratio`). CPU seconds count what each rank computes, which
+         is what shadows rebalance, and stay meaningful on a loaded machine.
 Each scenario runs static and topo alternately (`--rounds` pairs, order flipped each round)
 through the real launcher (moepipe.train.launch), so background load hits both alike; the
 median wall time per variant counts. speedup = geomean over skew and slow of static / topo.
@@ -97,6 +101,79 @@ def run_once(overrides: list[str], out: str) -> dict:
             "shadow_copies": copies}
 
 
+def _layer_worker(rank: int, world: int, overrides: list, iters: int, out: str) -> None:
+    """One MoE layer (the bench model's layer 0) on 2 EP ranks under the shadow_step skew:
+    forward + backward with shadows off and on, alternating, per-rank wall and CPU seconds."""
+    import time
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from moepipe.model.moe import MoELayer
+    from moepipe.model.shadow_exchange import shadow_policy
+    from moepipe.placement.placers.inputs import inputs_from_config
+    from moepipe.placement.plan import static_plan
+    from moepipe.placement.shadows import choose_shadows, layer_setup
+    from moepipe.train.workload import routing_skew
+
+    cfg = compose_config(overrides)
+    inp = inputs_from_config(cfg)
+    layer_id = inp.spec.moe_layers[0]
+    holders = static_plan(cfg.model.n_layers, inp.spec.moe_layers, cfg.moe.num_experts, pp=1, ep=world).expert_map[layer_id]
+    torch.manual_seed(0)
+    layer = MoELayer(cfg.model.d_model, cfg.moe)
+    for k in list(layer.experts.keys()):
+        if rank not in holders[int(k)]:
+            del layer.experts[k]
+    layer.set_routing_skew(routing_skew(cfg, 0, source=rank)[layer_id])
+    setup = layer_setup(inp.cost_model, inp.topology, list(range(world)), layer_id, microbatches=1)
+    policy = {"off": None, "on": shadow_policy(choose_shadows, setup, cfg.placer.shadow_slots)}
+    tokens = cfg.train.batch_size * cfg.train.seq_len // world
+    x = torch.randn(tokens, cfg.model.d_model, generator=torch.Generator().manual_seed(rank))
+    times = {v: {"wall": [], "cpu": []} for v in policy}
+    copies = 0
+    for i in range(iters + 2):  # the first two rounds warm up
+        for v in (policy if i % 2 == 0 else reversed(list(policy))):
+            layer.attach_expert_group(holders, rank, dist.group.WORLD, shadows=policy[v])
+            dist.barrier()
+            w0, c0 = time.perf_counter(), time.process_time()
+            layer(x).square().mean().backward()
+            c1 = time.process_time()
+            dist.barrier()
+            w1 = time.perf_counter()
+            layer.zero_grad(set_to_none=True)
+            if i >= 2:
+                times[v]["wall"].append(w1 - w0)
+                times[v]["cpu"].append(c1 - c0)
+            copies += getattr(layer.dispatcher, "shadow_copies", 0) if v == "on" else 0
+    gathered = [None] * world
+    dist.all_gather_object(gathered, times)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"ranks": gathered, "shadow_copies": copies, "holders": holders}, f)
+
+
+def layer_side_by_side(overrides: list, iters: int, tmp: str) -> dict:
+    """CPU seconds of one MoE layer's forward + backward on the busiest EP rank, shadows off vs on
+    (2 gloo ranks). Per-rank CPU time is what a rank computes, which is what a shadow
+    rebalances; it stays meaningful on a loaded machine, where wall time measures the load."""
+    from moepipe.parallel.spawn import run_distributed
+
+    import statistics as st
+
+    out = os.path.join(tmp, "layer.json")
+    run_distributed(_layer_worker, 2, overrides, iters, out, timeout=600)
+    with open(out) as f:
+        res = json.load(f)
+    per = {v: {"cpu_max_rank_s": st.median(max(r[v]["cpu"][i] for r in res["ranks"]) for i in range(iters)),
+               "cpu_sum_ranks_s": st.median(sum(r[v]["cpu"][i] for r in res["ranks"]) for i in range(iters)),
+               "wall_s": st.median(res["ranks"][0][v]["wall"])} for v in ("off", "on")}
+    return {**per, "iters": iters, "shadow_copies": res["shadow_copies"],
+            "cpu_ratio_off_over_on": per["off"]["cpu_max_rank_s"] / per["on"]["cpu_max_rank_s"],
+            "wall_ratio_off_over_on": per["off"]["wall_s"] / per["on"]["wall_s"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=120)
@@ -106,11 +183,12 @@ def main() -> None:
     ap.add_argument("--shadow-slots", type=int, default=1, help="placer.shadow_slots of the *_shadows variants")
     ap.add_argument("--period", type=int, default=20, help="moving: steps between hot-spot moves")
     ap.add_argument("--shadow-step-steps", type=int, default=40, help="shadow_step: steps per run (no re-planning there)")
+    ap.add_argument("--layer-iters", type=int, default=30, help="shadow_step: timed forward+backward rounds of one MoE layer")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
     fc.add_output_args(ap, os.path.join(ROOT, "results", "bench_dynamic.json"))
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.interval, args.rounds, args.period, args.shadow_step_steps = 4, 1, 1, 2, 4
+        args.steps, args.interval, args.rounds, args.period, args.shadow_step_steps, args.layer_iters = 4, 1, 1, 2, 4, 2
     scenarios = [x for x in args.scenarios.split(",") if x]
     if not scenarios or set(scenarios) - set(SCENARIOS):
         ap.error(f"--scenarios={args.scenarios}: choose from {','.join(SCENARIOS)}")
@@ -164,6 +242,13 @@ def main() -> None:
             }
             print(f"{scen}: " + ", ".join(f"{v} {wall[v]:.2f} s" for v in variants) + f", static/{dyn} {table[scen]['speedup']:.3f} "
                   f"(steady state after step {2 * args.interval}: {table[scen]['steady_state_speedup']:.3f})", flush=True)
+        if "shadow_step" in scenarios:
+            table_layer = layer_side_by_side(model + SCENARIOS["shadow_step"] + [f"placer.shadow_slots={args.shadow_slots}"],
+                                             args.layer_iters, tmp)
+            print(f"shadow_step layer: busiest rank's CPU s per fwd+bwd off {table_layer['off']['cpu_max_rank_s'] * 1e3:.2f} ms, "
+                  f"on {table_layer['on']['cpu_max_rank_s'] * 1e3:.2f} ms; wall off {table_layer['off']['wall_s'] * 1e3:.2f} ms, "
+                  f"on {table_layer['on']['wall_s'] * 1e3:.2f} ms", flush=True)
+            table["shadow_step"]["layer"] = table_layer
     head = [table[x] for x in HEADLINE if x in table] or list(table.values())
     speedup = math.exp(statistics.mean(math.log(t["speedup"]) for t in head))
     steady = math.exp(statistics.mean(math.log(t["steady_state_speedup"]) for t in head))
@@ -176,6 +261,8 @@ def main() -> None:
     if "shadow_step" in table:  # one machine's loopback: the weight/gradient transfers cost almost nothing here
         extra_keys["shadow_step_ratio"] = table["shadow_step"]["speedup"]
         extra_keys["shadow_step_steady_ratio"] = table["shadow_step"]["steady_state_speedup"]
+        extra_keys["shadow_layer_cpu_ratio"] = table["shadow_step"]["layer"]["cpu_ratio_off_over_on"]
+        extra_keys["shadow_layer_wall_ratio"] = table["shadow_step"]["layer"]["wall_ratio_off_over_on"]
     for k, v in extra_keys.items():
         print(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}")
     print(f"steady_state_speedup={steady:.3f}")
