@@ -31,7 +31,7 @@ from moepipe.train.distributed import DistributedTrainer
 from conftest import compose_cfg
 from dist_utils import gather_state, run_distributed, save
 
-STEPS = 3
+STEPS = 2
 BASE = [
     "model.d_model=32", "model.n_heads=2", "model.ffn_hidden=64", "model.n_layers=4", "model.max_seq_len=16",
     "moe.expert_hidden=32", "moe.num_experts=8", "moe.top_k=2", "moe.capacity_factor=0",
