@@ -488,9 +488,16 @@ def _check_shadows(cfg: MoepipeConfig) -> None:
                           "set parallel.ep >= 2 or placer.shadow_slots=0")
     if cfg.moe.backend != "native":
         raise ConfigError(f"placer.shadow_slots={n} needs moe.backend=native (got {cfg.moe.backend}): its dispatcher runs the shadows; set placer.shadow_slots=0")
-    if cfg.schedule.name == "pipedream_2bw":
+    name = cfg.schedule.name
+    if name == "pipedream_2bw":
         raise ConfigError(f"placer.shadow_slots={n} is not supported with schedule.name=pipedream_2bw (weight versions are not sent to shadows): "
                           "set placer.shadow_slots=0 or another schedule")
+    # a split backward (input gradients, then weight gradients later) would run the shadows'
+    # gradient return outside the pass whose graph holds it (seen: "backward through the graph a
+    # second time" under interleaved_zb); file schedules may split it too
+    if name in ("interleaved_zb", "zbv", "dualpipev") or name.startswith("file:"):
+        raise ConfigError(f"placer.shadow_slots={n} is not supported with schedule.name={name} (its backward is split into input and weight "
+                          "passes): use gpipe, 1f1b or interleaved_1f1b, or placer.shadow_slots=0")
 
 
 def advisory_config(cfg: MoepipeConfig) -> MoepipeConfig:
