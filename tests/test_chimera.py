@@ -117,3 +117,59 @@ def test_distributed_chimera_matches_the_reference(pp, ep, m, reference, tmp_pat
     assert got["stages"] == [0, 2 * pp - 1]  # pp rank 0: down stage 0 and the up replica's last stage
     losses, state = reference
     assert_matches(got, losses, state, label=f"chimera pp{pp} ep{ep}")
+
+
+# ------------------------------------------------------------------ simulator
+
+def _uniform(pp: int, m: int):
+    """Every block 1 ms forward and 1 ms backward (input 0.5 + weight 0.5), nothing else."""
+    from test_sim import setup
+
+    prof = {"device": {"tflops": 0.01}, "tokens_per_microbatch": 128,
+            "layers": {str(i): {"fwd_s": 1e-3, "bwd_input_s": 5e-4, "bwd_weight_s": 5e-4} for i in range(8)},
+            "embedding": {"fwd_s": 0, "bwd_s": 0}, "head": {"fwd_s": 0, "bwd_s": 0},
+            "expert_per_token_s": {"fwd_s": 0, "bwd_s": 0}}
+    return setup(pp=pp, ep=1, m=m, profile=prof, name="chimera", per_node=8)
+
+
+def _engine(pp: int, m: int):
+    from moepipe.sim.schedules import schedule_order
+    from moepipe.sim.simulator import simulate_order
+
+    order, s2r = schedule_order("chimera", pp, 1, m)
+    return simulate_order(order, s2r, m, np.tile([1.0, 1.0, 0.0], (2 * pp, 1)))
+
+
+@pytest.mark.parametrize("pp,m", [(4, 4), (4, 8), (8, 8), (8, 16)])
+def test_simulated_bubble_is_the_papers_for_uniform_stages(pp, m):
+    from moepipe.sim.simulator import simulate
+
+    plan, topo, cm = _uniform(pp, m)
+    one = simulate(plan, "1f1b", m, topo, cm, free_comm=True)
+    two = simulate(plan, "chimera", m, topo, cm, free_comm=True)
+    fb = one.iteration_time_s / (m + pp - 1)  # F + B of one stage
+    assert one.bubble_fraction == pytest.approx((pp - 1) / (m + pp - 1))
+    assert two.bubble_fraction == pytest.approx((pp - 2) / (2 * m + pp - 2))
+    assert two.iteration_time_s == pytest.approx(fb * (m + pp / 2 - 1))  # (pp/2 - 1) bubbles of F + B per rank
+    assert two.balanced_bound_s == pytest.approx(two.iteration_time_s) and two.n_stages == 2 * pp
+    # two weight copies: rank r holds stage r of one replica and stage pp-1-r of the other
+    w1 = one.weight_bytes.reshape(pp, -1)[:, 0]
+    np.testing.assert_allclose(two.weight_bytes.reshape(pp, -1)[:, 0], w1 + w1[::-1])
+    # balanced activations: pp/2+1 .. pp microbatches per rank at m = pp, pp everywhere from m = 2pp
+    # (microbatches held at once per rank, both replicas' stages together), vs 1F1B's pp - r
+    held = [int(x.sum(1).max()) for _, x in sorted(_engine(pp, m).inflight.items())]
+    assert held == ([pp // 2 + 1 + min(r, pp - 1 - r) for r in range(pp)] if m == pp else [pp] * pp), held
+    a1, a2 = one.peak_activation_bytes, two.peak_activation_bytes  # bytes: the ranks with a last stage also keep logits
+    assert a1.max() / a1.min() > 3 and a2.max() / a2.min() < (1.7 if m == pp else 1.05)
+    assert a2.max() < 1.05 * a1.max()
+
+
+def test_chimera_config_errors_are_one_line():
+    from moepipe.sim.schedules import schedule_program
+
+    with pytest.raises(ConfigError, match="even parallel.pp and an even schedule.microbatches"):
+        schedule_program("chimera", 3, 1, 4)
+    with pytest.raises(ConfigError, match="virtual_stages=2 with schedule.name=chimera"):
+        schedule_program("chimera", 2, 2, 4)
+    with pytest.raises(ConfigError, match="set schedule.executor=moepipe"):
+        compose_cfg(TINY + ["schedule.name=chimera", "schedule.executor=torch"])
