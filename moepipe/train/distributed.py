@@ -224,10 +224,10 @@ class DistributedTrainer:
         finally:
             if self.stash is not None:
                 self.stash.restore()
+        if self.mirror is not None:  # chimera: both replicas of each stage now hold the whole batch's gradient
+            self.mirror.wait()  # before any early exit (a skipped non-finite step): no all-reduce outlives its step
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss={loss} at step {step}: lower optim.lr or raise optim.warmup_steps")
-        if self.mirror is not None:
-            self.mirror.wait()  # chimera: both replicas of each stage now hold the whole batch's gradient
         sync_gradients(self.dense, self.expert, self.mesh)
         self.replicas.sync()  # copies of a replicated expert each saw part of its tokens
         norm = global_grad_norm(self.norm_dense, self.replicas.primary_only(self.norm_expert), self.mesh)
@@ -387,7 +387,8 @@ class DistributedTrainer:
         seconds = self.clock.take()
         if self.mesh.ep > 1 or first:  # the first step's times include one-off start-up costs
             return None
-        fwd = torch.from_numpy(seconds * self.speed * 3.0).to(self.device)
+        # chimera: each copy of a block ran half the microbatches; the block's step time is both copies'
+        fwd = torch.from_numpy(seconds * self.speed * 3.0 * self.chains).to(self.device)
         dist.all_reduce(fwd, op=dist.ReduceOp.MAX)
         return fwd.cpu().double().numpy()
 
