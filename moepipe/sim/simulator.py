@@ -17,6 +17,7 @@ import numpy as np
 
 from moepipe.config import ConfigError
 from moepipe.placement.cost_model import CostModel, StageCosts, exchange_time, stage_costs
+from moepipe.placement import tensor_parallel_cost as tpc
 from moepipe.placement.plan import Plan, chain_stages, rank_grid, validate_plan
 from moepipe.placement.topology import Topology
 from moepipe.sim import engine
@@ -56,6 +57,9 @@ class SimResult:
     weight_versions: int = 1
     weight_bytes: Optional[np.ndarray] = None  # [world] by global rank
     flush: bool = True  # False: iteration times are the steady state of a pipeline that never drains
+    # tensor parallelism: each of the world's devices is a TP group of tp GPUs (topology.tp_groups);
+    # peak_activation_bytes and weight_bytes are then per GPU of the group
+    tp: int = 1
 
     def summary(self) -> dict[str, Any]:
         """Plain JSON-able numbers (no timeline)."""
@@ -64,6 +68,7 @@ class SimResult:
             "pp": self.pp,
             "ep": self.ep,
             "dp": self.dp,
+            "tp": self.tp,
             "n_stages": self.n_stages,
             "microbatches": self.microbatches,
             "iteration_time_s": self.iteration_time_s,
@@ -139,8 +144,12 @@ def balanced_comm_costs(cost_model: CostModel, plan: Plan, topology: Topology, n
         even = np.full(plan.ep, spec.tokens_per_microbatch * spec.top_k / plan.ep * spec.hidden_bytes_per_token)
         per_layer = min(max(exchange_time(None, even, grid[p, d], topology, cost_model.a2a) for d in range(plan.dp)) for p in range(plan.pp))
         a2a[0] = a2a[1] = per_layer * len(spec.moe_layers) / n_stages
-        if spec.activation_checkpointing:  # backward first recomputes the forward, dispatch included
-            a2a[1] += a2a[0]
+    if topology.tp > 1:  # every block's TP collectives, on the cheapest pipeline rank's groups
+        T_e = spec.tokens_per_microbatch / plan.ep if cost_model.ep_splits_tokens else spec.tokens_per_microbatch
+        per_block = tpc.tp_block_seconds_on(spec, T_e, topology, grid).reshape(3, plan.pp, -1).max(-1).min(-1)
+        a2a += per_block * spec.n_layers / n_stages
+    if spec.activation_checkpointing:  # backward first recomputes the forward, dispatch included
+        a2a[1] += a2a[0]
     dense = (sum(l.params for l in spec.layers) + spec.embed_params + spec.head_params) / plan.pp
     experts = sum(l.expert_params * spec.num_experts for l in spec.layers if l.is_moe) / (plan.pp * plan.ep)
     grad = np.inf
@@ -149,6 +158,9 @@ def balanced_comm_costs(cost_model: CostModel, plan: Plan, topology: Topology, n
         t = max(topology.all_reduce_time(dense * grad_bytes, g) for g in groups)
         if plan.dp > 1:
             t += max(topology.all_reduce_time(experts * grad_bytes, grid[p, :, e]) for e in range(plan.ep))
+        if topology.tp > 1:  # experts (and norms, router) are whole on every GPU of a TP group
+            rep = sum(tpc.replicated_params(l, spec) for l in spec.layers) / plan.pp
+            t += tpc.tp_grad_sync_time(np.full(grid[p].shape, (experts + rep) * grad_bytes), topology, grid[p])
         grad = min(grad, t)
     return a2a, float(grad)
 
@@ -257,8 +269,9 @@ def simulate(
         a2a_messages_intra_node=int(costs.a2a_msgs_intra * m),
         a2a_messages_inter_node=int(costs.a2a_msgs_inter * m),
         weight_versions=versions,
-        weight_bytes=versions * weight_params(cost_model, plan, chains) * 4.0,
+        weight_bytes=versions * weight_params(cost_model, plan, topology.tp, chains) * 4.0,
         flush=flush,
+        tp=topology.tp,
     )
 
 
@@ -271,18 +284,19 @@ def _for_chains(costs: StageCosts, chains: int) -> StageCosts:
     return dataclasses.replace(costs, **rep)
 
 
-def weight_params(cost_model: CostModel, plan: Plan, chains: int = 1) -> np.ndarray:
+def weight_params(cost_model: CostModel, plan: Plan, tp: int = 1, chains: int = 1) -> np.ndarray:
     """[world] parameters each device holds (its stages' dense parameters, replicated over EP
-    and DP, plus the experts its EP rank holds, replicas included; with two chains, chimera,
-    the stages of both model replicas it runs)."""
+    and DP, plus the experts its EP rank holds, replicas included). Under tensor parallelism
+    (tp > 1: a device is a TP group) the parameters one GPU of the group holds. With two
+    chains (chimera) the stages of both model replicas it runs."""
     spec = cost_model.spec
     grid = rank_grid(plan.pp, plan.ep, plan.dp)  # [pp, dp, ep]
     out = np.zeros(plan.world_size)
     for p in range(plan.pp):
         stages = sorted(set(chain_stages(plan, p, chains).values()))
         layers = [l for s in stages for l in range(*plan.stage_layers[s])]
-        dense = sum(spec.layers[l].params for l in layers)
-        dense += spec.embed_params * (0 in stages) + spec.head_params * (plan.n_stages - 1 in stages)
+        dense = sum(tpc.dense_params_per_gpu(spec.layers[l], spec, tp) for l in layers)
+        dense += tpc.embed_params_per_gpu(spec, tp) * (0 in stages) + tpc.head_params_per_gpu(spec, tp) * (plan.n_stages - 1 in stages)
         experts = np.zeros(plan.ep)
         for l in layers:
             if spec.layers[l].is_moe:

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from moepipe.config import ConfigError
+from moepipe.placement import tensor_parallel_cost as tpc
 from moepipe.placement.cost_model import _grad_sync, exchange_time, exchange_traffic, layer_exchange, rule_local_size, rule_nodes
 from moepipe.placement.plan import Plan, rank_grid, stage_pp_ranks
 from moepipe.placement.placers.inputs import BYTES_PER_PARAM_TRAIN, PlacementInputs, effective_cost_model, load_fractions, origin_fractions
@@ -72,8 +73,12 @@ class Evaluator:
         self.dense_params = np.array([l.params for l in spec.layers], dtype=np.float64)
         self.expert_params = np.array([l.expert_params for l in spec.layers], dtype=np.float64)
         self.mem = np.array([d.memory_bytes for d in topo.devices], dtype=np.float64)[: pp * ep * dp]
-        # dense (non-expert) seconds per layer on every member, [L, pp, 3, dp, ep]
+        # dense (non-expert) seconds per layer on every member, [L, pp, 3, dp, ep], with the block's
+        # TP collectives when a device is a TP group (topology.tp > 1; tensor_parallel_cost)
         self.dense_t = cm.dense_work[:, None, :, None, None] * self.T_e / self.rates[None, :, None]
+        self.tp = topo.tp
+        if self.tp > 1:
+            self.dense_t = self.dense_t + np.moveaxis(tpc.tp_block_seconds_on(spec, self.T_e, topo, self.grid), 0, 1)[None]
         # EP groups whose links are identical (same bandwidths, latencies, node layout) have the
         # same all-to-all time: dispatch_time runs once per class, not once per (pp, dp) group
         classes: dict = {}
@@ -222,25 +227,27 @@ class Evaluator:
     def act_bytes_per_mb(self, stage_layers, routed: np.ndarray) -> np.ndarray:
         """[S, ep] activation bytes one in-flight microbatch keeps on each EP member of a stage."""
         spec = self.spec
-        per_layer = np.array([l.act_elems for l in spec.layers])[:, None] * self.T_e * spec.dtype_bytes * np.ones((1, self.inputs.ep))
+        tp, sp = self.tp, self.cm.sequence_parallel  # under TP: per GPU of the group
+        per_layer = np.array([tpc.act_elems_per_gpu(l, spec, tp, sp) for l in spec.layers])[:, None] * self.T_e * spec.dtype_bytes * np.ones((1, self.inputs.ep))
         if self.moe:
-            per_layer[self.moe] += np.array([spec.layers[l].expert_act_elems for l in self.moe])[:, None] * routed * spec.dtype_bytes
+            per_layer[self.moe] += (np.array([spec.layers[l].expert_act_elems for l in self.moe])[:, None] * routed * tpc.expert_share_per_gpu(tp)
+                                    * spec.dtype_bytes)
         P = np.concatenate([np.zeros((1, self.inputs.ep)), np.cumsum(per_layer, 0)])
         out = np.array([P[b] - P[a] for a, b in stage_layers])
-        out[-1] += spec.head_act_elems * self.T_e * spec.dtype_bytes
+        out[-1] += tpc.head_act_elems_per_gpu(spec, tp, sp) * self.T_e * spec.dtype_bytes
         return out
 
     def param_bytes(self, plan: Plan) -> np.ndarray:
-        """[world] bytes of parameters + AdamW state each global rank holds."""
-        spec, pp, ep, dp = self.spec, plan.pp, plan.ep, plan.dp
+        """[world] bytes of parameters + AdamW state each global rank holds (under TP: each GPU of the group)."""
+        spec, pp, ep, dp, tp = self.spec, plan.pp, plan.ep, plan.dp, self.tp
         per = np.zeros((pp, ep))
         for s, (a, b) in enumerate(plan.stage_layers):
             for p in stage_pp_ranks(plan, s, self.chains):  # chimera: both replicas' copies
-                per[p] += self.dense_params[a:b].sum()
+                per[p] += self.dense_params[a:b].sum() if tp == 1 else sum(tpc.dense_params_per_gpu(spec.layers[l], spec, tp) for l in range(a, b))
                 if s == 0:
-                    per[p] += spec.embed_params
+                    per[p] += tpc.embed_params_per_gpu(spec, tp)
                 if s == plan.n_stages - 1:
-                    per[p] += spec.head_params
+                    per[p] += tpc.head_params_per_gpu(spec, tp)
                 for l in range(a, b):
                     if l in self.moe_row:
                         cnt = np.bincount(np.fromiter(chain.from_iterable(plan.expert_map[l]), dtype=np.int64), minlength=ep)
