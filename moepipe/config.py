@@ -81,6 +81,9 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     dp: int = 1
+    # Tensor parallelism (innermost in the mesh: a TP group is tp consecutive ranks, inside a
+    # node): attention heads and dense/shared FFN widths split over tp ranks; routed experts use EP
+    tp: int = 1
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     # Expert all-to-all: flat (one exchange over the EP group) or hierarchical (within each
     # node, then across nodes among ranks with the same local index: Tutel's 2DH order)
@@ -223,6 +226,10 @@ class SimConfig:
     free_comm: bool = False  # all transfers cost nothing (isolate the schedule's bubble)
     profile: Optional[str] = None  # measured profile JSON (docs/SIMULATOR.md) instead of analytic costs
     out_trace: bool = True  # write trace.json and gantt.png
+    # search (tp, pp, ep, dp) meshes for this model on the whole topology (moepipe.placement.mesh_search)
+    # with the configured schedule and placer; print the best search_top and write them to summary.json
+    search_mesh: bool = False
+    search_top: int = 5
 
 
 @dataclass
@@ -489,6 +496,9 @@ def _check_shadows(cfg: MoepipeConfig) -> None:
     if cfg.moe.backend != "native":
         raise ConfigError(f"placer.shadow_slots={n} needs moe.backend=native (got {cfg.moe.backend}): its dispatcher runs the shadows; set placer.shadow_slots=0")
     name = cfg.schedule.name
+    if name == "chimera":
+        raise ConfigError(f"placer.shadow_slots={n} is not supported with schedule.name=chimera (two chains of stages; not tested with shadows): "
+                          "set placer.shadow_slots=0 or another schedule")
     if name == "pipedream_2bw":
         raise ConfigError(f"placer.shadow_slots={n} is not supported with schedule.name=pipedream_2bw (weight versions are not sent to shadows): "
                           "set placer.shadow_slots=0 or another schedule")
@@ -586,6 +596,8 @@ def _check_sim(s: SimConfig) -> None:
         raise ConfigError(f"sim.efficiency={s.efficiency} must be in (0, 1]: e.g. 0.5")
     if s.zipf_s < 0:
         raise ConfigError(f"sim.zipf_s={s.zipf_s} must be >= 0: 0 is uniform, ~1 is strongly skewed")
+    if s.search_top < 1:
+        raise ConfigError(f"sim.search_top={s.search_top} must be >= 1: the number of best meshes sim.search_mesh reports")
 
 
 def _check_workload(cfg: MoepipeConfig) -> None:
