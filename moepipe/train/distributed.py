@@ -21,11 +21,12 @@ from moepipe.config import ConfigError, MoepipeConfig, moe_layer_ids
 from moepipe.data import build_corpus, slice_for_rank, train_batch, val_batches
 from moepipe.model import MoETransformer, count_parameters, lm_loss
 from moepipe.model.routing_stats import RoutingStats
-from moepipe.parallel.grad_sync import ExpertReplicas, clip_gradients, global_grad_norm, split_params, sync_gradients
+from moepipe.parallel.grad_sync import ExpertReplicas, clip_gradients, global_grad_norm, split_params, sync_gradients, tp_partial_params
 from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
+from moepipe.parallel.tensor_parallel import parallelize_stage
 from moepipe.placement.plan import Plan, from_json, stage_assignment, to_json, validate_plan
 from moepipe.placement.replan import ReplanLoop, default_plan  # noqa: F401 (default_plan: imported from here too)
 from moepipe.placement.topology import from_config as topology_from_config
@@ -144,15 +145,18 @@ class DistributedTrainer:
         self.clock = BlockClock(list(self.modules.values()), cfg.model.n_layers, self.device)
         # node groups only where the mesh made them (a plug-in backend written before them still attaches)
         nodes = {"node_groups": mesh.node_groups} if getattr(mesh, "node_groups", None) is not None else {}
+        ep_per_node = max(1, cfg.topology.devices_per_node // mesh.tp)  # a node holds devices_per_node/tp EP ranks
         for module in self.modules.values():
             module.activation_checkpointing = cfg.train.activation_checkpointing
             for layer_id, moe in module.moe_layers():
                 moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group, a2a=cfg.parallel.a2a,
-                                        local_size=cfg.topology.devices_per_node, **nodes)
+                                        local_size=ep_per_node, **nodes)
+            parallelize_stage(module, mesh)  # tp > 1: heads and FFN widths split, MoE tokens split (after the EP attach)
         for module in self.modules.values():  # token origins: this rank's row of [ep, E] (summed over the world per step)
             for _, moe in module.moe_layers():
                 moe.stats.set_source(mesh.ep_rank, mesh.ep)
         self.dense, self.expert = split_params(list(self.modules.values()))
+        self.tp_partial = tp_partial_params(list(self.modules.values())) if mesh.tp > 1 else []
         self.replicas = ExpertReplicas(list(self.modules.values()), plan.expert_map, mesh.ep_rank, mesh.ep_group, self.device)
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)
         # pipedream_2bw: two weight versions, step t's gradient at W(t-1). Pipelined: no flush
@@ -185,7 +189,7 @@ class DistributedTrainer:
         with self._autocast():
             self.schedule.step(*args, **kwargs)
         local = torch.zeros((), dtype=torch.float64, device=self.device)
-        if self.holds_last:
+        if self.holds_last and self.mesh.tp_rank == 0:  # TP ranks compute the same loss: count it once
             local += sum(float(l.detach()) for l in kwargs["losses"])
         dist.all_reduce(local)
         # Last-stage ranks of all S pipelines contributed their slice's loss (already /m).
@@ -199,7 +203,8 @@ class DistributedTrainer:
         self.clock.take()  # drop evaluation forwards: only training steps count
         for module in self.modules.values():
             module.train()
-            module.set_aux_loss_scale(1.0 / cfg.schedule.microbatches)
+            # each TP rank seeds the replicated aux loss; the TP group sums its gradient
+            module.set_aux_loss_scale(1.0 / (cfg.schedule.microbatches * self.mesh.tp))
             module.reset_routing_stats()
             module.set_routing_skew(skew)
         lr = lr_at(step, cfg.train.steps, cfg.optim)
@@ -217,7 +222,7 @@ class DistributedTrainer:
                 self.stash.restore()
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss={loss} at step {step}: lower optim.lr or raise optim.warmup_steps")
-        sync_gradients(self.dense, self.expert, self.mesh)
+        sync_gradients(self.dense, self.expert, self.mesh, self.tp_partial)
         self.replicas.sync()  # copies of a replicated expert each saw part of its tokens
         norm = global_grad_norm(self.dense, self.replicas.primary_only(self.expert), self.mesh)
         if not math.isfinite(float(norm)):  # all-reduced: every rank takes the same branch
@@ -268,7 +273,7 @@ class DistributedTrainer:
         lr = lr_at(self._batch_step.pop(batch), cfg.train.steps, cfg.optim)
         set_lr(self.optimizer, lr)
         with self.versions.update(batch):
-            sync_gradients(self.dense, self.expert, self.mesh)
+            sync_gradients(self.dense, self.expert, self.mesh, self.tp_partial)
             self.replicas.sync()
             norm = global_grad_norm(self.dense, self.replicas.primary_only(self.expert), self.mesh)
             if not math.isfinite(float(norm)):
@@ -299,7 +304,7 @@ class DistributedTrainer:
         # and nothing is read back before the reduction
         O = self.mesh.ep * E  # token origins [ep, E] after the scalars
         packed = torch.zeros(len(self.moe_ids), 2 * E + 4 + O, dtype=torch.float64, device=self.device)
-        for module in self.modules.values():
+        for module in self.modules.values() if self.mesh.tp_rank == 0 else ():  # TP ranks route the same tokens: count once
             for layer_id, moe in module.moe_layers():
                 s = moe.stats
                 scalars = torch.stack([s.asked.double(), s.aux_loss_sum.double(), s.z_loss_sum.double()]).to(self.device)
@@ -343,7 +348,7 @@ class DistributedTrainer:
                     dist.send(h.float().contiguous(), group=self.mesh.pp_group, group_dst=owner[stage + 1])
             if self.holds_last:
                 total += float(lm_loss(h, y)) / m
-        local = torch.tensor(total if self.holds_last else 0.0, dtype=torch.float64, device=self.device)
+        local = torch.tensor(total if self.holds_last and self.mesh.tp_rank == 0 else 0.0, dtype=torch.float64, device=self.device)
         dist.all_reduce(local)
         return float(local) / self.slices
 
