@@ -116,3 +116,59 @@ def test_bad_tp_config_is_one_line(overrides, needle):
         cfg_for("1f1b", 1, 1, 1, overrides)
     text = str(err.value)
     assert needle in text and "\n" not in text, text
+
+
+HALF = 2
+
+
+def _ckpt_worker(rank: int, world: int, single_root: str, root: str, out: str) -> None:
+    from moepipe.train import checkpoint as ck
+
+    cfg_tp, cfg_pp = cfg_for("1f1b", 1, 1, 2), cfg_for("1f1b", 2, 1, 1)
+    mesh_tp, mesh_pp = build_mesh(1, 1, 1, tp=2), build_mesh(2, 1, 1)
+    first = DistributedTrainer(cfg_tp, mesh_tp)
+    results = {"saved": [first.train_step(s).loss for s in range(HALF)]}
+    path = ck.save_checkpoint(first, cfg_tp, root, HALF, {"model": {}, "moe": {}})
+    results["weights"] = full_state(list(first.modules.values()), rank)
+    from_single = ck.latest_checkpoint(single_root)
+    for label, cfg, mesh, source in (("tp2_to_tp2", cfg_tp, mesh_tp, path), ("tp2_to_pp2", cfg_pp, mesh_pp, path),
+                                     ("tp1_to_tp2", cfg_tp, mesh_tp, from_single)):
+        trainer = DistributedTrainer(cfg, mesh)
+        assert ck.load_checkpoint(trainer, ck.ResumePoint(source, ck.read_manifest(source)), cfg) == HALF
+        results[label] = [trainer.train_step(s).loss for s in range(HALF, 2 * HALF)]
+    if rank == 0:
+        save(results, os.path.join(out, "ckpt.pt"))
+
+
+@pytest.mark.timeout(400)
+def test_checkpoints_reshard_across_tp(tmp_path):
+    """Save under tp2, resume under tp2, pp2 and one process; save in one process, resume under tp2."""
+    from moepipe.train import checkpoint as ck
+
+    single_root, root = str(tmp_path / "single"), str(tmp_path / "tp2")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the reference: one process, 2 x HALF steps, saving after HALF (saving changes nothing)
+        ref = Trainer(cfg_for("1f1b", 1, 1, 1))
+        ref_losses = [ref.train_step(s).loss for s in range(HALF)]
+        ck.save_checkpoint(ref, cfg_for("1f1b", 1, 1, 1), single_root, HALF, {"model": {}, "moe": {}})
+        ref_losses += [ref.train_step(s).loss for s in range(HALF, 2 * HALF)]
+    finally:
+        torch.set_num_threads(threads)
+    run_distributed(_ckpt_worker, 2, single_root, root, str(tmp_path), timeout=360)
+    got = torch.load(tmp_path / "ckpt.pt")
+    torch.set_num_threads(1)
+    try:
+        single = Trainer(cfg_for("1f1b", 1, 1, 1))
+        path = ck.latest_checkpoint(root)
+        assert ck.read_manifest(path)["mesh"] == {"pp": 1, "ep": 1, "dp": 1, "tp": 2}
+        assert ck.load_checkpoint(single, ck.ResumePoint(path, ck.read_manifest(path)), cfg_for("1f1b", 1, 1, 1)) == HALF
+        for name, p in single.model.named_parameters():  # the TP shards load bit-exact into whole weights
+            assert torch.equal(p.detach(), got["weights"][name]), name
+        got["tp2_to_tp1"] = [single.train_step(s).loss for s in range(HALF, 2 * HALF)]
+    finally:
+        torch.set_num_threads(threads)
+    close = dict(rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(got["saved"]), torch.tensor(ref_losses[:HALF]), **close)
+    for label in ("tp2_to_tp2", "tp2_to_pp2", "tp1_to_tp2", "tp2_to_tp1"):
+        torch.testing.assert_close(torch.tensor(got[label]), torch.tensor(ref_losses[HALF:]), **close, msg=label)
