@@ -413,9 +413,6 @@ def _check_tensor_parallel(cfg: MoepipeConfig) -> None:
     if sch.name == "pipedream_2bw":
         raise ConfigError(f"parallel.tp={tp} with schedule.name=pipedream_2bw: its weight versions do not handle TP-sharded weights yet; "
                           "use another schedule or parallel.tp=1")
-    if cfg.placer.interval > 0 and cfg.placer.name != "static":
-        raise ConfigError(f"parallel.tp={tp} with placer.interval={cfg.placer.interval}: live migration of TP-sharded blocks is not "
-                          "supported yet; set placer.interval=0 or parallel.tp=1")
     if par.a2a == "hierarchical":
         raise ConfigError(f"parallel.tp={tp} with parallel.a2a=hierarchical: EP groups are not adjacent ranks under TP; use parallel.a2a=flat")
 

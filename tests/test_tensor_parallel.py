@@ -172,3 +172,66 @@ def test_checkpoints_reshard_across_tp(tmp_path):
     torch.testing.assert_close(torch.tensor(got["saved"]), torch.tensor(ref_losses[:HALF]), **close)
     for label in ("tp2_to_tp2", "tp2_to_pp2", "tp1_to_tp2", "tp2_to_tp1"):
         torch.testing.assert_close(torch.tensor(got[label]), torch.tensor(ref_losses[HALF:]), **close, msg=label)
+
+
+def _migration_worker(rank: int, world: int, out_dir: str) -> None:
+    """pp2 x tp2: the same run still and with two re-placements of its blocks (dense and MoE,
+    TP-sharded) between the pipeline ranks, shard to shard."""
+    import hashlib
+
+    from moepipe.placement.plan import Plan
+    from test_migration import BASE as MIG_BASE, STEPS as MIG_STEPS
+
+    mesh = build_mesh(2, 1, 1, tp=2)
+    cfg = compose_cfg(MIG_BASE + ["parallel.pp=2", "parallel.ep=1", "parallel.dp=1", "parallel.tp=2", "placer=static",
+                                  "moe.first_dense=1", "moe.num_shared_experts=1", "moe.shared_expert_hidden=32"])
+    moe_ids = list(range(1, 6))
+    plans = [Plan(stage_layers=split, stage_to_pp_rank=[0, 1], expert_map={l: [[0]] * 4 for l in moe_ids}, pp=2, ep=1, dp=1)
+             for split in ([(0, 4), (4, 6)], [(0, 2), (2, 6)])]
+
+    def digests(trainer) -> dict[tuple[str, int], set[str]]:
+        local = {}
+        for name, ts in trainer._entries().items():
+            h = hashlib.sha1()
+            for t in ts:
+                h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+            local[(name, mesh.tp_rank)] = h.hexdigest()
+        everything = [None] * dist.get_world_size()
+        dist.all_gather_object(everything, local)
+        out: dict = {}
+        for part in everything:
+            for key, d in part.items():
+                out.setdefault(key, set()).add(d)
+        return out
+
+    results = {}
+    for moving in (False, True):
+        trainer = DistributedTrainer(cfg, mesh)
+        todo, losses, checks = list(plans), [], []
+        for step in range(MIG_STEPS):
+            losses.append(trainer.train_step(step).loss)
+            if moving and step in (1, 3):
+                before = digests(trainer)
+                event = trainer.migrate(todo.pop(0))
+                checks.append((before, digests(trainer), event["bytes_moved"], trainer.plan.stage_layers))
+        losses.append(trainer.evaluate())
+        results[moving] = {"losses": losses, "state": full_state(list(trainer.modules.values()), rank), "checks": checks}
+    if rank == 0:
+        save(results, os.path.join(out_dir, "migration.pt"))
+
+
+@pytest.mark.timeout(400)
+def test_migration_under_tp_moves_shards_and_preserves_state(tmp_path):
+    run_distributed(_migration_worker, 4, str(tmp_path), timeout=360)
+    res = torch.load(tmp_path / "migration.pt", weights_only=False)
+    still, moved = res[False], res[True]
+    torch.testing.assert_close(torch.tensor(moved["losses"]), torch.tensor(still["losses"]), rtol=1e-5, atol=0)
+    for name, ref in still["state"].items():
+        assert (moved["state"][name] - ref).norm() <= 1e-5 * ref.norm() + 1e-6, name
+    assert [c[3] for c in moved["checks"]] == [[(0, 4), (4, 6)], [(0, 2), (2, 6)]]
+    for before, after, nbytes, _ in moved["checks"]:
+        assert nbytes > 0 and set(before) == set(after)
+        for key in before:  # each (entry, TP rank): one copy everywhere, unchanged bit for bit
+            assert len(after[key]) == 1 and before[key] == after[key], key
+    sharded = [k for k in moved["checks"][0][0] if k[0].endswith("attn.wq.weight")]
+    assert {k[1] for k in sharded} == {0, 1} and moved["checks"][0][0][sharded[0]] != moved["checks"][0][0][(sharded[0][0], 1 - sharded[0][1])]

@@ -29,6 +29,11 @@ import torch.distributed as dist
 from torch import nn
 
 from moepipe.model.router import Routing
+from moepipe.parallel.migration import EntrySpec
+
+# module (last name component) -> the weight dim TP splits: colwise layers split their output
+# features (dim 0 of the [out, in] weight), rowwise layers their input features (dim 1)
+_COLWISE, _ROWWISE = ("wq", "wk", "wv", "w1", "w3"), ("wo", "w2")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -124,28 +129,58 @@ class TokenSplitDispatcher:
         return _GatherFromTP.apply(y, self.group, self.tp, self.tp_rank)
 
 
+def shard_dim(name: str) -> int | None:
+    """The dim of state entry `name` (a global name) that TP splits, or None (replicated):
+    attention projections, the dense SwiGLU and the shared experts; never routed experts."""
+    parts = name.split(".")
+    if parts[0] != "layers" or len(parts) < 5 or parts[-1] != "weight" or "experts" in parts:
+        return None
+    if parts[2] == "attn" or (parts[2] == "ffn" and (len(parts) == 5 or parts[3] == "shared")):
+        return 0 if parts[-2] in _COLWISE else 1 if parts[-2] in _ROWWISE else None
+    return None
+
+
+def local_layout(layout: dict[str, EntrySpec], tp: int) -> dict[str, EntrySpec]:
+    """The layout of one TP rank's state: split entries at 1/tp of their split dim (what a
+    live migration moves, shard to shard, among ranks of the same TP index)."""
+    out = {}
+    for name, spec in layout.items():
+        d = shard_dim(name) if tp > 1 else None
+        shape = spec.shape if d is None else spec.shape[:d] + (spec.shape[d] // tp,) + spec.shape[d + 1 :]
+        out[name] = EntrySpec(shape, spec.is_param)
+    return out
+
+
+def as_shard(name: str, t: torch.Tensor, mesh, full_shape: tuple[int, ...]) -> torch.Tensor:
+    """This rank's local piece of split entry `name` as the DTensor it is a shard of (no
+    communication); other entries unchanged."""
+    d = shard_dim(name) if mesh.tp > 1 else None
+    if d is None:
+        return t
+    from torch.distributed.tensor import DTensor, Shard
+
+    stride = torch.empty(full_shape, device="meta").stride()
+    return DTensor.from_local(t, mesh.tp_mesh, [Shard(d)], run_check=False, shape=torch.Size(full_shape), stride=stride)
+
+
 def stage_plan(module: nn.Module) -> dict:
-    """parallelize_module's plan for a stage: FQN -> ColwiseParallel/RowwiseParallel."""
+    """parallelize_module's plan for a stage: the FQN of each linear layer holding a split
+    weight (`shard_dim`) -> ColwiseParallel (dim 0) or RowwiseParallel (dim 1)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     plan = {}
-    for key, block in module.layers.items():
-        for w in ("wq", "wk", "wv"):
-            plan[f"layers.{key}.attn.{w}"] = ColwiseParallel()
-        plan[f"layers.{key}.attn.wo"] = RowwiseParallel()
-        ffn = block.ffn if not block.is_moe else getattr(block.ffn, "shared", None)
-        if ffn is not None:
-            prefix = f"layers.{key}.ffn" + (".shared" if block.is_moe else "")
-            plan[f"{prefix}.w1"] = ColwiseParallel()
-            plan[f"{prefix}.w3"] = ColwiseParallel()
-            plan[f"{prefix}.w2"] = RowwiseParallel()
+    for name, _ in module.named_parameters():
+        d = shard_dim(name)
+        if d is not None:
+            plan[name.rsplit(".", 1)[0]] = ColwiseParallel() if d == 0 else RowwiseParallel()
     return plan
 
 
 def parallelize_stage(module: nn.Module, mesh) -> nn.Module:
     """Split `module` (a built stage, MoE layers already attached to their EP group) over the
     mesh's TP group; a no-op when tp == 1. Collective over the TP group (weights are scattered
-    from TP rank 0: every rank built the same ones, by name)."""
+    from TP rank 0: every rank built the same ones, by name); weights that are already this
+    rank's DTensor shards (a migration adopting its state: `as_shard`) stay as they are."""
     if mesh.tp == 1:
         return module
     from torch.distributed.tensor.parallel import parallelize_module

@@ -26,7 +26,7 @@ from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
-from moepipe.parallel.tensor_parallel import parallelize_stage
+from moepipe.parallel.tensor_parallel import as_shard, local, local_layout, parallelize_stage
 from moepipe.placement.plan import Plan, from_json, stage_assignment, to_json, validate_plan
 from moepipe.placement.replan import ReplanLoop, default_plan  # noqa: F401 (default_plan: imported from here too)
 from moepipe.placement.topology import from_config as topology_from_config
@@ -109,7 +109,8 @@ class DistributedTrainer:
         with torch.device("meta"):
             full = MoETransformer(cfg.model, cfg.moe)
         self._param_counts = count_parameters(full)
-        self.layout = state_layout(full)  # name -> shape of every state entry (migration)
+        self.full_layout = state_layout(full)  # name -> shape of every state entry
+        self.layout = local_layout(self.full_layout, mesh.tp)  # what this rank holds of each (migration moves TP shards)
         # statistics, forecast, decision and its measured re-check; this trainer reduces the
         # statistics, broadcasts rank 0's decision and migrates
         self.replan = ReplanLoop(cfg, lambda: self.topology)
@@ -137,7 +138,8 @@ class DistributedTrainer:
         cfg, mesh = self.cfg, self.mesh
         self.plan = plan
         self.stage_ids = plan.stages_of_rank(mesh.pp_rank)
-        values = None if entries is None else {n: ts[0] for n, ts in entries.items()}
+        # TP shards become DTensors again (no communication): parallelize_stage keeps them as they are
+        values = None if entries is None else {n: as_shard(n, ts[0], mesh, self.full_layout[n].shape) for n, ts in entries.items()}
         self.modules: dict[int, MoETransformer] = {
             s: build_stage_module(cfg.model, cfg.moe, plan, s, mesh.ep_rank, self.device, cfg.train.seed, values) for s in self.stage_ids
         }
@@ -427,12 +429,12 @@ class DistributedTrainer:
             params = dict(module.named_parameters())
             for name, t in module.state_dict(keep_vars=True).items():
                 if name not in params:
-                    out[name] = [t.detach()]
+                    out[name] = [local(t.detach())]
                     continue
                 st = self.optimizer.state.get(t) or {}
                 # two separate zero tensors when there is no state yet: a migration adopts the moments
-                moments = [st[k] if k in st else torch.zeros_like(t) for k in ("exp_avg", "exp_avg_sq")]
-                out[name] = [t.detach(), *moments, st.get("step", torch.zeros(()))]
+                moments = [local(st[k]) if k in st else torch.zeros_like(local(t.detach())) for k in ("exp_avg", "exp_avg_sq")]
+                out[name] = [local(t.detach()), *moments, st.get("step", torch.zeros(()))]
         return out
 
     def _load_optimizer_state(self, entries: Entries) -> None:
@@ -442,8 +444,8 @@ class DistributedTrainer:
                 src = entries[name]
                 self.optimizer.state[p] = {
                     "step": torch.tensor(float(src[3].reshape(-1)[0]), dtype=torch.float32),  # AdamW keeps it on the CPU
-                    "exp_avg": src[1].to(p.device, p.dtype),
-                    "exp_avg_sq": src[2].to(p.device, p.dtype),
+                    "exp_avg": as_shard(name, src[1].to(p.device, p.dtype), self.mesh, tuple(p.shape)),
+                    "exp_avg_sq": as_shard(name, src[2].to(p.device, p.dtype), self.mesh, tuple(p.shape)),
                 }
 
     def migrate(self, new_plan: Plan) -> dict:
@@ -454,13 +456,15 @@ class DistributedTrainer:
         start = time.perf_counter()
         # the fastest sources on a declared topology; a detected/probed one may differ between
         # ranks, and every rank derives the transfer list alone, so then mesh order decides
-        n = self.mesh.world_size
-        bw = None if cfg.topology.detect or cfg.topology.probe else self.topology.bandwidth[:n, :n]
+        # (under TP, each TP index moves its own shards among the plan's mesh ranks: the links
+        # between the ranks holding that index)
+        ranks = [self.mesh.world_rank(s) for s in range(self.mesh.pp * self.mesh.ep * self.mesh.dp)]
+        bw = None if cfg.topology.detect or cfg.topology.probe else self.topology.bandwidth[np.ix_(ranks, ranks)]
         moves = transfers(self.plan, new_plan, self.layout, bw)
         self.drain_pipeline()  # 2BW: nothing in flight moves; the rebuilt stages restart the delay
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not state: free them before anything new is allocated
         entries = self._entries()
-        received, _ = exchange(self.mesh.rank, moves, entries, self.layout, self.device)
+        received, _ = exchange(self.mesh.slot, moves, entries, self.layout, self.device, peer=self.mesh.world_rank)
         entries.update(received)
         del received
         inject_fault(self.mesh.rank, self._done, "migration")
@@ -477,7 +481,7 @@ class DistributedTrainer:
         release_freed_memory()
         took = torch.tensor(time.perf_counter() - start, dtype=torch.float64, device=self.device)
         dist.all_reduce(took, op=dist.ReduceOp.MAX)
-        return {"bytes_moved": transfer_bytes(moves, self.layout), "migration_s": float(took), "plan": to_json(new_plan)}
+        return {"bytes_moved": transfer_bytes(moves, self.layout) * self.mesh.tp, "migration_s": float(took), "plan": to_json(new_plan)}
 
     def placer_state(self) -> dict[str, torch.Tensor]:
         """The re-plan loop's statistics (same on every rank), for checkpoints."""
