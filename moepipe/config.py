@@ -390,7 +390,7 @@ def _check_tensor_parallel(cfg: MoepipeConfig) -> None:
     if par.sp and tp < 2:
         raise ConfigError(f"parallel.sp=true needs tensor parallelism (parallel.tp={tp}): set parallel.tp >= 2 or parallel.sp=false")
     if par.sp:
-        raise ConfigError("parallel.sp=true is not supported yet: gloo has no reduce_scatter and the NCCL path is untested; set parallel.sp=false")
+        raise ConfigError("parallel.sp=true is not supported yet (sequence parallelism is not implemented): set parallel.sp=false")
     if m.n_heads % tp:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={tp}: TP splits attention by heads; pick tp dividing n_heads")
     kv = m.n_kv_heads or m.n_heads
