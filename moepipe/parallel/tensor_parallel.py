@@ -176,22 +176,27 @@ def stage_plan(module: nn.Module) -> dict:
     return plan
 
 
-def parallelize_stage(module: nn.Module, mesh) -> nn.Module:
-    """Split `module` (a built stage, MoE layers already attached to their EP group) over the
-    mesh's TP group; a no-op when tp == 1. Collective over the TP group (weights are scattered
-    from TP rank 0: every rank built the same ones, by name); weights that are already this
-    rank's DTensor shards (a migration adopting its state: `as_shard`) stay as they are."""
+def shard_stage(module: nn.Module, mesh) -> None:
+    """Split the stage's attention and dense/shared FFN weights over the TP group (no-op when
+    tp == 1). Called on the meta-device stage, before it is materialised: each rank allocates
+    only its shards, and init_weights fills them with their piece of the by-name init, so no
+    rank builds the whole stage and nothing is communicated (src_data_rank=None)."""
     if mesh.tp == 1:
-        return module
+        return
     from torch.distributed.tensor.parallel import parallelize_module
 
-    parallelize_module(module, mesh.tp_mesh, stage_plan(module))
-    group = mesh.tp_group
+    parallelize_module(module, mesh.tp_mesh, stage_plan(module), src_data_rank=None)
     for block in module.layers.values():
         block.attn.n_heads //= mesh.tp  # the attention reshapes by its local head counts
         block.attn.n_kv_heads //= mesh.tp
-        if block.is_moe:
-            moe = block.ffn
-            moe.tp_input = lambda x, g=group: _CopyToTP.apply(x, g)
-            moe.dispatcher = TokenSplitDispatcher(moe.dispatcher, moe.num_experts, mesh.tp, mesh.tp_rank, group)
-    return module
+
+
+def split_moe_tokens(module: nn.Module, mesh) -> None:
+    """Each MoE layer of the stage dispatches only this TP rank's share of the tokens (after
+    attach_expert_group installed its EP dispatcher, which this wraps). No-op when tp == 1."""
+    if mesh.tp == 1:
+        return
+    group = mesh.tp_group
+    for _, moe in module.moe_layers():
+        moe.tp_input = lambda x, g=group: _CopyToTP.apply(x, g)
+        moe.dispatcher = TokenSplitDispatcher(moe.dispatcher, moe.num_experts, mesh.tp, mesh.tp_rank, group)

@@ -26,7 +26,7 @@ from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
-from moepipe.parallel.tensor_parallel import as_shard, local, local_layout, parallelize_stage
+from moepipe.parallel.tensor_parallel import as_shard, local, local_layout, shard_stage, split_moe_tokens
 from moepipe.placement.plan import Plan, from_json, stage_assignment, to_json, validate_plan
 from moepipe.placement.replan import ReplanLoop, default_plan  # noqa: F401 (default_plan: imported from here too)
 from moepipe.placement.topology import from_config as topology_from_config
@@ -138,10 +138,11 @@ class DistributedTrainer:
         cfg, mesh = self.cfg, self.mesh
         self.plan = plan
         self.stage_ids = plan.stages_of_rank(mesh.pp_rank)
-        # TP shards become DTensors again (no communication): parallelize_stage keeps them as they are
+        # TP shards become DTensors again (no communication), adopted by the sharded meta stage
         values = None if entries is None else {n: as_shard(n, ts[0], mesh, self.full_layout[n].shape) for n, ts in entries.items()}
         self.modules: dict[int, MoETransformer] = {
-            s: build_stage_module(cfg.model, cfg.moe, plan, s, mesh.ep_rank, self.device, cfg.train.seed, values) for s in self.stage_ids
+            s: build_stage_module(cfg.model, cfg.moe, plan, s, mesh.ep_rank, self.device, cfg.train.seed, values,
+                                  shard=lambda m: shard_stage(m, mesh)) for s in self.stage_ids
         }
         self.slowdowns = [SlowDevice(m, self.speed) for m in self.modules.values()] if self.speed < 1 else []
         self.clock = BlockClock(list(self.modules.values()), cfg.model.n_layers, self.device)
@@ -153,7 +154,7 @@ class DistributedTrainer:
             for layer_id, moe in module.moe_layers():
                 moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group, a2a=cfg.parallel.a2a,
                                         local_size=ep_per_node, **nodes)
-            parallelize_stage(module, mesh)  # tp > 1: heads and FFN widths split, MoE tokens split (after the EP attach)
+            split_moe_tokens(module, mesh)  # tp > 1: each TP rank dispatches its share of the tokens (after the EP attach)
         for module in self.modules.values():  # token origins: this rank's row of [ep, E] (summed over the world per step)
             for _, moe in module.moe_layers():
                 moe.stats.set_source(mesh.ep_rank, mesh.ep)
