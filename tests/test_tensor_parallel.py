@@ -117,6 +117,45 @@ def test_pp2_ep2_tp2_matches_reference(tmp_path):
     check_runs([((2, 2, 2), "interleaved_1f1b", ())], 8, tmp_path)
 
 
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_token_chunks_dispatch_every_assignment_once(capacity_factor):
+    """The TP token split is exact: dispatching each chunk's assignments (token_chunk) and
+    stacking the chunks gives the whole batch's result, with and without dropped assignments."""
+    from torch import nn
+
+    from moepipe.model.layers import SwiGLU
+    from moepipe.model.moe import local_dispatch
+    from moepipe.model.router import route
+    from moepipe.parallel.tensor_parallel import token_chunk
+
+    torch.manual_seed(0)
+    T, d, E, tp = 24, 8, 4, 3
+    x = torch.randn(T, d)
+    experts = nn.ModuleDict({str(e): SwiGLU(d, 16) for e in range(E)})
+    routing = route(torch.randn(T, E), 2, capacity_factor=capacity_factor)
+    whole = local_dispatch(x, routing, experts)
+    rows = T // tp
+    parts = [local_dispatch(x[i * rows : (i + 1) * rows], token_chunk(routing, i * rows, (i + 1) * rows, E), experts) for i in range(tp)]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-6, atol=1e-6)
+    kept = sum(int(token_chunk(routing, i * rows, (i + 1) * rows, E).kept_counts.sum()) for i in range(tp))
+    assert kept == int(routing.kept_counts.sum())
+
+
+def test_shard_rule_and_local_layout():
+    from moepipe.parallel.migration import EntrySpec
+    from moepipe.parallel.tensor_parallel import local_layout, shard_dim
+
+    split = {"layers.0.attn.wq.weight": 0, "layers.0.attn.wk.weight": 0, "layers.0.attn.wv.weight": 0, "layers.0.attn.wo.weight": 1,
+             "layers.0.ffn.w1.weight": 0, "layers.0.ffn.w3.weight": 0, "layers.0.ffn.w2.weight": 1,
+             "layers.1.ffn.shared.w1.weight": 0, "layers.1.ffn.shared.w2.weight": 1}
+    replicated = ["tok_embeddings.weight", "output.weight", "norm.weight", "layers.0.attn_norm.weight", "layers.1.ffn.router.weight",
+                  "layers.1.ffn.router.expert_bias", "layers.1.ffn.experts.3.w1.weight", "layers.1.ffn.experts.3.w2.weight"]
+    assert {n: shard_dim(n) for n in split} == split and all(shard_dim(n) is None for n in replicated)
+    layout = local_layout({"layers.0.attn.wo.weight": EntrySpec((8, 6), True), "layers.0.ffn.w1.weight": EntrySpec((6, 8), True),
+                           "layers.1.ffn.experts.3.w1.weight": EntrySpec((6, 8), True)}, 2)
+    assert [spec.shape for spec in layout.values()] == [(8, 3), (3, 8), (6, 8)]
+
+
 @pytest.mark.parametrize("overrides,needle", [
     (("parallel.tp=3",), "model.n_heads=2 is not divisible by parallel.tp=3"),
     (("model.n_heads=4", "model.n_kv_heads=1", "parallel.tp=2"), "model.n_kv_heads=1 is not divisible by parallel.tp=2"),
