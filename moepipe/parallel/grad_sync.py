@@ -60,12 +60,12 @@ def _all_reduce_mean(params: list[torch.nn.Parameter], group, divisor: int) -> N
         offset += n
 
 
-def sync_gradients(dense: list, expert: list, mesh: Mesh, tp_partial: list = ()) -> None:
+def sync_gradients(dense: list, expert: list, mesh: Mesh, tp_summed: list = ()) -> None:
     slices = mesh.ep * mesh.dp
     fill_missing_grads(dense)
     fill_missing_grads(expert)
     if getattr(mesh, "tp", 1) > 1:
-        _all_reduce_mean(list(tp_partial), mesh.tp_group, 1)  # a sum: each TP rank saw its share of the tokens
+        _all_reduce_mean(list(tp_summed), mesh.tp_group, 1)  # a sum: each TP rank saw its share of the tokens
     _all_reduce_mean(dense, mesh.replica_group, slices)
     _all_reduce_mean(expert, mesh.dp_group, slices)
 
