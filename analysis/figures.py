@@ -389,7 +389,14 @@ DRAWERS = {
     "fig_balance": draw_balance,
     "fig_placement": draw_placement,
     "fig_2bw": lambda res, d: _draw_2bw(res, d),
+    "fig_tp_mesh": lambda res, d: _draw_tp_mesh(res, d),
 }
+
+
+def _draw_tp_mesh(res: dict, figures_dir: str) -> list[str]:
+    from analysis.fig_tp_mesh import draw_tp_mesh  # that module imports this one: import late
+
+    return draw_tp_mesh(res, figures_dir)
 
 
 def _draw_2bw(res: dict, figures_dir: str) -> list[str]:

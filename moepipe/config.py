@@ -84,8 +84,8 @@ class ParallelConfig:
     # Tensor parallelism (innermost in the mesh: a TP group is tp consecutive ranks, inside a
     # node): attention heads and dense/shared FFN widths split over tp ranks; routed experts use EP
     tp: int = 1
-    # Sequence parallelism over the TP group (norms and residual on 1/tp of the tokens):
-    # needs reduce-scatter, which gloo lacks, so NCCL only
+    # Sequence parallelism over the TP group (norms and residual on 1/tp of the tokens): not
+    # implemented yet (validation says so); gloo in torch 2.13 has the reduce-scatter it needs
     sp: bool = False
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     # Expert all-to-all: flat (one exchange over the EP group) or hierarchical (within each
@@ -225,6 +225,10 @@ class SimConfig:
     free_comm: bool = False  # all transfers cost nothing (isolate the schedule's bubble)
     profile: Optional[str] = None  # measured profile JSON (docs/SIMULATOR.md) instead of analytic costs
     out_trace: bool = True  # write trace.json and gantt.png
+    # search (tp, pp, ep, dp) meshes for this model on the whole topology (moepipe.placement.mesh_search)
+    # with the configured schedule and placer; print the best search_top and write them to summary.json
+    search_mesh: bool = False
+    search_top: int = 5
 
 
 @dataclass
@@ -410,6 +414,9 @@ def _check_tensor_parallel(cfg: MoepipeConfig) -> None:
     if e.num_experts and tokens % tp:
         raise ConfigError(f"{tokens} tokens per microbatch do not split over parallel.tp={tp} (each TP rank dispatches an equal share): "
                           "pick train.batch_size/seq_len so batch_size/(ep*dp*microbatches)*seq_len is a multiple of tp")
+    if sch.name == "chimera":
+        raise ConfigError(f"parallel.tp={tp} with schedule.name=chimera: its mirrored replicas do not handle TP-sharded weights yet; "
+                          "use another schedule or parallel.tp=1")
     if sch.name == "pipedream_2bw":
         raise ConfigError(f"parallel.tp={tp} with schedule.name=pipedream_2bw: its weight versions do not handle TP-sharded weights yet; "
                           "use another schedule or parallel.tp=1")
@@ -601,6 +608,8 @@ def _check_sim(s: SimConfig) -> None:
         raise ConfigError(f"sim.efficiency={s.efficiency} must be in (0, 1]: e.g. 0.5")
     if s.zipf_s < 0:
         raise ConfigError(f"sim.zipf_s={s.zipf_s} must be >= 0: 0 is uniform, ~1 is strongly skewed")
+    if s.search_top < 1:
+        raise ConfigError(f"sim.search_top={s.search_top} must be >= 1: the number of best meshes sim.search_mesh reports")
 
 
 def _check_workload(cfg: MoepipeConfig) -> None:

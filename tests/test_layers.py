@@ -21,11 +21,11 @@ LAYERS: list[list[str]] = [
     # `placement` package's __init__ imports nothing)
     ["config", "plugins", "placement", "placement.topology"],
     # the model (no process groups), data, and the pure placement vocabulary
-    ["model", "data", "placement.plan", "placement.cost_model",
+    ["model", "data", "placement.plan", "placement.cost_model", "placement.tensor_parallel_cost",
      "placement.model_spec", "placement.workloads", "placement.forecast", "placement.shadows"],
     ["sim"],                 # discrete-event simulator over plans
     # placers score candidate plans with the simulator; the re-plan loop runs them
-    ["placement.placers", "placement.replan"],
+    ["placement.placers", "placement.replan", "placement.mesh_search"],
     ["parallel"],            # process groups, stages, gradient sync, live migration
     ["train"],               # trainers, launch, checkpoints, profiling
     ["cli", "plugins.conformance"],  # applications: moepipe-sim; plug-in self-checks run placers and backends

@@ -304,6 +304,24 @@ def check_2bw(r: Result, root: Path) -> None:
     assert abs(s["final_train_loss"] - reference_loss(root, 2)) > 1e-3
 
 
+def check_chimera(r: Result, root: Path) -> None:
+    """chimera runs on moepipe's executor, two replicas (rank 0: the down stage 0 and the up
+    replica's last stage), and trains the same model as one process (within 1e-4)."""
+    trained(r)
+    s = r.summary
+    assert s["pipeline_schedule"] == "ScheduleExecutor" and s["placement"]["final_stage_to_pp_rank"] == [0, 1]
+    assert abs(s["final_train_loss"] - reference_loss(root, 2)) < 1e-4
+
+
+def check_chimera_sim(r: Result, root: Path) -> None:
+    """moepipe-sim runs both replicas (8 stages on pp4), each rank holding two stages' weights,
+    with a smaller bubble than 1F1B on the same plan."""
+    s = r.summary
+    one = result("sim", ("parallel.pp=4", "schedule.microbatches=8", "schedule=1f1b"), root).summary
+    assert s["schedule"] == "chimera" and s["n_stages"] == 8 and s["stage_to_pp_rank"] == [0, 1, 2, 3, 3, 2, 1, 0]
+    assert s["bubble_fraction"] < one["bubble_fraction"] and sum(s["weight_bytes"]) > 1.9 * sum(one["weight_bytes"])
+
+
 def check_static(r: Result) -> None:
     trained(r)
     p = r.summary["placement"]
@@ -516,6 +534,8 @@ ROWS: dict[tuple[str, str], list[Row]] = {
     **{("schedule", s): [("dist", ("parallel=pp2", f"schedule={s}", f"schedule.microbatches={4 if s == 'dualpipev' else 2}"), check_schedule(s))]
        for s in SCHEDULE_CLASSES},
     ("schedule", "pipedream_2bw"): [("dist", ("parallel=pp2", "schedule=pipedream_2bw", "schedule.microbatches=2"), check_2bw)],
+    ("schedule", "chimera"): [("dist", ("parallel=pp2", "schedule=chimera", "schedule.microbatches=2"), check_chimera),
+                              ("sim", ("schedule=chimera", "parallel.pp=4", "schedule.microbatches=8"), check_chimera_sim)],
     ("placer", "static"): [("dist", ("parallel=pp2", "placer=static"), check_static)],
     # The topology declares pp rank 0 at half speed; not emulated: an emulated worker's measured
     # block times are confounded by CPU contention (on a loaded machine the other rank's blocks

@@ -163,6 +163,7 @@ def test_shard_rule_and_local_layout():
     (("parallel.tp=2", "moe.backend=fairscale"), "only the native MoE layer"),
     (("parallel.tp=2", "parallel.sp=true"), "parallel.sp=true is not supported yet"),
     (("parallel.sp=true",), "parallel.sp=true needs tensor parallelism"),
+    (("parallel.tp=2", "parallel.pp=2", "schedule.name=chimera"), "parallel.tp=2 with schedule.name=chimera"),
 ])
 def test_bad_tp_config_is_one_line(overrides, needle):
     with pytest.raises(ConfigError) as err:

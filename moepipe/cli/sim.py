@@ -8,6 +8,15 @@ Simulator options live under `sim` (moepipe.config.SimConfig): `sim.routing=zipf
 The plan is the configured placer's (`placer.name`) for that routing times the injected
 `workload.kind` skew at step 0; summary.json names the placer, its plan's stage split, the
 routing it planned for, and the static plan's time beside it.
+
+`parallel.tp=2` simulates tensor parallelism: each of the pp*ep*dp placement devices is a TP group
+of tp GPUs inside a node (moepipe.placement.tensor_parallel_cost); memory figures are per GPU.
+`sim.search_mesh=true` instead searches (tp, pp, ep, dp) over the whole topology with the
+configured schedule and placer (moepipe.placement.mesh_search), prints the best `sim.search_top`
+and writes every shape's figures to summary.json (`mesh_search`):
+
+    moepipe-sim sim.search_mesh=true model=mixtral_8x7b topology=ib_16x8 train.batch_size=1024 \
+        train.seq_len=4096 schedule.microbatches=8
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from moepipe.config import ConfigError, SimConfig, conf_dir, moe_layer_ids, register_configs, validate, world_size
+from moepipe.config import ConfigError, SimConfig, conf_dir, moe_layer_ids, register_configs, validate
 
 CONF_DIR = conf_dir()
 
@@ -82,11 +91,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     c = validate(cfg)
     sc = c.sim
-    ws = world_size(c)
-    topo = from_config(c.topology, ws)
     moe_ids = moe_layer_ids(c.model, c.moe)
+    if sc.search_mesh:
+        return run_search(c, out_dir, moe_ids)
+    par = c.parallel
+    ws = par.pp * par.ep * par.dp * par.tp  # GPUs; under TP the placer and simulator see one device per TP group
     load, routing_label, origins = expert_load(c, moe_ids)
-    inputs = inputs_from_config(c, topo, expert_load=load, origins=origins)
+    inputs = inputs_from_config(c, from_config(c.topology, ws), expert_load=load, origins=origins)
+    topo = inputs.topology
     routing = routing_of(inputs)
     pc = c.placer
     plan = make_placement(pc.name, inputs, pc.replica_slots, compare_layouts=True)
@@ -124,6 +136,20 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def run_search(c, out_dir: Path, moe_ids: list[int]) -> dict[str, Any]:
+    """sim.search_mesh: every (tp, pp, ep, dp) on the whole topology; summary.json holds them all."""
+    from moepipe.placement.mesh_search import format_table, search_mesh
+    from moepipe.placement.topology import from_config
+
+    topo = from_config(c.topology)
+    search = search_mesh(c, topo, workload=lambda cc: expert_load(cc, moe_ids)[::2])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"model": c.model.name, "topology": topo.name, "world_size": topo.n_devices, "mesh_search": search.to_json(),
+               "table": format_table(search, c.sim.search_top), "sim": asdict(c.sim)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def summary_line(s: dict[str, Any]) -> str:
     """The one line moepipe-sim prints: the simulated plan's figures and which plan it was."""
     return (
@@ -133,6 +159,7 @@ def summary_line(s: dict[str, Any]) -> str:
         f"placer_predicted_s={s['placer_predicted_s']:.6g} static_iteration_time_s={s['static_iteration_time_s']:.6g} routing={s['routing'].replace(' ', '')} "
         f"a2a_bytes_intra_node={s['a2a_bytes_intra_node']:.6g} a2a_bytes_inter_node={s['a2a_bytes_inter_node']:.6g}"
         + (f" ep_layout_best={s['ep_layout']['best']}" if s.get("ep_layout") else "")
+        + (f" tp={s['tp']} (memory per GPU)" if s.get("tp", 1) > 1 else "")
     )
 
 
@@ -148,7 +175,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(str(exc).splitlines()[0], file=sys.stderr)
         sys.exit(2)
-    print(summary_line(s))
+    print(s["table"] if "mesh_search" in s else summary_line(s))
 
 if __name__ == "__main__":
     main()

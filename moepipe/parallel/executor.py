@@ -49,9 +49,12 @@ class ScheduleExecutor(_PipelineSchedule):
         if sorted(self.stages) != held:
             raise ValueError(f"pipeline rank {rank} holds stages {sorted(self.stages)}, but the schedule runs {held} there")
         self._stage_list = [self.stages[s] for s in held]
-        mapping = dict(enumerate(program.stage_to_rank))
-        for st in self._stage_list:
-            st.stage_index_to_group_rank = mapping  # where torch's P2P ops find each peer stage
+        L = program.chain_len
+        for s in held:  # where torch's P2P ops find each peer stage: a chain is one torch pipeline
+            c, st = s // L, self.stages[s]
+            if st.stage_index != s % L:
+                raise ValueError(f"stage {s} is stage {s % L} of chain {c}, but its PipelineStage says {st.stage_index}")
+            st.stage_index_to_group_rank = {k: program.stage_to_rank[c * L + k] for k in range(L)}
         self.handlers = dict(handlers or {})
         self._fwd_init = self._bwd_init = False
         self._recv: dict[tuple, list] = {}

@@ -17,6 +17,7 @@ from torch import nn
 
 from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.tensor_parallel import is_sharded, local, tp_partial, with_local_grads
+from moepipe.placement.plan import global_rank
 
 
 def is_expert_param(name: str) -> bool:
@@ -140,3 +141,52 @@ class ExpertReplicas:
 
     def primary_only(self, expert: list[nn.Parameter]) -> list[nn.Parameter]:
         return [p for p in expert if id(p) not in self.secondary]
+
+
+def mirror_groups(mesh: Mesh) -> dist.ProcessGroup | None:
+    """Chimera's replica groups: pp ranks r and pp-1-r (same EP and DP rank) hold the same two
+    stages, one per model replica. Collective: every rank creates every group; returns this
+    rank's (None when pp is 1)."""
+    mine = None
+    for d in range(mesh.dp):
+        for e in range(mesh.ep):
+            for p in range(mesh.pp // 2):
+                members = sorted({global_rank(p, e, d, mesh.pp, mesh.ep, mesh.dp), global_rank(mesh.pp - 1 - p, e, d, mesh.pp, mesh.ep, mesh.dp)})
+                group = dist.new_group(members)
+                if mesh.rank in members:
+                    mine = group
+    return mine
+
+
+class MirrorReduce:
+    """The gradient all-reduce between the two replicas of each stage (Chimera): each copy saw
+    half of the microbatches, so the stage's gradient is their sum. A rank holds one stage of
+    each replica and its mirror rank the other copies of the same two stages, so one
+    all-reduce per step covers both, in plan-stage order on both sides. `stage_done(s)` (the
+    executor's REDUCE_GRAD) starts it asynchronously once every stage of this rank is
+    complete, overlapping the schedule's tail; `wait()` before the optimizer reads the gradients."""
+
+    def __init__(self, modules: dict[int, nn.Module], n_stages: int, group):
+        self.group, self.n_stages = group, n_stages
+        # plan-stage order, then parameter order: identical on the two ranks of the group
+        self.params = [p for _, mod in sorted(modules.items(), key=lambda kv: kv[0] % n_stages) for p in mod.parameters()]
+        self.stages, self.done = set(modules), set()
+        self._work = self._flat = None
+
+    def stage_done(self, stage: int) -> None:
+        self.done.add(stage)
+        if self.done == self.stages:
+            fill_missing_grads(self.params)
+            self._flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            self._work = dist.all_reduce(self._flat, group=self.group, async_op=True)
+
+    def wait(self) -> None:
+        if self._work is None:
+            raise RuntimeError(f"the replicas' gradient all-reduce never started: stages {sorted(self.stages - self.done)} reported no REDUCE_GRAD")
+        self._work.wait()
+        offset = 0
+        for p in self.params:
+            p.grad.copy_(self._flat[offset: offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+        self._work = self._flat = None
+        self.done = set()

@@ -25,6 +25,7 @@ import numpy as np
 from moepipe.config import ConfigError
 from moepipe.placement.model_spec import ModelSpec
 from moepipe.placement.plan import Plan, rank_grid
+from moepipe.placement import tensor_parallel_cost as tpc
 from moepipe.placement.topology import Topology
 
 PHASES = ("F", "B", "W")
@@ -110,13 +111,15 @@ class CostModel:
     """
 
     def __init__(self, spec: ModelSpec, efficiency: float = 0.5, profile: Optional[Profile | Mapping | str] = None, ep_splits_tokens: bool = True,
-                 a2a: str = "flat"):
+                 a2a: str = "flat", sequence_parallel: bool = False):
         if not 0 < efficiency <= 1:
             raise ConfigError(f"cost_model.efficiency={efficiency} must be in (0, 1]: the fraction of sustained FLOP/s a layer reaches")
         if a2a not in A2A_MODES:
             raise ConfigError(f"parallel.a2a={a2a!r} is not one of {list(A2A_MODES)}: pick one")
         self.spec, self.efficiency, self.ep_splits_tokens = spec, efficiency, ep_splits_tokens
         self.a2a = a2a  # parallel.a2a: how the expert all-to-all is modelled (flat | hierarchical)
+        # under tensor parallelism (a tp_groups topology): norms' activations split over the TP group too
+        self.sequence_parallel = bool(sequence_parallel)
         L = spec.n_layers
         self.dense_work = np.zeros((L, 3))
         self.expert_work = np.zeros((L, 3))
@@ -274,6 +277,11 @@ def stage_costs(
     routed, tokens = layer_exchanges(cm, plan, topology, routing, origins)  # [n_moe, ep], per layer [ep, ep] or None
     moe_row = {l: i for i, l in enumerate(spec.moe_layers)}
     msgs_i = msgs_x = 0
+    # tensor parallelism (topology.tp > 1: a device is a TP group): per-block collectives on each
+    # group's ring [pp, 3, dp, ep] (zeros for tp = 1), activations and experts' share per GPU
+    tp, sp = topology.tp, cm.sequence_parallel
+    tp_t = np.zeros((plan.pp, 3) + grid.shape[1:]) if free_comm else np.moveaxis(tpc.tp_block_seconds_on(spec, T_e, topology, grid), 0, 1)
+    ex_share = tpc.expert_share_per_gpu(tp)
 
     comp = np.zeros((S, 3))
     a2a = np.zeros((S, 3))
@@ -290,7 +298,7 @@ def stage_costs(
             extra += cm.embed_work
         if s == S - 1:
             extra += cm.head_work
-            act[s] += spec.head_act_elems * T_e * spec.dtype_bytes
+            act[s] += tpc.head_act_elems_per_gpu(spec, tp, sp) * T_e * spec.dtype_bytes
         if extra.any():
             t = extra[:, None, None] * T_e / r[None]
             comp_s += t.max(-1)
@@ -298,11 +306,13 @@ def stage_costs(
         for l in range(a, b):
             lay = spec.layers[l]
             t = cm.dense_work[l][:, None, None] * T_e / r[None]  # [3, dp, ep]
-            act[s] += lay.act_elems * T_e * spec.dtype_bytes
+            t_c = t + tp_t[p]  # the block's TP collectives block its compute lane (no overlap)
+            act[s] += tpc.act_elems_per_gpu(lay, spec, tp, sp) * T_e * spec.dtype_bytes
             if lay.is_moe:
                 routed_l = routed[moe_row[l]]  # [ep]
-                t = t + cm.expert_work[l][:, None, None] * routed_l[None, None, :] / r[None]
-                act[s] += lay.expert_act_elems * routed_l[None, :] * spec.dtype_bytes
+                t_e = cm.expert_work[l][:, None, None] * routed_l[None, None, :] / r[None]
+                t, t_c = t + t_e, t_c + t_e
+                act[s] += lay.expert_act_elems * routed_l[None, :] * ex_share * spec.dtype_bytes
                 if not free_comm and plan.ep > 1:
                     tok = tokens[moe_row[l]]
                     tok_b = None if tok is None else tok * bpt
@@ -314,7 +324,7 @@ def stage_costs(
                         inter += passes * x_b
                         msgs_i += passes * i_m
                         msgs_x += passes * x_m
-            comp_s += t.max(-1)
+            comp_s += t_c.max(-1)
             busy[s] += t
         comp[s] = comp_s.max(-1)
         a2a[s, 0] = a2a[s, 1] = a2a_s.max()
@@ -348,15 +358,19 @@ def _grad_sync(cm: CostModel, plan: Plan, topology: Topology, grid: np.ndarray, 
         dense += spec.embed_params * (0 in stages) + spec.head_params * (plan.n_stages - 1 in stages)
         groups = [grid[p].ravel()] if cm.ep_splits_tokens else [grid[p, :, e] for e in range(plan.ep)]
         t = max(topology.all_reduce_time(dense * grad_bytes, g) for g in groups)
-        t_exp = 0.0
-        if plan.dp > 1:  # runs after the dense all-reduce on the same links
+        t_exp = t_tp = 0.0
+        if plan.dp > 1 or topology.tp > 1:
             n_exp = np.zeros(plan.ep)  # expert parameters each EP rank holds (replicas included)
             for l in layers:
                 if spec.layers[l].is_moe:
                     held = np.fromiter(chain.from_iterable(plan.expert_map[l]), dtype=np.int64)
                     n_exp += np.bincount(held, minlength=plan.ep) * spec.layers[l].expert_params
-            t_exp = max(topology.all_reduce_time(float(n_exp[e]) * grad_bytes, grid[p, :, e]) for e in range(plan.ep))
-        worst = max(worst, t + t_exp)
+            if plan.dp > 1:  # runs after the dense all-reduce on the same links
+                t_exp = max(topology.all_reduce_time(float(n_exp[e]) * grad_bytes, grid[p, :, e]) for e in range(plan.ep))
+            if topology.tp > 1:  # weights every GPU of a TP group holds whole: over the group's ring (tensor_parallel_cost)
+                rep = sum(tpc.replicated_params(spec.layers[l], spec) for l in layers) + spec.d_model * (plan.n_stages - 1 in stages)
+                t_tp = tpc.tp_grad_sync_time((n_exp[None, :] + rep) * grad_bytes * np.ones((plan.dp, 1)), topology, grid[p])
+        worst = max(worst, t + t_exp + t_tp)
     return worst
 
 

@@ -47,6 +47,11 @@ class Topology:
     bandwidth: np.ndarray
     latency: np.ndarray
     node_of: np.ndarray = field(init=False)
+    # Tensor parallelism (`tp_groups`): each device stands for a TP group of `tp` GPUs inside one
+    # node; tp_ring_bandwidth/latency [n] are the slowest hop of the group's own ring (None: tp=1)
+    tp: int = 1
+    tp_ring_bandwidth: Optional[np.ndarray] = None
+    tp_ring_latency: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self.node_of = np.array([d.node for d in self.devices], dtype=np.int64)
@@ -78,7 +83,8 @@ class Topology:
         """The topology seen by a job that uses only `ranks` (renumbered 0..len-1, nodes kept)."""
         idx = np.asarray(ranks, dtype=np.int64)
         devs = [Device(i, d.node, d.name, d.tflops, d.memory_bytes, d.speed) for i, d in enumerate(self.devices[j] for j in idx)]
-        return Topology(name or self.name, devs, self.bandwidth[np.ix_(idx, idx)], self.latency[np.ix_(idx, idx)])
+        ring = (None, None) if self.tp_ring_bandwidth is None else (self.tp_ring_bandwidth[idx], self.tp_ring_latency[idx])
+        return Topology(name or self.name, devs, self.bandwidth[np.ix_(idx, idx)], self.latency[np.ix_(idx, idx)], self.tp, *ring)
 
     # -------------------------------------------------------------- collective costs
     def p2p_time(self, nbytes: Any, src: Any, dst: Any) -> Any:
@@ -265,6 +271,50 @@ def from_config(cfg: TopologyConfig | Mapping, world_size: Optional[int] = None)
         if world_size < n:
             topo = topo.subset(range(world_size))
     return topo
+
+
+def tp_groups(topo: Topology, tp: int, n_groups: Optional[int] = None) -> Topology:
+    """The topology the placers and the simulator see under tensor parallelism: one device per
+    TP group (GPUs g*tp .. g*tp+tp-1, the runtime's innermost mesh dimension), for the first
+    `n_groups` groups (default: all). A group device computes at tp x its slowest member's
+    FLOP/s (attention, dense FFN and shared experts split over its GPUs; routed tokens split
+    too, each GPU holding the group's experts); `memory_bytes` stays one GPU's (the cost model
+    reports memory per GPU). Between groups, TP rank k talks to TP rank k, each over its own
+    port, so a link is tp x the slowest of those tp links (latency the largest). The group's
+    own ring (its TP collectives) is kept in tp_ring_bandwidth/latency. tp=1: `topo` itself.
+    A group that spans nodes is a ConfigError: TP collectives run every block and belong on
+    the intra-node links."""
+    tp = int(tp)
+    if tp < 1:
+        raise ConfigError(f"parallel.tp={tp} must be >= 1: the GPUs of one tensor-parallel group")
+    if tp == 1 or topo.tp == tp:
+        return topo if n_groups is None or n_groups == topo.n_devices else topo.subset(range(n_groups))
+    if topo.tp != 1:
+        raise ConfigError(f"topology={topo.name} already groups devices by tp={topo.tp}: group the per-GPU topology by parallel.tp={tp}")
+    n = topo.n_devices // tp if n_groups is None else int(n_groups)
+    if n * tp > topo.n_devices:
+        raise ConfigError(f"parallel.pp*ep*dp*tp={n * tp} > topology devices={topo.n_devices} (topology={topo.name}): "
+                          "pick a larger topology or lower parallel.pp/ep/dp/tp")
+    members = np.arange(n * tp).reshape(n, tp)  # [group, tp_rank] -> GPU
+    nodes = topo.node_of[members]
+    if (nodes != nodes[:, :1]).any():
+        per_node = int((topo.node_of == topo.node_of[0]).sum())
+        raise ConfigError(f"parallel.tp={tp} does not fit in a node of topology={topo.name} ({per_node} devices per node): "
+                          "pick parallel.tp dividing topology.devices_per_node")
+    devs = []
+    for g, row in enumerate(members):
+        ds = [topo.devices[j] for j in row]
+        slow = min(ds, key=lambda d: d.flops_per_s)
+        devs.append(Device(g, ds[0].node, ds[0].name, slow.tflops * tp, min(d.memory_bytes for d in ds), slow.speed))
+    # [g, h, k]: TP rank k of group g -> TP rank k of group h
+    bw = topo.bandwidth[members[:, None, :], members[None, :, :]].min(-1) * tp
+    lat = topo.latency[members[:, None, :], members[None, :, :]].max(-1)
+    np.fill_diagonal(bw, np.inf)
+    np.fill_diagonal(lat, 0.0)
+    nxt = np.roll(members, -1, axis=1)
+    ring_bw = topo.bandwidth[members, nxt].min(-1)
+    ring_lat = topo.latency[members, nxt].max(-1)
+    return Topology(f"{topo.name}/tp{tp}", devs, bw, lat, tp, ring_bw, ring_lat)
 
 
 def free_topology(n: int, tflops: float = 1.0, per_node: Optional[int] = None) -> Topology:

@@ -9,6 +9,9 @@ Every action also pays a fixed `overhead` on its rank (the runtime's own cost pe
 schedule bookkeeping, posting and completing its sends/receives; an overlapped F+B pair pays
 it twice). Transfers run on a separate stream and never contend. The order is swept rank by rank until
 no rank can advance; a stall with work left is a deadlock in the order (an error).
+Chains (several model replicas, e.g. Chimera's two pipelines) are read off the order: stage
+s+1 continues stage s's chain when they run the same microbatches; a chain's first stage
+waits for no activation and its last for no gradient.
 Everything here is deterministic: no clocks, no randomness, fixed iteration order.
 """
 from __future__ import annotations
@@ -82,31 +85,44 @@ def run(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: n
     over = np.broadcast_to(np.asarray(overhead, dtype=np.float64), (pp,)).tolist()
     comp_a, a2a_a = np.asarray(comp, dtype=np.float64), np.asarray(a2a, dtype=np.float64)
     send_l = np.asarray(send, dtype=np.float64).tolist()
-    hop = [stage_to_rank[s] != stage_to_rank[s + 1] for s in range(S - 1)]
+    link = _chain_links(order, S)
+    hop = [link[s] and stage_to_rank[s] != stage_to_rank[s + 1] for s in range(S - 1)]
     fdone = [[None] * m for _ in range(S)]  # when F(s, i) / B or I(s, i) finished
     gdone = [[None] * m for _ in range(S)]
     ev: list[tuple] = []
-    ready = _arrival_rule(fdone, gdone, send_l, hop, S)
+    ready = _arrival_rule(fdone, gdone, send_l, hop, link + [False])
     finish = _completion_rule(fdone, gdone, send_l, hop, stage_to_rank, S, ev)
     snaps, account = _activation_counter(pp, S)
     free, busy, total = _sweep(order, ready, finish, account, comp_a, a2a_a, over, ev)
     return _result(ev, free, busy, snaps, S, total)
 
 
-def _arrival_rule(fdone, gdone, send_l, hop, S):
+def _chain_links(order: Order, S: int) -> list[bool]:
+    """link[s]: stage s hands its activations to stage s+1 (the two run the same microbatches);
+    False where one chain (model replica) ends and the next begins."""
+    mbs: list[set] = [set() for _ in range(S)]
+    for acts in order.values():
+        for a in acts:
+            for x in a.leaves():
+                if x.kind == "F":
+                    mbs[x.stage].add(x.mb)
+    return [bool(mbs[s] & mbs[s + 1]) for s in range(S - 1)]
+
+
+def _arrival_rule(fdone, gdone, send_l, hop, link):
     """ready(action): when its inputs have arrived (the rules in the module docstring), or None
     while one is still missing."""
 
     def ready(a: Action):
         s, i = a.stage, a.mb
         if a.kind == "F":
-            if s == 0:
+            if s == 0 or not link[s - 1]:
                 return 0.0
             t = fdone[s - 1][i]
             return None if t is None else t + (send_l[s - 1] if hop[s - 1] else 0.0)
         if a.kind in ("B", "I"):
             t = fdone[s][i]
-            if t is None or s == S - 1:
+            if t is None or not link[s]:
                 return t
             g = gdone[s + 1][i]
             return None if g is None else max(t, g + (send_l[s] if hop[s] else 0.0))
@@ -127,7 +143,7 @@ def _completion_rule(fdone, gdone, send_l, hop, stage_to_rank, S, ev):
         s, i = a.stage, a.mb
         if a.kind == "F":
             fdone[s][i] = end
-            if s + 1 < S and hop[s]:
+            if s + 1 < S and hop[s]:  # hop: same chain, another rank
                 q = stage_to_rank[s + 1]
                 ev.append((r, COMM, K["send"], s, i, end, end + send_l[s]))
                 ev.append((q, COMM, K["recv"], s + 1, i, end, end + send_l[s]))

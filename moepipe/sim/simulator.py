@@ -11,14 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import dataclasses
+
 import numpy as np
 
 from moepipe.config import ConfigError
 from moepipe.placement.cost_model import CostModel, StageCosts, exchange_time, stage_costs
-from moepipe.placement.plan import Plan, rank_grid, validate_plan
+from moepipe.placement import tensor_parallel_cost as tpc
+from moepipe.placement.plan import Plan, chain_stages, rank_grid, validate_plan
 from moepipe.placement.topology import Topology
 from moepipe.sim import engine
-from moepipe.sim.schedules import Order, order_traits, schedule_order, steady_iteration
+from moepipe.sim.schedules import Order, order_traits, schedule_chains, schedule_order, steady_iteration
 
 
 @dataclass
@@ -54,6 +57,9 @@ class SimResult:
     weight_versions: int = 1
     weight_bytes: Optional[np.ndarray] = None  # [world] by global rank
     flush: bool = True  # False: iteration times are the steady state of a pipeline that never drains
+    # tensor parallelism: each of the world's devices is a TP group of tp GPUs (topology.tp_groups);
+    # peak_activation_bytes and weight_bytes are then per GPU of the group
+    tp: int = 1
 
     def summary(self) -> dict[str, Any]:
         """Plain JSON-able numbers (no timeline)."""
@@ -62,6 +68,7 @@ class SimResult:
             "pp": self.pp,
             "ep": self.ep,
             "dp": self.dp,
+            "tp": self.tp,
             "n_stages": self.n_stages,
             "microbatches": self.microbatches,
             "iteration_time_s": self.iteration_time_s,
@@ -137,8 +144,12 @@ def balanced_comm_costs(cost_model: CostModel, plan: Plan, topology: Topology, n
         even = np.full(plan.ep, spec.tokens_per_microbatch * spec.top_k / plan.ep * spec.hidden_bytes_per_token)
         per_layer = min(max(exchange_time(None, even, grid[p, d], topology, cost_model.a2a) for d in range(plan.dp)) for p in range(plan.pp))
         a2a[0] = a2a[1] = per_layer * len(spec.moe_layers) / n_stages
-        if spec.activation_checkpointing:  # backward first recomputes the forward, dispatch included
-            a2a[1] += a2a[0]
+    if topology.tp > 1:  # every block's TP collectives, on the cheapest pipeline rank's groups
+        T_e = spec.tokens_per_microbatch / plan.ep if cost_model.ep_splits_tokens else spec.tokens_per_microbatch
+        per_block = tpc.tp_block_seconds_on(spec, T_e, topology, grid).reshape(3, plan.pp, -1).max(-1).min(-1)
+        a2a += per_block * spec.n_layers / n_stages
+    if spec.activation_checkpointing:  # backward first recomputes the forward, dispatch included
+        a2a[1] += a2a[0]
     dense = (sum(l.params for l in spec.layers) + spec.embed_params + spec.head_params) / plan.pp
     experts = sum(l.expert_params * spec.num_experts for l in spec.layers if l.is_moe) / (plan.pp * plan.ep)
     grad = np.inf
@@ -147,6 +158,9 @@ def balanced_comm_costs(cost_model: CostModel, plan: Plan, topology: Topology, n
         t = max(topology.all_reduce_time(dense * grad_bytes, g) for g in groups)
         if plan.dp > 1:
             t += max(topology.all_reduce_time(experts * grad_bytes, grid[p, :, e]) for e in range(plan.ep))
+        if topology.tp > 1:  # experts (and norms, router) are whole on every GPU of a TP group
+            rep = sum(tpc.replicated_params(l, spec) for l in spec.layers) / plan.pp
+            t += tpc.tp_grad_sync_time(np.full(grid[p].shape, (experts + rep) * grad_bytes), topology, grid[p])
         grad = min(grad, t)
     return a2a, float(grad)
 
@@ -175,15 +189,18 @@ def simulate(
     v = plan.n_stages // plan.pp
     if v * plan.pp != plan.n_stages:
         raise ConfigError(f"plan has {plan.n_stages} stages for pp={plan.pp}: use a multiple of pp (virtual stages per rank)")
-    order, s2r = schedule_order(schedule, plan.pp, v, microbatches)
+    order, run_s2r = schedule_order(schedule, plan.pp, v, microbatches)
+    chains = schedule_chains(schedule)  # chimera: every plan stage runs twice, once per model replica
+    s2r = run_s2r[: len(run_s2r) // chains]
     if list(plan.stage_to_pp_rank) != s2r:
         raise ConfigError(
             f"plan.stage_to_pp_rank={list(plan.stage_to_pp_rank)} does not match schedule.name={schedule} ({s2r}): "
             "build the plan with the schedule's style (loop for interleaved, v for zbv/dualpipev)"
         )
-    costs = stage_costs(cost_model, plan, topology, routing, free_comm=free_comm, origins=origins)
+    costs = _for_chains(stage_costs(cost_model, plan, topology, routing, free_comm=free_comm, origins=origins), chains)
+    s2r = run_s2r
     res = engine.run(order, s2r, microbatches, costs.comp, costs.a2a, costs.send, action_overhead_s)
-    m, S = microbatches, plan.n_stages
+    m, S = microbatches, len(s2r)
     versions, flush = order_traits(schedule)
     pipeline = res.makespan
     if not flush:  # PipeDream-2BW: the steady state of back-to-back iterations (no drain)
@@ -195,8 +212,8 @@ def simulate(
     # Device-level compute (per global rank) for idle accounting.
     world = plan.world_size
     busy_dev = np.zeros((plan.pp, plan.dp, plan.ep))
-    for s in range(S):
-        busy_dev[s2r[s]] += m * costs.ep_busy[s].sum(0)
+    for s in range(S):  # each replica's stages run m / chains microbatches
+        busy_dev[s2r[s]] += m / chains * costs.ep_busy[s].sum(0)
     idle = 1.0 - float(busy_dev.sum()) / (world * iteration) if iteration > 0 else 0.0
 
     # Peak activation memory: in-flight counts after each forward x bytes per microbatch.
@@ -213,9 +230,9 @@ def simulate(
     lower = float(work_mb.sum() * m * plan.dp / total_rate)
     # Balanced: every action of a phase lasts W_phase * pp / (n_stages * replica throughput).
     replica_rate = costs.rates.sum(axis=(0, 2)).min()
-    t_bal = work_mb * plan.pp / (S * replica_rate)
+    t_bal = work_mb * plan.pp / (plan.n_stages * replica_rate)  # a replica's stages: plan.n_stages
     bal = engine.run(order, s2r, m, np.tile(t_bal, (S, 1)), np.zeros((S, 3)), np.zeros(S), action_overhead_s)
-    a2a_bal, grad_bal = (np.zeros(3), 0.0) if free_comm else balanced_comm_costs(cost_model, plan, topology, S)
+    a2a_bal, grad_bal = (np.zeros(3), 0.0) if free_comm else balanced_comm_costs(cost_model, plan, topology, plan.n_stages)
     bal_comm = engine.run(order, s2r, m, np.tile(t_bal, (S, 1)), np.tile(a2a_bal, (S, 1)), costs.send, action_overhead_s)
     bal_s, bal_comm_s = bal.makespan, bal_comm.makespan
     if not flush:
@@ -252,22 +269,34 @@ def simulate(
         a2a_messages_intra_node=int(costs.a2a_msgs_intra * m),
         a2a_messages_inter_node=int(costs.a2a_msgs_inter * m),
         weight_versions=versions,
-        weight_bytes=versions * weight_params(cost_model, plan) * 4.0,
+        weight_bytes=versions * weight_params(cost_model, plan, topology.tp, chains) * 4.0,
         flush=flush,
+        tp=topology.tp,
     )
 
 
-def weight_params(cost_model: CostModel, plan: Plan) -> np.ndarray:
+def _for_chains(costs: StageCosts, chains: int) -> StageCosts:
+    """Per-stage costs of a two-chain schedule's stages: stage n + s (the second replica of
+    plan stage s, on the mirrored rank) costs what stage s does."""
+    if chains == 1:
+        return costs
+    rep = {f: np.concatenate([getattr(costs, f)] * chains) for f in ("comp", "a2a", "send", "act_bytes", "ep_busy")}
+    return dataclasses.replace(costs, **rep)
+
+
+def weight_params(cost_model: CostModel, plan: Plan, tp: int = 1, chains: int = 1) -> np.ndarray:
     """[world] parameters each device holds (its stages' dense parameters, replicated over EP
-    and DP, plus the experts its EP rank holds, replicas included)."""
+    and DP, plus the experts its EP rank holds, replicas included). Under tensor parallelism
+    (tp > 1: a device is a TP group) the parameters one GPU of the group holds. With two
+    chains (chimera) the stages of both model replicas it runs."""
     spec = cost_model.spec
     grid = rank_grid(plan.pp, plan.ep, plan.dp)  # [pp, dp, ep]
     out = np.zeros(plan.world_size)
     for p in range(plan.pp):
-        stages = plan.stages_of_rank(p)
+        stages = sorted(set(chain_stages(plan, p, chains).values()))
         layers = [l for s in stages for l in range(*plan.stage_layers[s])]
-        dense = sum(spec.layers[l].params for l in layers)
-        dense += spec.embed_params * (0 in stages) + spec.head_params * (plan.n_stages - 1 in stages)
+        dense = sum(tpc.dense_params_per_gpu(spec.layers[l], spec, tp) for l in layers)
+        dense += tpc.embed_params_per_gpu(spec, tp) * (0 in stages) + tpc.head_params_per_gpu(spec, tp) * (plan.n_stages - 1 in stages)
         experts = np.zeros(plan.ep)
         for l in layers:
             if spec.layers[l].is_moe:

@@ -21,16 +21,17 @@ from moepipe.config import ConfigError, MoepipeConfig, moe_layer_ids
 from moepipe.data import build_corpus, slice_for_rank, train_batch, val_batches
 from moepipe.model import MoETransformer, count_parameters, lm_loss
 from moepipe.model.routing_stats import RoutingStats
-from moepipe.parallel.grad_sync import ExpertReplicas, clip_gradients, global_grad_norm, split_params, sync_gradients, tp_partial_params
+from moepipe.parallel.grad_sync import (ExpertReplicas, MirrorReduce, clip_gradients, global_grad_norm, mirror_groups, split_params,
+                                        sync_gradients, tp_partial_params)
 from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
 from moepipe.parallel.tensor_parallel import as_shard, local, local_layout, shard_stage, split_moe_tokens
-from moepipe.placement.plan import Plan, from_json, stage_assignment, to_json, validate_plan
+from moepipe.placement.plan import Plan, chain_stages, from_json, stage_assignment, to_json, validate_plan
 from moepipe.placement.replan import ReplanLoop, default_plan  # noqa: F401 (default_plan: imported from here too)
 from moepipe.placement.topology import from_config as topology_from_config
-from moepipe.sim.schedules import plan_style
+from moepipe.sim.schedules import plan_style, schedule_chains
 from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_context, autocast_dtype, resolve_device, seed_everything
 from moepipe.train.optim import VersionedWeights, WeightStash, build_optimizer, delayed_update, lr_at, set_lr
 from moepipe.train.block_clock import BlockClock
@@ -114,6 +115,10 @@ class DistributedTrainer:
         # statistics, forecast, decision and its measured re-check; this trainer reduces the
         # statistics, broadcasts rank 0's decision and migrates
         self.replan = ReplanLoop(cfg, lambda: self.topology)
+        # chimera: a second model replica runs the other way; its stages' gradients are summed
+        # with the first's over the mirrored pp rank (one group per pair of ranks: collective)
+        self.chains = schedule_chains(cfg.schedule.name)
+        self._mirror_group = mirror_groups(mesh) if self.chains == 2 else None
         self._build(check_plan_for_job(validate_plan(plan or default_plan(cfg), cfg.model.n_layers, self.moe_ids, cfg.moe.num_experts), cfg))
 
     def _measured_topology(self):
@@ -137,12 +142,13 @@ class DistributedTrainer:
         `entries` (a migration), the stages and the optimizer adopt those tensors."""
         cfg, mesh = self.cfg, self.mesh
         self.plan = plan
-        self.stage_ids = plan.stages_of_rank(mesh.pp_rank)
+        held = chain_stages(plan, mesh.pp_rank, self.chains)  # executed stage -> plan stage (two chains: chimera)
+        self.stage_ids = list(held)
         # TP shards become DTensors again (no communication), adopted by the sharded meta stage
         values = None if entries is None else {n: as_shard(n, ts[0], mesh, self.full_layout[n].shape) for n, ts in entries.items()}
         self.modules: dict[int, MoETransformer] = {
-            s: build_stage_module(cfg.model, cfg.moe, plan, s, mesh.ep_rank, self.device, cfg.train.seed, values,
-                                  shard=lambda m: shard_stage(m, mesh)) for s in self.stage_ids
+            s: build_stage_module(cfg.model, cfg.moe, plan, p, mesh.ep_rank, self.device, cfg.train.seed, values,
+                                  shard=lambda m: shard_stage(m, mesh)) for s, p in held.items()
         }
         self.slowdowns = [SlowDevice(m, self.speed) for m in self.modules.values()] if self.speed < 1 else []
         self.clock = BlockClock(list(self.modules.values()), cfg.model.n_layers, self.device)
@@ -160,6 +166,9 @@ class DistributedTrainer:
                 moe.stats.set_source(mesh.ep_rank, mesh.ep)
         self.dense, self.expert = split_params(list(self.modules.values()))
         self.tp_partial = tp_partial_params(list(self.modules.values())) if mesh.tp > 1 else []
+        # the global norm counts each weight once: the first replica's copies only
+        self.norm_dense, self.norm_expert = split_params([m for s, m in self.modules.items() if s < plan.n_stages])
+        self.mirror = MirrorReduce(self.modules, plan.n_stages, self._mirror_group) if self.chains == 2 else None
         self.replicas = ExpertReplicas(list(self.modules.values()), plan.expert_map, mesh.ep_rank, mesh.ep_group, self.device)
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)
         # pipedream_2bw: two weight versions, step t's gradient at W(t-1). Pipelined: no flush
@@ -176,10 +185,10 @@ class DistributedTrainer:
         self.schedule = build_schedule(
             cfg.schedule.name, self.modules, plan.n_stages, m, lambda out, y: lm_loss(out, y) / m, self.device, mesh.pp_group,
             microbatch, cfg.model.d_model, cfg.model.vocab_size, self.amp_dtype or torch.float32, executor=cfg.schedule.executor,
-            stream_handlers=stream,
+            stream_handlers=stream, chain_handlers=None if self.mirror is None else {"REDUCE_GRAD": self.mirror.stage_done},
         )
-        self.holds_first = 0 in self.stage_ids
-        self.holds_last = (plan.n_stages - 1) in self.stage_ids
+        self.holds_first = any(s % plan.n_stages == 0 for s in self.stage_ids)  # a chain's first stage: needs the tokens
+        self.holds_last = any(s % plan.n_stages == plan.n_stages - 1 for s in self.stage_ids)
 
     # ------------------------------------------------------------------ one step
 
@@ -223,11 +232,13 @@ class DistributedTrainer:
         finally:
             if self.stash is not None:
                 self.stash.restore()
+        if self.mirror is not None:  # chimera: both replicas of each stage now hold the whole batch's gradient
+            self.mirror.wait()  # before any early exit (a skipped non-finite step): no all-reduce outlives its step
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss={loss} at step {step}: lower optim.lr or raise optim.warmup_steps")
         sync_gradients(self.dense, self.expert, self.mesh, self.tp_partial)
         self.replicas.sync()  # copies of a replicated expert each saw part of its tokens
-        norm = global_grad_norm(self.dense, self.replicas.primary_only(self.expert), self.mesh)
+        norm = global_grad_norm(self.norm_dense, self.replicas.primary_only(self.norm_expert), self.mesh)
         if not math.isfinite(float(norm)):  # all-reduced: every rank takes the same branch
             raise NonFiniteLossError(f"grad_norm={float(norm)} at step {step}: lower optim.lr or raise optim.warmup_steps")
         if cfg.optim.grad_clip > 0:
@@ -335,6 +346,7 @@ class DistributedTrainer:
         x_all = slice_for_rank(inputs, self.mesh.data_shard, self.slices).to(self.device)
         y_all = slice_for_rank(targets, self.mesh.data_shard, self.slices).to(self.device)
         owner = self.plan.stage_to_pp_rank
+        last_here = self.plan.n_stages - 1 in self.modules  # chimera evaluates on its first replica only
         d = self.cfg.model.d_model
         total = 0.0
         for x, y in zip(x_all.chunk(m), y_all.chunk(m)):
@@ -349,9 +361,9 @@ class DistributedTrainer:
                     h = self.modules[stage](h)
                 if stage < self.plan.n_stages - 1 and owner[stage + 1] != self.mesh.pp_rank:
                     dist.send(h.float().contiguous(), group=self.mesh.pp_group, group_dst=owner[stage + 1])
-            if self.holds_last:
+            if last_here:
                 total += float(lm_loss(h, y)) / m
-        local = torch.tensor(total if self.holds_last and self.mesh.tp_rank == 0 else 0.0, dtype=torch.float64, device=self.device)
+        local = torch.tensor(total if last_here and self.mesh.tp_rank == 0 else 0.0, dtype=torch.float64, device=self.device)
         dist.all_reduce(local)
         return float(local) / self.slices
 
@@ -383,7 +395,8 @@ class DistributedTrainer:
         seconds = self.clock.take()
         if self.mesh.ep > 1 or first:  # the first step's times include one-off start-up costs
             return None
-        fwd = torch.from_numpy(seconds * self.speed * 3.0).to(self.device)
+        # chimera: each copy of a block ran half the microbatches; the block's step time is both copies'
+        fwd = torch.from_numpy(seconds * self.speed * 3.0 * self.chains).to(self.device)
         dist.all_reduce(fwd, op=dist.ReduceOp.MAX)
         return fwd.cpu().double().numpy()
 
@@ -461,7 +474,7 @@ class DistributedTrainer:
         # between the ranks holding that index)
         ranks = [self.mesh.world_rank(s) for s in range(self.mesh.pp * self.mesh.ep * self.mesh.dp)]
         bw = None if cfg.topology.detect or cfg.topology.probe else self.topology.bandwidth[np.ix_(ranks, ranks)]
-        moves = transfers(self.plan, new_plan, self.layout, bw)
+        moves = transfers(self.plan, new_plan, self.layout, bw, self.chains)
         self.drain_pipeline()  # 2BW: nothing in flight moves; the rebuilt stages restart the delay
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not state: free them before anything new is allocated
         entries = self._entries()

@@ -18,11 +18,12 @@ from typing import Optional
 import numpy as np
 
 from moepipe.config import ConfigError
+from moepipe.placement import tensor_parallel_cost as tpc
 from moepipe.placement.cost_model import _grad_sync, exchange_time, exchange_traffic, layer_exchange, rule_local_size, rule_nodes
-from moepipe.placement.plan import Plan, rank_grid
+from moepipe.placement.plan import Plan, rank_grid, stage_pp_ranks
 from moepipe.placement.placers.inputs import BYTES_PER_PARAM_TRAIN, PlacementInputs, effective_cost_model, load_fractions, origin_fractions
 from moepipe.sim import engine
-from moepipe.sim.schedules import schedule_order
+from moepipe.sim.schedules import schedule_chains, schedule_order
 
 GRAD_BYTES = 4  # fp32 gradients in the data-parallel all-reduce (as the simulator)
 
@@ -52,7 +53,11 @@ class Evaluator:
             raise ConfigError(f"parallel.pp*ep*dp={pp * ep * dp} > topology devices={topo.n_devices}: pick a larger topology")
         self.grid = rank_grid(pp, ep, dp)  # [pp, dp, ep]
         self.rates = cm.rate(topo, self.grid)  # [pp, dp, ep]
-        self.order, self.s2r = schedule_order(inputs.schedule, pp, inputs.virtual_stages, inputs.microbatches)
+        self.order, run_s2r = schedule_order(inputs.schedule, pp, inputs.virtual_stages, inputs.microbatches)
+        # a plan's stages; a two-chain schedule (chimera) runs each twice, the copy on the mirrored rank
+        self.chains = schedule_chains(inputs.schedule)
+        self.run_s2r = run_s2r
+        self.s2r = run_s2r[: len(run_s2r) // self.chains]
         self.n_stages = len(self.s2r)
         self.frac = load_fractions(inputs)  # [n_moe, E]
         self.origin_share = origin_fractions(inputs)  # [n_moe, ep, E] or None (tokens start evenly spread)
@@ -68,8 +73,12 @@ class Evaluator:
         self.dense_params = np.array([l.params for l in spec.layers], dtype=np.float64)
         self.expert_params = np.array([l.expert_params for l in spec.layers], dtype=np.float64)
         self.mem = np.array([d.memory_bytes for d in topo.devices], dtype=np.float64)[: pp * ep * dp]
-        # dense (non-expert) seconds per layer on every member, [L, pp, 3, dp, ep]
+        # dense (non-expert) seconds per layer on every member, [L, pp, 3, dp, ep], with the block's
+        # TP collectives when a device is a TP group (topology.tp > 1; tensor_parallel_cost)
         self.dense_t = cm.dense_work[:, None, :, None, None] * self.T_e / self.rates[None, :, None]
+        self.tp = topo.tp
+        if self.tp > 1:
+            self.dense_t = self.dense_t + np.moveaxis(tpc.tp_block_seconds_on(spec, self.T_e, topo, self.grid), 0, 1)[None]
         # EP groups whose links are identical (same bandwidths, latencies, node layout) have the
         # same all-to-all time: dispatch_time runs once per class, not once per (pp, dp) group
         classes: dict = {}
@@ -218,29 +227,31 @@ class Evaluator:
     def act_bytes_per_mb(self, stage_layers, routed: np.ndarray) -> np.ndarray:
         """[S, ep] activation bytes one in-flight microbatch keeps on each EP member of a stage."""
         spec = self.spec
-        per_layer = np.array([l.act_elems for l in spec.layers])[:, None] * self.T_e * spec.dtype_bytes * np.ones((1, self.inputs.ep))
+        tp, sp = self.tp, self.cm.sequence_parallel  # under TP: per GPU of the group
+        per_layer = np.array([tpc.act_elems_per_gpu(l, spec, tp, sp) for l in spec.layers])[:, None] * self.T_e * spec.dtype_bytes * np.ones((1, self.inputs.ep))
         if self.moe:
-            per_layer[self.moe] += np.array([spec.layers[l].expert_act_elems for l in self.moe])[:, None] * routed * spec.dtype_bytes
+            per_layer[self.moe] += (np.array([spec.layers[l].expert_act_elems for l in self.moe])[:, None] * routed * tpc.expert_share_per_gpu(tp)
+                                    * spec.dtype_bytes)
         P = np.concatenate([np.zeros((1, self.inputs.ep)), np.cumsum(per_layer, 0)])
         out = np.array([P[b] - P[a] for a, b in stage_layers])
-        out[-1] += spec.head_act_elems * self.T_e * spec.dtype_bytes
+        out[-1] += tpc.head_act_elems_per_gpu(spec, tp, sp) * self.T_e * spec.dtype_bytes
         return out
 
     def param_bytes(self, plan: Plan) -> np.ndarray:
-        """[world] bytes of parameters + AdamW state each global rank holds."""
-        spec, pp, ep, dp = self.spec, plan.pp, plan.ep, plan.dp
+        """[world] bytes of parameters + AdamW state each global rank holds (under TP: each GPU of the group)."""
+        spec, pp, ep, dp, tp = self.spec, plan.pp, plan.ep, plan.dp, self.tp
         per = np.zeros((pp, ep))
         for s, (a, b) in enumerate(plan.stage_layers):
-            p = plan.stage_to_pp_rank[s]
-            per[p] += self.dense_params[a:b].sum()
-            if s == 0:
-                per[p] += spec.embed_params
-            if s == plan.n_stages - 1:
-                per[p] += spec.head_params
-            for l in range(a, b):
-                if l in self.moe_row:
-                    cnt = np.bincount(np.fromiter(chain.from_iterable(plan.expert_map[l]), dtype=np.int64), minlength=ep)
-                    per[p] += cnt * self.expert_params[l]
+            for p in stage_pp_ranks(plan, s, self.chains):  # chimera: both replicas' copies
+                per[p] += self.dense_params[a:b].sum() if tp == 1 else sum(tpc.dense_params_per_gpu(spec.layers[l], spec, tp) for l in range(a, b))
+                if s == 0:
+                    per[p] += tpc.embed_params_per_gpu(spec, tp)
+                if s == plan.n_stages - 1:
+                    per[p] += tpc.head_params_per_gpu(spec, tp)
+                for l in range(a, b):
+                    if l in self.moe_row:
+                        cnt = np.bincount(np.fromiter(chain.from_iterable(plan.expert_map[l]), dtype=np.int64), minlength=ep)
+                        per[p] += cnt * self.expert_params[l]
         out = np.zeros(pp * ep * dp)
         for d in range(dp):
             out[self.grid[:, d, :]] = per
@@ -269,16 +280,16 @@ class Evaluator:
             raise ConfigError(f"plan.stage_to_pp_rank={list(plan.stage_to_pp_rank)} does not match schedule {self.inputs.schedule} ({self.s2r}): "
                               "build the plan with the schedule's style")
         routed, (comp_l, a2a_l) = self._layers_of(plan)
-        comp, a2a, send = self.stage_costs_from(plan.stage_layers, comp_l, a2a_l, routed)
-        res = engine.run(self.order, self.s2r, self.inputs.microbatches, comp, a2a, send)
-        act_mb = self.act_bytes_per_mb(plan.stage_layers, routed)  # [S, ep]
+        comp, a2a, send = (np.concatenate([x] * self.chains) for x in self.stage_costs_from(plan.stage_layers, comp_l, a2a_l, routed))
+        res = engine.run(self.order, self.run_s2r, self.inputs.microbatches, comp, a2a, send)
+        act_mb = np.concatenate([self.act_bytes_per_mb(plan.stage_layers, routed)] * self.chains)  # [chains * S, ep]
         act = np.zeros(plan.world_size)
         for r, snaps in res.inflight.items():
             peak = (snaps.astype(np.float64) @ act_mb).max(0)  # [ep]; every dp replica holds the same
             act[self.grid[r].ravel()] = np.tile(peak, plan.dp)
         inflight = np.zeros(self.n_stages, dtype=np.int64)
-        for snaps in res.inflight.values():
-            inflight = np.maximum(inflight, snaps.max(0))
+        for snaps in res.inflight.values():  # per plan stage: the larger of its replicas
+            inflight = np.maximum(inflight, snaps.max(0).reshape(self.chains, -1).max(0))
         if self._inflight is None:
             self._inflight = inflight
         return Evaluation(float(res.makespan + self.grad_sync(plan)), self.param_bytes(plan), act, inflight)

@@ -8,10 +8,10 @@ from typing import Optional
 
 import numpy as np
 
-from moepipe.config import ConfigError, MoepipeConfig, moe_layer_ids, world_size
+from moepipe.config import ConfigError, MoepipeConfig, moe_layer_ids
 from moepipe.placement.cost_model import CostModel
 from moepipe.placement.model_spec import ModelSpec, build_model_spec
-from moepipe.placement.topology import Topology, from_config
+from moepipe.placement.topology import Topology, from_config, tp_groups
 
 BYTES_PER_PARAM_TRAIN = 16  # fp32 param + grad + two AdamW moments: what a device must hold
 BYTES_PER_PARAM_MOVE = 12  # param + two moments move on migration; gradients are recomputed
@@ -19,7 +19,7 @@ BYTES_PER_PARAM_MOVE = 12  # param + two moments move on migration; gradients ar
 
 @dataclass
 class PlacementInputs:
-    topology: Topology  # one Device per global rank (rank = ep + ep*(pp + pp*dp))
+    topology: Topology  # one Device per global rank (rank = ep + ep*(pp + pp*dp)); under TP one per TP group (tp_groups)
     spec: ModelSpec
     cost_model: CostModel
     pp: int
@@ -46,16 +46,23 @@ def inputs_from_config(
     cfg: MoepipeConfig, topology: Optional[Topology] = None, expert_load: Optional[dict] = None, layer_times: Optional[np.ndarray] = None,
     origins: Optional[dict] = None,
 ) -> PlacementInputs:
-    """The placer inputs of a validated config (the simulator's conventions for dtype and cost model)."""
+    """The placer inputs of a validated config (the simulator's conventions for dtype and cost model).
+
+    Under tensor parallelism (parallel.tp > 1) `topology` may be per GPU (pp*ep*dp*tp devices, or
+    the config's) or already grouped: the placers see one device per TP group (`tp_groups`)."""
     from moepipe.sim.schedules import plan_style
 
-    ws = world_size(cfg)
-    topo = from_config(cfg.topology, ws) if topology is None else topology
+    par = cfg.parallel
+    tp = int(getattr(par, "tp", 1))
+    ws = par.pp * par.ep * par.dp  # placement ranks: TP groups
+    topo = from_config(cfg.topology, ws * tp) if topology is None else topology
+    topo = tp_groups(topo, tp, ws) if tp > 1 and topo.tp != tp else topo
     if topo.n_devices < ws:
         raise ConfigError(f"parallel.pp*ep*dp={ws} > topology devices={topo.n_devices}: pick a larger topology")
     dtype = {"fp32": 4, "bf16": 2}.get(cfg.train.dtype) or (4 if topo.devices[0].kind == "cpu" else 2)
     spec = build_model_spec(cfg.model, cfg.moe, cfg.train, cfg.schedule.microbatches, cfg.parallel.dp, dtype_bytes=dtype)
-    cm = CostModel(spec, efficiency=cfg.sim.efficiency, profile=cfg.sim.profile, a2a=cfg.parallel.a2a)
+    cm = CostModel(spec, efficiency=cfg.sim.efficiency, profile=cfg.sim.profile, a2a=cfg.parallel.a2a,
+                   sequence_parallel=bool(getattr(par, "sp", False)))
     assert spec.moe_layers == moe_layer_ids(cfg.model, cfg.moe)
     return PlacementInputs(
         topology=topo, spec=spec, cost_model=cm, pp=cfg.parallel.pp, ep=cfg.parallel.ep, dp=cfg.parallel.dp,

@@ -21,7 +21,7 @@ from moepipe.config import ConfigError
 from moepipe.placement.plan import mesh_coords
 from moepipe.placement.placers.evaluate import Evaluator
 from moepipe.placement.placers.inputs import PlacementInputs
-from moepipe.placement.topology import Device, Topology
+from moepipe.placement.topology import Topology
 
 EP_LAYOUTS = ("ep_inner", "ep_outer")
 RUNTIME_LAYOUT = "ep_inner"  # moepipe.parallel.mesh.build_mesh's order
@@ -44,8 +44,7 @@ def device_order(layout: str, pp: int, ep: int, dp: int) -> np.ndarray:
 def renumbered(topo: Topology, order: np.ndarray) -> Topology:
     """The topology with device `order[r]` as rank r (devices beyond the job keep their order)."""
     idx = np.concatenate([order, np.setdiff1d(np.arange(topo.n_devices), order)])
-    devs = [Device(i, d.node, d.name, d.tflops, d.memory_bytes, d.speed) for i, d in enumerate(topo.devices[j] for j in idx)]
-    return Topology(topo.name, devs, topo.bandwidth[np.ix_(idx, idx)], topo.latency[np.ix_(idx, idx)])
+    return topo.subset(idx)  # keeps the TP group fields (tp_groups) of each device
 
 
 def layouts_differ(inputs: PlacementInputs) -> bool:

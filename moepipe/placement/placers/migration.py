@@ -39,7 +39,8 @@ def transfers(old: Plan, new: Plan, inputs: PlacementInputs) -> list[tuple[int, 
                 out.append((pick_source(int(dst), holders, old, bw), int(dst), nbytes))
         if not lay.is_moe:
             continue
-        nbytes = float(lay.expert_params) * BYTES_PER_PARAM_MOVE
+        # under TP (a rank is a TP group) every GPU of the group holds the expert whole: tp copies arrive
+        nbytes = float(lay.expert_params) * BYTES_PER_PARAM_MOVE * inputs.topology.tp
         for x, ranks in enumerate(new.expert_map[l]):
             had = old.expert_map[l][x]
             for e in ranks:
@@ -53,7 +54,8 @@ def transfers(old: Plan, new: Plan, inputs: PlacementInputs) -> list[tuple[int, 
 
 
 def migration_bytes(old: Plan, new: Plan, inputs: PlacementInputs) -> np.ndarray:
-    """[world] bytes each global rank receives (parameters + AdamW moments = 3 x fp32 per parameter)."""
+    """[world] bytes each global rank receives (parameters + AdamW moments = 3 x fp32 per parameter;
+    under TP each TP group, all its GPUs together)."""
     out = np.zeros(old.world_size)
     for _, dst, n in transfers(old, new, inputs):
         out[dst] += n
