@@ -84,6 +84,9 @@ class ParallelConfig:
     # Tensor parallelism (innermost in the mesh: a TP group is tp consecutive ranks, inside a
     # node): attention heads and dense/shared FFN widths split over tp ranks; routed experts use EP
     tp: int = 1
+    # Sequence parallelism over the TP group (norms and residual on 1/tp of the tokens): not
+    # implemented yet (validation says so); gloo in torch 2.13 has the reduce-scatter it needs
+    sp: bool = False
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     # Expert all-to-all: flat (one exchange over the EP group) or hierarchical (within each
     # node, then across nodes among ranks with the same local index: Tutel's 2DH order)
@@ -378,12 +381,52 @@ def _check_moe(m: ModelConfig, e: MoEConfig) -> None:
 
 def _check_parallel(cfg: MoepipeConfig) -> None:
     par = cfg.parallel
-    for name in ("pp", "ep", "dp"):
+    for name in ("pp", "ep", "dp", "tp"):
         _positive(f"parallel.{name}", getattr(par, name))
     _one_of("parallel.backend", par.backend, ("auto", "gloo", "nccl"))
     _one_of("parallel.a2a", par.a2a, A2A_MODES)
     if par.a2a == "hierarchical":
         _check_hierarchical(cfg)
+    if par.tp > 1 or par.sp:
+        _check_tensor_parallel(cfg)
+
+
+def _check_tensor_parallel(cfg: MoepipeConfig) -> None:
+    """parallel.tp splits heads and FFN widths: each must divide evenly; and what TP does not
+    (yet) run with stops here, before any worker starts."""
+    par, m, e = cfg.parallel, cfg.model, cfg.moe
+    tp = par.tp
+    if par.sp and tp < 2:
+        raise ConfigError(f"parallel.sp=true needs tensor parallelism (parallel.tp={tp}): set parallel.tp >= 2 or parallel.sp=false")
+    if par.sp:
+        raise ConfigError("parallel.sp=true is not supported yet (sequence parallelism is not implemented): set parallel.sp=false")
+    if m.n_heads % tp:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={tp}: TP splits attention by heads; pick tp dividing n_heads")
+    kv = m.n_kv_heads or m.n_heads
+    if kv % tp:
+        raise ConfigError(f"model.n_kv_heads={kv} is not divisible by parallel.tp={tp}: TP splits key/value heads too; pick tp dividing n_kv_heads")
+    if len(moe_layer_ids(m, e)) < m.n_layers and m.ffn_hidden % tp:
+        raise ConfigError(f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tp={tp}: TP splits the dense FFN's width; pick tp dividing it")
+    shared = (e.shared_expert_hidden or e.expert_hidden) * e.num_shared_experts
+    if e.num_experts and shared % tp:
+        raise ConfigError(f"moe.num_shared_experts*shared_expert_hidden={shared} is not divisible by parallel.tp={tp}: TP splits the shared "
+                          "experts' width; pick tp dividing it")
+    if e.num_experts and e.backend != "native":
+        raise ConfigError(f"parallel.tp={tp} with moe.backend={e.backend}: only the native MoE layer splits its tokens over the TP group "
+                          "(the baselines would dispatch every token tp times); use moe.backend=native or parallel.tp=1")
+    t, sch = cfg.train, cfg.schedule
+    tokens = t.batch_size // max(1, par.ep * par.dp * sch.microbatches) * t.seq_len
+    if e.num_experts and tokens % tp:
+        raise ConfigError(f"{tokens} tokens per microbatch do not split over parallel.tp={tp} (each TP rank dispatches an equal share): "
+                          "pick train.batch_size/seq_len so batch_size/(ep*dp*microbatches)*seq_len is a multiple of tp")
+    if sch.name == "chimera":
+        raise ConfigError(f"parallel.tp={tp} with schedule.name=chimera: its mirrored replicas do not handle TP-sharded weights yet; "
+                          "use another schedule or parallel.tp=1")
+    if sch.name == "pipedream_2bw":
+        raise ConfigError(f"parallel.tp={tp} with schedule.name=pipedream_2bw: its weight versions do not handle TP-sharded weights yet; "
+                          "use another schedule or parallel.tp=1")
+    if par.a2a == "hierarchical":
+        raise ConfigError(f"parallel.tp={tp} with parallel.a2a=hierarchical: EP groups are not adjacent ranks under TP; use parallel.a2a=flat")
 
 
 def _check_hierarchical(cfg: MoepipeConfig) -> None:
@@ -455,7 +498,7 @@ def _check_mesh(cfg: MoepipeConfig) -> None:
     par, t, sch, m, e = cfg.parallel, cfg.train, cfg.schedule, cfg.model, cfg.moe
     if par.backend == "nccl" and t.device == "cpu":
         raise ConfigError("parallel.backend=nccl needs GPUs but train.device=cpu: use parallel.backend=gloo (or auto)")
-    if par.backend == "gloo" and t.device == "cuda" and par.pp * par.ep * par.dp > 1:
+    if par.backend == "gloo" and t.device == "cuda" and world_size(cfg) > 1:
         raise ConfigError(
             "parallel.backend=gloo with train.device=cuda: gloo cannot run the pipeline's point-to-point sends and the expert "
             "all-to-all on CUDA tensors; use parallel.backend=nccl (or auto), or train.device=cpu"
@@ -495,6 +538,9 @@ def _check_shadows(cfg: MoepipeConfig) -> None:
                           "set parallel.ep >= 2 or placer.shadow_slots=0")
     if cfg.moe.backend != "native":
         raise ConfigError(f"placer.shadow_slots={n} needs moe.backend=native (got {cfg.moe.backend}): its dispatcher runs the shadows; set placer.shadow_slots=0")
+    if cfg.parallel.tp > 1:
+        raise ConfigError(f"placer.shadow_slots={n} is not supported with parallel.tp={cfg.parallel.tp} (the shadow decision assumes an EP group "
+                          "of consecutive ranks; not built for TP's token split): set placer.shadow_slots=0 or parallel.tp=1")
     name = cfg.schedule.name
     if name == "chimera":
         raise ConfigError(f"placer.shadow_slots={n} is not supported with schedule.name=chimera (two chains of stages; not tested with shadows): "
@@ -659,4 +705,4 @@ def compose_config(overrides: list[str] | tuple = ()) -> MoepipeConfig:
 
 
 def world_size(cfg: MoepipeConfig) -> int:
-    return cfg.parallel.pp * cfg.parallel.ep * cfg.parallel.dp
+    return cfg.parallel.pp * cfg.parallel.ep * cfg.parallel.dp * cfg.parallel.tp

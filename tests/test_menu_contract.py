@@ -248,7 +248,7 @@ def reference_loss(root: Path, microbatches: int = 2) -> float:
     return result("train1", DIST[2:] + (f"schedule.microbatches={microbatches}",), root).summary["final_train_loss"]
 
 
-def check_mesh(pp: int, ep: int, dp: int) -> Callable:
+def check_mesh(pp: int, ep: int, dp: int, tp: int = 1) -> Callable:
     """A layout trains the same model as one process: the mean loss of its two steps (the second
     after a full-lr update) within 1e-4 (measured: 1.2e-7; the first update alone moves it by
     0.13, so a wrong slice, block or gradient shows; tight parity is test_parallel_parity's)."""
@@ -256,7 +256,7 @@ def check_mesh(pp: int, ep: int, dp: int) -> Callable:
     def check(r: Result, root: Path) -> None:
         trained(r)
         s, place = r.summary, r.summary["placement"]
-        assert s["world_size"] == pp * ep * dp
+        assert s["world_size"] == pp * ep * dp * tp
         assert len(set(place["final_stage_to_pp_rank"])) == pp
         assert abs(s["final_train_loss"] - reference_loss(root, r.config["schedule"]["microbatches"])) < 1e-4
 
@@ -536,6 +536,9 @@ ROWS: dict[tuple[str, str], list[Row]] = {
     ("parallel", "dp2"): [("dist", ("parallel=dp2",), check_mesh(1, 1, 2))],
     ("parallel", "pp2_ep2"): [("dist", ("parallel=pp2_ep2",), check_mesh(2, 2, 1))],
     ("parallel", "pp2_dp2"): [("dist", ("parallel=pp2_dp2",), check_mesh(2, 1, 2))],
+    ("parallel", "tp2"): [("dist", ("parallel=tp2",), check_mesh(1, 1, 1, 2))],
+    ("parallel", "pp2_tp2"): [("dist", ("parallel=pp2_tp2",), check_mesh(2, 1, 1, 2))],
+    ("parallel", "ep2_tp2"): [("dist", ("parallel=ep2_tp2",), check_mesh(1, 2, 1, 2))],
     **{("schedule", s): [("dist", ("parallel=pp2", f"schedule={s}", f"schedule.microbatches={4 if s == 'dualpipev' else 2}"), check_schedule(s))]
        for s in SCHEDULE_CLASSES},
     ("schedule", "pipedream_2bw"): [("dist", ("parallel=pp2", "schedule=pipedream_2bw", "schedule.microbatches=2"), check_2bw)],

@@ -145,6 +145,7 @@ def test_shadows_keep_parity_ep2_dp2_with_replica_and_migration(tmp_path):
     (["parallel.ep=2", "placer.shadow_slots=-1"], "must be >= 0"),
     (["parallel.ep=2", "placer.shadow_slots=1", "schedule.name=pipedream_2bw", "schedule.executor=moepipe"], "pipedream_2bw"),
     (["parallel.ep=2", "placer.shadow_slots=1", "schedule.name=zbv", "schedule.virtual_stages=2"], "split into input and weight"),
+    (["parallel.ep=2", "parallel.tp=2", "placer.shadow_slots=1"], "parallel.tp=2"),
 ])
 def test_bad_shadow_config_is_one_line(overrides, match):
     from moepipe.config import ConfigError

@@ -76,6 +76,10 @@ def combine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, token_idx: 
     return torch.zeros_like(x).index_add_(0, token_idx, y)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, cfg: MoEConfig, expert_ids: list[int] | None = None):
         super().__init__()
@@ -92,12 +96,17 @@ class MoELayer(nn.Module):
         self.stats = RoutingStats(cfg.num_experts)
         self.record_stats = True  # switched off while activation checkpointing recomputes
         self.aux_loss_scale = 1.0  # 1/microbatches: each microbatch's share of the step's loss
+        # Tensor parallelism (moepipe.parallel.tensor_parallel) makes this an identity whose
+        # backward sums the gradient over the TP group: every TP rank routes all tokens but
+        # dispatches only its share. Shared experts take the plain input (TP-split themselves).
+        self.tp_input = _identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        routed = self.tp_input(flat)
         routing = route(
-            self.router.logits(flat),
+            self.router.logits(routed),
             self.cfg.top_k,
             score_func=self.cfg.score_func,
             capacity_factor=self.cfg.capacity_factor,
@@ -109,7 +118,7 @@ class MoELayer(nn.Module):
         )
         if self.record_stats:
             self.stats.record(routing)
-        out = self.dispatcher(flat, routing, self.experts)
+        out = self.dispatcher(routed, routing, self.experts)
         if self.shared is not None:
             out = out + self.shared(flat)
         out = out.reshape(shape)

@@ -125,20 +125,24 @@ def _incoming(names: list[str], layout: dict[str, EntrySpec], device: torch.devi
     return out, entries
 
 
-def exchange(rank: int, plan_transfers: dict[tuple[int, int], list[str]], entries: Entries, layout: dict[str, EntrySpec], device: torch.device) -> tuple[Entries, int]:
+def exchange(rank: int, plan_transfers: dict[tuple[int, int], list[str]], entries: Entries, layout: dict[str, EntrySpec], device: torch.device,
+             peer=None) -> tuple[Entries, int]:
     """Send what this rank must give and receive what it must get; returns (received, bytes sent).
     Each tensor is its own message, all posted together: no packing copy on the sender, no
-    unpacking copy on the receiver (a migration's extra memory is just what arrives)."""
+    unpacking copy on the receiver (a migration's extra memory is just what arrives).
+    `rank` and the transfer list speak the plan's mesh ranks; `peer` maps one to the process
+    to talk to (tensor parallelism: the rank holding the same TP shard there)."""
+    peer = peer or (lambda r: r)
     ops, sent = [], 0
     received: Entries = {}
     for (src, dst), names in sorted(plan_transfers.items()):
         if src == rank:
             for t in _outgoing(names, entries, device):
-                ops.append(dist.P2POp(dist.isend, t, dst))
+                ops.append(dist.P2POp(dist.isend, t, peer(dst)))
                 sent += t.numel() * t.element_size()
         elif dst == rank:
             bufs, arriving = _incoming(names, layout, device)
-            ops += [dist.P2POp(dist.irecv, t, src) for t in bufs]
+            ops += [dist.P2POp(dist.irecv, t, peer(src)) for t in bufs]
             received.update(arriving)
     if ops:
         for req in dist.batch_isend_irecv(ops):

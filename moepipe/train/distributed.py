@@ -22,11 +22,12 @@ from moepipe.data import build_corpus, slice_for_rank, train_batch, val_batches
 from moepipe.model import MoETransformer, count_parameters, lm_loss
 from moepipe.model.routing_stats import RoutingStats
 from moepipe.parallel.grad_sync import (ExpertReplicas, MirrorReduce, clip_gradients, global_grad_norm, mirror_groups, split_params,
-                                        sync_gradients)
+                                        sync_gradients, tp_partial_params)
 from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
+from moepipe.parallel.tensor_parallel import as_shard, local, local_layout, shard_stage, split_moe_tokens
 from moepipe.placement.plan import Plan, chain_stages, from_json, stage_assignment, to_json, validate_plan
 from moepipe.placement.replan import ReplanLoop, default_plan  # noqa: F401 (default_plan: imported from here too)
 from moepipe.placement.topology import from_config as topology_from_config
@@ -110,7 +111,8 @@ class DistributedTrainer:
         with torch.device("meta"):
             full = MoETransformer(cfg.model, cfg.moe)
         self._param_counts = count_parameters(full)
-        self.layout = state_layout(full)  # name -> shape of every state entry (migration)
+        self.full_layout = state_layout(full)  # name -> shape of every state entry
+        self.layout = local_layout(self.full_layout, mesh.tp)  # what this rank holds of each (migration moves TP shards)
         # statistics, forecast, decision and its measured re-check; this trainer reduces the
         # statistics, broadcasts rank 0's decision and migrates
         self.replan = ReplanLoop(cfg, lambda: self.topology)
@@ -181,24 +183,29 @@ class DistributedTrainer:
         self._shadow_seen = 0  # new dispatchers count from zero
         held = chain_stages(plan, mesh.pp_rank, self.chains)  # executed stage -> plan stage (two chains: chimera)
         self.stage_ids = list(held)
-        values = None if entries is None else {n: ts[0] for n, ts in entries.items()}
+        # TP shards become DTensors again (no communication), adopted by the sharded meta stage
+        values = None if entries is None else {n: as_shard(n, ts[0], mesh, self.full_layout[n].shape) for n, ts in entries.items()}
         self.modules: dict[int, MoETransformer] = {
-            s: build_stage_module(cfg.model, cfg.moe, plan, p, mesh.ep_rank, self.device, cfg.train.seed, values) for s, p in held.items()
+            s: build_stage_module(cfg.model, cfg.moe, plan, p, mesh.ep_rank, self.device, cfg.train.seed, values,
+                                  shard=lambda m: shard_stage(m, mesh)) for s, p in held.items()
         }
         self.slowdowns = [SlowDevice(m, self.speed) for m in self.modules.values()] if self.speed < 1 else []
         self.clock = BlockClock(list(self.modules.values()), cfg.model.n_layers, self.device)
         # node groups only where the mesh made them (a plug-in backend written before them still attaches)
         nodes = {"node_groups": mesh.node_groups} if getattr(mesh, "node_groups", None) is not None else {}
+        ep_per_node = max(1, cfg.topology.devices_per_node // mesh.tp)  # a node holds devices_per_node/tp EP ranks
         for module in self.modules.values():
             module.activation_checkpointing = cfg.train.activation_checkpointing
             for layer_id, moe in module.moe_layers():
                 shadows = {"shadows": self._shadow_policy(layer_id)} if cfg.placer.shadow_slots > 0 else {}
                 moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group, a2a=cfg.parallel.a2a,
-                                        local_size=cfg.topology.devices_per_node, **nodes, **shadows)
+                                        local_size=ep_per_node, **nodes, **shadows)
+            split_moe_tokens(module, mesh)  # tp > 1: each TP rank dispatches its share of the tokens (after the EP attach)
         for module in self.modules.values():  # token origins: this rank's row of [ep, E] (summed over the world per step)
             for _, moe in module.moe_layers():
                 moe.stats.set_source(mesh.ep_rank, mesh.ep)
         self.dense, self.expert = split_params(list(self.modules.values()))
+        self.tp_partial = tp_partial_params(list(self.modules.values())) if mesh.tp > 1 else []
         # the global norm counts each weight once: the first replica's copies only
         self.norm_dense, self.norm_expert = split_params([m for s, m in self.modules.items() if s < plan.n_stages])
         self.mirror = MirrorReduce(self.modules, plan.n_stages, self._mirror_group) if self.chains == 2 else None
@@ -234,7 +241,7 @@ class DistributedTrainer:
         with self._autocast():
             self.schedule.step(*args, **kwargs)
         local = torch.zeros((), dtype=torch.float64, device=self.device)
-        if self.holds_last:
+        if self.holds_last and self.mesh.tp_rank == 0:  # TP ranks compute the same loss: count it once
             local += sum(float(l.detach()) for l in kwargs["losses"])
         dist.all_reduce(local)
         # Last-stage ranks of all S pipelines contributed their slice's loss (already /m).
@@ -248,7 +255,8 @@ class DistributedTrainer:
         self.clock.take()  # drop evaluation forwards: only training steps count
         for module in self.modules.values():
             module.train()
-            module.set_aux_loss_scale(1.0 / cfg.schedule.microbatches)
+            # each TP rank seeds the replicated aux loss; the TP group sums its gradient
+            module.set_aux_loss_scale(1.0 / (cfg.schedule.microbatches * self.mesh.tp))
             module.reset_routing_stats()
             module.set_routing_skew(skew)
         lr = lr_at(step, cfg.train.steps, cfg.optim)
@@ -268,7 +276,7 @@ class DistributedTrainer:
             self.mirror.wait()  # before any early exit (a skipped non-finite step): no all-reduce outlives its step
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss={loss} at step {step}: lower optim.lr or raise optim.warmup_steps")
-        sync_gradients(self.dense, self.expert, self.mesh)
+        sync_gradients(self.dense, self.expert, self.mesh, self.tp_partial)
         self.replicas.sync()  # copies of a replicated expert each saw part of its tokens
         norm = global_grad_norm(self.norm_dense, self.replicas.primary_only(self.norm_expert), self.mesh)
         if not math.isfinite(float(norm)):  # all-reduced: every rank takes the same branch
@@ -321,7 +329,7 @@ class DistributedTrainer:
         lr = lr_at(self._batch_step.pop(batch), cfg.train.steps, cfg.optim)
         set_lr(self.optimizer, lr)
         with self.versions.update(batch):
-            sync_gradients(self.dense, self.expert, self.mesh)
+            sync_gradients(self.dense, self.expert, self.mesh, self.tp_partial)
             self.replicas.sync()
             norm = global_grad_norm(self.dense, self.replicas.primary_only(self.expert), self.mesh)
             if not math.isfinite(float(norm)):
@@ -352,7 +360,7 @@ class DistributedTrainer:
         # and nothing is read back before the reduction
         O = self.mesh.ep * E  # token origins [ep, E] after the scalars
         packed = torch.zeros(len(self.moe_ids), 2 * E + 4 + O, dtype=torch.float64, device=self.device)
-        for module in self.modules.values():
+        for module in self.modules.values() if self.mesh.tp_rank == 0 else ():  # TP ranks route the same tokens: count once
             for layer_id, moe in module.moe_layers():
                 s = moe.stats
                 scalars = torch.stack([s.asked.double(), s.aux_loss_sum.double(), s.z_loss_sum.double()]).to(self.device)
@@ -397,7 +405,7 @@ class DistributedTrainer:
                     dist.send(h.float().contiguous(), group=self.mesh.pp_group, group_dst=owner[stage + 1])
             if last_here:
                 total += float(lm_loss(h, y)) / m
-        local = torch.tensor(total if last_here else 0.0, dtype=torch.float64, device=self.device)
+        local = torch.tensor(total if last_here and self.mesh.tp_rank == 0 else 0.0, dtype=torch.float64, device=self.device)
         dist.all_reduce(local)
         return float(local) / self.slices
 
@@ -477,12 +485,12 @@ class DistributedTrainer:
             params = dict(module.named_parameters())
             for name, t in module.state_dict(keep_vars=True).items():
                 if name not in params:
-                    out[name] = [t.detach()]
+                    out[name] = [local(t.detach())]
                     continue
                 st = self.optimizer.state.get(t) or {}
                 # two separate zero tensors when there is no state yet: a migration adopts the moments
-                moments = [st[k] if k in st else torch.zeros_like(t) for k in ("exp_avg", "exp_avg_sq")]
-                out[name] = [t.detach(), *moments, st.get("step", torch.zeros(()))]
+                moments = [local(st[k]) if k in st else torch.zeros_like(local(t.detach())) for k in ("exp_avg", "exp_avg_sq")]
+                out[name] = [local(t.detach()), *moments, st.get("step", torch.zeros(()))]
         return out
 
     def _load_optimizer_state(self, entries: Entries) -> None:
@@ -492,8 +500,8 @@ class DistributedTrainer:
                 src = entries[name]
                 self.optimizer.state[p] = {
                     "step": torch.tensor(float(src[3].reshape(-1)[0]), dtype=torch.float32),  # AdamW keeps it on the CPU
-                    "exp_avg": src[1].to(p.device, p.dtype),
-                    "exp_avg_sq": src[2].to(p.device, p.dtype),
+                    "exp_avg": as_shard(name, src[1].to(p.device, p.dtype), self.mesh, tuple(p.shape)),
+                    "exp_avg_sq": as_shard(name, src[2].to(p.device, p.dtype), self.mesh, tuple(p.shape)),
                 }
 
     def migrate(self, new_plan: Plan) -> dict:
@@ -504,13 +512,15 @@ class DistributedTrainer:
         start = time.perf_counter()
         # the fastest sources on a declared topology; a detected/probed one may differ between
         # ranks, and every rank derives the transfer list alone, so then mesh order decides
-        n = self.mesh.world_size
-        bw = None if cfg.topology.detect or cfg.topology.probe else self.topology.bandwidth[:n, :n]
+        # (under TP, each TP index moves its own shards among the plan's mesh ranks: the links
+        # between the ranks holding that index)
+        ranks = [self.mesh.world_rank(s) for s in range(self.mesh.pp * self.mesh.ep * self.mesh.dp)]
+        bw = None if cfg.topology.detect or cfg.topology.probe else self.topology.bandwidth[np.ix_(ranks, ranks)]
         moves = transfers(self.plan, new_plan, self.layout, bw, self.chains)
         self.drain_pipeline()  # 2BW: nothing in flight moves; the rebuilt stages restart the delay
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not state: free them before anything new is allocated
         entries = self._entries()
-        received, _ = exchange(self.mesh.rank, moves, entries, self.layout, self.device)
+        received, _ = exchange(self.mesh.slot, moves, entries, self.layout, self.device, peer=self.mesh.world_rank)
         entries.update(received)
         del received
         inject_fault(self.mesh.rank, self._done, "migration")
@@ -527,7 +537,7 @@ class DistributedTrainer:
         release_freed_memory()
         took = torch.tensor(time.perf_counter() - start, dtype=torch.float64, device=self.device)
         dist.all_reduce(took, op=dist.ReduceOp.MAX)
-        return {"bytes_moved": transfer_bytes(moves, self.layout), "migration_s": float(took), "plan": to_json(new_plan)}
+        return {"bytes_moved": transfer_bytes(moves, self.layout) * self.mesh.tp, "migration_s": float(took), "plan": to_json(new_plan)}
 
     def placer_state(self) -> dict[str, torch.Tensor]:
         """The re-plan loop's statistics (same on every rank), for checkpoints."""
