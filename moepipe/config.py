@@ -101,7 +101,7 @@ class ScheduleConfig:
     executor: str = "torch"
     # executor=moepipe, schedules with split backwards (I, W): keep only each Linear's input and
     # output gradient from I to W instead of the whole autograd graph (parallel/weight_grad.py);
-    # torch's classes always keep the graph
+    # torch's classes always keep the graph; off under train.activation_checkpointing
     lean_weight_grad: bool = True
 
 

@@ -11,8 +11,9 @@ graph: per Linear call the input x (recorded in the forward) and the output grad
 Memory between I and W: sum over a stage's Linear calls of x + dy (inputs shared by several
 Linears, e.g. wq/wk/wv, are one storage), instead of the whole graph.
 
-Activation checkpointing: the recompute runs the same detached-weight op (the step is
-`active`), without recording again; x is then held from the forward to W.
+Activation checkpointing: the trainer turns lean W off (x kept from the forward to W would
+undo the checkpointing). Should a recompute run here anyway, it uses the same detached-weight
+op (the step is `active`) without recording again, so the saved tensors still match.
 
 A Linear whose weight is a DTensor (tensor parallelism) or whose input needs no gradient runs
 as usual (its weight gradient is computed in I).
