@@ -166,6 +166,8 @@ class ScheduleExecutor(_PipelineSchedule):
                 lean.bwd_mb = mb
             loss = self._losses[mb] if is_last and self._loss_fn is not None else None
             st.backward_one_chunk(mb, loss=loss, full_backward=full, last_backward=last)
+            if loss is not None:  # the loss's graph nodes (and what they reference) go now, not at the step's end
+                self._losses[mb] = loss.detach()
             if local_prev is not None:
                 local_prev.set_local_bwd_input(st.get_local_bwd_output(mb), mb)
         return run

@@ -79,7 +79,9 @@ class LeanWeightGrad:
         # Per weight, its calls' contributions summed first (backward order: reverse of the
         # forward), then added to .grad once, as autograd's AccumulateGrad does.
         total: dict[int, list] = {}
-        for lin, x, dy in reversed(recs):
+        for rec in reversed(recs):
+            lin, x, dy = rec
+            rec[1] = rec[2] = None  # the hook on y still references rec while the graph's nodes live
             if dy is None:  # the output did not reach the loss
                 continue
             x, dy = self.unpack(x), self.unpack(dy)
