@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fig_common as fc  # noqa: E402
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
-ZB = ("interleaved_zb", "zbv")  # the orders with split backwards (I, W)
+ZB = ("interleaved_zb", "zbv", "dualpipev")  # the orders with split backwards (I, W)
 LEAN = "+lean"  # job suffix: the order on moepipe's executor with lean W
 
 
