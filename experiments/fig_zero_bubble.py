@@ -13,6 +13,10 @@ path) and W (gradient w.r.t. the weights, deferrable) and fill the pipeline's id
   and 2 (bubble from timed actions, peak saved-for-backward bytes per rank), relative to 1F1B.
   On CPU the split backward (I + W) costs more than the fused one, which the measured pipeline
   time shows; the bubble is what the schedules are about.
+  The split-backward orders (interleaved_zb, zbv, dualpipev) are measured twice in the same
+  processes: on torch's runtime (keeps a microbatch's graph from I to W) and on moepipe's
+  executor with lean W (schedule.lean_weight_grad: keeps each Linear's input and output
+  gradient; parallel/weight_grad.py), the `runtime` field of each measured row.
 
     .venv/bin/python experiments/fig_zero_bubble.py          # ~2 min on 2 cores
     .venv/bin/python experiments/fig_zero_bubble.py --full   # GPU node: measured pp=4, m=16, model=small

@@ -128,3 +128,12 @@ def test_simulated_memory_follows_the_runtime(schedule, v):
     assert weight_grad_mode("torch", True) == weight_grad_mode("moepipe", False) == weight_grad_mode("moepipe", True, True) == "graph"
     with pytest.raises(ConfigError, match="weight_grad"):
         simulate(plan, schedule, m, topo, cm, free_comm=True, weight_grad="both")
+
+
+def test_lean_weight_grad_must_be_a_bool():
+    from moepipe.config import validate
+
+    cfg = compose_cfg(["parallel=pp2", "schedule=zbv", "schedule.executor=moepipe"], single_process=False)
+    cfg.schedule.lean_weight_grad = "yes"  # a programmatic config: Hydra's own type check is bypassed
+    with pytest.raises(ConfigError, match="schedule.lean_weight_grad='yes' must be true or false"):
+        validate(cfg)
