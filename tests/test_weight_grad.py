@@ -8,6 +8,8 @@ weight_grad="lean" equals an independent walk over the schedule's actions.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,11 @@ def test_lean_w_gradients_equal_autograd_and_keep_the_predicted_bytes():
     lm_loss(ours(x[0]), y[0]).backward()
     assert ours.output.weight.grad is not None and ours.layers["0"].attn.wq.weight.grad is not None
     assert not lean.records
+    twin = copy.deepcopy(ours.output)  # a copy computes with its own weight
+    with torch.no_grad():
+        twin.weight.mul_(2)
+    h = torch.randn(3, cfg.model.d_model)
+    assert torch.equal(twin(h), torch.nn.functional.linear(h, twin.weight))
 
 
 def _walk_peak(order, s2r, act, lean, pp) -> np.ndarray:

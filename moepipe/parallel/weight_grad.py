@@ -20,6 +20,7 @@ as usual (its weight gradient is computed in I).
 """
 from __future__ import annotations
 
+import types
 from typing import Callable, Optional
 
 import torch
@@ -48,11 +49,11 @@ class LeanWeightGrad:
         self.records: dict[int, list] = {}  # mb -> [[linear, x, dy], ...] in forward order
         self.pack: Callable = _identity  # how a kept tensor is stored (a memory probe may count it)
         self.unpack: Callable = _identity
-        for lin in self.linears:
-            lin.forward = self._patched(lin)
+        for lin in self.linears:  # bound to the Linear: a deep copy of the module computes with its own weights
+            lin.forward = types.MethodType(self._patched(), lin)
 
-    def _patched(self, lin: nn.Linear):
-        def forward(x: torch.Tensor) -> torch.Tensor:
+    def _patched(self):
+        def forward(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
             if not (self.active and torch.is_grad_enabled() and x.requires_grad and lin.weight.requires_grad):
                 return F.linear(x, lin.weight, lin.bias)
             y = F.linear(x, lin.weight.detach(), lin.bias)
