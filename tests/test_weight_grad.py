@@ -144,3 +144,39 @@ def test_lean_weight_grad_must_be_a_bool():
     cfg.schedule.lean_weight_grad = "yes"  # a programmatic config: Hydra's own type check is bypassed
     with pytest.raises(ConfigError, match="schedule.lean_weight_grad='yes' must be true or false"):
         validate(cfg)
+
+
+class _Gated(torch.nn.Module):
+    """b runs only when asked (an expert without tokens in a microbatch); c's output never
+    reaches the loss (its output gradient never arrives)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x, use_b: bool):
+        h = torch.tanh(self.a(x))
+        self.c(h)
+        return (h + self.b(h) if use_b else h).pow(2).sum()
+
+
+def test_lean_w_skips_linears_that_did_not_run_or_reach_the_loss():
+    torch.manual_seed(0)
+    ref, ours = _Gated(), _Gated()
+    ours.load_state_dict(ref.state_dict())
+    xs = torch.randn(2, 3, 4)
+    for mb, use_b in enumerate((False, True)):
+        ref(xs[mb], use_b).backward()
+    lean = LeanWeightGrad(ours)
+    lean.active, runners = True, []
+    for mb, use_b in enumerate((False, True)):
+        lean.mb = mb
+        loss = ours(xs[mb], use_b)
+        lean.mb = None
+        loss.backward()
+        runners.append(lean.runner(mb))
+    for run in runners:
+        run()
+    assert ours.c.weight.grad is None and ref.c.weight.grad is None
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
