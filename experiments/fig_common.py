@@ -381,6 +381,11 @@ class Probe:
                 self.step_span = (t0, time.perf_counter())
 
         sched.step = step_wrapped
+        # moepipe's lean W keeps each Linear's input and output gradient from I to W outside
+        # autograd's saved tensors: counted the same way while memory is measured
+        for lean in getattr(sched, "lean", {}).values():
+            lean.pack = lambda t: self._pack(t) if self.memory else t
+            lean.unpack = self._unpack
 
     def reset_memory(self) -> None:
         self.live.clear()

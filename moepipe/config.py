@@ -102,6 +102,10 @@ class ScheduleConfig:
     # what runs the schedule's actions: torch's schedule classes, or moepipe's executor
     # (parallel/executor.py: also runs file:<path> tables and specs without a torch class)
     executor: str = "torch"
+    # executor=moepipe, schedules with split backwards (I, W): keep only each Linear's input and
+    # output gradient from I to W instead of the whole autograd graph (parallel/weight_grad.py);
+    # torch's classes always keep the graph; off under train.activation_checkpointing
+    lean_weight_grad: bool = True
 
 
 @dataclass
@@ -456,6 +460,8 @@ def _check_hierarchical(cfg: MoepipeConfig) -> None:
 def _check_schedule(cfg: MoepipeConfig) -> None:
     sch, par = cfg.schedule, cfg.parallel
     _one_of("schedule.executor", sch.executor, ("torch", "moepipe"))
+    if not isinstance(sch.lean_weight_grad, bool):
+        raise ConfigError(f"schedule.lean_weight_grad={sch.lean_weight_grad!r} must be true or false")
     _positive("schedule.microbatches", sch.microbatches)
     _positive("schedule.virtual_stages", sch.virtual_stages)
     if sch.name.startswith("file:"):  # a CSV action table: read and checked against the mesh by moepipe.sim.schedules

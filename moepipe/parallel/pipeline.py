@@ -36,6 +36,7 @@ def build_schedule(
     executor: str = "torch",
     stream_handlers: dict | None = None,
     chain_handlers: dict | None = None,
+    lean_weight_grad: bool = False,
 ):
     """`modules`: stage index -> module for the stages this rank holds (plan order). A
     schedule with two chains (chimera) also numbers the second replica's stages: stage
@@ -56,6 +57,9 @@ def build_schedule(
 
     `chain_handlers` (REDUCE_GRAD): a two-chain schedule's executor calls it with a stage id
     once that stage's gradient is complete (the replicas' all-reduce).
+
+    `lean_weight_grad` (executor "moepipe"): split backwards keep only each Linear's input and
+    output gradient from I to W (parallel/weight_grad.py), not the whole autograd graph.
 
     Stage input/output shapes are given up front (static metadata). Left to infer them, the
     engine runs an extra forward on uninitialised tensors, which would route garbage through
@@ -90,7 +94,8 @@ def build_schedule(
                 raise ValueError(f"schedule.name={name} runs without a flush with one stage per rank, got {n_stages} stages on {pp} ranks")
             return StreamExecutor({st.stage_index: st for st in stages}, program, two_bw_stream(pp, microbatches),
                                   torch.distributed.get_rank(pp_group), loss_fn, stream_handlers)
-        return ScheduleExecutor({st.stage_index: st for st in stages}, program, torch.distributed.get_rank(pp_group), loss_fn)
+        return ScheduleExecutor({st.stage_index: st for st in stages}, program, torch.distributed.get_rank(pp_group), loss_fn,
+                                lean_weight_grad=lean_weight_grad)
     if executor != "torch":
         raise ValueError(f"schedule.executor={executor!r} is not known: choose torch or moepipe")
     cls, multi_stage = schedule_class(name)

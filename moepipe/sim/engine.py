@@ -16,6 +16,7 @@ Everything here is deterministic: no clocks, no randomness, fixed iteration orde
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,8 @@ class EngineResult:
     timeline: Timeline
     inflight: dict[int, np.ndarray]  # rank -> [k, n_stages] in-flight microbatches per stage after each forward
     n_actions: int
+    # rank -> [k, n_stages] of those, the microbatches past their I (waiting for W)
+    inflight_past_i: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _dur(a: Action, comp: np.ndarray, a2a: np.ndarray) -> tuple[float, float]:
@@ -159,22 +162,29 @@ def _completion_rule(fdone, gdone, send_l, hop, stage_to_rank, S, ev):
 
 def _activation_counter(pp: int, S: int):
     """(snapshots, account): account(action, rank) counts each rank's in-flight microbatches per
-    stage and snapshots them after every forward."""
+    stage and snapshots them after every forward: (held until B or W, of those past their I)."""
     counts = {r: {} for r in range(pp)}
+    past_i = {r: {} for r in range(pp)}  # microbatches between their I and their W
     snaps: dict[int, list[list[int]]] = {r: [] for r in range(pp)}
+    snaps_w: dict[int, list[list[int]]] = {r: [] for r in range(pp)}
 
     def account(a: Action, r: int) -> None:
-        c = counts[r]
+        c, w = counts[r], past_i[r]
         if a.kind == "F":
             c[a.stage] = c.get(a.stage, 0) + 1
             snaps[r].append([c.get(s, 0) for s in range(S)])
+            snaps_w[r].append([w.get(s, 0) for s in range(S)])
+        elif a.kind == "I":
+            w[a.stage] = w.get(a.stage, 0) + 1
         elif a.kind in ("B", "W"):  # activations live until the weight gradient is done
             c[a.stage] -= 1
+            if a.kind == "W":
+                w[a.stage] -= 1
         elif a.kind == "FB":
             account(a.pair[0], r)
             account(a.pair[1], r)
 
-    return snaps, account
+    return (snaps, snaps_w), account
 
 
 def _sweep(order: Order, ready, finish, account, comp_a, a2a_a, over, ev) -> tuple[list[float], list[float], int]:
@@ -229,5 +239,8 @@ def _result(ev: list[tuple], free: list[float], busy: list[float], snaps, S: int
             ev.append((r, COMPUTE, idle, -1, -1, free[r], makespan))
     arr = np.array(ev, dtype=np.float64) if ev else np.zeros((0, 7))
     tl = Timeline(*(arr[:, j].astype(np.int64) for j in range(5)), arr[:, 5], arr[:, 6])
-    inflight = {r: (np.array(snaps[r], dtype=np.int64) if snaps[r] else np.zeros((1, S), dtype=np.int64)) for r in range(pp)}
-    return EngineResult(makespan, np.array(busy), tl, inflight, total)
+    snaps, snaps_w = snaps
+
+    def arr(x):
+        return {r: (np.array(x[r], dtype=np.int64) if x[r] else np.zeros((1, S), dtype=np.int64)) for r in range(pp)}
+    return EngineResult(makespan, np.array(busy), tl, arr(snaps), total, arr(snaps_w))

@@ -175,6 +175,7 @@ def simulate(
     free_comm: bool = False,
     action_overhead_s: Any = 0.0,
     origins: Any = None,
+    weight_grad: str = "graph",
 ) -> SimResult:
     """Simulate one iteration. `routing`: tokens per expert per MoE layer ([n_moe, E] or
     {layer: [E]}; proportions only; None = uniform). `origins`: where those tokens start,
@@ -183,7 +184,12 @@ def simulate(
     the runtime's nearest-replica rule, and the all-to-all follows `cost_model.a2a`.
     `free_comm`: all transfers cost nothing.
     `action_overhead_s`: the runtime's fixed cost per action (scalar or per pipeline rank;
-    `moepipe.sim.calibrate.fit_action_overhead` measures it), 0 = an ideal runtime."""
+    `moepipe.sim.calibrate.fit_action_overhead` measures it), 0 = an ideal runtime.
+    `weight_grad`: what a microbatch holds between its I and its W (split backwards):
+    "graph" its whole activations (torch's runtime), "lean" each Linear's input and output
+    gradient (moepipe's executor with schedule.lean_weight_grad; `weight_grad_mode` picks)."""
+    if weight_grad not in ("graph", "lean"):
+        raise ConfigError(f"weight_grad={weight_grad!r}: choose graph or lean")
     spec = cost_model.spec
     validate_plan(plan, spec.n_layers, spec.moe_layers, spec.num_experts if spec.moe_layers else None)
     v = plan.n_stages // plan.pp
@@ -219,8 +225,14 @@ def simulate(
     # Peak activation memory: in-flight counts after each forward x bytes per microbatch.
     grid = rank_grid(plan.pp, plan.ep, plan.dp)
     peak_bytes = np.zeros(world)
+    lean = weight_grad == "lean" and not spec.activation_checkpointing and costs.lean_w_bytes is not None
     for r, snaps in res.inflight.items():
-        b = snaps.astype(np.float64) @ costs.act_bytes.reshape(S, -1)  # [k, dp*ep]
+        held = snaps.astype(np.float64)
+        if lean:  # past their I, microbatches hold only what W needs
+            past = res.inflight_past_i[r].astype(np.float64)
+            b = (held - past) @ costs.act_bytes.reshape(S, -1) + past @ costs.lean_w_bytes.reshape(S, -1)
+        else:
+            b = held @ costs.act_bytes.reshape(S, -1)  # [k, dp*ep]
         peak_bytes[grid[r].ravel()] = b.max(0)
 
     work_mb = costs.work.copy()
@@ -280,8 +292,16 @@ def _for_chains(costs: StageCosts, chains: int) -> StageCosts:
     plan stage s, on the mirrored rank) costs what stage s does."""
     if chains == 1:
         return costs
-    rep = {f: np.concatenate([getattr(costs, f)] * chains) for f in ("comp", "a2a", "send", "act_bytes", "ep_busy")}
+    rep = {f: np.concatenate([getattr(costs, f)] * chains) for f in ("comp", "a2a", "send", "act_bytes", "ep_busy")
+           + (("lean_w_bytes",) if costs.lean_w_bytes is not None else ())}
     return dataclasses.replace(costs, **rep)
+
+
+def weight_grad_mode(executor: str, lean_weight_grad: bool, activation_checkpointing: bool = False) -> str:
+    """The runtime's memory between I and W for `simulate(weight_grad=...)`: "lean" on
+    moepipe's executor with schedule.lean_weight_grad (off under activation checkpointing),
+    else "graph"."""
+    return "lean" if executor == "moepipe" and lean_weight_grad and not activation_checkpointing else "graph"
 
 
 def weight_params(cost_model: CostModel, plan: Plan, tp: int = 1, chains: int = 1) -> np.ndarray:

@@ -226,6 +226,9 @@ class DistributedTrainer:
             cfg.schedule.name, self.modules, plan.n_stages, m, lambda out, y: lm_loss(out, y) / m, self.device, mesh.pp_group,
             microbatch, cfg.model.d_model, cfg.model.vocab_size, self.amp_dtype or torch.float32, executor=cfg.schedule.executor,
             stream_handlers=stream, chain_handlers=None if self.mirror is None else {"REDUCE_GRAD": self.mirror.stage_done},
+            # under activation checkpointing I recomputes the graph anyway, and keeping each Linear's
+            # input from the forward to W would undo the checkpointing: lean W is off
+            lean_weight_grad=cfg.schedule.lean_weight_grad and not cfg.train.activation_checkpointing,
         )
         self.holds_first = any(s % plan.n_stages == 0 for s in self.stage_ids)  # a chain's first stage: needs the tokens
         self.holds_last = any(s % plan.n_stages == plan.n_stages - 1 for s in self.stage_ids)
