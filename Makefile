@@ -36,7 +36,7 @@ test: $(STAMP)
 # HEAD (experiments/rerun_all.sh: results record a clean commit; commit first), writes
 # results/fig_*.json and .csv, and figures/ is redrawn from results/ alone (also
 # figures/fig_sim_vs_measured.png from results/bench_sim.json). About 10 minutes on 2 cores.
-FIGURE_SCRIPTS := fig_bubble fig_memory fig_interleaved fig_zero_bubble fig_capacity fig_balance fig_placement fig_tp_mesh
+FIGURE_SCRIPTS := fig_bubble fig_memory fig_interleaved fig_zero_bubble fig_capacity fig_balance fig_placement fig_tp_mesh fig_chimera
 
 figures: $(STAMP)
 	PY=$(abspath $(PY)) experiments/rerun_all.sh $(FIGURE_SCRIPTS)

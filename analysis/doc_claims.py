@@ -161,7 +161,8 @@ def table_zero_bubble_sim(d: dict) -> str:
 def table_zero_bubble_measured(d: dict) -> str:
     out = ["| schedule | bubble (replay) | pipeline vs 1F1B | peak saved MiB per rank | vs 1F1B |", "|---|---|---|---|---|"]
     for r in d["measured"]:
-        out.append(f"| {r['schedule']} | {r['bubble_measured']:.2f} ({r['replay']:.2f}) | {r['pipeline_rel_1f1b']:.2f} | "
+        name = r["schedule"] + (f" ({r['runtime']})" if r.get("runtime", "torch") != "torch" else "")
+        out.append(f"| {name} | {r['bubble_measured']:.2f} ({r['replay']:.2f}) | {r['pipeline_rel_1f1b']:.2f} | "
                    f"{' / '.join(f'{x:.1f}' for x in r['peak_saved_mib_per_rank'])} | {r['peak_saved_rel_1f1b']:.2f} |")
     return "\n".join(out)
 

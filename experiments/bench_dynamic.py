@@ -2,15 +2,29 @@
 layout vs the `topo` placer re-planning every N steps, on CPU workers (gloo), wall time
 including the placer's solves and the migrations.
 
-Scenarios (both labelled, injected conditions; see `workload.*` in conf):
+Scenarios (all labelled, injected conditions; see `workload.*` in conf):
 - skew:  pp=1 x ep=2, routing skewed towards EP rank 0's experts (workload.kind=hot_rank):
          static leaves rank 0 with most expert work; topo moves experts (and replicas).
 - slow:  pp=2 x ep=1, worker 0 emulated at half speed (topology=local_cpu_slow,
          workload.emulate_speed=true): static splits blocks evenly; topo shifts blocks to the
          fast worker.
+- moving (issue 15): pp=1 x ep=2, one hot expert per layer (workload.kind=rotating, strength 8)
+         moving to the next expert every --period steps (20); static vs topo re-planning every
+         --interval steps (10) vs topo plus the fast path (placer.shadow_slots, per-microbatch
+         shadows of hot experts). `speedup_moving` = static / (topo + shadows);
+         `speedup_moving_topo_without_shadows` = static / topo.
+- shadow_step: pp=1 x ep=2, a fixed hot expert (hot_expert, strength 8), no re-planning: static
+         with shadows off vs on, side by side (`shadow_step_ratio` = off / on wall time,
+         `shadow_step_steady_ratio` on tokens/s after the first windows). On one machine the
+         weight broadcast and gradient return run over loopback, so this shows the compute
+         balance a shadow buys and the cost of its bookkeeping, not a network's transfer cost.
+         Also one MoE layer alone (2 gloo ranks, --layer-iters rounds): the busiest rank's CPU
+         seconds per forward + backward, off / on (`shadow_layer_cpu_ratio`), and the wall
+         ratio (`shadow_layer_wall_ratio`). CPU seconds count what each rank computes, which
+         is what shadows rebalance, and stay meaningful on a loaded machine.
 Each scenario runs static and topo alternately (`--rounds` pairs, order flipped each round)
 through the real launcher (moepipe.train.launch), so background load hits both alike; the
-median wall time per variant counts. speedup = geomean over scenarios of static / topo.
+median wall time per variant counts. speedup = geomean over skew and slow of static / topo.
 
     .venv/bin/python experiments/bench_dynamic.py            # writes results/bench_dynamic.json (~18 min on 2 cores)
     .venv/bin/python experiments/bench_dynamic.py --steps 60 --rounds 3
@@ -55,18 +69,26 @@ MODEL = [
 ]
 QUICK_MODEL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.ffn_hidden=64", "moe.expert_hidden=32",
                "train.batch_size=4", "train.seq_len=16", "train.log_every=1"]
+EP2 = ["parallel.pp=1", "parallel.ep=2", "parallel.dp=1", "schedule=1f1b", "schedule.microbatches=1", "moe.aux_loss_coef=0"]
 SCENARIOS = {
-    "skew": ["parallel.pp=1", "parallel.ep=2", "parallel.dp=1", "schedule=1f1b", "schedule.microbatches=1",
-             "workload.kind=hot_rank", "workload.strength=4.0", "moe.aux_loss_coef=0"],
+    "skew": EP2 + ["workload.kind=hot_rank", "workload.strength=4.0"],
     "slow": ["parallel.pp=2", "parallel.ep=1", "parallel.dp=1", "schedule=1f1b", "schedule.microbatches=4",
              "topology=local_cpu_slow", "workload.emulate_speed=true"],
+    # issue 15: one hot expert per layer that moves to the next expert every --period steps
+    "moving": EP2 + ["workload.kind=rotating", "workload.strength=8.0"],
+    # the fast path alone, side by side: a fixed hot expert, no re-planning, shadows off vs on
+    "shadow_step": EP2 + ["workload.kind=hot_expert", "workload.strength=8.0"],
 }
+# which variants each scenario runs; `speedup` stays the geomean of static/topo over skew and slow
+VARIANTS_OF = {"skew": ("static", "topo"), "slow": ("static", "topo"), "moving": ("static", "topo", "topo_shadows"),
+               "shadow_step": ("static", "static_shadows")}
+HEADLINE = ("skew", "slow")
 
 
 def run_once(overrides: list[str], out: str) -> dict:
     cfg = compose_config(overrides)
     summary = launch(cfg, out)
-    events, rate = [], {}
+    events, rate, copies = [], {}, 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         for line in f:
             row = json.loads(line)
@@ -74,7 +96,82 @@ def run_once(overrides: list[str], out: str) -> dict:
                 events.append(row)
             elif "tokens_per_s" in row:
                 rate[row["step"]] = row["tokens_per_s"]
-    return {"wall_s": summary["wall_time_s"], "final_loss": summary["final_train_loss"], "events": events, "tokens_per_s": rate}
+                copies += row.get("shadow_copies", 0)  # the metrics rank's layers, logged steps only
+    return {"wall_s": summary["wall_time_s"], "final_loss": summary["final_train_loss"], "events": events, "tokens_per_s": rate,
+            "shadow_copies": copies}
+
+
+def _layer_worker(rank: int, world: int, overrides: list, iters: int, out: str) -> None:
+    """One MoE layer (the bench model's layer 0) on 2 EP ranks under the shadow_step skew:
+    forward + backward with shadows off and on, alternating, per-rank wall and CPU seconds."""
+    import time
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from moepipe.model.moe import MoELayer
+    from moepipe.model.shadow_exchange import shadow_policy
+    from moepipe.placement.placers.inputs import inputs_from_config
+    from moepipe.placement.plan import static_plan
+    from moepipe.placement.shadows import choose_shadows, layer_setup
+    from moepipe.train.workload import routing_skew
+
+    cfg = compose_config(overrides)
+    inp = inputs_from_config(cfg)
+    layer_id = inp.spec.moe_layers[0]
+    holders = static_plan(cfg.model.n_layers, inp.spec.moe_layers, cfg.moe.num_experts, pp=1, ep=world).expert_map[layer_id]
+    torch.manual_seed(0)
+    layer = MoELayer(cfg.model.d_model, cfg.moe)
+    for k in list(layer.experts.keys()):
+        if rank not in holders[int(k)]:
+            del layer.experts[k]
+    layer.set_routing_skew(routing_skew(cfg, 0, source=rank)[layer_id])
+    setup = layer_setup(inp.cost_model, inp.topology, list(range(world)), layer_id, microbatches=1)
+    policy = {"off": None, "on": shadow_policy(choose_shadows, setup, cfg.placer.shadow_slots)}
+    tokens = cfg.train.batch_size * cfg.train.seq_len // world
+    x = torch.randn(tokens, cfg.model.d_model, generator=torch.Generator().manual_seed(rank))
+    times = {v: {"wall": [], "cpu": []} for v in policy}
+    copies = 0
+    for i in range(iters + 2):  # the first two rounds warm up
+        for v in (policy if i % 2 == 0 else reversed(list(policy))):
+            layer.attach_expert_group(holders, rank, dist.group.WORLD, shadows=policy[v])
+            dist.barrier()
+            w0, c0 = time.perf_counter(), time.process_time()
+            layer(x).square().mean().backward()
+            c1 = time.process_time()
+            dist.barrier()
+            w1 = time.perf_counter()
+            layer.zero_grad(set_to_none=True)
+            if i >= 2:
+                times[v]["wall"].append(w1 - w0)
+                times[v]["cpu"].append(c1 - c0)
+            copies += getattr(layer.dispatcher, "shadow_copies", 0) if v == "on" else 0
+    gathered = [None] * world
+    dist.all_gather_object(gathered, times)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"ranks": gathered, "shadow_copies": copies, "holders": holders}, f)
+
+
+def layer_side_by_side(overrides: list, iters: int, tmp: str) -> dict:
+    """CPU seconds of one MoE layer's forward + backward on the busiest EP rank, shadows off vs on
+    (2 gloo ranks). Per-rank CPU time is what a rank computes, which is what a shadow
+    rebalances; it stays meaningful on a loaded machine, where wall time measures the load."""
+    from moepipe.parallel.spawn import run_distributed
+
+    import statistics as st
+
+    out = os.path.join(tmp, "layer.json")
+    run_distributed(_layer_worker, 2, overrides, iters, out, timeout=600)
+    with open(out) as f:
+        res = json.load(f)
+    per = {v: {"cpu_max_rank_s": st.median(max(r[v]["cpu"][i] for r in res["ranks"]) for i in range(iters)),
+               "cpu_sum_ranks_s": st.median(sum(r[v]["cpu"][i] for r in res["ranks"]) for i in range(iters)),
+               "wall_s": st.median(res["ranks"][0][v]["wall"])} for v in ("off", "on")}
+    return {**per, "iters": iters, "shadow_copies": res["shadow_copies"],
+            "cpu_ratio_off_over_on": per["off"]["cpu_max_rank_s"] / per["on"]["cpu_max_rank_s"],
+            "wall_ratio_off_over_on": per["off"]["wall_s"] / per["on"]["wall_s"]}
 
 
 def main() -> None:
@@ -83,42 +180,60 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--replica-slots", type=int, default=1)
+    ap.add_argument("--shadow-slots", type=int, default=1, help="placer.shadow_slots of the *_shadows variants")
+    ap.add_argument("--period", type=int, default=20, help="moving: steps between hot-spot moves")
+    ap.add_argument("--shadow-step-steps", type=int, default=40, help="shadow_step: steps per run (no re-planning there)")
+    ap.add_argument("--layer-iters", type=int, default=30, help="shadow_step: timed forward+backward rounds of one MoE layer")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
     fc.add_output_args(ap, os.path.join(ROOT, "results", "bench_dynamic.json"))
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.interval, args.rounds = 4, 1, 1
+        args.steps, args.interval, args.rounds, args.period, args.shadow_step_steps, args.layer_iters = 4, 1, 1, 2, 4, 2
+    scenarios = [x for x in args.scenarios.split(",") if x]
+    if not scenarios or set(scenarios) - set(SCENARIOS):
+        ap.error(f"--scenarios={args.scenarios}: choose from {','.join(SCENARIOS)}")
     args.out = fc.check_output(args)
     prov = fc.provenance(args, {"model": MODEL + (QUICK_MODEL if args.quick else []), "scenarios": SCENARIOS}, seed=0)
 
-    common = MODEL + (QUICK_MODEL if args.quick else []) + [f"train.steps={args.steps}"]
-    variants = {
-        "static": ["placer=static"],
-        "topo": ["placer=topo", f"placer.interval={args.interval}", f"placer.replica_slots={args.replica_slots}"],
-    }
+    model = MODEL + (QUICK_MODEL if args.quick else [])
+    common = model + [f"train.steps={args.steps}"]
+    topo = ["placer=topo", f"placer.interval={args.interval}", f"placer.replica_slots={args.replica_slots}"]
+    shadows = [f"placer.shadow_slots={args.shadow_slots}"]
+    all_variants = {"static": ["placer=static"], "topo": topo, "topo_shadows": topo + shadows, "static_shadows": ["placer=static"] + shadows}
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for scen, extra in SCENARIOS.items():
+        for scen in scenarios:
+            extra = SCENARIOS[scen] + (["workload.period=%d" % args.period] if scen == "moving" else [])
+            steps = args.shadow_step_steps if scen == "shadow_step" else args.steps
+            base = model + [f"train.steps={steps}"]
+            # quick: the moving scenario skips topo without shadows (same code path as skew's topo)
+            variants = {v: all_variants[v] for v in VARIANTS_OF[scen] if not (args.quick and scen == "moving" and v == "topo")}
+            dyn = VARIANTS_OF[scen][-1]  # the dynamic variant static is compared with
             runs = {v: [] for v in variants}
             for r in range(args.rounds):
                 order = list(variants) if r % 2 == 0 else list(reversed(variants))
                 for v in order:
-                    res = run_once(common + extra + variants[v], os.path.join(tmp, f"{scen}_{v}_{r}"))
+                    res = run_once(base + extra + variants[v], os.path.join(tmp, f"{scen}_{v}_{r}"))
                     runs[v].append(res)
-                    print(f"{scen:5s} {v:6s} round {r}: {res['wall_s']:.2f} s, {sum(e.get('migrate', False) for e in res['events'])} migrations",
-                          flush=True)
+                    print(f"{scen:5s} {v:6s} round {r}: {res['wall_s']:.2f} s, {sum(e.get('migrate', False) for e in res['events'])} migrations, "
+                          f"{res['shadow_copies']} shadow copies", flush=True)
             wall = {v: statistics.median(x["wall_s"] for x in runs[v]) for v in variants}
             # steady state: logged windows after the first re-plan window, same steps for both
-            late = [st for st in runs["static"][0]["tokens_per_s"] if st > 2 * args.interval]
+            logged = sorted(runs["static"][0]["tokens_per_s"])
+            late = [st for st in logged if st > 2 * args.interval] or logged[-1:]  # quick runs: the last window
             steady = {v: statistics.median(statistics.fmean(x["tokens_per_s"][st] for st in late) for x in runs[v]) for v in variants}
-            topo_events = runs["topo"][0]["events"]
+            topo_events = runs[dyn][0]["events"]
             moved = [e for e in topo_events if e.get("migrate")]
             table[scen] = {
                 "overrides": extra,
+                "dynamic_variant": dyn,
                 "wall_s": wall,
                 "all_wall_s": {v: [x["wall_s"] for x in runs[v]] for v in variants},
-                "speedup": wall["static"] / wall["topo"],
-                "speedup_per_round": [s / t for s, t in zip((x["wall_s"] for x in runs["static"]), (x["wall_s"] for x in runs["topo"]))],
-                "steady_state_speedup": steady["topo"] / steady["static"],
+                "speedup": wall["static"] / wall[dyn],
+                "speedup_per_round": [s / t for s, t in zip((x["wall_s"] for x in runs["static"]), (x["wall_s"] for x in runs[dyn]))],
+                "steady_state_speedup": steady[dyn] / steady["static"],
+                "speedup_vs_static": {v: wall["static"] / wall[v] for v in variants if v != "static"},
+                "shadow_copies": {v: runs[v][0]["shadow_copies"] for v in variants},
                 "final_loss": {v: runs[v][0]["final_loss"] for v in variants},
                 "migrations": len(moved),
                 "bytes_moved": sum(e.get("bytes_moved", 0) for e in moved),
@@ -126,16 +241,38 @@ def main() -> None:
                 "solve_s": sum(e.get("solve_s", 0.0) for e in topo_events),
                 "events": [{k: e[k] for k in e if k != "plan"} for e in topo_events],
             }
-            print(f"{scen}: static {wall['static']:.2f} s, topo {wall['topo']:.2f} s, speedup {table[scen]['speedup']:.3f} "
+            print(f"{scen}: " + ", ".join(f"{v} {wall[v]:.2f} s" for v in variants) + f", static/{dyn} {table[scen]['speedup']:.3f} "
                   f"(steady state after step {2 * args.interval}: {table[scen]['steady_state_speedup']:.3f})", flush=True)
-    speedup = math.exp(statistics.mean(math.log(t["speedup"]) for t in table.values()))
-    steady = math.exp(statistics.mean(math.log(t["steady_state_speedup"]) for t in table.values()))
-    per_round = [math.exp(statistics.mean(math.log(t["speedup_per_round"][r]) for t in table.values())) for r in range(args.rounds)]
+        if "shadow_step" in scenarios:
+            table_layer = layer_side_by_side(model + SCENARIOS["shadow_step"] + [f"placer.shadow_slots={args.shadow_slots}"],
+                                             args.layer_iters, tmp)
+            print(f"shadow_step layer: busiest rank's CPU s per fwd+bwd off {table_layer['off']['cpu_max_rank_s'] * 1e3:.2f} ms, "
+                  f"on {table_layer['on']['cpu_max_rank_s'] * 1e3:.2f} ms; wall off {table_layer['off']['wall_s'] * 1e3:.2f} ms, "
+                  f"on {table_layer['on']['wall_s'] * 1e3:.2f} ms", flush=True)
+            table["shadow_step"]["layer"] = table_layer
+    head = [table[x] for x in HEADLINE if x in table] or list(table.values())
+    speedup = math.exp(statistics.mean(math.log(t["speedup"]) for t in head))
+    steady = math.exp(statistics.mean(math.log(t["steady_state_speedup"]) for t in head))
+    per_round = [math.exp(statistics.mean(math.log(t["speedup_per_round"][r]) for t in head)) for r in range(args.rounds)]
+    extra_keys = {}
+    if "moving" in table:  # issue 15: dynamic with shadows vs static, and without shadows for context
+        extra_keys["speedup_moving"] = table["moving"]["speedup"]
+        if "topo" in table["moving"]["speedup_vs_static"]:
+            extra_keys["speedup_moving_topo_without_shadows"] = table["moving"]["speedup_vs_static"]["topo"]
+        extra_keys["period"] = args.period
+    if "shadow_step" in table:  # one machine's loopback: the weight/gradient transfers cost almost nothing here
+        extra_keys["shadow_step_ratio"] = table["shadow_step"]["speedup"]
+        extra_keys["shadow_step_steady_ratio"] = table["shadow_step"]["steady_state_speedup"]
+        extra_keys["shadow_layer_cpu_ratio"] = table["shadow_step"]["layer"]["cpu_ratio_off_over_on"]
+        extra_keys["shadow_layer_wall_ratio"] = table["shadow_step"]["layer"]["wall_ratio_off_over_on"]
+    for k, v in extra_keys.items():
+        print(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}")
     print(f"steady_state_speedup={steady:.3f}")
-    print(f"speedup per round (geomean over scenarios of paired static/topo): {', '.join(f'{x:.3f}' for x in per_round)}")
+    print(f"speedup per round (geomean over {', '.join(HEADLINE)} of paired static/topo): {', '.join(f'{x:.3f}' for x in per_round)}")
     write_json(args.out, {"speedup": speedup, "steady_state_speedup": steady, "speedup_per_round": per_round,
-                          "speedup_range": [min(per_round), max(per_round)], "scenarios": table, "steps": args.steps,
-                          "interval": args.interval, "rounds": args.rounds, "model_overrides": common, "provenance": prov})
+                          "speedup_range": [min(per_round), max(per_round)], **extra_keys, "scenarios": table, "steps": args.steps,
+                          "interval": args.interval, "rounds": args.rounds, "shadow_slots": args.shadow_slots,
+                          "model_overrides": common, "provenance": prov})
     print(f"speedup={speedup:.3f}")
 
 

@@ -346,9 +346,12 @@ class Probe:
         return timed
 
     def _wrap(self, sched) -> None:
-        stages = getattr(sched, "_stages", None) or [sched._stage]
+        # torch's multi- and single-stage classes, or moepipe's executor (whose stage ids also
+        # number a second model replica's stages: chimera)
+        stages = getattr(sched, "_stages", None) or getattr(sched, "_stage_list", None) or [sched._stage]
+        ids = {id(st): s for s, st in sched.stages.items()} if isinstance(getattr(sched, "stages", None), dict) else {}
         for st in stages:
-            s = st.stage_index
+            s = ids.get(id(st), st.stage_index)
 
             def bwd_label(mb, *a, _s=s, **k):
                 full = k.get("full_backward", a[1] if len(a) > 1 else True)
@@ -358,9 +361,12 @@ class Probe:
             st.backward_one_chunk = self._timed(st.backward_one_chunk, bwd_label)
             st.backward_weight_one_chunk = self._timed(st.backward_weight_one_chunk, lambda mb, *a, _s=s, **k: ("W", _s, mb))
         # The loss runs on the last stage between its forward and its backward.
-        sched._maybe_compute_loss = self._timed(
-            sched._maybe_compute_loss, lambda stage, out, tgt, mb, *a, **k: ("loss", stage.stage_index, mb) if stage.is_last else None
-        )
+        if hasattr(sched, "_maybe_compute_loss") and not ids:
+            sched._maybe_compute_loss = self._timed(
+                sched._maybe_compute_loss, lambda stage, out, tgt, mb, *a, **k: ("loss", stage.stage_index, mb) if stage.is_last else None
+            )
+        else:  # moepipe's executor computes the loss right after the last stage's forward (stage unknown here)
+            sched._compute_loss = self._timed(sched._compute_loss, lambda *a, **k: ("loss", -1, -1))
         step = sched.step
 
         def step_wrapped(*a, **k):
@@ -375,6 +381,11 @@ class Probe:
                 self.step_span = (t0, time.perf_counter())
 
         sched.step = step_wrapped
+        # moepipe's lean W keeps each Linear's input and output gradient from I to W outside
+        # autograd's saved tensors: counted the same way while memory is measured
+        for lean in getattr(sched, "lean", {}).values():
+            lean.pack = lambda t: self._pack(t) if self.memory else t
+            lean.unpack = self._unpack
 
     def reset_memory(self) -> None:
         self.live.clear()
@@ -519,8 +530,8 @@ def replay_bubble(schedule: str, pp: int, v: int, m: int, action_s: dict[str, fl
     from moepipe.sim import schedule_order, simulate_order
 
     order, s2r = schedule_order(schedule, pp, v, m)
-    comp = np.zeros((pp * v, 3))
-    for s in range(pp * v):
+    comp = np.zeros((len(s2r), 3))  # two-chain schedules (chimera) run 2 * pp * v stages
+    for s in range(len(s2r)):
         f = action_s.get(f"{s}F", 0.0) + action_s.get(f"{s}loss", 0.0)
         if f"{s}I" in action_s:
             b, w = action_s[f"{s}I"], action_s.get(f"{s}W", 0.0)

@@ -13,6 +13,10 @@ path) and W (gradient w.r.t. the weights, deferrable) and fill the pipeline's id
   and 2 (bubble from timed actions, peak saved-for-backward bytes per rank), relative to 1F1B.
   On CPU the split backward (I + W) costs more than the fused one, which the measured pipeline
   time shows; the bubble is what the schedules are about.
+  The split-backward orders (interleaved_zb, zbv, dualpipev) are measured twice in the same
+  processes: on torch's runtime (keeps a microbatch's graph from I to W) and on moepipe's
+  executor with lean W (schedule.lean_weight_grad: keeps each Linear's input and output
+  gradient; parallel/weight_grad.py), the `runtime` field of each measured row.
 
     .venv/bin/python experiments/fig_zero_bubble.py          # ~2 min on 2 cores
     .venv/bin/python experiments/fig_zero_bubble.py --full   # GPU node: measured pp=4, m=16, model=small
@@ -29,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fig_common as fc  # noqa: E402
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
+ZB = ("interleaved_zb", "zbv", "dualpipev")  # the orders with split backwards (I, W)
+LEAN = "+lean"  # job suffix: the order on moepipe's executor with lean W
 
 
 def v_of(name: str) -> int:
@@ -58,6 +64,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", nargs="*", default=[])
     ap.add_argument("--no-measure", action="store_true")
+    ap.add_argument("--no-lean", action="store_true", help="skip the ZB orders on moepipe's executor with lean W")
     ap.add_argument("--full", action="store_true", help="GPU variant: measured pp=4, m=16, model=small (8 layers), device auto")
     fc.add_output_args(ap, os.path.join(fc.RESULTS, "fig_zero_bubble.json"))
     args = ap.parse_args()
@@ -90,13 +97,20 @@ def main() -> None:
     if not args.no_measure:
         extra = [f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}", f"train.seed={args.seed}", *args.extra]
         jobs = {n: fc.pipeline_overrides(n, args.pp, args.microbatches, v=v_of(n), extra=extra) for n in args.schedules}
+        # the ZB orders again on moepipe's executor with lean W (I frees the graph; W keeps
+        # each Linear's input and output gradient): same processes, same batches
+        lean = [n for n in args.schedules if n in ZB] if not args.no_lean else []
+        for n in lean:
+            jobs[n + LEAN] = fc.pipeline_overrides(n, args.pp, args.microbatches, v=v_of(n),
+                                                   extra=extra + ["schedule.executor=moepipe", "schedule.lean_weight_grad=true"])
         measured = fc.measure_pipeline(jobs, args.pp, rounds=args.rounds, steps=args.steps, memory=True)
         ref = measured.get("1f1b")
-        for n in args.schedules:
-            x = measured[n]
+        for job in list(args.schedules) + [n + LEAN for n in lean]:
+            x, n = measured[job], job.removesuffix(LEAN)
             peak = max(x["peak_saved_bytes_per_rank"])
             measured_rows.append({
-                "schedule": n, "pp": args.pp, "m": args.microbatches, "v": v_of(n), "bubble_measured": x["bubble_measured"],
+                "schedule": n, "runtime": "moepipe lean W" if job.endswith(LEAN) else "torch",
+                "pp": args.pp, "m": args.microbatches, "v": v_of(n), "bubble_measured": x["bubble_measured"],
                 "replay": fc.replay_bubble(n, args.pp, v_of(n), args.microbatches, x["action_median_s"]),
                 "pipeline_ms": x["makespan_s"] * 1e3, "busy_ms_per_rank": [b * 1e3 for b in x["busy_s_per_rank"]],
                 "peak_saved_mib_per_rank": [b / 2**20 for b in x["peak_saved_bytes_per_rank"]],
@@ -125,7 +139,7 @@ def main() -> None:
         print(f"{r['schedule']:<17} {r['pp']:>2} {r['m']:>3} {r['bubble_simulated']:>10.3f} {r['bubble_formula'] if r['bubble_formula'] is None else round(r['bubble_formula'], 3)!s:>8} "
               f"{r['time_rel_1f1b']:>9.3f} {r['memory_rel_1f1b']:>8.3f}")
     for r in measured_rows:
-        print(f"measured {r['schedule']:<17} pp={r['pp']} m={r['m']}: bubble {r['bubble_measured']:.3f} (replay {r['replay']:.3f}), "
+        print(f"measured {r['schedule']:<17} {r['runtime']:<14} pp={r['pp']} m={r['m']}: bubble {r['bubble_measured']:.3f} (replay {r['replay']:.3f}), "
               f"pipeline {r['pipeline_ms']:.0f} ms (x{r['pipeline_rel_1f1b']:.2f} of 1F1B), peak saved MiB/rank "
               f"{[round(b, 1) for b in r['peak_saved_mib_per_rank']]} (x{r['peak_saved_rel_1f1b']:.2f} of 1F1B)")
     print(f"wrote {path} and {', '.join(figs)} in {payload['wall_s']:.0f} s")

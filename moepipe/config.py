@@ -85,6 +85,9 @@ class ParallelConfig:
     # Tensor parallelism (innermost in the mesh: a TP group is tp consecutive ranks, inside a
     # node): attention heads and dense/shared FFN widths split over tp ranks; routed experts use EP
     tp: int = 1
+    # Sequence parallelism over the TP group (norms and residual on 1/tp of the tokens): not
+    # implemented yet (validation says so); gloo in torch 2.13 has the reduce-scatter it needs
+    sp: bool = False
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     # Expert all-to-all: flat (one exchange over the EP group) or hierarchical (within each
     # node, then across nodes among ranks with the same local index: Tutel's 2DH order)
@@ -100,6 +103,10 @@ class ScheduleConfig:
     # what runs the schedule's actions: torch's schedule classes, or moepipe's executor
     # (parallel/executor.py: also runs file:<path> tables and specs without a torch class)
     executor: str = "torch"
+    # executor=moepipe, schedules with split backwards (I, W): keep only each Linear's input and
+    # output gradient from I to W instead of the whole autograd graph (parallel/weight_grad.py);
+    # torch's classes always keep the graph; off under train.activation_checkpointing
+    lean_weight_grad: bool = True
 
 
 @dataclass
@@ -117,6 +124,10 @@ class PlacerConfig:
     # load) | expected (the scenarios' weighted mean time) | quantile (their placer.quantile)
     objective: str = "mean"
     quantile: float = 0.9
+    # the fast path of two-speed placement: per-microbatch shadow copies of hot experts (weights
+    # from the home, gradients back; no optimizer state moves), at most this many per EP rank per
+    # MoE layer (the memory bound); 0 turns it off (moepipe/model/shadow_exchange.py)
+    shadow_slots: int = 0
     # One process only: advise for this [pp, ep, dp] mesh (the re-plans it would make there,
     # from this run's routing statistics); null advises for the one-device job itself
     advise_mesh: Optional[list[int]] = None
@@ -322,6 +333,7 @@ def validate(cfg: MoepipeConfig | DictConfig) -> MoepipeConfig:
     _check_schedule(cfg)
     _check_mesh(cfg)
     _check_placer(cfg.placer)
+    _check_shadows(cfg)
     _check_data(cfg.data)
     _check_train(cfg)
     _check_optim(cfg.optim)
@@ -378,12 +390,52 @@ def _check_moe(m: ModelConfig, e: MoEConfig) -> None:
 
 def _check_parallel(cfg: MoepipeConfig) -> None:
     par = cfg.parallel
-    for name in ("pp", "ep", "dp"):
+    for name in ("pp", "ep", "dp", "tp"):
         _positive(f"parallel.{name}", getattr(par, name))
     _one_of("parallel.backend", par.backend, ("auto", "gloo", "nccl"))
     _one_of("parallel.a2a", par.a2a, A2A_MODES)
     if par.a2a == "hierarchical":
         _check_hierarchical(cfg)
+    if par.tp > 1 or par.sp:
+        _check_tensor_parallel(cfg)
+
+
+def _check_tensor_parallel(cfg: MoepipeConfig) -> None:
+    """parallel.tp splits heads and FFN widths: each must divide evenly; and what TP does not
+    (yet) run with stops here, before any worker starts."""
+    par, m, e = cfg.parallel, cfg.model, cfg.moe
+    tp = par.tp
+    if par.sp and tp < 2:
+        raise ConfigError(f"parallel.sp=true needs tensor parallelism (parallel.tp={tp}): set parallel.tp >= 2 or parallel.sp=false")
+    if par.sp:
+        raise ConfigError("parallel.sp=true is not supported yet (sequence parallelism is not implemented): set parallel.sp=false")
+    if m.n_heads % tp:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={tp}: TP splits attention by heads; pick tp dividing n_heads")
+    kv = m.n_kv_heads or m.n_heads
+    if kv % tp:
+        raise ConfigError(f"model.n_kv_heads={kv} is not divisible by parallel.tp={tp}: TP splits key/value heads too; pick tp dividing n_kv_heads")
+    if len(moe_layer_ids(m, e)) < m.n_layers and m.ffn_hidden % tp:
+        raise ConfigError(f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tp={tp}: TP splits the dense FFN's width; pick tp dividing it")
+    shared = (e.shared_expert_hidden or e.expert_hidden) * e.num_shared_experts
+    if e.num_experts and shared % tp:
+        raise ConfigError(f"moe.num_shared_experts*shared_expert_hidden={shared} is not divisible by parallel.tp={tp}: TP splits the shared "
+                          "experts' width; pick tp dividing it")
+    if e.num_experts and e.backend != "native":
+        raise ConfigError(f"parallel.tp={tp} with moe.backend={e.backend}: only the native MoE layer splits its tokens over the TP group "
+                          "(the baselines would dispatch every token tp times); use moe.backend=native or parallel.tp=1")
+    t, sch = cfg.train, cfg.schedule
+    tokens = t.batch_size // max(1, par.ep * par.dp * sch.microbatches) * t.seq_len
+    if e.num_experts and tokens % tp:
+        raise ConfigError(f"{tokens} tokens per microbatch do not split over parallel.tp={tp} (each TP rank dispatches an equal share): "
+                          "pick train.batch_size/seq_len so batch_size/(ep*dp*microbatches)*seq_len is a multiple of tp")
+    if sch.name == "chimera":
+        raise ConfigError(f"parallel.tp={tp} with schedule.name=chimera: its mirrored replicas do not handle TP-sharded weights yet; "
+                          "use another schedule or parallel.tp=1")
+    if sch.name == "pipedream_2bw":
+        raise ConfigError(f"parallel.tp={tp} with schedule.name=pipedream_2bw: its weight versions do not handle TP-sharded weights yet; "
+                          "use another schedule or parallel.tp=1")
+    if par.a2a == "hierarchical":
+        raise ConfigError(f"parallel.tp={tp} with parallel.a2a=hierarchical: EP groups are not adjacent ranks under TP; use parallel.a2a=flat")
 
 
 def _check_hierarchical(cfg: MoepipeConfig) -> None:
@@ -413,6 +465,8 @@ def _check_hierarchical(cfg: MoepipeConfig) -> None:
 def _check_schedule(cfg: MoepipeConfig) -> None:
     sch, par = cfg.schedule, cfg.parallel
     _one_of("schedule.executor", sch.executor, ("torch", "moepipe"))
+    if not isinstance(sch.lean_weight_grad, bool):
+        raise ConfigError(f"schedule.lean_weight_grad={sch.lean_weight_grad!r} must be true or false")
     _positive("schedule.microbatches", sch.microbatches)
     _positive("schedule.virtual_stages", sch.virtual_stages)
     if sch.name.startswith("file:"):  # a CSV action table: read and checked against the mesh by moepipe.sim.schedules
@@ -455,7 +509,7 @@ def _check_mesh(cfg: MoepipeConfig) -> None:
     par, t, sch, m, e = cfg.parallel, cfg.train, cfg.schedule, cfg.model, cfg.moe
     if par.backend == "nccl" and t.device == "cpu":
         raise ConfigError("parallel.backend=nccl needs GPUs but train.device=cpu: use parallel.backend=gloo (or auto)")
-    if par.backend == "gloo" and t.device == "cuda" and par.pp * par.ep * par.dp > 1:
+    if par.backend == "gloo" and t.device == "cuda" and world_size(cfg) > 1:
         raise ConfigError(
             "parallel.backend=gloo with train.device=cuda: gloo cannot run the pipeline's point-to-point sends and the expert "
             "all-to-all on CUDA tensors; use parallel.backend=nccl (or auto), or train.device=cpu"
@@ -489,6 +543,35 @@ def _check_placer(pc: PlacerConfig) -> None:
     if pc.objective != "mean" and pc.forecast in ("ema", "last"):
         raise ConfigError(f"placer.objective={pc.objective} needs load scenarios, which placer.forecast={pc.forecast} does not give: "
                           "use placer.forecast=window, trend or periodic, or placer.objective=mean")
+
+
+def _check_shadows(cfg: MoepipeConfig) -> None:
+    """placer.shadow_slots: shadows live in the native expert-parallel dispatcher."""
+    n = cfg.placer.shadow_slots
+    _positive("placer.shadow_slots", n, allow_zero=True)
+    if n == 0:
+        return
+    if cfg.parallel.ep < 2 or not cfg.moe.num_experts:
+        raise ConfigError(f"placer.shadow_slots={n} needs expert parallelism (parallel.ep={cfg.parallel.ep}, moe.num_experts={cfg.moe.num_experts}): "
+                          "set parallel.ep >= 2 or placer.shadow_slots=0")
+    if cfg.moe.backend != "native":
+        raise ConfigError(f"placer.shadow_slots={n} needs moe.backend=native (got {cfg.moe.backend}): its dispatcher runs the shadows; set placer.shadow_slots=0")
+    if cfg.parallel.tp > 1:
+        raise ConfigError(f"placer.shadow_slots={n} is not supported with parallel.tp={cfg.parallel.tp} (the shadow decision assumes an EP group "
+                          "of consecutive ranks; not built for TP's token split): set placer.shadow_slots=0 or parallel.tp=1")
+    name = cfg.schedule.name
+    if name == "chimera":
+        raise ConfigError(f"placer.shadow_slots={n} is not supported with schedule.name=chimera (two chains of stages; not tested with shadows): "
+                          "set placer.shadow_slots=0 or another schedule")
+    if name == "pipedream_2bw":
+        raise ConfigError(f"placer.shadow_slots={n} is not supported with schedule.name=pipedream_2bw (weight versions are not sent to shadows): "
+                          "set placer.shadow_slots=0 or another schedule")
+    # a split backward (input gradients, then weight gradients later) would run the shadows'
+    # gradient return outside the pass whose graph holds it (seen: "backward through the graph a
+    # second time" under interleaved_zb); file schedules may split it too
+    if name in ("interleaved_zb", "zbv", "dualpipev") or name.startswith("file:"):
+        raise ConfigError(f"placer.shadow_slots={n} is not supported with schedule.name={name} (its backward is split into input and weight "
+                          "passes): use gpipe, 1f1b or interleaved_1f1b, or placer.shadow_slots=0")
 
 
 def advisory_config(cfg: MoepipeConfig) -> MoepipeConfig:
@@ -640,4 +723,4 @@ def compose_config(overrides: list[str] | tuple = ()) -> MoepipeConfig:
 
 
 def world_size(cfg: MoepipeConfig) -> int:
-    return cfg.parallel.pp * cfg.parallel.ep * cfg.parallel.dp
+    return cfg.parallel.pp * cfg.parallel.ep * cfg.parallel.dp * cfg.parallel.tp

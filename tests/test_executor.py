@@ -5,6 +5,10 @@ same per-step losses and parameters as torch's schedule classes, bit for bit on 
 one thread; pp2, and pp2 x ep2 with the expert all-to-alls inside stages): the executor calls
 the same PipelineStage compute in the same per-rank order,
 so every floating-point sum is formed identically; only the message posting differs.
+The orders with split backwards (zbv, interleaved_zb, dualpipev) run with lean W in ours (parallel/weight_grad.py:
+I is a full backward with the Linear weights detached, W forms dW = dy^T x from the kept input
+and output gradient) and are still bitwise equal: each weight gradient is the same mm as
+autograd's (x^T dy, transposed), added to .grad in the same microbatch order.
 A hand-written CSV 1F1B table runs end to end through `moepipe-train` and matches torch's
 1F1B. Malformed tables fail with one line.
 """
@@ -49,7 +53,8 @@ def _worker(rank: int, world: int, out_dir: str, orders=ORDERS, ep: int = 1) -> 
             losses = [trainer.train_step(s).loss for s in range(STEPS)]
             state = gather_state(list(trainer.modules.values()), rank)
             if rank == 0:
-                save({"losses": losses, "state": state, "type": type(trainer.schedule).__name__},
+                lean = sorted(getattr(trainer.schedule, "lean", {}))  # stages running lean W (weight_grad.py)
+                save({"losses": losses, "state": state, "type": type(trainer.schedule).__name__, "lean": lean},
                      os.path.join(out_dir, f"{schedule}.{executor}.pt"))
 
 
@@ -57,6 +62,8 @@ def _assert_bitwise(tmp_path, orders) -> None:
     for schedule, _ in orders:
         ref, ours = (torch.load(tmp_path / f"{schedule}.{e}.pt") for e in ("torch", "moepipe"))
         assert ours["type"] == "ScheduleExecutor" and ref["type"] != "ScheduleExecutor"
+        # split-backward orders run lean W on every stage of ours (default schedule.lean_weight_grad)
+        assert bool(ours["lean"]) == (schedule in ("zbv", "interleaved_zb", "dualpipev")) and not ref["lean"], (schedule, ours["lean"])
         assert ours["losses"] == ref["losses"], schedule
         assert set(ours["state"]) == set(ref["state"])
         for name, p in ref["state"].items():

@@ -44,11 +44,12 @@ SCRIPTS = {
     "eval_forecast": r"tv_periodic_over_ema_moving=[0-9.]+",
     "bench_shadows": r"speedup_shadow_vs_plan_moving=[0-9.]+",
     "fig_2bw": r"final_loss_2bw_minus_1f1b=-?[0-9.]+",
+    "fig_chimera": r"max_abs_simulated_minus_formula_chimera=[0-9.e+-]+",
     "bench_2bw": r"measured_speedup_2bw_vs_1f1b=[0-9.]+",
 }
 FIGURES = {"fig_bubble": ["fig_bubble", "fig_gantt"], "fig_memory": ["fig_memory"], "fig_interleaved": ["fig_interleaved"],
            "fig_zero_bubble": ["fig_zero_bubble"], "fig_capacity": ["fig_capacity"], "fig_balance": ["fig_balance", "fig_load_heatmap"],
-           "fig_placement": ["fig_placement"], "fig_2bw": ["fig_2bw"], "fig_tp_mesh": ["fig_tp_mesh"]}
+           "fig_placement": ["fig_placement"], "fig_2bw": ["fig_2bw"], "fig_tp_mesh": ["fig_tp_mesh"], "fig_chimera": ["fig_chimera"]}
 OWN_PROVENANCE = set(SCRIPTS) - {"bench_moe_layer"}  # bench_moe_layer.py records its own run_info (another owner's file)
 
 

@@ -248,7 +248,7 @@ def reference_loss(root: Path, microbatches: int = 2) -> float:
     return result("train1", DIST[2:] + (f"schedule.microbatches={microbatches}",), root).summary["final_train_loss"]
 
 
-def check_mesh(pp: int, ep: int, dp: int) -> Callable:
+def check_mesh(pp: int, ep: int, dp: int, tp: int = 1) -> Callable:
     """A layout trains the same model as one process: the mean loss of its two steps (the second
     after a full-lr update) within 1e-4 (measured: 1.2e-7; the first update alone moves it by
     0.13, so a wrong slice, block or gradient shows; tight parity is test_parallel_parity's)."""
@@ -256,7 +256,7 @@ def check_mesh(pp: int, ep: int, dp: int) -> Callable:
     def check(r: Result, root: Path) -> None:
         trained(r)
         s, place = r.summary, r.summary["placement"]
-        assert s["world_size"] == pp * ep * dp
+        assert s["world_size"] == pp * ep * dp * tp
         assert len(set(place["final_stage_to_pp_rank"])) == pp
         assert abs(s["final_train_loss"] - reference_loss(root, r.config["schedule"]["microbatches"])) < 1e-4
 
@@ -302,6 +302,24 @@ def check_2bw(r: Result, root: Path) -> None:
     delayed = result("train1", DIST[2:] + ("schedule=pipedream_2bw", "schedule.microbatches=2"), root).summary["final_train_loss"]
     assert abs(s["final_train_loss"] - delayed) < 1e-4
     assert abs(s["final_train_loss"] - reference_loss(root, 2)) > 1e-3
+
+
+def check_chimera(r: Result, root: Path) -> None:
+    """chimera runs on moepipe's executor, two replicas (rank 0: the down stage 0 and the up
+    replica's last stage), and trains the same model as one process (within 1e-4)."""
+    trained(r)
+    s = r.summary
+    assert s["pipeline_schedule"] == "ScheduleExecutor" and s["placement"]["final_stage_to_pp_rank"] == [0, 1]
+    assert abs(s["final_train_loss"] - reference_loss(root, 2)) < 1e-4
+
+
+def check_chimera_sim(r: Result, root: Path) -> None:
+    """moepipe-sim runs both replicas (8 stages on pp4), each rank holding two stages' weights,
+    with a smaller bubble than 1F1B on the same plan."""
+    s = r.summary
+    one = result("sim", ("parallel.pp=4", "schedule.microbatches=8", "schedule=1f1b"), root).summary
+    assert s["schedule"] == "chimera" and s["n_stages"] == 8 and s["stage_to_pp_rank"] == [0, 1, 2, 3, 3, 2, 1, 0]
+    assert s["bubble_fraction"] < one["bubble_fraction"] and sum(s["weight_bytes"]) > 1.9 * sum(one["weight_bytes"])
 
 
 def check_static(r: Result) -> None:
@@ -499,6 +517,14 @@ def make_memmap(root: Path) -> str:
 # ------------------------------------------------------------------ the table
 
 Row = tuple  # (mode, overrides, check)
+def check_shadow_slots(r: Result) -> None:
+    """placer.shadow_slots=1: shadows ran (metrics rows count them) and a live migration of homes
+    happened with them on; the run trained (parity with shadows off: tests/test_runtime_shadows.py)."""
+    check_expert_placer(r)
+    assert r.config["placer"]["shadow_slots"] == 1
+    assert sum(row.get("shadow_copies", 0) for row in r.logged) > 0, "no shadow copies ran"
+
+
 EP2_SKEW = ("parallel=ep2",) + SKEW
 SIM_SMALL = ("model=small", "train.batch_size=64", "train.seq_len=1024", "schedule.microbatches=4")
 
@@ -530,9 +556,14 @@ ROWS: dict[tuple[str, str], list[Row]] = {
     ("parallel", "dp2"): [("dist", ("parallel=dp2",), check_mesh(1, 1, 2))],
     ("parallel", "pp2_ep2"): [("dist", ("parallel=pp2_ep2",), check_mesh(2, 2, 1))],
     ("parallel", "pp2_dp2"): [("dist", ("parallel=pp2_dp2",), check_mesh(2, 1, 2))],
+    ("parallel", "tp2"): [("dist", ("parallel=tp2",), check_mesh(1, 1, 1, 2))],
+    ("parallel", "pp2_tp2"): [("dist", ("parallel=pp2_tp2",), check_mesh(2, 1, 1, 2))],
+    ("parallel", "ep2_tp2"): [("dist", ("parallel=ep2_tp2",), check_mesh(1, 2, 1, 2))],
     **{("schedule", s): [("dist", ("parallel=pp2", f"schedule={s}", f"schedule.microbatches={4 if s == 'dualpipev' else 2}"), check_schedule(s))]
        for s in SCHEDULE_CLASSES},
     ("schedule", "pipedream_2bw"): [("dist", ("parallel=pp2", "schedule=pipedream_2bw", "schedule.microbatches=2"), check_2bw)],
+    ("schedule", "chimera"): [("dist", ("parallel=pp2", "schedule=chimera", "schedule.microbatches=2"), check_chimera),
+                              ("sim", ("schedule=chimera", "parallel.pp=4", "schedule.microbatches=8"), check_chimera_sim)],
     ("placer", "static"): [("dist", ("parallel=pp2", "placer=static"), check_static)],
     # The topology declares pp rank 0 at half speed; not emulated: an emulated worker's measured
     # block times are confounded by CPU contention (on a loaded machine the other rank's blocks
@@ -548,6 +579,9 @@ ROWS: dict[tuple[str, str], list[Row]] = {
                                      check_balance_by_time)],
     ("placer", "eplb"): [("dist", EP2_SKEW + ("placer=eplb",), check_expert_placer)],
     ("placer", "topo"): [("dist", EP2_SKEW + ("placer=topo",), check_expert_placer)],
+    # the fast path on, declared cheap links so its rule places shadows; topo migrates homes meanwhile
+    ("placer.shadow_slots", "1"): [("dist", EP2_SKEW + ("placer=topo", "placer.shadow_slots=1", "topology.intra_node_latency_us=0",
+                                                      "topology.intra_node_bw_gbps=1000"), check_shadow_slots)],
     **{("placer.forecast", f): [("train1", ("parallel=single", "placer=topo", f"placer.forecast={f}", "placer.forecast_window=2",
                                               "placer.interval=3", "train.steps=5", "train.log_every=1"), check_forecast(f))]
        for f in FORECASTERS},
@@ -585,8 +619,9 @@ def menu() -> set[tuple[str, str]]:
     """Every option the conf/ tree and the backend list offer."""
     options = {(g, p.stem) for g in GROUPS for p in (CONF / g).glob("*.yaml")}
     options |= {("hydra/launcher", p.stem) for p in (CONF / "hydra" / "launcher").glob("*.yaml")}
+    # scalar switches that turn a subsystem on: placer.shadow_slots (the fast path)
     return (options | {("moe.backend", b) for b in MOE_BACKENDS} | {("placer.forecast", f) for f in FORECASTERS}
-            | {("placer.objective", o) for o in OBJECTIVES})
+            | {("placer.objective", o) for o in OBJECTIVES} | {("placer.shadow_slots", "1")})
 
 
 def test_every_menu_option_has_a_row():

@@ -87,7 +87,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from moepipe.placement.placers.inputs import routing_of
     from moepipe.placement.plan import to_json
     from moepipe.placement.topology import from_config
-    from moepipe.sim.simulator import simulate
+    from moepipe.sim.simulator import simulate, weight_grad_mode
 
     c = validate(cfg)
     sc = c.sim
@@ -104,7 +104,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     plan = make_placement(pc.name, inputs, pc.replica_slots, compare_layouts=True)
 
     def sim(p):
-        return simulate(p, c.schedule.name, c.schedule.microbatches, topo, inputs.cost_model, routing, sc.free_comm, origins=origins)
+        return simulate(p, c.schedule.name, c.schedule.microbatches, topo, inputs.cost_model, routing, sc.free_comm, origins=origins,
+                        weight_grad=weight_grad_mode(c.schedule.executor, c.schedule.lean_weight_grad, c.train.activation_checkpointing))
 
     res = sim(plan)
     static_s = float(res.iteration_time_s) if pc.name == "static" else float(sim(make_placement("static", inputs)).iteration_time_s)

@@ -3,6 +3,9 @@ expert map (any mapping of experts to EP ranks, not only contiguous blocks).
 
 Per MoE layer and microbatch, on every rank of the layer's EP group:
   1. counts: all-gather each rank's tokens-per-expert vector ([ep, E], a few bytes);
+     with shadows on (placer.shadow_slots), every rank decides the same shadow set from them
+     and the homes send those experts' weights (moepipe.model.shadow_exchange); shadows count
+     as copies after the holders from here on;
   2. dispatch: order this rank's surviving assignments by (owner rank, expert) and send each
      owner its slice (all_to_all_single with uneven splits);
   3. regroup what arrived from (source, expert) order into (expert, source) order, run each
@@ -16,7 +19,7 @@ All ranks of an EP group run the same schedule, so they meet at every collective
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,6 +28,8 @@ from torch import nn
 from moepipe.model.all_to_all import flat_all_to_all
 from moepipe.model.moe import combine, run_experts_sorted
 from moepipe.model.router import Routing
+from moepipe.model.shadow_exchange import ShadowPolicy, send_shadow_weights, tie
+from moepipe.placement.shadows import with_shadows
 from moepipe.placement.cost_model import copy_table, rule_nodes, split_over_copies
 
 # (x, out_splits, in_splits, group, sizes) -> rows received, sizes[s][d] = rows EP rank s sends
@@ -62,32 +67,49 @@ class ExpertParallelDispatcher:
     Per layer and microbatch the host reads the device once: after the counts all-gather, the
     group's send matrix and this rank's receive sizes per (source, local expert) in one
     transfer. The all-to-all needs them as host integers, so this read cannot be avoided;
-    every other size is derived from it.
+    every other size is derived from it. With shadows on, the gathered counts are read first
+    (the decision runs on the host), so such a layer reads twice.
     """
 
     def __init__(self, holders: list[list[int]], ep_rank: int, group, num_experts: int, exchange: Exchange = flat_all_to_all,
-                 local_size: int = 1):
+                 local_size: int = 1, shadows: Optional[ShadowPolicy] = None, expert_shape: Optional[tuple[int, int]] = None):
         if len(holders) != num_experts or any(not h for h in holders):
             raise ValueError(f"expert holders must list at least one EP rank for each of {num_experts} experts")
+        if shadows is not None and expert_shape is None:
+            raise ValueError("shadows need expert_shape=(d_model, expert_hidden) to rebuild a received expert")
         self.ep_rank, self.group, self.num_experts, self.exchange = ep_rank, group, num_experts, exchange
         self.needs_matrix = exchange is not flat_all_to_all  # the flat exchange routes by its own splits only
         self.ep = dist.get_world_size(group)
-        self.copies = copy_table(holders, rule_nodes(self.ep, local_size)).to(torch.as_tensor)  # host tensors, moved once
-        width = self.copies.slot.shape[1]
-        # [E + 1, W + 1] copy k -> EP rank. Row E stands for assignments dropped by the capacity
-        # (routing gives them expert id E): their target is rank `ep`, past the group, so they
-        # are counted and sent nowhere; column W is never reached by a kept assignment.
-        self.table = torch.cat([torch.cat([self.copies.slot, torch.full((num_experts, 1), self.ep)], 1),
-                                torch.full((1, width + 1), self.ep)])
-        self.mine = self.copies.valid & (self.copies.slot == ep_rank)  # [E, W] copies on this rank
-        self.local_experts = [e for e in range(num_experts) if ep_rank in holders[e]]
-        self.local_idx = torch.tensor(self.local_experts, dtype=torch.long)
+        self.holders = [list(h) for h in holders]
+        self.local_size = local_size
+        self.shadows, self.expert_shape = shadows, expert_shape
+        self.shadow_layouts: dict[tuple, _Layout] = {}  # shadow set -> its layout (a hot set recurs step after step)
+        self.shadow_copies = 0  # shadow copies run (summed over calls; recomputed forwards count again)
+        self.shadow_calls = 0  # calls that ran at least one shadow
+        self.last_shadows: dict[int, tuple] = {}
+        self.base_layout = _Layout(self.holders, ep_rank, self.ep, num_experts, local_size)
+        self._set_layout(self.base_layout)
+
+    def _set_layout(self, lay: "_Layout") -> None:
+        self.layout = lay
+        self.copies, self.table, self.mine, self.local_experts, self.local_idx = lay.copies, lay.table, lay.mine, lay.local_experts, lay.local_idx
 
     def _on(self, dev: torch.device) -> None:
         """The tables follow the tokens' device (moved on the first call only)."""
-        if self.table.device != dev:
-            self.table, self.mine, self.local_idx = self.table.to(dev), self.mine.to(dev), self.local_idx.to(dev)
-            self.copies = self.copies.to(lambda t: t.to(dev))
+        if self.layout.table.device != dev:
+            self.layout.on(dev)
+            self._set_layout(self.layout)
+
+    def _shadow_layout(self, chosen: dict) -> "_Layout":
+        if not chosen:
+            return self.base_layout
+        key = tuple(sorted(chosen.items()))
+        lay = self.shadow_layouts.get(key)
+        if lay is None:
+            if len(self.shadow_layouts) >= 64:  # bounded: a moving hot spot makes new sets
+                self.shadow_layouts.clear()
+            lay = self.shadow_layouts[key] = _Layout(with_shadows(self.holders, chosen), self.ep_rank, self.ep, self.num_experts, self.local_size)
+        return lay
 
     def split(self, counts: torch.Tensor) -> torch.Tensor:
         """[src, E, W] assignments each source sends to each copy, from counts [src, E]."""
@@ -117,7 +139,22 @@ class ExpertParallelDispatcher:
         #    source's split over the copies by the nearest-replica rule, the same on all ranks
         gathered = [torch.empty_like(kept) for _ in range(ep)]
         dist.all_gather(gathered, kept.contiguous(), group=self.group)
-        split = self.split(torch.stack(gathered))  # [src, E, W]
+        counts = torch.stack(gathered)
+        shadow_rows, shadow_experts = None, {}
+        if self.shadows is not None:
+            # the fast path: every rank decides on the same integers (one more host read), and the
+            # weight exchange is created before the token dispatch (collective order in backward:
+            # moepipe.model.shadow_exchange)
+            chosen = {int(e): tuple(int(r) for r in rs) for e, rs in self.shadows(counts.cpu().numpy(), self.holders).items() if rs}
+            self.last_shadows = chosen
+            self._set_layout(self._shadow_layout(chosen))
+            self._on(dev)
+            if chosen:
+                d_model, hidden = self.expert_shape
+                shadow_rows, shadow_experts = send_shadow_weights(chosen, self.holders, self.ep_rank, self.group, ep, experts, d_model, hidden, x)
+                self.shadow_copies += sum(map(len, chosen.values()))
+                self.shadow_calls += 1
+        split = self.split(counts)  # [src, E, W]
         target = self.targets(expert_idx, kept, split[self.ep_rank])
         send = torch.zeros(ep, ep, dtype=torch.long, device=dev).scatter_add_(
             1, self.copies.slot.reshape(1, -1).expand(ep, -1), split.reshape(ep, -1))  # [src, dst]
@@ -139,7 +176,11 @@ class ExpertParallelDispatcher:
 
         # 3. local experts on contiguous slices
         perm = segment_permutation(recv_counts, sum(out_splits))
+        if shadow_experts:
+            experts = {**dict(experts.items()), **{str(e): f for e, f in shadow_experts.items()}}
         y_by_expert = run_experts_sorted(received[perm], expert_sizes, self.local_experts, experts)
+        if shadow_rows is not None:
+            y_by_expert = tie(y_by_expert, shadow_rows)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         y_received = y_by_expert[inverse]
@@ -148,3 +189,26 @@ class ExpertParallelDispatcher:
         back = [list(c) for c in zip(*matrix)] if self.needs_matrix else None  # combine: the matrix transposed
         y = self.exchange(y_received, in_splits, out_splits, self.group, back)
         return combine(x, y, routing.all_weights[order], tokens)
+
+
+class _Layout:
+    """Where the copies of every expert are, as the dispatcher's tables: the plan's holders, or
+    holders + one microbatch's shadows (appended after the holders: the order the simulator's
+    `shadowed_expert_map` and the decision's exact check use)."""
+
+    def __init__(self, holders: list[list[int]], ep_rank: int, ep: int, num_experts: int, local_size: int):
+        self.copies = copy_table(holders, rule_nodes(ep, local_size)).to(torch.as_tensor)  # host tensors, moved once
+        width = self.copies.slot.shape[1]
+        # [E + 1, W + 1] copy k -> EP rank. Row E stands for assignments dropped by the capacity
+        # (routing gives them expert id E): their target is rank `ep`, past the group, so they
+        # are counted and sent nowhere; column W is never reached by a kept assignment.
+        self.table = torch.cat([torch.cat([self.copies.slot, torch.full((num_experts, 1), ep)], 1),
+                                torch.full((1, width + 1), ep)])
+        self.mine = self.copies.valid & (self.copies.slot == ep_rank)  # [E, W] copies on this rank
+        self.local_experts = [e for e in range(num_experts) if ep_rank in holders[e]]
+        self.local_idx = torch.tensor(self.local_experts, dtype=torch.long)
+
+    def on(self, dev: torch.device) -> None:
+        if self.table.device != dev:
+            self.table, self.mine, self.local_idx = self.table.to(dev), self.mine.to(dev), self.local_idx.to(dev)
+            self.copies = self.copies.to(lambda t: t.to(dev))

@@ -76,11 +76,16 @@ def combine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, token_idx: 
     return torch.zeros_like(x).index_add_(0, token_idx, y)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, cfg: MoEConfig, expert_ids: list[int] | None = None):
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
+        self.d_model = d_model
         self.router = Router(d_model, cfg.num_experts, jitter=cfg.router_jitter, use_bias=cfg.bias_update_rate > 0)
         ids = range(cfg.num_experts) if expert_ids is None else expert_ids
         self.experts = nn.ModuleDict({str(e): SwiGLU(d_model, cfg.expert_hidden) for e in ids})
@@ -91,12 +96,17 @@ class MoELayer(nn.Module):
         self.stats = RoutingStats(cfg.num_experts)
         self.record_stats = True  # switched off while activation checkpointing recomputes
         self.aux_loss_scale = 1.0  # 1/microbatches: each microbatch's share of the step's loss
+        # Tensor parallelism (moepipe.parallel.tensor_parallel) makes this an identity whose
+        # backward sums the gradient over the TP group: every TP rank routes all tokens but
+        # dispatches only its share. Shared experts take the plain input (TP-split themselves).
+        self.tp_input = _identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        routed = self.tp_input(flat)
         routing = route(
-            self.router.logits(flat),
+            self.router.logits(routed),
             self.cfg.top_k,
             score_func=self.cfg.score_func,
             capacity_factor=self.cfg.capacity_factor,
@@ -108,7 +118,7 @@ class MoELayer(nn.Module):
         )
         if self.record_stats:
             self.stats.record(routing)
-        out = self.dispatcher(flat, routing, self.experts)
+        out = self.dispatcher(routed, routing, self.experts)
         if self.shared is not None:
             out = out + self.shared(flat)
         out = out.reshape(shape)
@@ -123,10 +133,11 @@ class MoELayer(nn.Module):
         self.router.skew = None if offset is None else offset.to(self.router.weight.device)
 
     def attach_expert_group(self, holders: list[list[int]], ep_rank: int, ep_group, a2a: str = "flat", local_size: int = 1,
-                            node_groups=None) -> None:
+                            node_groups=None, shadows=None) -> None:
         """The runtime's expert parallelism: experts live on the EP ranks `holders` names. `a2a`,
         `local_size` (ranks per node) and the mesh's `node_groups` (hierarchical over several
-        nodes) choose the exchange (moepipe.model.all_to_all.exchange_for)."""
+        nodes) choose the exchange (moepipe.model.all_to_all.exchange_for). `shadows`: the fast
+        path's per-microbatch decision (moepipe.model.shadow_exchange.ShadowPolicy), or None."""
         import torch.distributed as dist
 
         ep = dist.get_world_size(ep_group)
@@ -135,7 +146,8 @@ class MoELayer(nn.Module):
             from moepipe.model.expert_dispatch import ExpertParallelDispatcher
 
             exchange = exchange_for(a2a, local_size, ep, node_groups)
-            self.dispatcher = ExpertParallelDispatcher(holders, ep_rank, ep_group, self.num_experts, exchange, local_size=local_size)
+            self.dispatcher = ExpertParallelDispatcher(holders, ep_rank, ep_group, self.num_experts, exchange, local_size=local_size,
+                                                       shadows=shadows, expert_shape=(self.d_model, self.cfg.expert_hidden))
 
     def update_expert_bias(self, load: torch.Tensor | None = None) -> None:
         """Aux-loss-free balancing step; `load` defaults to the demand counted since reset."""

@@ -106,7 +106,8 @@ def init_weights(module: nn.Module, seed: int) -> None:
     """Normal(0, std) weights, residual output projections scaled by 1/sqrt(2 L) (GPT-2),
     norm gains at one. Each parameter draws from a generator seeded by (seed, its name), so
     a pipeline stage or an expert-parallel shard initialises exactly the weights the whole
-    model would: every layout starts from the same point without building the full model."""
+    model would: every layout starts from the same point without building the full model (a
+    tensor-parallel shard, a DTensor, draws the whole weight and keeps its piece)."""
     cfg = module.model_cfg
     out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
     for name, p in module.named_parameters():
@@ -117,7 +118,12 @@ def init_weights(module: nn.Module, seed: int) -> None:
             continue
         std = out_std if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
         gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+        value = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+        if hasattr(p, "device_mesh"):  # a tensor-parallel shard (DTensor): its piece of the same init
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        p.copy_(value)
 
 
 def _checkpointed(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 from torch.distributed.pipelining.microbatch import TensorChunkSpec, _split_tensor
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
+from moepipe.parallel.weight_grad import LeanWeightGrad
 from moepipe.sim.actions import Action, Program
 
 
@@ -34,12 +35,18 @@ def _post(ops: list) -> list:
     return [op.op(op.tensor, op.peer, op.group, op.tag) for op in ops]
 
 
+def st_id(st, stages: dict) -> Optional[int]:
+    """The stage id under which the executor holds PipelineStage `st`."""
+    return next((s for s, x in stages.items() if x is st), None)
+
+
 class ScheduleExecutor(_PipelineSchedule):
     """`stages`: stage id -> the PipelineStage this rank holds; `program` the whole schedule;
     `rank` this rank's index in the pipeline group."""
 
     def __init__(self, stages: dict[int, Any], program: Program, rank: int, loss_fn: Optional[Callable] = None,
-                 handlers: Optional[dict[str, Callable[[int], None]]] = None, scale_grads: bool = False):
+                 handlers: Optional[dict[str, Callable[[int], None]]] = None, scale_grads: bool = False,
+                 lean_weight_grad: bool = False):
         if scale_grads:
             raise ValueError("ScheduleExecutor does not rescale gradients: divide the loss by the microbatch count instead")
         super().__init__(program.microbatches, loss_fn=loss_fn, scale_grads=False)
@@ -49,10 +56,21 @@ class ScheduleExecutor(_PipelineSchedule):
         if sorted(self.stages) != held:
             raise ValueError(f"pipeline rank {rank} holds stages {sorted(self.stages)}, but the schedule runs {held} there")
         self._stage_list = [self.stages[s] for s in held]
-        mapping = dict(enumerate(program.stage_to_rank))
-        for st in self._stage_list:
-            st.stage_index_to_group_rank = mapping  # where torch's P2P ops find each peer stage
+        L = program.chain_len
+        for s in held:  # where torch's P2P ops find each peer stage: a chain is one torch pipeline
+            c, st = s // L, self.stages[s]
+            if st.stage_index != s % L:
+                raise ValueError(f"stage {s} is stage {s % L} of chain {c}, but its PipelineStage says {st.stage_index}")
+            st.stage_index_to_group_rank = {k: program.stage_to_rank[c * L + k] for k in range(L)}
         self.handlers = dict(handlers or {})
+        # lean W (parallel/weight_grad.py): stages that run split backwards keep only each
+        # Linear's input and output gradient from I to W, not the whole graph
+        split = {y.stage for a in program.actions[rank] for y in a.leaves() if y.kind == "I"}
+        self.lean: dict[int, LeanWeightGrad] = {}
+        if lean_weight_grad:
+            for s in sorted(split):
+                lean = self.lean[s] = LeanWeightGrad(self.stages[s].submod)
+                self.stages[s].dw_builder = lambda lean=lean: lean.runner(lean.bwd_mb)
         self._fwd_init = self._bwd_init = False
         self._recv: dict[tuple, list] = {}
         self._sends: list = []
@@ -118,13 +136,19 @@ class ScheduleExecutor(_PipelineSchedule):
         return a in self._last
 
     def _forward(self, st, mb: int, wait, local_next, is_last: bool) -> Callable[[], None]:
-        recv = self._recv
+        recv, lean = self._recv, self.lean.get(st_id(st, self.stages))
 
         def run() -> None:
             if wait:
                 for w in recv.pop(wait):
                     w.wait()
-            out = st.forward_one_chunk(mb, self._arg_mbs[mb], self._kwarg_mbs[mb], save_forward_output=self._return_outputs)
+            if lean is not None:
+                lean.mb = mb
+            try:
+                    out = st.forward_one_chunk(mb, self._arg_mbs[mb], self._kwarg_mbs[mb], save_forward_output=self._return_outputs)
+            finally:
+                if lean is not None:
+                    lean.mb = None
             if is_last and self._loss_fn is not None and self._target_mbs is not None:
                 self._losses[mb] = self._compute_loss(out, self._target_mbs[mb], self._loss_kwargs)
             if local_next is not None:
@@ -132,14 +156,18 @@ class ScheduleExecutor(_PipelineSchedule):
         return run
 
     def _backward(self, st, mb: int, wait, local_prev, full: bool, last: bool, is_last: bool) -> Callable[[], None]:
-        recv = self._recv
+        recv, lean = self._recv, self.lean.get(st_id(st, self.stages))
 
         def run() -> None:
             if wait:
                 for w in recv.pop(wait):
                     w.wait()
+            if lean is not None:
+                lean.bwd_mb = mb
             loss = self._losses[mb] if is_last and self._loss_fn is not None else None
             st.backward_one_chunk(mb, loss=loss, full_backward=full, last_backward=last)
+            if loss is not None:  # the loss's graph nodes (and what they reference) go now, not at the step's end
+                self._losses[mb] = loss.detach()
             if local_prev is not None:
                 local_prev.set_local_bwd_input(st.get_local_bwd_output(mb), mb)
         return run
@@ -155,9 +183,16 @@ class ScheduleExecutor(_PipelineSchedule):
         for st in self._stage_list:
             st.has_backward = self._has_backward
             st.clear_runtime_states()
+        for lean in self.lean.values():
+            lean.clear()
+            lean.active = self._has_backward
         arg_mbs, kwarg_mbs = self._split_inputs(args, kwargs)
         targets = list(_split_tensor(target, TensorChunkSpec(0), self._n_microbatches)) if target is not None else None
-        self._step_microbatches(arg_mbs, kwarg_mbs, targets, losses, return_outputs, loss_kwargs)
+        try:
+            self._step_microbatches(arg_mbs, kwarg_mbs, targets, losses, return_outputs, loss_kwargs)
+        finally:
+            for lean in self.lean.values():  # a forward outside a step computes as usual
+                lean.active = False
         for st in self._stage_list:
             if st.is_last and return_outputs:
                 return self._merge_outputs(st.output_chunks)
@@ -326,9 +361,10 @@ class StreamExecutor(ScheduleExecutor):
 
 
 def make_executor(stages: list, program: Program, rank: int, loss_fn: Optional[Callable],
-                  handlers: Optional[dict[str, Callable[[int], None]]] = None) -> ScheduleExecutor:
+                  handlers: Optional[dict[str, Callable[[int], None]]] = None, lean_weight_grad: bool = False) -> ScheduleExecutor:
     """An executor over PipelineStages built for `program` (stage ids = their stage_index)."""
-    return ScheduleExecutor({st.stage_index: st for st in stages}, program, rank, loss_fn, handlers)
+    return ScheduleExecutor({st.stage_index: st for st in stages}, program, rank, loss_fn, handlers,
+                            lean_weight_grad=lean_weight_grad)
 
 
 __all__ = ["ScheduleExecutor", "StreamExecutor", "make_executor"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moepipe.placement.plan import Plan, global_rank, pick_source
+from moepipe.placement.plan import Plan, global_rank, pick_source, stage_pp_ranks
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,9 @@ def state_layout(model: torch.nn.Module) -> dict[str, EntrySpec]:
     return {n: EntrySpec(tuple(t.shape), n in params) for n, t in model.state_dict(keep_vars=True).items() if t is not None}
 
 
-def home(name: str, plan: Plan) -> list[int]:
-    """Global ranks that hold entry `name` under `plan` (ascending)."""
+def home(name: str, plan: Plan, chains: int = 1) -> list[int]:
+    """Global ranks that hold entry `name` under `plan` (ascending); `chains` = 2: every stage
+    also on its mirrored pp rank (chimera's second replica, plan.stage_pp_ranks)."""
     parts = name.split(".")
     expert = None
     if parts[0] == "tok_embeddings":
@@ -60,22 +61,22 @@ def home(name: str, plan: Plan) -> list[int]:
             expert = plan.expert_map[layer][int(parts[4])]
     else:
         raise ValueError(f"state entry {name!r} has no known home: teach moepipe.parallel.migration.home about it")
-    pp_rank = plan.stage_to_pp_rank[stage]
     eps = range(plan.ep) if expert is None else expert
-    return sorted(global_rank(pp_rank, e, d, plan.pp, plan.ep, plan.dp) for d in range(plan.dp) for e in eps)
+    return sorted(global_rank(p, e, d, plan.pp, plan.ep, plan.dp) for p in stage_pp_ranks(plan, stage, chains)
+                  for d in range(plan.dp) for e in eps)
 
 
-def held_by(rank: int, plan: Plan, layout: dict[str, EntrySpec]) -> list[str]:
-    return [n for n in layout if rank in home(n, plan)]
+def held_by(rank: int, plan: Plan, layout: dict[str, EntrySpec], chains: int = 1) -> list[str]:
+    return [n for n in layout if rank in home(n, plan, chains)]
 
 
-def transfers(old: Plan, new: Plan, layout: dict[str, EntrySpec], bandwidth=None) -> dict[tuple[int, int], list[str]]:
+def transfers(old: Plan, new: Plan, layout: dict[str, EntrySpec], bandwidth=None, chains: int = 1) -> dict[tuple[int, int], list[str]]:
     """(source, destination) -> entry names, in a fixed order every rank agrees on. Sources:
     `pick_source` (the fastest link when `bandwidth` is given, which must then be the same on
-    every rank)."""
+    every rank). `chains` = 2: both replicas of every stage move (home)."""
     out: dict[tuple[int, int], list[str]] = defaultdict(list)
     for name in sorted(layout):
-        before, after = home(name, old), home(name, new)
+        before, after = home(name, old, chains), home(name, new, chains)
         for dst in after:
             if dst not in before:
                 out[(pick_source(dst, before, old, bandwidth), dst)].append(name)
@@ -124,20 +125,24 @@ def _incoming(names: list[str], layout: dict[str, EntrySpec], device: torch.devi
     return out, entries
 
 
-def exchange(rank: int, plan_transfers: dict[tuple[int, int], list[str]], entries: Entries, layout: dict[str, EntrySpec], device: torch.device) -> tuple[Entries, int]:
+def exchange(rank: int, plan_transfers: dict[tuple[int, int], list[str]], entries: Entries, layout: dict[str, EntrySpec], device: torch.device,
+             peer=None) -> tuple[Entries, int]:
     """Send what this rank must give and receive what it must get; returns (received, bytes sent).
     Each tensor is its own message, all posted together: no packing copy on the sender, no
-    unpacking copy on the receiver (a migration's extra memory is just what arrives)."""
+    unpacking copy on the receiver (a migration's extra memory is just what arrives).
+    `rank` and the transfer list speak the plan's mesh ranks; `peer` maps one to the process
+    to talk to (tensor parallelism: the rank holding the same TP shard there)."""
+    peer = peer or (lambda r: r)
     ops, sent = [], 0
     received: Entries = {}
     for (src, dst), names in sorted(plan_transfers.items()):
         if src == rank:
             for t in _outgoing(names, entries, device):
-                ops.append(dist.P2POp(dist.isend, t, dst))
+                ops.append(dist.P2POp(dist.isend, t, peer(dst)))
                 sent += t.numel() * t.element_size()
         elif dst == rank:
             bufs, arriving = _incoming(names, layout, device)
-            ops += [dist.P2POp(dist.irecv, t, src) for t in bufs]
+            ops += [dist.P2POp(dist.irecv, t, peer(src)) for t in bufs]
             received.update(arriving)
     if ops:
         for req in dist.batch_isend_irecv(ops):

@@ -8,7 +8,7 @@ import torch
 from torch.distributed.pipelining import PipelineStage
 
 from moepipe.parallel.executor import ScheduleExecutor, StreamExecutor
-from moepipe.sim.schedules import order_traits, schedule_program, two_bw_stream
+from moepipe.sim.schedules import order_traits, schedule_chains, schedule_program, two_bw_stream
 
 
 def schedule_class(name: str) -> tuple[type, bool]:
@@ -35,8 +35,13 @@ def build_schedule(
     logits_dtype: torch.dtype = torch.float32,
     executor: str = "torch",
     stream_handlers: dict | None = None,
+    chain_handlers: dict | None = None,
+    lean_weight_grad: bool = False,
 ):
-    """`modules`: stage index -> module for the stages this rank holds (plan order).
+    """`modules`: stage index -> module for the stages this rank holds (plan order). A
+    schedule with two chains (chimera) also numbers the second replica's stages: stage
+    n_stages + j runs plan stage j's layers; each chain is its own torch pipeline of
+    n_stages stages (stage j of it), so first/last stage and peers are per chain.
 
     `executor`: "torch" builds the schedule's torch class; "moepipe" runs the action lists of
     `moepipe.sim.schedules.schedule_program` (the order the simulator simulates) on
@@ -49,6 +54,12 @@ def build_schedule(
     `stream_handlers` (WEIGHTS, REDUCE_GRAD: see StreamExecutor): for a schedule whose order
     declares `flush = False` (pipedream_2bw, one stage per rank), run it without a flush
     between steps on StreamExecutor; without them it runs one flushed iteration per step.
+
+    `chain_handlers` (REDUCE_GRAD): a two-chain schedule's executor calls it with a stage id
+    once that stage's gradient is complete (the replicas' all-reduce).
+
+    `lean_weight_grad` (executor "moepipe"): split backwards keep only each Linear's input and
+    output gradient from I to W (parallel/weight_grad.py), not the whole autograd graph.
 
     Stage input/output shapes are given up front (static metadata). Left to infer them, the
     engine runs an extra forward on uninitialised tensors, which would route garbage through
@@ -66,21 +77,25 @@ def build_schedule(
         out = torch.empty(b, t, vocab_size, dtype=logits_dtype, device="meta", requires_grad=True) if last else hidden()
         return inp, out
 
-    stages = []
+    stages, ids = [], []
     for idx, module in sorted(modules.items()):
-        inp, out = io(idx)
-        stages.append(PipelineStage(module, idx, n_stages, device, input_args=(inp,), output_args=(out,), group=pp_group))
+        inp, out = io(idx % n_stages)
+        stages.append(PipelineStage(module, idx % n_stages, n_stages, device, input_args=(inp,), output_args=(out,), group=pp_group))
+        ids.append(idx)
     if executor == "moepipe":
         pp = torch.distributed.get_world_size(pp_group)
         if n_stages % pp:
             raise ValueError(f"{n_stages} stages do not split over {pp} pipeline ranks")
         program = schedule_program(name, pp, n_stages // pp, microbatches)
+        if schedule_chains(name) > 1:
+            return ScheduleExecutor(dict(zip(ids, stages)), program, torch.distributed.get_rank(pp_group), loss_fn, chain_handlers)
         if stream_handlers is not None and not order_traits(name)[1]:
             if n_stages != pp:
                 raise ValueError(f"schedule.name={name} runs without a flush with one stage per rank, got {n_stages} stages on {pp} ranks")
             return StreamExecutor({st.stage_index: st for st in stages}, program, two_bw_stream(pp, microbatches),
                                   torch.distributed.get_rank(pp_group), loss_fn, stream_handlers)
-        return ScheduleExecutor({st.stage_index: st for st in stages}, program, torch.distributed.get_rank(pp_group), loss_fn)
+        return ScheduleExecutor({st.stage_index: st for st in stages}, program, torch.distributed.get_rank(pp_group), loss_fn,
+                                lean_weight_grad=lean_weight_grad)
     if executor != "torch":
         raise ValueError(f"schedule.executor={executor!r} is not known: choose torch or moepipe")
     cls, multi_stage = schedule_class(name)

@@ -8,7 +8,7 @@ which gives every layout the weights the single-process model starts from.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -39,17 +39,20 @@ def prune_to_stage(model: MoETransformer, plan: Plan, stage: int, ep_rank: int) 
 
 def build_stage_module(
     model_cfg: ModelConfig, moe_cfg: MoEConfig, plan: Plan, stage: int, ep_rank: int, device: torch.device, seed: int,
-    state: Optional[Mapping[str, torch.Tensor]] = None,
+    state: Optional[Mapping[str, torch.Tensor]] = None, shard: Optional[Callable[[nn.Module], None]] = None,
 ) -> MoETransformer:
     """Stage `stage` of `plan` as held by EP rank `ep_rank`, initialised by parameter name; or,
     with `state` (name -> tensor for every entry the stage holds, already on `device`), adopting
     those tensors without copying them: a live migration then holds one copy of the state it
-    keeps instead of the old and the new stages side by side."""
+    keeps instead of the old and the new stages side by side. `shard` (tensor parallelism) splits
+    the pruned meta-device stage before anything is allocated."""
     if model_cfg.tie_embeddings and plan.n_stages > 1:
         raise ValueError("model.tie_embeddings=true cannot be split over pipeline stages: set it false or parallel.pp=1")
     with torch.device("meta"):
         module = MoETransformer(model_cfg, moe_cfg, seed)
     prune_to_stage(module, plan, stage, ep_rank)
+    if shard is not None:
+        shard(module)
     if state is None:
         module.to_empty(device=device)
         init_weights(module, seed)

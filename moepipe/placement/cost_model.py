@@ -201,6 +201,9 @@ class StageCosts:
     rates: np.ndarray  # [pp, dp, ep] effective FLOP/s of every device
     a2a_msgs_intra: int = 0  # all-to-all messages per microbatch, forward + backward, all replicas
     a2a_msgs_inter: int = 0
+    # [n_stages, dp, ep] bytes a microbatch keeps from its I to its W under lean W
+    # (parallel/weight_grad.py: each Linear's input and output gradient); None: not derived
+    lean_w_bytes: Any = None
 
 
 def routed_tokens(plan: Plan, spec: ModelSpec, routing: Any = None, fractions: bool = False) -> np.ndarray:
@@ -286,6 +289,7 @@ def stage_costs(
     comp = np.zeros((S, 3))
     a2a = np.zeros((S, 3))
     act = np.zeros((S, plan.dp, plan.ep))
+    lean = np.zeros((S, plan.dp, plan.ep))  # bytes kept from I to W under lean W (tp = 1 shapes)
     busy = np.zeros((S, 3, plan.dp, plan.ep))
     intra = inter = 0.0
     for s, (a, b) in enumerate(plan.stage_layers):
@@ -299,6 +303,7 @@ def stage_costs(
         if s == S - 1:
             extra += cm.head_work
             act[s] += tpc.head_act_elems_per_gpu(spec, tp, sp) * T_e * spec.dtype_bytes
+            lean[s] += spec.head_lean_w_elems * T_e * spec.dtype_bytes
         if extra.any():
             t = extra[:, None, None] * T_e / r[None]
             comp_s += t.max(-1)
@@ -308,11 +313,13 @@ def stage_costs(
             t = cm.dense_work[l][:, None, None] * T_e / r[None]  # [3, dp, ep]
             t_c = t + tp_t[p]  # the block's TP collectives block its compute lane (no overlap)
             act[s] += tpc.act_elems_per_gpu(lay, spec, tp, sp) * T_e * spec.dtype_bytes
+            lean[s] += lay.lean_w_elems * T_e * spec.dtype_bytes
             if lay.is_moe:
                 routed_l = routed[moe_row[l]]  # [ep]
                 t_e = cm.expert_work[l][:, None, None] * routed_l[None, None, :] / r[None]
                 t, t_c = t + t_e, t_c + t_e
                 act[s] += lay.expert_act_elems * routed_l[None, :] * ex_share * spec.dtype_bytes
+                lean[s] += lay.expert_lean_w_elems * routed_l[None, :] * spec.dtype_bytes
                 if not free_comm and plan.ep > 1:
                     tok = tokens[moe_row[l]]
                     tok_b = None if tok is None else tok * bpt
@@ -343,7 +350,7 @@ def stage_costs(
                 send[s] = float(np.max(topology.p2p_time(T_e * bpt, grid[p], grid[q])))
 
     grad = 0.0 if free_comm else _grad_sync(cm, plan, topology, grid, grad_bytes)
-    return StageCosts(comp, a2a, send, act, busy, intra, inter, p2p_bytes, grad, cm.work_per_microbatch(), rates, msgs_i, msgs_x)
+    return StageCosts(comp, a2a, send, act, busy, intra, inter, p2p_bytes, grad, cm.work_per_microbatch(), rates, msgs_i, msgs_x, lean)
 
 
 def _grad_sync(cm: CostModel, plan: Plan, topology: Topology, grid: np.ndarray, grad_bytes: int) -> float:

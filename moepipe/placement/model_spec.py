@@ -24,6 +24,10 @@ class LayerSpec:
     expert_flops: float  # forward FLOPs per routed token of one expert
     act_elems: float  # activation elements per token kept for backward (non-expert part)
     expert_act_elems: float  # activation elements per routed token kept for backward
+    # lean W (parallel/weight_grad.py): elements per token kept from I to W, each nn.Linear's
+    # input (one storage when Linears share it) and output gradient
+    lean_w_elems: float = 0.0
+    expert_lean_w_elems: float = 0.0  # per routed token of one expert
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class ModelSpec:
     head_act_elems: float  # final-norm input/output and logits per token
     moe_layers: list[int] = field(default_factory=list)
     activation_checkpointing: bool = False  # backward recomputes the forward (costs F again in B)
+    head_lean_w_elems: float = 0.0  # lean W: the output projection's input and output gradient per token
 
     @property
     def n_layers(self) -> int:
@@ -95,6 +100,10 @@ def build_model_spec(
     attn_core = 4 * d * s_eff  # QK^T and AV: 2 FLOPs x d x keys each
     # norm in/out, q, k, v, attention output (flash attention: no s x s probabilities kept)
     attn_act = 4 * d + 2 * kv + n_heads
+    # lean W: wq/wk/wv's shared input and their output gradients, wo's input and output gradient
+    # (the router's weight is no nn.Linear: its gradient is formed in I); a SwiGLU keeps w1/w3's
+    # shared input, their two output gradients, w2's input and output gradient
+    attn_lean = 4 * d + 2 * kv
     layers = []
     for i in range(model.n_layers):
         if i in moe_ids:
@@ -103,11 +112,13 @@ def build_model_spec(
             matmul = attn_matmul + 2 * d * E + 2 * shared
             act = attn_act + 2 * d + 2 * E + moe.num_shared_experts * 3 * h_sh
             lay = LayerSpec(i, True, params, swiglu_params(d, moe.expert_hidden), matmul, attn_core,
-                            2 * swiglu_params(d, moe.expert_hidden), act, 2 * d + 3 * moe.expert_hidden)
+                            2 * swiglu_params(d, moe.expert_hidden), act, 2 * d + 3 * moe.expert_hidden,
+                            attn_lean + (2 * d + 3 * moe.num_shared_experts * h_sh if moe.num_shared_experts else 0),
+                            2 * d + 3 * moe.expert_hidden)
         else:
             ffn = swiglu_params(d, model.ffn_hidden)
             lay = LayerSpec(i, False, attn_params + ffn, 0, attn_matmul + 2 * ffn, attn_core, 0.0,
-                            attn_act + 2 * d + 3 * model.ffn_hidden, 0.0)
+                            attn_act + 2 * d + 3 * model.ffn_hidden, 0.0, attn_lean + 2 * d + 3 * model.ffn_hidden, 0.0)
         if ckpt:  # only the block input survives; the rest is recomputed in backward
             lay = LayerSpec(lay.index, lay.is_moe, lay.params, lay.expert_params, lay.matmul_flops,
                             lay.attn_core_flops, lay.expert_flops, float(d), 0.0)
@@ -127,4 +138,5 @@ def build_model_spec(
         head_act_elems=2.0 * d + model.vocab_size,
         moe_layers=sorted(moe_ids),
         activation_checkpointing=ckpt,
+        head_lean_w_elems=float(d + model.vocab_size),
     )

@@ -110,6 +110,25 @@ def stage_assignment(pp: int, virtual_stages: int = 1, style: str = "loop") -> l
     return out
 
 
+def stage_pp_ranks(plan: "Plan", stage: int, chains: int = 1) -> list[int]:
+    """The pp ranks holding plan stage `stage`: its own, and with two chains (a bidirectional
+    schedule: chimera) also the mirrored rank pp-1-r, where the second model replica runs it.
+    The layer split and the expert map apply to both replicas."""
+    r = plan.stage_to_pp_rank[stage]
+    return [r] if chains == 1 else sorted({r, plan.pp - 1 - r})
+
+
+def chain_stages(plan: "Plan", pp_rank: int, chains: int = 1) -> dict[int, int]:
+    """Executed stage id -> plan stage for the stages pipeline rank `pp_rank` runs: plan stage
+    s itself (chain 0) and, with two chains, stage n_stages + s (the second replica) where
+    `stage_pp_ranks` puts it."""
+    n = plan.n_stages
+    out = {s: s for s in plan.stages_of_rank(pp_rank)}
+    if chains == 2:
+        out.update({n + s: s for s in range(n) if plan.pp - 1 - plan.stage_to_pp_rank[s] == pp_rank})
+    return dict(sorted(out.items()))
+
+
 def even_split(n_items: int, n_parts: int) -> list[tuple[int, int]]:
     """Contiguous half-open ranges; the first n_items % n_parts parts take one extra item."""
     q, r = divmod(n_items, n_parts)

@@ -56,6 +56,7 @@ BUILTINS: dict[str, dict[str, object]] = {
         "dualpipev": ScheduleSpec(f"{_PIPELINING}:ScheduleDualPipeV", "v", True),
         # runs on moepipe's executor only: two weight versions, gradients applied one step late
         "pipedream_2bw": ScheduleSpec(None, "loop", False, "moepipe.sim.schedules:pipedream_2bw_order"),
+        "chimera": ScheduleSpec(None, "loop", False, "moepipe.sim.schedules:chimera_order"),
     },
     "moe_backend": {
         "native": "moepipe.model.backends:native",

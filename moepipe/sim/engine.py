@@ -9,10 +9,14 @@ Every action also pays a fixed `overhead` on its rank (the runtime's own cost pe
 schedule bookkeeping, posting and completing its sends/receives; an overlapped F+B pair pays
 it twice). Transfers run on a separate stream and never contend. The order is swept rank by rank until
 no rank can advance; a stall with work left is a deadlock in the order (an error).
+Chains (several model replicas, e.g. Chimera's two pipelines) are read off the order: stage
+s+1 continues stage s's chain when they run the same microbatches; a chain's first stage
+waits for no activation and its last for no gradient.
 Everything here is deterministic: no clocks, no randomness, fixed iteration order.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +59,8 @@ class EngineResult:
     timeline: Timeline
     inflight: dict[int, np.ndarray]  # rank -> [k, n_stages] in-flight microbatches per stage after each forward
     n_actions: int
+    # rank -> [k, n_stages] of those, the microbatches past their I (waiting for W)
+    inflight_past_i: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _dur(a: Action, comp: np.ndarray, a2a: np.ndarray) -> tuple[float, float]:
@@ -82,31 +88,44 @@ def run(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: n
     over = np.broadcast_to(np.asarray(overhead, dtype=np.float64), (pp,)).tolist()
     comp_a, a2a_a = np.asarray(comp, dtype=np.float64), np.asarray(a2a, dtype=np.float64)
     send_l = np.asarray(send, dtype=np.float64).tolist()
-    hop = [stage_to_rank[s] != stage_to_rank[s + 1] for s in range(S - 1)]
+    link = _chain_links(order, S)
+    hop = [link[s] and stage_to_rank[s] != stage_to_rank[s + 1] for s in range(S - 1)]
     fdone = [[None] * m for _ in range(S)]  # when F(s, i) / B or I(s, i) finished
     gdone = [[None] * m for _ in range(S)]
     ev: list[tuple] = []
-    ready = _arrival_rule(fdone, gdone, send_l, hop, S)
+    ready = _arrival_rule(fdone, gdone, send_l, hop, link + [False])
     finish = _completion_rule(fdone, gdone, send_l, hop, stage_to_rank, S, ev)
     snaps, account = _activation_counter(pp, S)
     free, busy, total = _sweep(order, ready, finish, account, comp_a, a2a_a, over, ev)
     return _result(ev, free, busy, snaps, S, total)
 
 
-def _arrival_rule(fdone, gdone, send_l, hop, S):
+def _chain_links(order: Order, S: int) -> list[bool]:
+    """link[s]: stage s hands its activations to stage s+1 (the two run the same microbatches);
+    False where one chain (model replica) ends and the next begins."""
+    mbs: list[set] = [set() for _ in range(S)]
+    for acts in order.values():
+        for a in acts:
+            for x in a.leaves():
+                if x.kind == "F":
+                    mbs[x.stage].add(x.mb)
+    return [bool(mbs[s] & mbs[s + 1]) for s in range(S - 1)]
+
+
+def _arrival_rule(fdone, gdone, send_l, hop, link):
     """ready(action): when its inputs have arrived (the rules in the module docstring), or None
     while one is still missing."""
 
     def ready(a: Action):
         s, i = a.stage, a.mb
         if a.kind == "F":
-            if s == 0:
+            if s == 0 or not link[s - 1]:
                 return 0.0
             t = fdone[s - 1][i]
             return None if t is None else t + (send_l[s - 1] if hop[s - 1] else 0.0)
         if a.kind in ("B", "I"):
             t = fdone[s][i]
-            if t is None or s == S - 1:
+            if t is None or not link[s]:
                 return t
             g = gdone[s + 1][i]
             return None if g is None else max(t, g + (send_l[s] if hop[s] else 0.0))
@@ -127,7 +146,7 @@ def _completion_rule(fdone, gdone, send_l, hop, stage_to_rank, S, ev):
         s, i = a.stage, a.mb
         if a.kind == "F":
             fdone[s][i] = end
-            if s + 1 < S and hop[s]:
+            if s + 1 < S and hop[s]:  # hop: same chain, another rank
                 q = stage_to_rank[s + 1]
                 ev.append((r, COMM, K["send"], s, i, end, end + send_l[s]))
                 ev.append((q, COMM, K["recv"], s + 1, i, end, end + send_l[s]))
@@ -143,22 +162,29 @@ def _completion_rule(fdone, gdone, send_l, hop, stage_to_rank, S, ev):
 
 def _activation_counter(pp: int, S: int):
     """(snapshots, account): account(action, rank) counts each rank's in-flight microbatches per
-    stage and snapshots them after every forward."""
+    stage and snapshots them after every forward: (held until B or W, of those past their I)."""
     counts = {r: {} for r in range(pp)}
+    past_i = {r: {} for r in range(pp)}  # microbatches between their I and their W
     snaps: dict[int, list[list[int]]] = {r: [] for r in range(pp)}
+    snaps_w: dict[int, list[list[int]]] = {r: [] for r in range(pp)}
 
     def account(a: Action, r: int) -> None:
-        c = counts[r]
+        c, w = counts[r], past_i[r]
         if a.kind == "F":
             c[a.stage] = c.get(a.stage, 0) + 1
             snaps[r].append([c.get(s, 0) for s in range(S)])
+            snaps_w[r].append([w.get(s, 0) for s in range(S)])
+        elif a.kind == "I":
+            w[a.stage] = w.get(a.stage, 0) + 1
         elif a.kind in ("B", "W"):  # activations live until the weight gradient is done
             c[a.stage] -= 1
+            if a.kind == "W":
+                w[a.stage] -= 1
         elif a.kind == "FB":
             account(a.pair[0], r)
             account(a.pair[1], r)
 
-    return snaps, account
+    return (snaps, snaps_w), account
 
 
 def _sweep(order: Order, ready, finish, account, comp_a, a2a_a, over, ev) -> tuple[list[float], list[float], int]:
@@ -213,5 +239,8 @@ def _result(ev: list[tuple], free: list[float], busy: list[float], snaps, S: int
             ev.append((r, COMPUTE, idle, -1, -1, free[r], makespan))
     arr = np.array(ev, dtype=np.float64) if ev else np.zeros((0, 7))
     tl = Timeline(*(arr[:, j].astype(np.int64) for j in range(5)), arr[:, 5], arr[:, 6])
-    inflight = {r: (np.array(snaps[r], dtype=np.int64) if snaps[r] else np.zeros((1, S), dtype=np.int64)) for r in range(pp)}
-    return EngineResult(makespan, np.array(busy), tl, inflight, total)
+    snaps, snaps_w = snaps
+
+    def arr(x):
+        return {r: (np.array(x[r], dtype=np.int64) if x[r] else np.zeros((1, S), dtype=np.int64)) for r in range(pp)}
+    return EngineResult(makespan, np.array(busy), tl, arr(snaps), total, arr(snaps_w))

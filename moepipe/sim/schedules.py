@@ -71,6 +71,77 @@ pipedream_2bw_order.flush = False
 
 
 
+def chimera_order(pp: int, v: int, m: int) -> Order:
+    """Chimera (Li and Hoefler, SC'21): two replicas of the model as two pipelines in opposite
+    directions. Stages 0..pp-1 are the down chain (stage i on rank i) and pp..2pp-1 the up
+    chain (stage pp+j holds the layers of stage j, on rank pp-1-j): each rank holds stage i of
+    one replica and stage pp-1-i of the other. Microbatches 0..m/2-1 run down, m/2..m-1 up.
+
+    The order is list-scheduled with unit forward and backward times: whenever a rank is
+    free it runs, of its actions whose inputs are there, the one that can start first, a
+    backward before a forward, and a forward deeper in its chain first; a stage at position
+    k of its chain holds at most pp-k microbatches (1F1B's bound). With equal forward and
+    backward times this gives the paper's bubble (pp-2)/(2m+pp-2) at m = pp and its
+    multiples, and activations of pp/2+1..pp microbatches per rank at m = pp (pp at m >= 2pp).
+    Attribute `chains = 2`: every plan stage has a second replica (moepipe.placement.plan)."""
+    if v != 1:
+        raise ConfigError(f"schedule.virtual_stages={v} with schedule.name=chimera: each rank holds one stage of each of the two "
+                          "pipelines; set 1")
+    if pp % 2 or m % 2:
+        raise ConfigError(f"schedule.name=chimera needs an even parallel.pp and an even schedule.microbatches (half run each "
+                          f"way), got pp={pp}, microbatches={m}")
+    L, S = pp, 2 * pp
+    s2r = list(range(pp)) + list(range(pp - 1, -1, -1))
+    mbs = [list(range(m // 2)), list(range(m // 2, m))]
+    fdone: dict[tuple[int, int], float] = {}
+    bdone: dict[tuple[int, int], float] = {}
+    nf, nb, held = [0] * S, [0] * S, [0] * S
+    free, out = [0.0] * pp, {r: [] for r in range(pp)}
+    for _ in range(2 * S * (m // 2)):
+        best = None
+        for s in range(S):
+            r, k, mine = s2r[s], s % L, mbs[s // L]
+            if nb[s] < len(mine) and (s, mine[nb[s]]) in fdone:
+                i = mine[nb[s]]
+                t = fdone[(s, i)] if k == L - 1 else bdone.get((s + 1, i))
+                if t is not None:
+                    key = (max(free[r], t), 0, k, s)
+                    best = min(best, (key, "B", s, i)) if best else (key, "B", s, i)
+            if nf[s] < len(mine) and held[s] < L - k:
+                i = mine[nf[s]]
+                t = 0.0 if k == 0 else fdone.get((s - 1, i))
+                if t is not None:
+                    key = (max(free[r], t), 1, -k, s)
+                    best = min(best, (key, "F", s, i)) if best else (key, "F", s, i)
+        (start, *_), kind, s, i = best
+        r = s2r[s]
+        free[r] = start + 1.0
+        out[r].append(Action(kind, s, i))
+        if kind == "F":
+            fdone[(s, i)], nf[s], held[s] = free[r], nf[s] + 1, held[s] + 1
+        else:
+            bdone[(s, i)], nb[s], held[s] = free[r], nb[s] + 1, held[s] - 1
+            if nb[s] == len(mbs[s // L]):  # this replica's gradient is complete: all-reduce it with the other's
+                out[r].append(Action("REDUCE_GRAD", s))
+    return out
+
+
+chimera_order.chains = 2
+
+
+def schedule_chains(name: str) -> int:
+    """Model replicas a schedule runs as separate pipelines (its order function's `chains`
+    attribute; 2 for chimera): each plan stage then also runs, as stage n + s, on pp rank
+    pp-1-r of its rank r (moepipe.placement.plan.stage_pp_ranks)."""
+    if is_table(name):
+        return 1
+    fn = resolve("schedule", name).order
+    if fn is None:
+        return 1
+    fn = import_path(fn) if isinstance(fn, str) else fn
+    return int(getattr(fn, "chains", 1))
+
+
 def two_bw_stream(pp: int, m: int) -> dict[str, dict[int, list[Action]]]:
     """PipeDream-2BW without a flush: per pp rank the action lists the executor runs each step.
     1F1B's stream over all iterations is cut at the first forward of every batch, so iteration
@@ -192,6 +263,8 @@ def _own_order(name: str, spec: ScheduleSpec, pp: int, v: int, m: int) -> tuple[
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ConfigError(f"schedule.name={name}: its order function must return, per pp rank 0..{pp - 1}, a list of "
                           f"(kind, stage, microbatch): {type(err).__name__}: {err}") from None
+    if getattr(fn, "chains", 1) == 2:  # the mirrored replica: down the ranks, then back up
+        return order, stage_assignment(pp, 2 * v, "v")
     return order, stage_assignment(pp, v, spec.style)
 
 
@@ -272,8 +345,9 @@ def _program_cached(name: str, key, pp: int, v: int, m: int) -> Program:
         mapping = stage_assignment(pp, v, _table_style(name, lists))
     else:
         lists, mapping = _spec_order(name, pp, v, m)
+    chains = 1 if is_table(name) else schedule_chains(name)
     try:
-        return build_program(lists, pp, pp * v, m, stage_to_rank=mapping)
+        return build_program(lists, pp, chains * pp * v, m, chain_len=pp * v, stage_to_rank=mapping)
     except ScheduleError as err:
         raise ConfigError(f"schedule.name={name}: {err}") from None
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import dataclasses
+
 import numpy as np
 
 from moepipe.config import ConfigError
 from moepipe.placement.cost_model import CostModel, StageCosts, exchange_time, stage_costs
 from moepipe.placement import tensor_parallel_cost as tpc
-from moepipe.placement.plan import Plan, rank_grid, validate_plan
+from moepipe.placement.plan import Plan, chain_stages, rank_grid, validate_plan
 from moepipe.placement.topology import Topology
 from moepipe.sim import engine
-from moepipe.sim.schedules import Order, order_traits, schedule_order, steady_iteration
+from moepipe.sim.schedules import Order, order_traits, schedule_chains, schedule_order, steady_iteration
 
 
 @dataclass
@@ -173,6 +175,7 @@ def simulate(
     free_comm: bool = False,
     action_overhead_s: Any = 0.0,
     origins: Any = None,
+    weight_grad: str = "graph",
 ) -> SimResult:
     """Simulate one iteration. `routing`: tokens per expert per MoE layer ([n_moe, E] or
     {layer: [E]}; proportions only; None = uniform). `origins`: where those tokens start,
@@ -181,21 +184,29 @@ def simulate(
     the runtime's nearest-replica rule, and the all-to-all follows `cost_model.a2a`.
     `free_comm`: all transfers cost nothing.
     `action_overhead_s`: the runtime's fixed cost per action (scalar or per pipeline rank;
-    `moepipe.sim.calibrate.fit_action_overhead` measures it), 0 = an ideal runtime."""
+    `moepipe.sim.calibrate.fit_action_overhead` measures it), 0 = an ideal runtime.
+    `weight_grad`: what a microbatch holds between its I and its W (split backwards):
+    "graph" its whole activations (torch's runtime), "lean" each Linear's input and output
+    gradient (moepipe's executor with schedule.lean_weight_grad; `weight_grad_mode` picks)."""
+    if weight_grad not in ("graph", "lean"):
+        raise ConfigError(f"weight_grad={weight_grad!r}: choose graph or lean")
     spec = cost_model.spec
     validate_plan(plan, spec.n_layers, spec.moe_layers, spec.num_experts if spec.moe_layers else None)
     v = plan.n_stages // plan.pp
     if v * plan.pp != plan.n_stages:
         raise ConfigError(f"plan has {plan.n_stages} stages for pp={plan.pp}: use a multiple of pp (virtual stages per rank)")
-    order, s2r = schedule_order(schedule, plan.pp, v, microbatches)
+    order, run_s2r = schedule_order(schedule, plan.pp, v, microbatches)
+    chains = schedule_chains(schedule)  # chimera: every plan stage runs twice, once per model replica
+    s2r = run_s2r[: len(run_s2r) // chains]
     if list(plan.stage_to_pp_rank) != s2r:
         raise ConfigError(
             f"plan.stage_to_pp_rank={list(plan.stage_to_pp_rank)} does not match schedule.name={schedule} ({s2r}): "
             "build the plan with the schedule's style (loop for interleaved, v for zbv/dualpipev)"
         )
-    costs = stage_costs(cost_model, plan, topology, routing, free_comm=free_comm, origins=origins)
+    costs = _for_chains(stage_costs(cost_model, plan, topology, routing, free_comm=free_comm, origins=origins), chains)
+    s2r = run_s2r
     res = engine.run(order, s2r, microbatches, costs.comp, costs.a2a, costs.send, action_overhead_s)
-    m, S = microbatches, plan.n_stages
+    m, S = microbatches, len(s2r)
     versions, flush = order_traits(schedule)
     pipeline = res.makespan
     if not flush:  # PipeDream-2BW: the steady state of back-to-back iterations (no drain)
@@ -207,15 +218,21 @@ def simulate(
     # Device-level compute (per global rank) for idle accounting.
     world = plan.world_size
     busy_dev = np.zeros((plan.pp, plan.dp, plan.ep))
-    for s in range(S):
-        busy_dev[s2r[s]] += m * costs.ep_busy[s].sum(0)
+    for s in range(S):  # each replica's stages run m / chains microbatches
+        busy_dev[s2r[s]] += m / chains * costs.ep_busy[s].sum(0)
     idle = 1.0 - float(busy_dev.sum()) / (world * iteration) if iteration > 0 else 0.0
 
     # Peak activation memory: in-flight counts after each forward x bytes per microbatch.
     grid = rank_grid(plan.pp, plan.ep, plan.dp)
     peak_bytes = np.zeros(world)
+    lean = weight_grad == "lean" and not spec.activation_checkpointing and costs.lean_w_bytes is not None
     for r, snaps in res.inflight.items():
-        b = snaps.astype(np.float64) @ costs.act_bytes.reshape(S, -1)  # [k, dp*ep]
+        held = snaps.astype(np.float64)
+        if lean:  # past their I, microbatches hold only what W needs
+            past = res.inflight_past_i[r].astype(np.float64)
+            b = (held - past) @ costs.act_bytes.reshape(S, -1) + past @ costs.lean_w_bytes.reshape(S, -1)
+        else:
+            b = held @ costs.act_bytes.reshape(S, -1)  # [k, dp*ep]
         peak_bytes[grid[r].ravel()] = b.max(0)
 
     work_mb = costs.work.copy()
@@ -225,9 +242,9 @@ def simulate(
     lower = float(work_mb.sum() * m * plan.dp / total_rate)
     # Balanced: every action of a phase lasts W_phase * pp / (n_stages * replica throughput).
     replica_rate = costs.rates.sum(axis=(0, 2)).min()
-    t_bal = work_mb * plan.pp / (S * replica_rate)
+    t_bal = work_mb * plan.pp / (plan.n_stages * replica_rate)  # a replica's stages: plan.n_stages
     bal = engine.run(order, s2r, m, np.tile(t_bal, (S, 1)), np.zeros((S, 3)), np.zeros(S), action_overhead_s)
-    a2a_bal, grad_bal = (np.zeros(3), 0.0) if free_comm else balanced_comm_costs(cost_model, plan, topology, S)
+    a2a_bal, grad_bal = (np.zeros(3), 0.0) if free_comm else balanced_comm_costs(cost_model, plan, topology, plan.n_stages)
     bal_comm = engine.run(order, s2r, m, np.tile(t_bal, (S, 1)), np.tile(a2a_bal, (S, 1)), costs.send, action_overhead_s)
     bal_s, bal_comm_s = bal.makespan, bal_comm.makespan
     if not flush:
@@ -264,21 +281,39 @@ def simulate(
         a2a_messages_intra_node=int(costs.a2a_msgs_intra * m),
         a2a_messages_inter_node=int(costs.a2a_msgs_inter * m),
         weight_versions=versions,
-        weight_bytes=versions * weight_params(cost_model, plan, topology.tp) * 4.0,
+        weight_bytes=versions * weight_params(cost_model, plan, topology.tp, chains) * 4.0,
         flush=flush,
         tp=topology.tp,
     )
 
 
-def weight_params(cost_model: CostModel, plan: Plan, tp: int = 1) -> np.ndarray:
+def _for_chains(costs: StageCosts, chains: int) -> StageCosts:
+    """Per-stage costs of a two-chain schedule's stages: stage n + s (the second replica of
+    plan stage s, on the mirrored rank) costs what stage s does."""
+    if chains == 1:
+        return costs
+    rep = {f: np.concatenate([getattr(costs, f)] * chains) for f in ("comp", "a2a", "send", "act_bytes", "ep_busy")
+           + (("lean_w_bytes",) if costs.lean_w_bytes is not None else ())}
+    return dataclasses.replace(costs, **rep)
+
+
+def weight_grad_mode(executor: str, lean_weight_grad: bool, activation_checkpointing: bool = False) -> str:
+    """The runtime's memory between I and W for `simulate(weight_grad=...)`: "lean" on
+    moepipe's executor with schedule.lean_weight_grad (off under activation checkpointing),
+    else "graph"."""
+    return "lean" if executor == "moepipe" and lean_weight_grad and not activation_checkpointing else "graph"
+
+
+def weight_params(cost_model: CostModel, plan: Plan, tp: int = 1, chains: int = 1) -> np.ndarray:
     """[world] parameters each device holds (its stages' dense parameters, replicated over EP
     and DP, plus the experts its EP rank holds, replicas included). Under tensor parallelism
-    (tp > 1: a device is a TP group) the parameters one GPU of the group holds."""
+    (tp > 1: a device is a TP group) the parameters one GPU of the group holds. With two
+    chains (chimera) the stages of both model replicas it runs."""
     spec = cost_model.spec
     grid = rank_grid(plan.pp, plan.ep, plan.dp)  # [pp, dp, ep]
     out = np.zeros(plan.world_size)
     for p in range(plan.pp):
-        stages = plan.stages_of_rank(p)
+        stages = sorted(set(chain_stages(plan, p, chains).values()))
         layers = [l for s in stages for l in range(*plan.stage_layers[s])]
         dense = sum(tpc.dense_params_per_gpu(spec.layers[l], spec, tp) for l in layers)
         dense += tpc.embed_params_per_gpu(spec, tp) * (0 in stages) + tpc.head_params_per_gpu(spec, tp) * (plan.n_stages - 1 in stages)

@@ -17,6 +17,8 @@ State is one flat dict of tensors keyed by global names, so a checkpoint written
 
 Data order and learning rate are pure functions of (seed, step), so the step restores them.
 Dense weights are replicated over EP/DP ranks; DCP's save planner writes each key once.
+Under tensor parallelism the split weights and their AdamW moments are DTensors: DCP stores
+them by global shape and offsets, so tp2 loads tp1 checkpoints and the reverse (resharding).
 
 No arbitrary unpickling: DCP reads tensor data with torch.load(weights_only=True), and its
 `.metadata` file, a pickle, is read here with an unpickler that admits only DCP's metadata
@@ -44,6 +46,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from moepipe.config import ConfigError, MoepipeConfig
+from moepipe.parallel.tensor_parallel import is_sharded
 
 FORMAT = "moepipe-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -73,6 +76,14 @@ def mesh_of(trainer) -> tuple[int, int, int, int]:
     if mesh is None:
         return 0, 1, 1, 1
     return mesh.rank, mesh.pp, mesh.ep, mesh.dp
+
+
+def mesh_dict(trainer) -> dict[str, int]:
+    """The manifest's mesh: {"pp", "ep", "dp"}, plus "tp" under tensor parallelism (so tp1
+    manifests read as before)."""
+    _, pp, ep, dp = mesh_of(trainer)
+    tp = getattr(getattr(trainer, "mesh", None), "tp", 1)
+    return {"pp": pp, "ep": ep, "dp": dp, **({"tp": tp} if tp > 1 else {})}
 
 
 def _distributed(trainer) -> bool:
@@ -228,7 +239,7 @@ def _inject_kill_during_write(rank: int, step: int) -> None:
 def save_checkpoint(trainer, cfg: MoepipeConfig, root: str, step: int, config_dict: Optional[dict] = None) -> str:
     """Write step's checkpoint (collective on distributed trainers); return its directory."""
     on = _distributed(trainer)
-    rank, pp, ep, dp = mesh_of(trainer)
+    rank = mesh_of(trainer)[0]
     final = os.path.join(root, f"step_{step}")
     tmp = f"{final}.tmp"
     if rank == 0:
@@ -254,7 +265,7 @@ def save_checkpoint(trainer, cfg: MoepipeConfig, root: str, step: int, config_di
         manifest = {
             "format": FORMAT,
             "step": step,
-            "mesh": {"pp": pp, "ep": ep, "dp": dp},
+            "mesh": mesh_dict(trainer),
             "placer": cfg.placer.name,
             "plan": json.loads(plan_to_json(plan)) if plan is not None else None,
             "config": config_dict,
@@ -484,13 +495,13 @@ def plan_for_resume(point: Optional[ResumePoint], cfg: MoepipeConfig):
 def load_checkpoint(trainer, point: ResumePoint, cfg: MoepipeConfig) -> int:
     """Load `point` into the trainer (collective on distributed trainers); return its step."""
     on = _distributed(trainer)
-    rank, pp, ep, dp = mesh_of(trainer)
+    rank = mesh_of(trainer)[0]
     world = dist.get_world_size() if on else 1
     error, state, slots, rng_keys, placer_keys = None, {}, {}, {}, []
     try:
         verify_files(point.path, point.manifest, rank, world)
         md = read_metadata(point.path)
-        same_mesh = point.manifest.get("mesh") == {"pp": pp, "ep": ep, "dp": dp}
+        same_mesh = point.manifest.get("mesh") == mesh_dict(trainer)
         state, slots, rng_keys, placer_keys = _targets(trainer, md, point.path, same_mesh)
     except ConfigError as err:
         error = str(err)
@@ -555,6 +566,8 @@ def _targets(trainer, md: Metadata, path: str, same_mesh: bool):
             # AdamW keeps `step` as a CPU scalar unless capturable/fused; moments live with the weight.
             device = torch.device("cpu") if slot == "step" else p.device
             t = torch.zeros(tuple(entry.size), dtype=entry.properties.dtype, device=device)
+            if slot != "step" and t.shape == p.shape and is_sharded(p):
+                t = torch.zeros_like(p, dtype=entry.properties.dtype)  # a TP shard: DCP reads this rank's part
             if slot != "step" and t.shape != p.shape:
                 raise ConfigError(f"checkpoint {path} holds {key} as {tuple(t.shape)}, the weight is {tuple(p.shape)}: resume with the checkpoint's model.*/moe.* settings")
             slots[p][slot] = state[key] = t

@@ -21,15 +21,17 @@ from moepipe.config import ConfigError, MoepipeConfig, moe_layer_ids
 from moepipe.data import build_corpus, slice_for_rank, train_batch, val_batches
 from moepipe.model import MoETransformer, count_parameters, lm_loss
 from moepipe.model.routing_stats import RoutingStats
-from moepipe.parallel.grad_sync import ExpertReplicas, clip_gradients, global_grad_norm, split_params, sync_gradients
+from moepipe.parallel.grad_sync import (ExpertReplicas, MirrorReduce, clip_gradients, global_grad_norm, mirror_groups, split_params,
+                                        sync_gradients, tp_partial_params)
 from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
-from moepipe.placement.plan import Plan, from_json, stage_assignment, to_json, validate_plan
+from moepipe.parallel.tensor_parallel import as_shard, local, local_layout, shard_stage, split_moe_tokens
+from moepipe.placement.plan import Plan, chain_stages, from_json, stage_assignment, to_json, validate_plan
 from moepipe.placement.replan import ReplanLoop, default_plan  # noqa: F401 (default_plan: imported from here too)
 from moepipe.placement.topology import from_config as topology_from_config
-from moepipe.sim.schedules import plan_style
+from moepipe.sim.schedules import plan_style, schedule_chains
 from moepipe.train.loop import NonFiniteLossError, StepResult, autocast_context, autocast_dtype, resolve_device, seed_everything
 from moepipe.train.optim import VersionedWeights, WeightStash, build_optimizer, delayed_update, lr_at, set_lr
 from moepipe.train.block_clock import BlockClock
@@ -99,6 +101,7 @@ class DistributedTrainer:
         self.slices = mesh.ep * mesh.dp
         self.moe_ids = moe_layer_ids(cfg.model, cfg.moe)
         self._topology = None
+        self._shadow_setups = None  # placer.shadow_slots: per MoE layer, the fast path's cost-model setup
         if cfg.topology.detect or cfg.topology.probe:
             self._topology = self._measured_topology()  # collective: every rank, at start-up
         self._skew = None  # this step's injected routing skew (workload.kind)
@@ -108,10 +111,15 @@ class DistributedTrainer:
         with torch.device("meta"):
             full = MoETransformer(cfg.model, cfg.moe)
         self._param_counts = count_parameters(full)
-        self.layout = state_layout(full)  # name -> shape of every state entry (migration)
+        self.full_layout = state_layout(full)  # name -> shape of every state entry
+        self.layout = local_layout(self.full_layout, mesh.tp)  # what this rank holds of each (migration moves TP shards)
         # statistics, forecast, decision and its measured re-check; this trainer reduces the
         # statistics, broadcasts rank 0's decision and migrates
         self.replan = ReplanLoop(cfg, lambda: self.topology)
+        # chimera: a second model replica runs the other way; its stages' gradients are summed
+        # with the first's over the mirrored pp rank (one group per pair of ranks: collective)
+        self.chains = schedule_chains(cfg.schedule.name)
+        self._mirror_group = mirror_groups(mesh) if self.chains == 2 else None
         self._build(check_plan_for_job(validate_plan(plan or default_plan(cfg), cfg.model.n_layers, self.moe_ids, cfg.moe.num_experts), cfg))
 
     def _measured_topology(self):
@@ -130,29 +138,77 @@ class DistributedTrainer:
             self._topology = topology_from_config(self.cfg.topology, self.mesh.world_size)
         return self._topology
 
+    def _shadow_policy(self, layer_id: int):
+        """placer.shadow_slots: the fast path's decision for MoE layer `layer_id` on this rank's EP
+        group (moepipe.placement.shadows.choose_shadows on the job's cost model and topology, one
+        microbatch per weight exchange: the runtime exchanges weights and gradients per
+        microbatch). Every rank of the group builds the same one, so all decide alike."""
+        from moepipe.model.shadow_exchange import shadow_policy
+        from moepipe.placement.placers.inputs import inputs_from_config
+        from moepipe.placement.shadows import choose_shadows, layer_setup
+
+        if self._shadow_setups is None:
+            # the declared topology, not a detected/probed one: that may differ between ranks,
+            # and every rank must decide alike
+            self._shadow_setups, self._shadow_topo = {}, topology_from_config(self.cfg.topology, self.mesh.world_size)
+            self._shadow_cm = inputs_from_config(self.cfg, topology=self._shadow_topo).cost_model
+        setup = self._shadow_setups.get(layer_id)
+        if setup is None:
+            mesh = self.mesh
+            group = list(range(mesh.rank - mesh.ep_rank, mesh.rank - mesh.ep_rank + mesh.ep))
+            setup = self._shadow_setups[layer_id] = layer_setup(self._shadow_cm, self._shadow_topo, group, layer_id, microbatches=1)
+        return shadow_policy(choose_shadows, setup, self.cfg.placer.shadow_slots)
+
+    def shadow_usage(self) -> dict:
+        """Shadow copies the dispatchers ran since the start (this rank's EP group; per MoE layer)."""
+        out = {}
+        for module in self.modules.values():
+            for layer_id, moe in module.moe_layers():
+                d = moe.dispatcher
+                out[layer_id] = {"copies": getattr(d, "shadow_copies", 0), "calls": getattr(d, "shadow_calls", 0)}
+        return out
+
+    def _shadow_copies_this_step(self) -> int:
+        """Shadow copies this rank's MoE layers ran since the last call (the metrics rank's row:
+        the last pipeline stage's layers, every microbatch, recomputed forwards included)."""
+        total = sum(u["copies"] for u in self.shadow_usage().values())
+        seen, self._shadow_seen = self._shadow_seen, total
+        return total - seen
+
     def _build(self, plan: Plan, entries: Optional[Entries] = None) -> None:
         """Stages, dispatch, gradient bookkeeping, optimizer and schedule for `plan`; with
         `entries` (a migration), the stages and the optimizer adopt those tensors."""
         cfg, mesh = self.cfg, self.mesh
         self.plan = plan
-        self.stage_ids = plan.stages_of_rank(mesh.pp_rank)
-        values = None if entries is None else {n: ts[0] for n, ts in entries.items()}
+        self._shadow_seen = 0  # new dispatchers count from zero
+        held = chain_stages(plan, mesh.pp_rank, self.chains)  # executed stage -> plan stage (two chains: chimera)
+        self.stage_ids = list(held)
+        # TP shards become DTensors again (no communication), adopted by the sharded meta stage
+        values = None if entries is None else {n: as_shard(n, ts[0], mesh, self.full_layout[n].shape) for n, ts in entries.items()}
         self.modules: dict[int, MoETransformer] = {
-            s: build_stage_module(cfg.model, cfg.moe, plan, s, mesh.ep_rank, self.device, cfg.train.seed, values) for s in self.stage_ids
+            s: build_stage_module(cfg.model, cfg.moe, plan, p, mesh.ep_rank, self.device, cfg.train.seed, values,
+                                  shard=lambda m: shard_stage(m, mesh)) for s, p in held.items()
         }
         self.slowdowns = [SlowDevice(m, self.speed) for m in self.modules.values()] if self.speed < 1 else []
         self.clock = BlockClock(list(self.modules.values()), cfg.model.n_layers, self.device)
         # node groups only where the mesh made them (a plug-in backend written before them still attaches)
         nodes = {"node_groups": mesh.node_groups} if getattr(mesh, "node_groups", None) is not None else {}
+        ep_per_node = max(1, cfg.topology.devices_per_node // mesh.tp)  # a node holds devices_per_node/tp EP ranks
         for module in self.modules.values():
             module.activation_checkpointing = cfg.train.activation_checkpointing
             for layer_id, moe in module.moe_layers():
+                shadows = {"shadows": self._shadow_policy(layer_id)} if cfg.placer.shadow_slots > 0 else {}
                 moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group, a2a=cfg.parallel.a2a,
-                                        local_size=cfg.topology.devices_per_node, **nodes)
+                                        local_size=ep_per_node, **nodes, **shadows)
+            split_moe_tokens(module, mesh)  # tp > 1: each TP rank dispatches its share of the tokens (after the EP attach)
         for module in self.modules.values():  # token origins: this rank's row of [ep, E] (summed over the world per step)
             for _, moe in module.moe_layers():
                 moe.stats.set_source(mesh.ep_rank, mesh.ep)
         self.dense, self.expert = split_params(list(self.modules.values()))
+        self.tp_partial = tp_partial_params(list(self.modules.values())) if mesh.tp > 1 else []
+        # the global norm counts each weight once: the first replica's copies only
+        self.norm_dense, self.norm_expert = split_params([m for s, m in self.modules.items() if s < plan.n_stages])
+        self.mirror = MirrorReduce(self.modules, plan.n_stages, self._mirror_group) if self.chains == 2 else None
         self.replicas = ExpertReplicas(list(self.modules.values()), plan.expert_map, mesh.ep_rank, mesh.ep_group, self.device)
         self.optimizer = build_optimizer(torch.nn.ModuleList(self.modules.values()), cfg.optim)
         # pipedream_2bw: two weight versions, step t's gradient at W(t-1). Pipelined: no flush
@@ -169,10 +225,13 @@ class DistributedTrainer:
         self.schedule = build_schedule(
             cfg.schedule.name, self.modules, plan.n_stages, m, lambda out, y: lm_loss(out, y) / m, self.device, mesh.pp_group,
             microbatch, cfg.model.d_model, cfg.model.vocab_size, self.amp_dtype or torch.float32, executor=cfg.schedule.executor,
-            stream_handlers=stream,
+            stream_handlers=stream, chain_handlers=None if self.mirror is None else {"REDUCE_GRAD": self.mirror.stage_done},
+            # under activation checkpointing I recomputes the graph anyway, and keeping each Linear's
+            # input from the forward to W would undo the checkpointing: lean W is off
+            lean_weight_grad=cfg.schedule.lean_weight_grad and not cfg.train.activation_checkpointing,
         )
-        self.holds_first = 0 in self.stage_ids
-        self.holds_last = (plan.n_stages - 1) in self.stage_ids
+        self.holds_first = any(s % plan.n_stages == 0 for s in self.stage_ids)  # a chain's first stage: needs the tokens
+        self.holds_last = any(s % plan.n_stages == plan.n_stages - 1 for s in self.stage_ids)
 
     # ------------------------------------------------------------------ one step
 
@@ -185,7 +244,7 @@ class DistributedTrainer:
         with self._autocast():
             self.schedule.step(*args, **kwargs)
         local = torch.zeros((), dtype=torch.float64, device=self.device)
-        if self.holds_last:
+        if self.holds_last and self.mesh.tp_rank == 0:  # TP ranks compute the same loss: count it once
             local += sum(float(l.detach()) for l in kwargs["losses"])
         dist.all_reduce(local)
         # Last-stage ranks of all S pipelines contributed their slice's loss (already /m).
@@ -199,7 +258,8 @@ class DistributedTrainer:
         self.clock.take()  # drop evaluation forwards: only training steps count
         for module in self.modules.values():
             module.train()
-            module.set_aux_loss_scale(1.0 / cfg.schedule.microbatches)
+            # each TP rank seeds the replicated aux loss; the TP group sums its gradient
+            module.set_aux_loss_scale(1.0 / (cfg.schedule.microbatches * self.mesh.tp))
             module.reset_routing_stats()
             module.set_routing_skew(skew)
         lr = lr_at(step, cfg.train.steps, cfg.optim)
@@ -215,11 +275,13 @@ class DistributedTrainer:
         finally:
             if self.stash is not None:
                 self.stash.restore()
+        if self.mirror is not None:  # chimera: both replicas of each stage now hold the whole batch's gradient
+            self.mirror.wait()  # before any early exit (a skipped non-finite step): no all-reduce outlives its step
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss={loss} at step {step}: lower optim.lr or raise optim.warmup_steps")
-        sync_gradients(self.dense, self.expert, self.mesh)
+        sync_gradients(self.dense, self.expert, self.mesh, self.tp_partial)
         self.replicas.sync()  # copies of a replicated expert each saw part of its tokens
-        norm = global_grad_norm(self.dense, self.replicas.primary_only(self.expert), self.mesh)
+        norm = global_grad_norm(self.norm_dense, self.replicas.primary_only(self.norm_expert), self.mesh)
         if not math.isfinite(float(norm)):  # all-reduced: every rank takes the same branch
             raise NonFiniteLossError(f"grad_norm={float(norm)} at step {step}: lower optim.lr or raise optim.warmup_steps")
         if cfg.optim.grad_clip > 0:
@@ -233,6 +295,8 @@ class DistributedTrainer:
                 moe.update_expert_bias(stats[layer_id].demand)  # global demand: replicas stay identical
         block_seconds = self._block_seconds(first=step == 0)
         result = StepResult.from_stats(loss, float(norm), lr, start, inputs.numel(), stats)
+        if cfg.placer.shadow_slots > 0:
+            result.routing["shadow_copies"] = self._shadow_copies_this_step()
         demand = {layer_id: s.demand.double().numpy() for layer_id, s in stats.items()}  # reduced: same on all ranks
         origins = {layer_id: s.origins.double().numpy() for layer_id, s in stats.items()}  # [ep, E] per layer
         self.replan.observe(step, demand, block_seconds, result.seconds, origins=origins)
@@ -268,7 +332,7 @@ class DistributedTrainer:
         lr = lr_at(self._batch_step.pop(batch), cfg.train.steps, cfg.optim)
         set_lr(self.optimizer, lr)
         with self.versions.update(batch):
-            sync_gradients(self.dense, self.expert, self.mesh)
+            sync_gradients(self.dense, self.expert, self.mesh, self.tp_partial)
             self.replicas.sync()
             norm = global_grad_norm(self.dense, self.replicas.primary_only(self.expert), self.mesh)
             if not math.isfinite(float(norm)):
@@ -299,7 +363,7 @@ class DistributedTrainer:
         # and nothing is read back before the reduction
         O = self.mesh.ep * E  # token origins [ep, E] after the scalars
         packed = torch.zeros(len(self.moe_ids), 2 * E + 4 + O, dtype=torch.float64, device=self.device)
-        for module in self.modules.values():
+        for module in self.modules.values() if self.mesh.tp_rank == 0 else ():  # TP ranks route the same tokens: count once
             for layer_id, moe in module.moe_layers():
                 s = moe.stats
                 scalars = torch.stack([s.asked.double(), s.aux_loss_sum.double(), s.z_loss_sum.double()]).to(self.device)
@@ -327,6 +391,7 @@ class DistributedTrainer:
         x_all = slice_for_rank(inputs, self.mesh.data_shard, self.slices).to(self.device)
         y_all = slice_for_rank(targets, self.mesh.data_shard, self.slices).to(self.device)
         owner = self.plan.stage_to_pp_rank
+        last_here = self.plan.n_stages - 1 in self.modules  # chimera evaluates on its first replica only
         d = self.cfg.model.d_model
         total = 0.0
         for x, y in zip(x_all.chunk(m), y_all.chunk(m)):
@@ -341,9 +406,9 @@ class DistributedTrainer:
                     h = self.modules[stage](h)
                 if stage < self.plan.n_stages - 1 and owner[stage + 1] != self.mesh.pp_rank:
                     dist.send(h.float().contiguous(), group=self.mesh.pp_group, group_dst=owner[stage + 1])
-            if self.holds_last:
+            if last_here:
                 total += float(lm_loss(h, y)) / m
-        local = torch.tensor(total if self.holds_last else 0.0, dtype=torch.float64, device=self.device)
+        local = torch.tensor(total if last_here and self.mesh.tp_rank == 0 else 0.0, dtype=torch.float64, device=self.device)
         dist.all_reduce(local)
         return float(local) / self.slices
 
@@ -375,7 +440,8 @@ class DistributedTrainer:
         seconds = self.clock.take()
         if self.mesh.ep > 1 or first:  # the first step's times include one-off start-up costs
             return None
-        fwd = torch.from_numpy(seconds * self.speed * 3.0).to(self.device)
+        # chimera: each copy of a block ran half the microbatches; the block's step time is both copies'
+        fwd = torch.from_numpy(seconds * self.speed * 3.0 * self.chains).to(self.device)
         dist.all_reduce(fwd, op=dist.ReduceOp.MAX)
         return fwd.cpu().double().numpy()
 
@@ -422,12 +488,12 @@ class DistributedTrainer:
             params = dict(module.named_parameters())
             for name, t in module.state_dict(keep_vars=True).items():
                 if name not in params:
-                    out[name] = [t.detach()]
+                    out[name] = [local(t.detach())]
                     continue
                 st = self.optimizer.state.get(t) or {}
                 # two separate zero tensors when there is no state yet: a migration adopts the moments
-                moments = [st[k] if k in st else torch.zeros_like(t) for k in ("exp_avg", "exp_avg_sq")]
-                out[name] = [t.detach(), *moments, st.get("step", torch.zeros(()))]
+                moments = [local(st[k]) if k in st else torch.zeros_like(local(t.detach())) for k in ("exp_avg", "exp_avg_sq")]
+                out[name] = [local(t.detach()), *moments, st.get("step", torch.zeros(()))]
         return out
 
     def _load_optimizer_state(self, entries: Entries) -> None:
@@ -437,8 +503,8 @@ class DistributedTrainer:
                 src = entries[name]
                 self.optimizer.state[p] = {
                     "step": torch.tensor(float(src[3].reshape(-1)[0]), dtype=torch.float32),  # AdamW keeps it on the CPU
-                    "exp_avg": src[1].to(p.device, p.dtype),
-                    "exp_avg_sq": src[2].to(p.device, p.dtype),
+                    "exp_avg": as_shard(name, src[1].to(p.device, p.dtype), self.mesh, tuple(p.shape)),
+                    "exp_avg_sq": as_shard(name, src[2].to(p.device, p.dtype), self.mesh, tuple(p.shape)),
                 }
 
     def migrate(self, new_plan: Plan) -> dict:
@@ -449,13 +515,15 @@ class DistributedTrainer:
         start = time.perf_counter()
         # the fastest sources on a declared topology; a detected/probed one may differ between
         # ranks, and every rank derives the transfer list alone, so then mesh order decides
-        n = self.mesh.world_size
-        bw = None if cfg.topology.detect or cfg.topology.probe else self.topology.bandwidth[:n, :n]
-        moves = transfers(self.plan, new_plan, self.layout, bw)
+        # (under TP, each TP index moves its own shards among the plan's mesh ranks: the links
+        # between the ranks holding that index)
+        ranks = [self.mesh.world_rank(s) for s in range(self.mesh.pp * self.mesh.ep * self.mesh.dp)]
+        bw = None if cfg.topology.detect or cfg.topology.probe else self.topology.bandwidth[np.ix_(ranks, ranks)]
+        moves = transfers(self.plan, new_plan, self.layout, bw, self.chains)
         self.drain_pipeline()  # 2BW: nothing in flight moves; the rebuilt stages restart the delay
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not state: free them before anything new is allocated
         entries = self._entries()
-        received, _ = exchange(self.mesh.rank, moves, entries, self.layout, self.device)
+        received, _ = exchange(self.mesh.slot, moves, entries, self.layout, self.device, peer=self.mesh.world_rank)
         entries.update(received)
         del received
         inject_fault(self.mesh.rank, self._done, "migration")
@@ -472,7 +540,7 @@ class DistributedTrainer:
         release_freed_memory()
         took = torch.tensor(time.perf_counter() - start, dtype=torch.float64, device=self.device)
         dist.all_reduce(took, op=dist.ReduceOp.MAX)
-        return {"bytes_moved": transfer_bytes(moves, self.layout), "migration_s": float(took), "plan": to_json(new_plan)}
+        return {"bytes_moved": transfer_bytes(moves, self.layout) * self.mesh.tp, "migration_s": float(took), "plan": to_json(new_plan)}
 
     def placer_state(self) -> dict[str, torch.Tensor]:
         """The re-plan loop's statistics (same on every rank), for checkpoints."""

@@ -317,7 +317,7 @@ def mesh_for(cfg: MoepipeConfig):
     from moepipe.parallel.mesh import build_mesh
 
     par = cfg.parallel
-    return build_mesh(par.pp, par.ep, par.dp, cfg.topology.devices_per_node if par.a2a == "hierarchical" else 0)
+    return build_mesh(par.pp, par.ep, par.dp, cfg.topology.devices_per_node if par.a2a == "hierarchical" else 0, tp=par.tp)
 
 
 def run_worker(rank: int, n: int, cfg: MoepipeConfig, run_dir: str, init: str, local_rank: int = 0) -> dict | None:

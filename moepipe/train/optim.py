@@ -15,7 +15,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for group in groups for g in _by_tensor_kind(group)]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+
+
+def _by_tensor_kind(group: dict) -> list[dict]:
+    """Tensor parallelism: DTensor (TP-sharded) and plain parameters in separate groups with the
+    same settings, because AdamW's foreach kernels take no list mixing the two."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [p for p in group["params"] if isinstance(p, DTensor)]
+    if not sharded:
+        return [group]
+    plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+    return [dict(group, params=sharded), dict(group, params=plain)]
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

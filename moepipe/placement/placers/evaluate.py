@@ -23,10 +23,10 @@ from moepipe.placement.cost_model import (
     ClassSums, _grad_sync, class_sums_time, exchange_time, exchange_traffic, layer_exchange, rule_local_size, rule_nodes, uniform_exchanges,
     uniform_links,
 )
-from moepipe.placement.plan import Plan, rank_grid
+from moepipe.placement.plan import Plan, rank_grid, stage_pp_ranks
 from moepipe.placement.placers.inputs import BYTES_PER_PARAM_TRAIN, PlacementInputs, effective_cost_model, load_fractions, origin_fractions
 from moepipe.sim import engine
-from moepipe.sim.schedules import schedule_order
+from moepipe.sim.schedules import schedule_chains, schedule_order
 
 GRAD_BYTES = 4  # fp32 gradients in the data-parallel all-reduce (as the simulator)
 
@@ -56,7 +56,11 @@ class Evaluator:
             raise ConfigError(f"parallel.pp*ep*dp={pp * ep * dp} > topology devices={topo.n_devices}: pick a larger topology")
         self.grid = rank_grid(pp, ep, dp)  # [pp, dp, ep]
         self.rates = cm.rate(topo, self.grid)  # [pp, dp, ep]
-        self.order, self.s2r = schedule_order(inputs.schedule, pp, inputs.virtual_stages, inputs.microbatches)
+        self.order, run_s2r = schedule_order(inputs.schedule, pp, inputs.virtual_stages, inputs.microbatches)
+        # a plan's stages; a two-chain schedule (chimera) runs each twice, the copy on the mirrored rank
+        self.chains = schedule_chains(inputs.schedule)
+        self.run_s2r = run_s2r
+        self.s2r = run_s2r[: len(run_s2r) // self.chains]
         self.n_stages = len(self.s2r)
         self.frac = load_fractions(inputs)  # [n_moe, E]
         self.origin_share = origin_fractions(inputs)  # [n_moe, ep, E] or None (tokens start evenly spread)
@@ -262,16 +266,16 @@ class Evaluator:
         spec, pp, ep, dp, tp = self.spec, plan.pp, plan.ep, plan.dp, self.tp
         per = np.zeros((pp, ep))
         for s, (a, b) in enumerate(plan.stage_layers):
-            p = plan.stage_to_pp_rank[s]
-            per[p] += self.dense_params[a:b].sum() if tp == 1 else sum(tpc.dense_params_per_gpu(spec.layers[l], spec, tp) for l in range(a, b))
-            if s == 0:
-                per[p] += tpc.embed_params_per_gpu(spec, tp)
-            if s == plan.n_stages - 1:
-                per[p] += tpc.head_params_per_gpu(spec, tp)
-            for l in range(a, b):
-                if l in self.moe_row:
-                    cnt = np.bincount(np.fromiter(chain.from_iterable(plan.expert_map[l]), dtype=np.int64), minlength=ep)
-                    per[p] += cnt * self.expert_params[l]
+            for p in stage_pp_ranks(plan, s, self.chains):  # chimera: both replicas' copies
+                per[p] += self.dense_params[a:b].sum() if tp == 1 else sum(tpc.dense_params_per_gpu(spec.layers[l], spec, tp) for l in range(a, b))
+                if s == 0:
+                    per[p] += tpc.embed_params_per_gpu(spec, tp)
+                if s == plan.n_stages - 1:
+                    per[p] += tpc.head_params_per_gpu(spec, tp)
+                for l in range(a, b):
+                    if l in self.moe_row:
+                        cnt = np.bincount(np.fromiter(chain.from_iterable(plan.expert_map[l]), dtype=np.int64), minlength=ep)
+                        per[p] += cnt * self.expert_params[l]
         out = np.zeros(pp * ep * dp)
         for d in range(dp):
             out[self.grid[:, d, :]] = per
@@ -300,16 +304,16 @@ class Evaluator:
             raise ConfigError(f"plan.stage_to_pp_rank={list(plan.stage_to_pp_rank)} does not match schedule {self.inputs.schedule} ({self.s2r}): "
                               "build the plan with the schedule's style")
         routed, (comp_l, a2a_l) = self._layers_of(plan)
-        comp, a2a, send = self.stage_costs_from(plan.stage_layers, comp_l, a2a_l, routed)
-        res = engine.run(self.order, self.s2r, self.inputs.microbatches, comp, a2a, send)
-        act_mb = self.act_bytes_per_mb(plan.stage_layers, routed)  # [S, ep]
+        comp, a2a, send = (np.concatenate([x] * self.chains) for x in self.stage_costs_from(plan.stage_layers, comp_l, a2a_l, routed))
+        res = engine.run(self.order, self.run_s2r, self.inputs.microbatches, comp, a2a, send)
+        act_mb = np.concatenate([self.act_bytes_per_mb(plan.stage_layers, routed)] * self.chains)  # [chains * S, ep]
         act = np.zeros(plan.world_size)
         for r, snaps in res.inflight.items():
             peak = (snaps.astype(np.float64) @ act_mb).max(0)  # [ep]; every dp replica holds the same
             act[self.grid[r].ravel()] = np.tile(peak, plan.dp)
         inflight = np.zeros(self.n_stages, dtype=np.int64)
-        for snaps in res.inflight.values():
-            inflight = np.maximum(inflight, snaps.max(0))
+        for snaps in res.inflight.values():  # per plan stage: the larger of its replicas
+            inflight = np.maximum(inflight, snaps.max(0).reshape(self.chains, -1).max(0))
         if self._inflight is None:
             self._inflight = inflight
         return Evaluation(float(res.makespan + self.grad_sync(plan)), self.param_bytes(plan), act, inflight)

@@ -1,0 +1,202 @@
+"""Tensor parallelism of a built pipeline stage (parallel.tp), on torch.distributed.tensor.
+
+After a stage is built from the plan (and its MoE layers attached to their EP group), its
+dense parts are split over the TP group with `parallelize_module`:
+- attention by heads: wq, wk, wv colwise (each rank computes n_heads/tp query heads and
+  n_kv_heads/tp key/value heads), wo rowwise (partial sums, all-reduced to a replicated output);
+- the dense SwiGLU and the shared experts: w1, w3 colwise, w2 rowwise;
+- norms, embedding, head and the router stay replicated.
+
+Routed experts are not split. An expert's GEMM is already small (its share of a microbatch's
+tokens); splitting it over tp ranks would add two collectives per expert and shrink each GEMM
+by tp again. Expert parallelism scales experts instead: every TP rank holds the experts of its
+EP rank (replicated over the TP group) and dispatches a disjoint 1/tp of the tokens through the
+EP group of ranks with its own TP index (`TokenSplitDispatcher`), so no token is sent tp times.
+
+Gradients under TP (moepipe.parallel.grad_sync): sharded weights hold their shard's complete
+gradient; replicated weights whose inputs are replicated and whose consumers end in a TP
+collective (norms, embedding, head) get identical complete gradients on every TP rank; the
+router and the routed experts see only this TP rank's share of the tokens' combine weights and
+tokens, so their gradients are summed over the TP group (`tp_partial`).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moepipe.model.router import Routing
+from moepipe.parallel.migration import EntrySpec
+
+# module (last name component) -> the weight dim TP splits: colwise layers split their output
+# features (dim 0 of the [out, in] weight), rowwise layers their input features (dim 1)
+_COLWISE, _ROWWISE = ("wq", "wk", "wv", "w1", "w3"), ("wo", "w2")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view: writes reach the DTensor), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def tp_partial(name: str) -> bool:
+    """Replicated weights whose gradient each TP rank holds only its tokens' share of."""
+    return ".router." in name or ".experts." in name
+
+
+def with_local_grads(params: list[nn.Parameter]) -> list[SimpleNamespace]:
+    """Stand-ins whose .grad is the local gradient tensor, for torch's clip on mixed DTensor lists."""
+    return [SimpleNamespace(grad=local(p.grad)) for p in params if p.grad is not None]
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; backward sums the input gradient over the TP group (each rank's
+    gradient covers only the tokens it dispatched, plus 1/tp of the replicated aux loss)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather of equal token chunks along dim 0; backward keeps this rank's chunk (the
+    gradient arriving is the same on every TP rank: its consumers are replicated)."""
+
+    @staticmethod
+    def forward(ctx, chunk: torch.Tensor, group, tp: int, tp_rank: int) -> torch.Tensor:
+        ctx.rows, ctx.tp_rank = chunk.shape[0], tp_rank
+        parts = [torch.empty_like(chunk) for _ in range(tp)]
+        dist.all_gather(parts, chunk.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        lo = ctx.rows * ctx.tp_rank
+        return grad[lo : lo + ctx.rows], None, None, None
+
+
+def token_chunk(routing: Routing, lo: int, hi: int, num_experts: int) -> Routing:
+    """The assignments of tokens [lo, hi) with token indices relative to lo, still sorted by
+    expert with the kept ones first; every other assignment becomes a dropped one (expert id
+    E, weight 0, token 0), which the dispatchers cut off by the kept count."""
+    tok, exp = routing.all_token_idx, routing.all_expert_idx
+    mine = (tok >= lo) & (tok < hi) & (exp < num_experts)
+    order = torch.argsort((~mine).to(torch.int8), stable=True)  # kept chunk assignments first, expert order kept
+    mine = mine[order]
+    expert_idx = torch.where(mine, exp[order], num_experts)
+    kept = torch.zeros(num_experts + 1, dtype=routing.kept_counts.dtype, device=exp.device)
+    kept.index_add_(0, expert_idx, torch.ones_like(expert_idx, dtype=kept.dtype))
+    return replace(
+        routing,
+        all_token_idx=torch.where(mine, tok[order] - lo, 0),
+        all_expert_idx=expert_idx,
+        all_weights=torch.where(mine, routing.all_weights[order], 0.0),
+        kept_counts=kept[:num_experts],
+    )
+
+
+class TokenSplitDispatcher:
+    """Every TP rank routes all tokens (identical routing, capacity and aux loss); this one
+    dispatches the assignments of its 1/tp of the tokens with the inner (local or EP)
+    dispatcher and the TP group all-gathers the per-token results."""
+
+    def __init__(self, inner, num_experts: int, tp: int, tp_rank: int, group):
+        self.inner, self.num_experts, self.tp, self.tp_rank, self.group = inner, num_experts, tp, tp_rank, group
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: nn.ModuleDict) -> torch.Tensor:
+        rows = x.shape[0] // self.tp
+        if rows * self.tp != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} tokens do not split over parallel.tp={self.tp} (config validation names the fix)")
+        lo = rows * self.tp_rank
+        y = self.inner(x[lo : lo + rows], token_chunk(routing, lo, lo + rows, self.num_experts), experts)
+        return _GatherFromTP.apply(y, self.group, self.tp, self.tp_rank)
+
+
+def shard_dim(name: str) -> int | None:
+    """The dim of state entry `name` (a global name) that TP splits, or None (replicated):
+    attention projections, the dense SwiGLU and the shared experts; never routed experts."""
+    parts = name.split(".")
+    if parts[0] != "layers" or len(parts) < 5 or parts[-1] != "weight" or "experts" in parts:
+        return None
+    if parts[2] == "attn" or (parts[2] == "ffn" and (len(parts) == 5 or parts[3] == "shared")):
+        return 0 if parts[-2] in _COLWISE else 1 if parts[-2] in _ROWWISE else None
+    return None
+
+
+def local_layout(layout: dict[str, EntrySpec], tp: int) -> dict[str, EntrySpec]:
+    """The layout of one TP rank's state: split entries at 1/tp of their split dim (what a
+    live migration moves, shard to shard, among ranks of the same TP index)."""
+    out = {}
+    for name, spec in layout.items():
+        d = shard_dim(name) if tp > 1 else None
+        shape = spec.shape if d is None else spec.shape[:d] + (spec.shape[d] // tp,) + spec.shape[d + 1 :]
+        out[name] = EntrySpec(shape, spec.is_param)
+    return out
+
+
+def as_shard(name: str, t: torch.Tensor, mesh, full_shape: tuple[int, ...]) -> torch.Tensor:
+    """This rank's local piece of split entry `name` as the DTensor it is a shard of (no
+    communication); other entries unchanged."""
+    d = shard_dim(name) if mesh.tp > 1 else None
+    if d is None:
+        return t
+    from torch.distributed.tensor import DTensor, Shard
+
+    stride = torch.empty(full_shape, device="meta").stride()
+    return DTensor.from_local(t, mesh.tp_mesh, [Shard(d)], run_check=False, shape=torch.Size(full_shape), stride=stride)
+
+
+def stage_plan(module: nn.Module) -> dict:
+    """parallelize_module's plan for a stage: the FQN of each linear layer holding a split
+    weight (`shard_dim`) -> ColwiseParallel (dim 0) or RowwiseParallel (dim 1)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for name, _ in module.named_parameters():
+        d = shard_dim(name)
+        if d is not None:
+            plan[name.rsplit(".", 1)[0]] = ColwiseParallel() if d == 0 else RowwiseParallel()
+    return plan
+
+
+def shard_stage(module: nn.Module, mesh) -> None:
+    """Split the stage's attention and dense/shared FFN weights over the TP group (no-op when
+    tp == 1). Called on the meta-device stage, before it is materialised: each rank allocates
+    only its shards, and init_weights fills them with their piece of the by-name init, so no
+    rank builds the whole stage and nothing is communicated (src_data_rank=None)."""
+    if mesh.tp == 1:
+        return
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    parallelize_module(module, mesh.tp_mesh, stage_plan(module), src_data_rank=None)
+    for block in module.layers.values():
+        block.attn.n_heads //= mesh.tp  # the attention reshapes by its local head counts
+        block.attn.n_kv_heads //= mesh.tp
+
+
+def split_moe_tokens(module: nn.Module, mesh) -> None:
+    """Each MoE layer of the stage dispatches only this TP rank's share of the tokens (after
+    attach_expert_group installed its EP dispatcher, which this wraps). No-op when tp == 1."""
+    if mesh.tp == 1:
+        return
+    group = mesh.tp_group
+    for _, moe in module.moe_layers():
+        moe.tp_input = lambda x, g=group: _CopyToTP.apply(x, g)
+        moe.dispatcher = TokenSplitDispatcher(moe.dispatcher, moe.num_experts, mesh.tp, mesh.tp_rank, group)
