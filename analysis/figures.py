@@ -388,21 +388,17 @@ DRAWERS = {
     "fig_capacity": draw_capacity,
     "fig_balance": draw_balance,
     "fig_placement": draw_placement,
-    "fig_2bw": lambda res, d: _draw_2bw(res, d),
-    "fig_tp_mesh": lambda res, d: _draw_tp_mesh(res, d),
+    "fig_2bw": lambda res, d: _late("analysis.fig_2bw", "draw_2bw")(res, d),
+    "fig_tp_mesh": lambda res, d: _late("analysis.fig_tp_mesh", "draw_tp_mesh")(res, d),
+    "fig_chimera": lambda res, d: _late("analysis.fig_chimera", "draw_chimera")(res, d),
 }
 
 
-def _draw_tp_mesh(res: dict, figures_dir: str) -> list[str]:
-    from analysis.fig_tp_mesh import draw_tp_mesh  # that module imports this one: import late
+def _late(module: str, name: str):
+    """A drawer from a module that imports this one (so it is imported at draw time)."""
+    import importlib
 
-    return draw_tp_mesh(res, figures_dir)
-
-
-def _draw_2bw(res: dict, figures_dir: str) -> list[str]:
-    from analysis.fig_2bw import draw_2bw  # that module imports this one: import late
-
-    return draw_2bw(res, figures_dir)
+    return getattr(importlib.import_module(module), name)
 
 
 def draw_figure(name: str, results_dir: str = "results", figures_dir: str = "figures") -> list[str]:
