@@ -267,6 +267,15 @@ CLAIMS: list = [
           lambda d: dict(zip("abce", [next(r["ratio_simulated"] for r in d["rows"] if r["pp"] == 4 and r["m"] == 8 and r["v"] == v) for v in (1, 2, 4, 8)]))),
     Claim(RESULTS_MD, "torch's zero-bubble paths hold {lo:.1f}–{hi:.1f}× the activations of 1F1B", ("fig_zero_bubble",),
           lambda d: _zb_range(d, "torch")),
+    Claim(RESULTS_MD, "Chimera / 1F1B throughput at pp=2: formula {f2:.2f}, {f4:.2f}, {f8:.3f} and measured {m2:.2f}, {m4:.2f}, "
+                      "{m8:.2f} at m = 2, 4, 8", ("fig_chimera",),
+          lambda d: {**{f"f{m}": d["throughput_relative_to_1f1b"][str(m)]["formula"] for m in (2, 4, 8)},
+                     **{f"m{m}": d["throughput_relative_to_1f1b"][str(m)]["measured"] for m in (2, 4, 8)}}),
+    Claim(RESULTS_MD, "{n_feasible} of {n_considered} meshes fit; the search chooses tp{tp} x pp{pp} x ep{ep} x dp{dp} at "
+                      "{tok:,.0f} tokens/s, {speedup:.2f}x the best mesh without TP", ("fig_tp_mesh",),
+          lambda d: {"n_feasible": d["n_feasible"], "n_considered": d["n_considered"], "tp": d["chosen"]["tp"], "pp": d["chosen"]["pp"],
+                     "ep": d["chosen"]["ep"], "dp": d["chosen"]["dp"], "tok": d["chosen"]["tokens_per_s"],
+                     "speedup": d["speedup_chosen_vs_best_tp1"]}),
     Claim(RESULTS_MD, "moepipe's executor with lean W holds {lo:.2f}–{hi:.2f}× for the same two schedules", ("fig_zero_bubble",),
           lambda d: _zb_range(d, "moepipe")),
     Claim(RESULTS_MD, "and the migration ({lo:.2f}–{hi:.2f} s of stage and optimizer rebuild each on this CPU)", ("fig_placement",),
