@@ -394,10 +394,10 @@ def _check_parallel(cfg: MoepipeConfig) -> None:
         _positive(f"parallel.{name}", getattr(par, name))
     _one_of("parallel.backend", par.backend, ("auto", "gloo", "nccl"))
     _one_of("parallel.a2a", par.a2a, A2A_MODES)
+    if par.tp > 1 or par.sp:  # first: TP refuses the hierarchical exchange in one line of its own
+        _check_tensor_parallel(cfg)
     if par.a2a == "hierarchical":
         _check_hierarchical(cfg)
-    if par.tp > 1 or par.sp:
-        _check_tensor_parallel(cfg)
 
 
 def _check_tensor_parallel(cfg: MoepipeConfig) -> None:
@@ -436,6 +436,10 @@ def _check_tensor_parallel(cfg: MoepipeConfig) -> None:
                           "use another schedule or parallel.tp=1")
     if par.a2a == "hierarchical":
         raise ConfigError(f"parallel.tp={tp} with parallel.a2a=hierarchical: EP groups are not adjacent ranks under TP; use parallel.a2a=flat")
+    local = cfg.topology.devices_per_node
+    if local >= 1 and local % tp:
+        raise ConfigError(f"parallel.tp={tp} does not fit in a node of topology.devices_per_node={local}: a TP group must sit inside "
+                          "one node; pick tp dividing devices_per_node")
 
 
 def _check_hierarchical(cfg: MoepipeConfig) -> None:

@@ -74,7 +74,7 @@ def test_world_size_mismatch_under_torchrun(monkeypatch, tmp_path):
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError) as err:
         launch(compose_cfg(["parallel=pp2_ep2"]), str(tmp_path))  # fails before any process group
-    one_line(str(err.value), "parallel.pp*ep*dp=4 but torchrun started WORLD_SIZE=2", "nproc_per_node")
+    one_line(str(err.value), "parallel.pp*ep*dp*tp=4 but torchrun started WORLD_SIZE=2", "nproc_per_node")
 
 
 def test_missing_data_path(tmp_path):

@@ -501,7 +501,7 @@ def check_slurm_launcher() -> None:
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 8 and launcher.nodes == 1 and launcher.gpus_per_node == 8
     text = (CONF / "hydra" / "launcher" / "slurm.yaml").read_text()
-    assert "nodes*tasks_per_node must equal parallel.pp*ep*dp" in text
+    assert "nodes*tasks_per_node must equal parallel.pp*ep*dp*tp" in text
 
 
 def make_memmap(root: Path) -> str:

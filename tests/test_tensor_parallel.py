@@ -164,6 +164,8 @@ def test_shard_rule_and_local_layout():
     (("parallel.tp=2", "parallel.sp=true"), "parallel.sp=true is not supported yet"),
     (("parallel.sp=true",), "parallel.sp=true needs tensor parallelism"),
     (("parallel.tp=2", "parallel.pp=2", "schedule.name=chimera"), "parallel.tp=2 with schedule.name=chimera"),
+    (("parallel.tp=2", "parallel.ep=2", "parallel.a2a=hierarchical"), "parallel.tp=2 with parallel.a2a=hierarchical"),
+    (("parallel.tp=2", "topology.devices_per_node=3", "topology.nodes=2"), "parallel.tp=2 does not fit in a node of topology.devices_per_node=3"),
 ])
 def test_bad_tp_config_is_one_line(overrides, needle):
     with pytest.raises(ConfigError) as err:

@@ -145,7 +145,7 @@ class ScheduleExecutor(_PipelineSchedule):
             if lean is not None:
                 lean.mb = mb
             try:
-                    out = st.forward_one_chunk(mb, self._arg_mbs[mb], self._kwarg_mbs[mb], save_forward_output=self._return_outputs)
+                out = st.forward_one_chunk(mb, self._arg_mbs[mb], self._kwarg_mbs[mb], save_forward_output=self._return_outputs)
             finally:
                 if lean is not None:
                     lean.mb = None

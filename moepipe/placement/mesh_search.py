@@ -123,7 +123,7 @@ def evaluate_mesh(cfg: MoepipeConfig, topology: Topology, tp: int, pp: int, ep: 
     `microbatch_seqs`: see `with_mesh` (None: cfg's schedule.microbatches)."""
     from moepipe.placement.placers import Evaluator, inputs_from_config, make_placement
     from moepipe.placement.placers.inputs import origins_of, routing_of
-    from moepipe.sim.simulator import simulate
+    from moepipe.sim.simulator import simulate, weight_grad_mode
 
     name = placer or cfg.placer.name
     out = MeshResult(tp, pp, ep, dp, False, placer=name)
@@ -152,7 +152,8 @@ def evaluate_mesh(cfg: MoepipeConfig, topology: Topology, tp: int, pp: int, ep: 
         out.reason = str(err).splitlines()[0]
         return out
     res = simulate(plan, c.schedule.name, c.schedule.microbatches, inputs.topology, ev.cm, routing_of(inputs), c.sim.free_comm,
-                   origins=origins_of(inputs))
+                   origins=origins_of(inputs),
+                   weight_grad=weight_grad_mode(c.schedule.executor, c.schedule.lean_weight_grad, c.train.activation_checkpointing))
     final = ev.evaluate(plan).memory_bytes
     r = int(final.argmax())
     out.peak_memory_bytes = float(final[r])

@@ -519,7 +519,10 @@ def load_checkpoint(trainer, point: ResumePoint, cfg: MoepipeConfig) -> int:
     else:
         # Another mesh: the old per-rank streams do not map onto the new ranks. Reseed from
         # (seed, step, rank) so the run stays reproducible; only router jitter draws from it.
-        torch.manual_seed(cfg.train.seed * 1_000_003 + point.step * 7919 + rank)
+        # The ranks of one TP group share a stream: each routes all tokens and must draw alike.
+        mesh = getattr(trainer, "mesh", None)
+        stream = mesh.slot if mesh is not None else rank
+        torch.manual_seed(cfg.train.seed * 1_000_003 + point.step * 7919 + stream)
     if placer_keys:
         trainer.load_placer_state({k[len("placer."):]: state[k] for k in placer_keys})
     return point.step

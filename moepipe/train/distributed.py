@@ -438,7 +438,9 @@ class DistributedTrainer:
         all-to-alls for its peers, which says nothing about the block's own cost, so the placer
         models those blocks from the routed-token counts instead."""
         seconds = self.clock.take()
-        if self.mesh.ep > 1 or first:  # the first step's times include one-off start-up costs
+        # first: the first step's times include one-off start-up costs; tp > 1: a measured block
+        # time already holds its TP collectives, which the cost model would add again
+        if self.mesh.ep > 1 or self.mesh.tp > 1 or first:
             return None
         # chimera: each copy of a block ran half the microbatches; the block's step time is both copies'
         fwd = torch.from_numpy(seconds * self.speed * 3.0 * self.chains).to(self.device)

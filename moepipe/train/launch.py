@@ -104,15 +104,15 @@ def launch(cfg: MoepipeConfig, run_dir: str) -> dict | None:
     if under_torchrun():
         if int(os.environ["WORLD_SIZE"]) != n:
             raise ConfigError(
-                f"parallel.pp*ep*dp={n} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']}: "
-                "make nnodes*nproc_per_node equal pp*ep*dp"
+                f"parallel.pp*ep*dp*tp={n} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']}: "
+                "make nnodes*nproc_per_node equal pp*ep*dp*tp"
             )
         return run_worker(int(os.environ["RANK"]), n, cfg, run_dir, "env://", int(os.environ.get("LOCAL_RANK", 0)))
     slurm = slurm_tasks() if n > 1 else None
     if slurm is not None:
         rank, tasks, local_rank, init = slurm
         if tasks != n:
-            raise ConfigError(f"parallel.pp*ep*dp={n} but SLURM runs {tasks} tasks: set nodes*tasks_per_node to pp*ep*dp")
+            raise ConfigError(f"parallel.pp*ep*dp*tp={n} but SLURM runs {tasks} tasks: set nodes*tasks_per_node to pp*ep*dp*tp")
         return run_worker(rank, n, cfg, run_dir, init, local_rank)
     preflight(cfg, run_dir)
     for line in single_process_notices(cfg) if n == 1 else ():

@@ -248,7 +248,7 @@ def train(cfg: MoepipeConfig, run_dir: str, trainer_factory=None, is_metrics_ran
     """
     if trainer_factory is None and world_size(cfg) != 1:
         raise ConfigError(
-            f"parallel.pp*ep*dp={world_size(cfg)}: train() alone runs one process; "
+            f"parallel.pp*ep*dp*tp={world_size(cfg)}: train() alone runs one process; "
             "start multi-process runs with moepipe-train (it launches the workers)"
         )
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
