@@ -10,11 +10,14 @@ from moepipe.parallel.spawn import run_distributed  # noqa: F401  (re-exported f
 
 
 def gather_state(modules, rank: int) -> dict | None:
-    """Every rank's parameters by global name, merged on rank 0 (replicas must agree)."""
+    """Every rank's parameters by global name, merged on rank 0 (replicas must agree); TP
+    shards (DTensors) are gathered whole first, a collective every rank runs in the same order."""
+    from torch.distributed.tensor import DTensor
+
     local = {}
     for m in modules:
         for name, p in m.named_parameters():
-            local[name] = p.detach().clone()
+            local[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
     everything = [None] * dist.get_world_size()
     dist.all_gather_object(everything, local)
     if rank != 0:

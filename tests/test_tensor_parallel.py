@@ -21,7 +21,7 @@ from moepipe.train.distributed import DistributedTrainer
 from moepipe.train.loop import Trainer
 
 from conftest import compose_cfg
-from dist_utils import run_distributed, save
+from dist_utils import gather_state, run_distributed, save
 from test_parallel_parity import BASE, STEPS, assert_matches
 
 AUX_ON = ("moe.aux_loss_coef=0.01",)
@@ -43,27 +43,6 @@ def reference(schedule: str, extra: tuple) -> tuple[list[float], dict[str, torch
     return losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
-def full_state(modules, rank: int) -> dict | None:
-    """Every parameter by global name, TP shards gathered, merged on rank 0 (replicas must agree)."""
-    from torch.distributed.tensor import DTensor
-
-    mine = {}
-    for m in modules:
-        for name, p in m.named_parameters():
-            mine[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-    everything = [None] * dist.get_world_size()
-    dist.all_gather_object(everything, mine)
-    if rank != 0:
-        return None
-    merged: dict[str, torch.Tensor] = {}
-    for part in everything:
-        for name, t in part.items():
-            if name in merged:
-                assert torch.equal(merged[name], t), f"replicas of {name} diverged"
-            merged.setdefault(name, t)
-    return merged
-
-
 def _worker(rank: int, world: int, runs: list, out_dir: str) -> None:
     """runs: [(pp, ep, tp), schedule, extra overrides], each layout of `world` ranks."""
     from torch.distributed.tensor import DTensor
@@ -78,7 +57,7 @@ def _worker(rank: int, world: int, runs: list, out_dir: str) -> None:
         assert wq and all(isinstance(p, DTensor) and p.to_local().shape[0] * tp == p.shape[0] for p in wq), "attention is not TP-split"
         losses = [trainer.train_step(s).loss for s in range(STEPS)]
         losses.append(trainer.evaluate())
-        state = full_state(list(trainer.modules.values()), rank)
+        state = gather_state(list(trainer.modules.values()), rank)
         if rank == 0:
             save({"losses": losses, "state": state}, os.path.join(out_dir, f"run{i}.pt"))
 
@@ -185,7 +164,7 @@ def _ckpt_worker(rank: int, world: int, single_root: str, root: str, out: str) -
     first = DistributedTrainer(cfg_tp, mesh_tp)
     results = {"saved": [first.train_step(s).loss for s in range(HALF)]}
     path = ck.save_checkpoint(first, cfg_tp, root, HALF, {"model": {}, "moe": {}})
-    results["weights"] = full_state(list(first.modules.values()), rank)
+    results["weights"] = gather_state(list(first.modules.values()), rank)
     from_single = ck.latest_checkpoint(single_root)
     for label, cfg, mesh, source in (("tp2_to_tp2", cfg_tp, mesh_tp, path), ("tp2_to_pp2", cfg_pp, mesh_pp, path),
                                      ("tp1_to_tp2", cfg_tp, mesh_tp, from_single)):
@@ -274,7 +253,7 @@ def _migration_worker(rank: int, world: int, out_dir: str) -> None:
                 event = trainer.migrate(todo.pop(0))
                 checks.append((before, digests(trainer), event["bytes_moved"], trainer.plan.stage_layers))
         losses.append(trainer.evaluate())
-        results[moving] = {"losses": losses, "state": full_state(list(trainer.modules.values()), rank), "checks": checks}
+        results[moving] = {"losses": losses, "state": gather_state(list(trainer.modules.values()), rank), "checks": checks}
     if rank == 0:
         save(results, os.path.join(out_dir, "migration.pt"))
 

@@ -542,9 +542,10 @@ def split_over_copies(counts: Any, table: CopyTable) -> Any:
     cost model, numpy) give the same rule on expected counts. Every row sums to its count."""
     ops = _ops_for(counts)
     integer = ops.integer(counts)
-    L = _node_block(table)
-    if isinstance(counts, np.ndarray) and L and len(table.nodes) > 1:
-        return _split_node_blocks(counts, table, L, integer)
+    if isinstance(counts, np.ndarray) and len(table.nodes) > 1:  # the cost model's path (the runtime's tables are tensors: no host read)
+        L = _node_block(table)
+        if L:
+            return _split_node_blocks(counts, table, L, integer)
     own, near = table.own, table.near
     has_own, has_near = own.any(-1), near.any(-1)
     out = counts[..., None] * own
