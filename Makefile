@@ -32,11 +32,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Paper reproductions (issue 7): each script runs its small CPU variant from a clean worktree of
+# Paper reproductions (issues 7 and 16: figures 1-10): each script runs its small CPU variant from a clean worktree of
 # HEAD (experiments/rerun_all.sh: results record a clean commit; commit first), writes
 # results/fig_*.json and .csv, and figures/ is redrawn from results/ alone (also
-# figures/fig_sim_vs_measured.png from results/bench_sim.json). About 10 minutes on 2 cores.
-FIGURE_SCRIPTS := fig_bubble fig_memory fig_interleaved fig_zero_bubble fig_capacity fig_balance fig_placement fig_tp_mesh fig_chimera
+# figures/fig_sim_vs_measured.png from results/bench_sim.json). About 16 minutes on 2 cores.
+FIGURE_SCRIPTS := fig_bubble fig_memory fig_interleaved fig_zero_bubble fig_capacity fig_balance fig_placement fig_2bw fig_chimera fig_tp_mesh
 
 figures: $(STAMP)
 	PY=$(abspath $(PY)) experiments/rerun_all.sh $(FIGURE_SCRIPTS)
