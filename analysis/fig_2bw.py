@@ -3,13 +3,11 @@ against wall time (tiny model, pp=2 on CPU; the single-process reference of the 
 on top of 2BW's distributed losses), and the iteration time relative to 1F1B from the formula,
 the simulator and the measurement side by side.
 
-    python -c "from analysis.fig_2bw import draw_figure; draw_figure('results', 'figures')"
+    python -c "from analysis.figures import draw_figure; draw_figure('fig_2bw')"
 """
 from __future__ import annotations
 
-import os
-
-from analysis.figures import SCHEDULE_COLORS, _save, _stamp, plt, read_results
+from analysis.figures import SCHEDULE_COLORS, _save, _stamp, plt
 
 COLORS = {**SCHEDULE_COLORS, "pipedream_2bw": "#2CA02C"}
 LABELS = {"1f1b": "1F1B (flush every step)", "pipedream_2bw": "PipeDream-2BW (no flush, 1-step delay)"}
@@ -49,10 +47,3 @@ def draw_2bw(res: dict, figures_dir: str) -> list[str]:
                  "gradient one step late (W(t+1) = W(t) - lr*g(W(t-1)))", fontsize=8)
     _stamp(fig, res)
     return [_save(fig, figures_dir, "fig_2bw")]
-
-
-def draw_figure(results_dir: str = "results", figures_dir: str = "figures") -> list[str]:
-    res = read_results("fig_2bw", results_dir)
-    if res is None:
-        raise FileNotFoundError(f"{os.path.join(results_dir, 'fig_2bw.json')} does not exist: run experiments/fig_2bw.py first")
-    return draw_2bw(res, figures_dir)

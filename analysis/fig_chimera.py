@@ -3,13 +3,11 @@ microbatches per pipeline size (formula lines, simulated points with B = F and B
 and replayed CPU points), and throughput relative to 1F1B at the measured pipeline size
 (formula, simulated, measured side by side).
 
-    python -c "from analysis.fig_chimera import draw_figure; draw_figure('results', 'figures')"
+    python -c "from analysis.figures import draw_figure; draw_figure('fig_chimera')"
 """
 from __future__ import annotations
 
-import os
-
-from analysis.figures import SCHEDULE_COLORS, _save, _stamp, plt, read_results
+from analysis.figures import SCHEDULE_COLORS, _save, _stamp, plt
 
 COLORS = {"1f1b": SCHEDULE_COLORS["1f1b"], "chimera": "#17BECF"}
 LABELS = {"1f1b": "1F1B", "chimera": "Chimera"}
@@ -56,10 +54,3 @@ def draw_chimera(res: dict, figures_dir: str) -> list[str]:
     fig.suptitle("Chimera vs 1F1B: two model replicas in opposite directions (tiny MoE model on CPU for the measured points)", fontsize=8)
     _stamp(fig, res)
     return [_save(fig, figures_dir, "fig_chimera")]
-
-
-def draw_figure(results_dir: str = "results", figures_dir: str = "figures") -> list[str]:
-    res = read_results("fig_chimera", results_dir)
-    if res is None:
-        raise FileNotFoundError(f"{os.path.join(results_dir, 'fig_chimera.json')} does not exist: run experiments/fig_chimera.py first")
-    return draw_chimera(res, figures_dir)
