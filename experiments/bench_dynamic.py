@@ -10,17 +10,22 @@ Scenarios (all labelled, injected conditions; see `workload.*` in conf):
          fast worker.
 - moving (issue 15): pp=1 x ep=2, one hot expert per layer (workload.kind=rotating, strength 8)
          moving to the next expert every --period steps (20); static vs topo re-planning every
-         --interval steps (10) vs topo plus the fast path (placer.shadow_slots, per-microbatch
+         --interval steps (10) vs topo plus the fast path (placer.shadow_slots, per-step
          shadows of hot experts). `speedup_moving` = static / (topo + shadows);
-         `speedup_moving_topo_without_shadows` = static / topo.
+         `speedup_moving_topo_without_shadows` = static / topo. Here topo plans with what the
+         project recommends for moving load (MOVING_PLACER: placer.forecast=periodic,
+         placer.objective=expected, which bench_placer's `moving` section scores on moving hot
+         blocks): the default EMA forecast plans for the mean of a load that has already moved
+         on, so each plan balances the hot spot that has just gone.
 - shadow_step: pp=1 x ep=2, a fixed hot expert (hot_expert, strength 8), no re-planning: static
          with shadows off vs on, side by side (`shadow_step_ratio` = off / on wall time,
          `shadow_step_steady_ratio` on tokens/s after the first windows). On one machine the
          weight broadcast and gradient return run over loopback, so this shows the compute
          balance a shadow buys and the cost of its bookkeeping, not a network's transfer cost.
          Also one MoE layer alone (2 gloo ranks, --layer-iters rounds): the busiest rank's CPU
-         seconds per forward + backward, off / on (`shadow_layer_cpu_ratio`), and the wall
-         ratio (`shadow_layer_wall_ratio`). CPU seconds count what each rank computes, which
+         seconds per step of that layer (forward + backward of every microbatch; with shadows
+         also the decision, weight exchange and gradient return), off / on
+         (`shadow_layer_cpu_ratio`), and the wall ratio (`shadow_layer_wall_ratio`). CPU seconds count what each rank computes, which
          is what shadows rebalance, and stay meaningful on a loaded machine.
 Each scenario runs static and topo alternately (`--rounds` pairs, order flipped each round)
 through the real launcher (moepipe.train.launch), so background load hits both alike; the
@@ -79,6 +84,11 @@ SCENARIOS = {
     # the fast path alone, side by side: a fixed hot expert, no re-planning, shadows off vs on
     "shadow_step": EP2 + ["workload.kind=hot_expert", "workload.strength=8.0"],
 }
+# the dynamic arms' placer settings for moving load (the settings bench_placer's `moving` section
+# uses: forecast the next interval's load from a periodic/moving hot spot and plan for the
+# expected time over its scenarios); the default window (placer.forecast_window) is kept
+MOVING_PLACER = ["placer.forecast=periodic", "placer.objective=expected"]
+PLACER_OF = {"moving": MOVING_PLACER}
 # which variants each scenario runs; `speedup` stays the geomean of static/topo over skew and slow
 VARIANTS_OF = {"skew": ("static", "topo"), "slow": ("static", "topo"), "moving": ("static", "topo", "topo_shadows"),
                "shadow_step": ("static", "static_shadows")}
@@ -102,8 +112,11 @@ def run_once(overrides: list[str], out: str) -> dict:
 
 
 def _layer_worker(rank: int, world: int, overrides: list, iters: int, out: str) -> None:
-    """One MoE layer (the bench model's layer 0) on 2 EP ranks under the shadow_step skew:
-    forward + backward with shadows off and on, alternating, per-rank wall and CPU seconds."""
+    """One MoE layer (the bench model's layer 0) on 2 EP ranks under the shadow_step skew: one
+    training step's work for that layer (schedule.microbatches forward + backward) with shadows
+    off and on, alternating, per-rank wall and CPU seconds. "on" is the runtime's per-step path:
+    the decision on the load (the same on both ranks), the weight exchange, the microbatches,
+    the gradient return (moepipe.model.shadow_exchange.StepShadows)."""
     import time
 
     import numpy as np
@@ -111,7 +124,7 @@ def _layer_worker(rank: int, world: int, overrides: list, iters: int, out: str) 
     import torch.distributed as dist
 
     from moepipe.model.moe import MoELayer
-    from moepipe.model.shadow_exchange import shadow_policy
+    from moepipe.model.shadow_exchange import StepShadows
     from moepipe.placement.placers.inputs import inputs_from_config
     from moepipe.placement.plan import static_plan
     from moepipe.placement.shadows import choose_shadows, layer_setup
@@ -120,6 +133,7 @@ def _layer_worker(rank: int, world: int, overrides: list, iters: int, out: str) 
     cfg = compose_config(overrides)
     inp = inputs_from_config(cfg)
     layer_id = inp.spec.moe_layers[0]
+    m = cfg.schedule.microbatches
     holders = static_plan(cfg.model.n_layers, inp.spec.moe_layers, cfg.moe.num_experts, pp=1, ep=world).expert_map[layer_id]
     torch.manual_seed(0)
     layer = MoELayer(cfg.model.d_model, cfg.moe)
@@ -127,18 +141,36 @@ def _layer_worker(rank: int, world: int, overrides: list, iters: int, out: str) 
         if rank not in holders[int(k)]:
             del layer.experts[k]
     layer.set_routing_skew(routing_skew(cfg, 0, source=rank)[layer_id])
-    setup = layer_setup(inp.cost_model, inp.topology, list(range(world)), layer_id, microbatches=1)
-    policy = {"off": None, "on": shadow_policy(choose_shadows, setup, cfg.placer.shadow_slots)}
+    layer.attach_expert_group(holders, rank, dist.group.WORLD)
+    layer.stats.set_source(rank, world)
+    setup = layer_setup(inp.cost_model, inp.topology, list(range(world)), layer_id, microbatches=m)
     tokens = cfg.train.batch_size * cfg.train.seq_len // world
     x = torch.randn(tokens, cfg.model.d_model, generator=torch.Generator().manual_seed(rank))
-    times = {v: {"wall": [], "cpu": []} for v in policy}
-    copies = 0
+    with torch.no_grad():  # the load the decision reads: [ep, E] counts, the same on both ranks
+        layer(x)
+    load = layer.stats.origins.double()
+    dist.all_reduce(load)
+    load = load.numpy()
+    disp = layer.dispatcher
+    times = {v: {"wall": [], "cpu": []} for v in ("off", "on")}
+    copies, decide = 0, []
     for i in range(iters + 2):  # the first two rounds warm up
-        for v in (policy if i % 2 == 0 else reversed(list(policy))):
-            layer.attach_expert_group(holders, rank, dist.group.WORLD, shadows=policy[v])
+        for v in (("off", "on") if i % 2 == 0 else ("on", "off")):
             dist.barrier()
             w0, c0 = time.perf_counter(), time.process_time()
-            layer(x).square().mean().backward()
+            step = None
+            if v == "on":
+                chosen = dict(choose_shadows(load, holders, setup, cfg.placer.shadow_slots).shadows)
+                decide.append(time.process_time() - c0)
+                if chosen:
+                    step = StepShadows({layer_id: chosen}, {layer_id: holders}, rank, dist.group.WORLD, world, {layer_id: layer.experts},
+                                       cfg.model.d_model, cfg.moe.expert_hidden, x)
+                    disp.use_shadows(chosen, lambda: step.experts_for(layer_id))
+            for xm in x.chunk(m):
+                (layer(xm).square().mean() / m).backward()
+            if step is not None:
+                step.return_grads()
+                disp.use_shadows({})
             c1 = time.process_time()
             dist.barrier()
             w1 = time.perf_counter()
@@ -146,12 +178,13 @@ def _layer_worker(rank: int, world: int, overrides: list, iters: int, out: str) 
             if i >= 2:
                 times[v]["wall"].append(w1 - w0)
                 times[v]["cpu"].append(c1 - c0)
-            copies += getattr(layer.dispatcher, "shadow_copies", 0) if v == "on" else 0
+    copies = disp.shadow_copies
     gathered = [None] * world
     dist.all_gather_object(gathered, times)
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"ranks": gathered, "shadow_copies": copies, "holders": holders}, f)
+            json.dump({"ranks": gathered, "shadow_copies": copies, "holders": holders, "load": load.tolist(),
+                       "decision_cpu_s": float(np.median(decide)), "microbatches": m}, f)
 
 
 def layer_side_by_side(overrides: list, iters: int, tmp: str) -> dict:
@@ -169,7 +202,8 @@ def layer_side_by_side(overrides: list, iters: int, tmp: str) -> dict:
     per = {v: {"cpu_max_rank_s": st.median(max(r[v]["cpu"][i] for r in res["ranks"]) for i in range(iters)),
                "cpu_sum_ranks_s": st.median(sum(r[v]["cpu"][i] for r in res["ranks"]) for i in range(iters)),
                "wall_s": st.median(res["ranks"][0][v]["wall"])} for v in ("off", "on")}
-    return {**per, "iters": iters, "shadow_copies": res["shadow_copies"],
+    return {**per, "iters": iters, "shadow_copies": res["shadow_copies"], "decision_cpu_s": res["decision_cpu_s"],
+            "microbatches": res["microbatches"],
             "cpu_ratio_off_over_on": per["off"]["cpu_max_rank_s"] / per["on"]["cpu_max_rank_s"],
             "wall_ratio_off_over_on": per["off"]["wall_s"] / per["on"]["wall_s"]}
 
@@ -207,7 +241,8 @@ def main() -> None:
             steps = args.shadow_step_steps if scen == "shadow_step" else args.steps
             base = model + [f"train.steps={steps}"]
             # quick: the moving scenario skips topo without shadows (same code path as skew's topo)
-            variants = {v: all_variants[v] for v in VARIANTS_OF[scen] if not (args.quick and scen == "moving" and v == "topo")}
+            variants = {v: all_variants[v] + (PLACER_OF.get(scen, []) if v.startswith("topo") else [])
+                        for v in VARIANTS_OF[scen] if not (args.quick and scen == "moving" and v == "topo")}
             dyn = VARIANTS_OF[scen][-1]  # the dynamic variant static is compared with
             runs = {v: [] for v in variants}
             for r in range(args.rounds):
@@ -246,7 +281,8 @@ def main() -> None:
         if "shadow_step" in scenarios:
             table_layer = layer_side_by_side(model + SCENARIOS["shadow_step"] + [f"placer.shadow_slots={args.shadow_slots}"],
                                              args.layer_iters, tmp)
-            print(f"shadow_step layer: busiest rank's CPU s per fwd+bwd off {table_layer['off']['cpu_max_rank_s'] * 1e3:.2f} ms, "
+            print(f"shadow_step layer: busiest rank's CPU s per step (fwd+bwd; on: + decision "
+                  f"{table_layer['decision_cpu_s'] * 1e3:.2f} ms, weight exchange, gradient return) off {table_layer['off']['cpu_max_rank_s'] * 1e3:.2f} ms, "
                   f"on {table_layer['on']['cpu_max_rank_s'] * 1e3:.2f} ms; wall off {table_layer['off']['wall_s'] * 1e3:.2f} ms, "
                   f"on {table_layer['on']['wall_s'] * 1e3:.2f} ms", flush=True)
             table["shadow_step"]["layer"] = table_layer

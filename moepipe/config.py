@@ -124,9 +124,10 @@ class PlacerConfig:
     # load) | expected (the scenarios' weighted mean time) | quantile (their placer.quantile)
     objective: str = "mean"
     quantile: float = 0.9
-    # the fast path of two-speed placement: per-microbatch shadow copies of hot experts (weights
-    # from the home, gradients back; no optimizer state moves), at most this many per EP rank per
-    # MoE layer (the memory bound); 0 turns it off (moepipe/model/shadow_exchange.py)
+    # the fast path of two-speed placement: per-step shadow copies of hot experts, decided from the
+    # last step's counts (weights from the home once per step, gradients back once after the last
+    # backward; no optimizer state moves), at most this many per EP rank per MoE layer (the memory
+    # bound); 0 turns it off (moepipe/model/shadow_exchange.py)
     shadow_slots: int = 0
     # One process only: advise for this [pp, ep, dp] mesh (the re-plans it would make there,
     # from this run's routing statistics); null advises for the one-device job itself

@@ -1,5 +1,6 @@
-"""The fast path at run time (placer.shadow_slots): per-microbatch shadow copies of hot experts
-change where expert work runs, not what the step computes.
+"""The fast path at run time (placer.shadow_slots): per-step shadow copies of hot experts
+(decided at the start of a step from the last step's counts, weights sent once, gradients
+returned once after the last backward) change where expert work runs, not what the step computes.
 
 Each layout runs the same job twice in one set of workers, without shadows and with
 placer.shadow_slots=1, under a strong hot-expert skew and declared fast links (so the
@@ -12,9 +13,13 @@ entry); AdamW's exp_avg is linear in the gradient (same tolerance as the gradien
 g/sqrt(v) amplifies differences of entries near zero in the parameters (as in
 test_parallel_parity). exp_avg_sq is compared relative to its tensor norm.
 
+The first step has no counts yet, so no shadows; STEPS = 3 gives two shadowed steps (two
+microbatches each, so the shadows' gradients accumulate over microbatches, and under activation
+checkpointing over the recomputed forwards too) and AdamW moments built on them.
+
 ep2 x dp2 also starts from a plan with a replicated expert (its home is the first holder; the
 shadow's gradient goes there, then the replica sync sums the copies) and migrates homes live
-after the first step, with shadows on.
+after the first step, with shadows on: the next step decides on the new plan's holders.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from moepipe.train.distributed import DistributedTrainer
 from conftest import compose_cfg
 from dist_utils import gather_state, run_distributed, save
 
-STEPS = 2
+STEPS = 3
 BASE = [
     "model.d_model=32", "model.n_heads=2", "model.ffn_hidden=64", "model.n_layers=4", "model.max_seq_len=16",
     "moe.expert_hidden=32", "moe.num_experts=8", "moe.top_k=2", "moe.capacity_factor=0",
@@ -72,7 +77,7 @@ def optimizer_state(trainer, rank: int) -> dict | None:
 
 # (name, shadow slots, extra overrides) run one after the other in the same workers
 RUNS = ((0, 0, ()), (1, 1, ()))
-CHECKPOINTED = ("ckpt", 1, ("train.activation_checkpointing=true",))  # recomputation re-runs the weight exchange
+CHECKPOINTED = ("ckpt", 1, ("train.activation_checkpointing=true",))  # recomputed forwards run the shadows again
 
 
 def _worker(rank: int, world: int, layout: tuple, plan_json: str | None, migrate_json: str | None, out_dir: str, runs: tuple = RUNS) -> None:
@@ -163,12 +168,14 @@ def test_fairscale_backend_is_refused():
 
 
 def test_exchange_plan_every_rank_agrees():
-    from moepipe.model.shadow_exchange import exchange_plan
+    from moepipe.model.shadow_exchange import exchange_plan, home_of
 
     holders = [[0], [1, 2], [2], [0]]
-    shadows = {0: (1, 2), 1: (0,), 3: (2,)}  # expert 1's home is its first holder, rank 1
-    plans = [exchange_plan(shadows, holders, r, 3) for r in range(3)]
-    # what rank s sends to d is what d receives from s, in the same expert order
+    # two layers' shadows in one exchange; expert 1's home is its first holder, rank 1
+    shadows = {(0, 0): (1, 2), (0, 1): (0,), (0, 3): (2,), (1, 2): (0, 1)}
+    homes = {k: home_of(holders, k[1]) for k in shadows}
+    plans = [exchange_plan(shadows, homes, r, 3) for r in range(3)]
+    # what rank s sends to d is what d receives from s, in the same order
     def blocks(items, splits):
         starts = [sum(splits[:i]) for i in range(len(splits))]
         return [items[a : a + n] for a, n in zip(starts, splits)]
@@ -176,4 +183,6 @@ def test_exchange_plan_every_rank_agrees():
     for s in range(3):
         for d in range(3):
             assert blocks(plans[s][0], plans[s][1])[d] == blocks(plans[d][2], plans[d][3])[s]
-    assert plans[0][0] == [0, 0, 3] and plans[0][1] == [0, 1, 2] and plans[2][2] == [0, 3]
+    assert plans[0][0] == [(0, 0), (0, 0), (0, 3)] and plans[0][1] == [0, 1, 2]
+    assert plans[2][2] == [(0, 0), (0, 3)] and plans[2][3] == [2, 0, 0]
+    assert plans[2][0] == [(1, 2), (1, 2)] and plans[2][1] == [1, 1, 0]

@@ -3,9 +3,8 @@ expert map (any mapping of experts to EP ranks, not only contiguous blocks).
 
 Per MoE layer and microbatch, on every rank of the layer's EP group:
   1. counts: all-gather each rank's tokens-per-expert vector ([ep, E], a few bytes);
-     with shadows on (placer.shadow_slots), every rank decides the same shadow set from them
-     and the homes send those experts' weights (moepipe.model.shadow_exchange); shadows count
-     as copies after the holders from here on;
+     with shadows on (placer.shadow_slots), this step's shadow set (decided and exchanged once
+     per step: moepipe.model.shadow_exchange) counts as copies after the holders;
   2. dispatch: order this rank's surviving assignments by (owner rank, expert) and send each
      owner its slice (all_to_all_single with uneven splits);
   3. regroup what arrived from (source, expert) order into (expert, source) order, run each
@@ -28,7 +27,6 @@ from torch import nn
 from moepipe.model.all_to_all import flat_all_to_all
 from moepipe.model.moe import combine, run_experts_sorted
 from moepipe.model.router import Routing
-from moepipe.model.shadow_exchange import ShadowPolicy, send_shadow_weights, tie
 from moepipe.placement.shadows import with_shadows
 from moepipe.placement.cost_model import copy_table, rule_nodes, split_over_copies
 
@@ -67,28 +65,34 @@ class ExpertParallelDispatcher:
     Per layer and microbatch the host reads the device once: after the counts all-gather, the
     group's send matrix and this rank's receive sizes per (source, local expert) in one
     transfer. The all-to-all needs them as host integers, so this read cannot be avoided;
-    every other size is derived from it. With shadows on, the gathered counts are read first
-    (the decision runs on the host), so such a layer reads twice.
+    every other size is derived from it. Shadows add no read: their set is fixed for the step.
     """
 
     def __init__(self, holders: list[list[int]], ep_rank: int, group, num_experts: int, exchange: Exchange = flat_all_to_all,
-                 local_size: int = 1, shadows: Optional[ShadowPolicy] = None, expert_shape: Optional[tuple[int, int]] = None):
+                 local_size: int = 1):
         if len(holders) != num_experts or any(not h for h in holders):
             raise ValueError(f"expert holders must list at least one EP rank for each of {num_experts} experts")
-        if shadows is not None and expert_shape is None:
-            raise ValueError("shadows need expert_shape=(d_model, expert_hidden) to rebuild a received expert")
         self.ep_rank, self.group, self.num_experts, self.exchange = ep_rank, group, num_experts, exchange
         self.needs_matrix = exchange is not flat_all_to_all  # the flat exchange routes by its own splits only
         self.ep = dist.get_world_size(group)
         self.holders = [list(h) for h in holders]
         self.local_size = local_size
-        self.shadows, self.expert_shape = shadows, expert_shape
         self.shadow_layouts: dict[tuple, _Layout] = {}  # shadow set -> its layout (a hot set recurs step after step)
         self.shadow_copies = 0  # shadow copies run (summed over calls; recomputed forwards count again)
         self.shadow_calls = 0  # calls that ran at least one shadow
-        self.last_shadows: dict[int, tuple] = {}
+        self.last_shadows: dict[int, tuple] = {}  # this step's shadow set ({} when none)
+        self._shadow_experts: Optional[Callable[[], dict]] = None
         self.base_layout = _Layout(self.holders, ep_rank, self.ep, num_experts, local_size)
         self._set_layout(self.base_layout)
+
+    def use_shadows(self, chosen: dict, shadow_experts: Optional[Callable[[], dict]] = None) -> None:
+        """This step's shadow set {expert: extra EP ranks} (the same on every rank of the group)
+        and, when it is not empty, a callable giving this rank's shadow experts by name
+        (moepipe.model.shadow_exchange.StepShadows.experts_for). `use_shadows({})` ends the step's."""
+        chosen = {int(e): tuple(int(r) for r in rs) for e, rs in chosen.items() if rs}
+        self.last_shadows = chosen
+        self._shadow_experts = shadow_experts if chosen else None
+        self._set_layout(self._shadow_layout(chosen))
 
     def _set_layout(self, lay: "_Layout") -> None:
         self.layout = lay
@@ -140,20 +144,10 @@ class ExpertParallelDispatcher:
         gathered = [torch.empty_like(kept) for _ in range(ep)]
         dist.all_gather(gathered, kept.contiguous(), group=self.group)
         counts = torch.stack(gathered)
-        shadow_rows, shadow_experts = None, {}
-        if self.shadows is not None:
-            # the fast path: every rank decides on the same integers (one more host read), and the
-            # weight exchange is created before the token dispatch (collective order in backward:
-            # moepipe.model.shadow_exchange)
-            chosen = {int(e): tuple(int(r) for r in rs) for e, rs in self.shadows(counts.cpu().numpy(), self.holders).items() if rs}
-            self.last_shadows = chosen
-            self._set_layout(self._shadow_layout(chosen))
-            self._on(dev)
-            if chosen:
-                d_model, hidden = self.expert_shape
-                shadow_rows, shadow_experts = send_shadow_weights(chosen, self.holders, self.ep_rank, self.group, ep, experts, d_model, hidden, x)
-                self.shadow_copies += sum(map(len, chosen.values()))
-                self.shadow_calls += 1
+        if self.last_shadows:  # this step's shadows (layout already set): their experts run from the received rows
+            experts = {**dict(experts.items()), **self._shadow_experts()}
+            self.shadow_copies += sum(map(len, self.last_shadows.values()))
+            self.shadow_calls += 1
         split = self.split(counts)  # [src, E, W]
         target = self.targets(expert_idx, kept, split[self.ep_rank])
         send = torch.zeros(ep, ep, dtype=torch.long, device=dev).scatter_add_(
@@ -176,11 +170,7 @@ class ExpertParallelDispatcher:
 
         # 3. local experts on contiguous slices
         perm = segment_permutation(recv_counts, sum(out_splits))
-        if shadow_experts:
-            experts = {**dict(experts.items()), **{str(e): f for e, f in shadow_experts.items()}}
         y_by_expert = run_experts_sorted(received[perm], expert_sizes, self.local_experts, experts)
-        if shadow_rows is not None:
-            y_by_expert = tie(y_by_expert, shadow_rows)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         y_received = y_by_expert[inverse]
@@ -193,7 +183,7 @@ class ExpertParallelDispatcher:
 
 class _Layout:
     """Where the copies of every expert are, as the dispatcher's tables: the plan's holders, or
-    holders + one microbatch's shadows (appended after the holders: the order the simulator's
+    holders + one step's shadows (appended after the holders: the order the simulator's
     `shadowed_expert_map` and the decision's exact check use)."""
 
     def __init__(self, holders: list[list[int]], ep_rank: int, ep: int, num_experts: int, local_size: int):

@@ -133,11 +133,11 @@ class MoELayer(nn.Module):
         self.router.skew = None if offset is None else offset.to(self.router.weight.device)
 
     def attach_expert_group(self, holders: list[list[int]], ep_rank: int, ep_group, a2a: str = "flat", local_size: int = 1,
-                            node_groups=None, shadows=None) -> None:
+                            node_groups=None) -> None:
         """The runtime's expert parallelism: experts live on the EP ranks `holders` names. `a2a`,
         `local_size` (ranks per node) and the mesh's `node_groups` (hierarchical over several
-        nodes) choose the exchange (moepipe.model.all_to_all.exchange_for). `shadows`: the fast
-        path's per-microbatch decision (moepipe.model.shadow_exchange.ShadowPolicy), or None."""
+        nodes) choose the exchange (moepipe.model.all_to_all.exchange_for). Shadows of hot
+        experts are set per step on the dispatcher (`use_shadows`, by the trainer)."""
         import torch.distributed as dist
 
         ep = dist.get_world_size(ep_group)
@@ -146,8 +146,7 @@ class MoELayer(nn.Module):
             from moepipe.model.expert_dispatch import ExpertParallelDispatcher
 
             exchange = exchange_for(a2a, local_size, ep, node_groups)
-            self.dispatcher = ExpertParallelDispatcher(holders, ep_rank, ep_group, self.num_experts, exchange, local_size=local_size,
-                                                       shadows=shadows, expert_shape=(self.d_model, self.cfg.expert_hidden))
+            self.dispatcher = ExpertParallelDispatcher(holders, ep_rank, ep_group, self.num_experts, exchange, local_size=local_size)
 
     def update_expert_bias(self, load: torch.Tensor | None = None) -> None:
         """Aux-loss-free balancing step; `load` defaults to the demand counted since reset."""

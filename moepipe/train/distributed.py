@@ -102,6 +102,8 @@ class DistributedTrainer:
         self.moe_ids = moe_layer_ids(cfg.model, cfg.moe)
         self._topology = None
         self._shadow_setups = None  # placer.shadow_slots: per MoE layer, the fast path's cost-model setup
+        self._shadow_load: dict[int, np.ndarray] = {}  # the last step's [ep, E] counts per MoE layer (the decision's input)
+        self._step_shadows = None  # this step's StepShadows while the schedule runs
         if cfg.topology.detect or cfg.topology.probe:
             self._topology = self._measured_topology()  # collective: every rank, at start-up
         self._skew = None  # this step's injected routing skew (workload.kind)
@@ -140,9 +142,9 @@ class DistributedTrainer:
 
     def _shadow_policy(self, layer_id: int):
         """placer.shadow_slots: the fast path's decision for MoE layer `layer_id` on this rank's EP
-        group (moepipe.placement.shadows.choose_shadows on the job's cost model and topology, one
-        microbatch per weight exchange: the runtime exchanges weights and gradients per
-        microbatch). Every rank of the group builds the same one, so all decide alike."""
+        group (moepipe.placement.shadows.choose_shadows on the job's cost model and topology,
+        schedule.microbatches per weight exchange: the runtime exchanges weights and gradients
+        once per step). Every rank of the group builds the same one, so all decide alike."""
         from moepipe.model.shadow_exchange import shadow_policy
         from moepipe.placement.placers.inputs import inputs_from_config
         from moepipe.placement.shadows import choose_shadows, layer_setup
@@ -156,8 +158,46 @@ class DistributedTrainer:
         if setup is None:
             mesh = self.mesh
             group = list(range(mesh.rank - mesh.ep_rank, mesh.rank - mesh.ep_rank + mesh.ep))
-            setup = self._shadow_setups[layer_id] = layer_setup(self._shadow_cm, self._shadow_topo, group, layer_id, microbatches=1)
+            setup = self._shadow_setups[layer_id] = layer_setup(self._shadow_cm, self._shadow_topo, group, layer_id,
+                                                                microbatches=self.cfg.schedule.microbatches)
         return shadow_policy(choose_shadows, setup, self.cfg.placer.shadow_slots)
+
+    def _begin_shadows(self) -> None:
+        """Start of a step: decide every MoE layer's shadows from the last step's counts (the
+        all-reduced routing statistics: the same on every rank; none on the first step) and
+        exchange their weights, one all-to-all over the EP group for all layers
+        (moepipe.model.shadow_exchange)."""
+        from moepipe.model.shadow_exchange import StepShadows
+
+        if self.cfg.placer.shadow_slots <= 0 or not self._shadow_load:
+            return
+        chosen, holders, experts, dispatchers = {}, {}, {}, {}
+        for module in self.modules.values():
+            for layer_id, moe in module.moe_layers():
+                load = self._shadow_load.get(layer_id)
+                h = self.plan.expert_map[layer_id]
+                policy = self._shadow_policy(layer_id)
+                chosen[layer_id] = {} if load is None or not load.any() else dict(policy(load, h))
+                holders[layer_id], experts[layer_id], dispatchers[layer_id] = h, moe.experts, moe.dispatcher
+        if not any(chosen.values()):  # every rank alike: no exchange this step
+            return
+        cfg = self.cfg
+        step = StepShadows(chosen, holders, self.mesh.ep_rank, self.mesh.ep_group, self.mesh.ep, experts, cfg.model.d_model,
+                           cfg.moe.expert_hidden, torch.empty(0, device=self.device))
+        for layer_id, d in dispatchers.items():
+            d.use_shadows(chosen[layer_id], lambda l=layer_id: step.experts_for(l))
+        self._step_shadows = step
+
+    def _end_shadows(self) -> None:
+        """After the step's last backward, before gradient sync: the shadows' gradients go home
+        (one all-to-all over the EP group) and the dispatchers drop the step's shadows."""
+        step, self._step_shadows = self._step_shadows, None
+        if step is None:
+            return
+        step.return_grads()
+        for module in self.modules.values():
+            for _, moe in module.moe_layers():
+                moe.dispatcher.use_shadows({})
 
     def shadow_usage(self) -> dict:
         """Shadow copies the dispatchers ran since the start (this rank's EP group; per MoE layer)."""
@@ -197,9 +237,8 @@ class DistributedTrainer:
         for module in self.modules.values():
             module.activation_checkpointing = cfg.train.activation_checkpointing
             for layer_id, moe in module.moe_layers():
-                shadows = {"shadows": self._shadow_policy(layer_id)} if cfg.placer.shadow_slots > 0 else {}
                 moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group, a2a=cfg.parallel.a2a,
-                                        local_size=ep_per_node, **nodes, **shadows)
+                                        local_size=ep_per_node, **nodes)
             split_moe_tokens(module, mesh)  # tp > 1: each TP rank dispatches its share of the tokens (after the EP attach)
         for module in self.modules.values():  # token origins: this rank's row of [ep, E] (summed over the world per step)
             for _, moe in module.moe_layers():
@@ -270,11 +309,13 @@ class DistributedTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.stash is not None:
             self.stash.compute()
+        self._begin_shadows()
         try:
             loss = self._run(inputs, targets)
         finally:
             if self.stash is not None:
                 self.stash.restore()
+        self._end_shadows()  # every rank (collective), before the gradient sync reads .grad
         if self.mirror is not None:  # chimera: both replicas of each stage now hold the whole batch's gradient
             self.mirror.wait()  # before any early exit (a skipped non-finite step): no all-reduce outlives its step
         if not math.isfinite(loss):
@@ -299,6 +340,8 @@ class DistributedTrainer:
             result.routing["shadow_copies"] = self._shadow_copies_this_step()
         demand = {layer_id: s.demand.double().numpy() for layer_id, s in stats.items()}  # reduced: same on all ranks
         origins = {layer_id: s.origins.double().numpy() for layer_id, s in stats.items()}  # [ep, E] per layer
+        if cfg.placer.shadow_slots > 0:
+            self._shadow_load = origins  # the next step's shadow decision (the same on every rank)
         self.replan.observe(step, demand, block_seconds, result.seconds, origins=origins)
         return result
 
