@@ -124,7 +124,7 @@ def _layer_worker(rank: int, world: int, overrides: list, iters: int, out: str) 
     import torch.distributed as dist
 
     from moepipe.model.moe import MoELayer
-    from moepipe.model.shadow_exchange import StepShadows
+    from moepipe.model.shadow_exchange import StepShadows, shadow_policy
     from moepipe.placement.placers.inputs import inputs_from_config
     from moepipe.placement.plan import static_plan
     from moepipe.placement.shadows import choose_shadows, layer_setup
@@ -144,6 +144,7 @@ def _layer_worker(rank: int, world: int, overrides: list, iters: int, out: str) 
     layer.attach_expert_group(holders, rank, dist.group.WORLD)
     layer.stats.set_source(rank, world)
     setup = layer_setup(inp.cost_model, inp.topology, list(range(world)), layer_id, microbatches=m)
+    policy = shadow_policy(choose_shadows, setup, cfg.placer.shadow_slots)  # the runtime's decision
     tokens = cfg.train.batch_size * cfg.train.seq_len // world
     x = torch.randn(tokens, cfg.model.d_model, generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():  # the load the decision reads: [ep, E] counts, the same on both ranks
@@ -160,7 +161,7 @@ def _layer_worker(rank: int, world: int, overrides: list, iters: int, out: str) 
             w0, c0 = time.perf_counter(), time.process_time()
             step = None
             if v == "on":
-                chosen = dict(choose_shadows(load, holders, setup, cfg.placer.shadow_slots).shadows)
+                chosen = dict(policy(load, holders))
                 decide.append(time.process_time() - c0)
                 if chosen:
                     step = StepShadows({layer_id: chosen}, {layer_id: holders}, rank, dist.group.WORLD, world, {layer_id: layer.experts},
