@@ -25,7 +25,7 @@ LAYERS: list[list[str]] = [
      "placement.model_spec", "placement.workloads", "placement.forecast", "placement.shadows"],
     ["sim"],                 # discrete-event simulator over plans
     # placers score candidate plans with the simulator; the re-plan loop runs them
-    ["placement.placers", "placement.replan", "placement.mesh_search"],
+    ["placement.placers", "placement.replan", "placement.mesh_search", "placement.shadow_eval"],
     ["parallel"],            # process groups, stages, gradient sync, live migration
     ["train"],               # trainers, launch, checkpoints, profiling
     ["cli", "plugins.conformance"],  # applications: moepipe-sim; plug-in self-checks run placers and backends

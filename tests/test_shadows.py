@@ -209,3 +209,34 @@ def test_origins_load_accepted():
     assert choose_shadows(even, holders, lay, 1).shadows == choose_shadows(load, holders, lay, 1).shadows
     with pytest.raises(ConfigError, match="load has shape"):
         choose_shadows(np.ones((3, E)), holders, lay, 1)
+
+
+def test_shadowed_iteration_in_the_evaluator():
+    # the simulator's option (placement/shadow_eval.py): no shadows is the Evaluator's own
+    # time; with the runtime's decision on a skewed load it is the shadowed map's pipeline, the
+    # plan's own gradient all-reduce and one exchange per pipeline rank each way for all its
+    # layers (cheaper than a separate exchange per layer: the latencies are paid once)
+    from moepipe.placement.shadow_eval import choose_for_plan, shadowed_iteration_s, step_transfer_s
+
+    inp0 = job(NVLINK)
+    load = skewed_load(inp0, 1)
+    inp = PlacementInputs(**{**inp0.__dict__, "expert_load": load})
+    plan = make_placement("static", inp)
+    ev = Evaluator(inp)
+    base = ev.evaluate(plan).iteration_time_s
+    assert shadowed_iteration_s(ev, plan, {}) == base
+    shadows = choose_for_plan(ev, plan, load, 1)
+    assert any(shadows.values()) and all(len(rs) == len(set(rs)) for s in shadows.values() for rs in s.values())
+    x = step_transfer_s(ev, plan, shadows)
+    grid = rank_grid(plan.pp, plan.ep, plan.dp)
+    per_layer = []
+    for l, s in shadows.items():
+        if s:
+            p = plan.stage_to_pp_rank[plan.stage_of_layer(l)]
+            per_layer.append((p, shadow_transfer_s(layer_setup(ev.cm, ev.topo, grid[p, 0], l, inp.microbatches), plan.expert_map[l], s)))
+    by_rank = [sum(t for q, t in per_layer if q == p) for p in range(plan.pp)]
+    assert max(t for _, t in per_layer) <= x < max(by_rank)
+    aug = Plan(plan.stage_layers, plan.stage_to_pp_rank, shadowed_expert_map(plan.expert_map, shadows), plan.pp, plan.ep, plan.dp)
+    want = ev.evaluate(aug).iteration_time_s - ev.grad_sync(aug) + ev.grad_sync(plan) + x
+    assert shadowed_iteration_s(ev, plan, shadows) == pytest.approx(want, rel=1e-12)
+    assert shadowed_iteration_s(ev, plan, shadows) < base  # the skew pays for them on NVLink
