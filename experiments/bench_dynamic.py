@@ -276,11 +276,13 @@ def main() -> None:
     ap.add_argument("--shadow-step-steps", type=int, default=40, help="shadow_step: steps per run (no re-planning there)")
     ap.add_argument("--layer-iters", type=int, default=30, help="shadow_step: timed forward+backward rounds of one MoE layer")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
-    ap.add_argument("--cpu-moving", action="store_true",
-                    help="also run the moving scenario's arms (static, static + shadows, topo, topo + shadows) in one set of workers "
+    ap.add_argument("--cpu-moving", action=argparse.BooleanOptionalAction, default=None,
+                    help="(default: on, off under --quick) also run the moving scenario's arms (static, static + shadows, topo, topo + shadows) in one set of workers "
                          "and report the busiest rank's CPU seconds (for a loaded machine; key moving_cpu)")
     fc.add_output_args(ap, os.path.join(ROOT, "results", "bench_dynamic.json"))
     args = ap.parse_args()
+    if args.cpu_moving is None:  # wall times on a shared machine measure the others' load too: record CPU seconds as well
+        args.cpu_moving = not args.quick and "moving" in args.scenarios.split(",")
     if args.quick:
         args.steps, args.interval, args.rounds, args.period, args.shadow_step_steps, args.layer_iters = 4, 1, 1, 2, 4, 2
     scenarios = [x for x in args.scenarios.split(",") if x]
