@@ -49,9 +49,11 @@ def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def tp_partial(name: str) -> bool:
-    """Replicated weights whose gradient each TP rank holds only its tokens' share of."""
-    return ".router." in name or ".experts." in name
+def tp_partial(name: str, sp: bool = False) -> bool:
+    """Replicated weights whose gradient each TP rank holds only its tokens' share of: the
+    router and the routed experts; under sequence parallelism every replicated weight (norms,
+    embedding and head see only this rank's sequence shard)."""
+    return (sp and shard_dim(name) is None) or ".router." in name or ".experts." in name
 
 
 def with_local_grads(params: list[nn.Parameter]) -> list[SimpleNamespace]:
@@ -163,40 +165,106 @@ def as_shard(name: str, t: torch.Tensor, mesh, full_shape: tuple[int, ...]) -> t
     return DTensor.from_local(t, mesh.tp_mesh, [Shard(d)], run_check=False, shape=torch.Size(full_shape), stride=stride)
 
 
-def stage_plan(module: nn.Module) -> dict:
+def _seq_dim(split_module: str) -> int:
+    """The dim a split module's input is sequence-sharded along under SP: [B, T/tp, d] for
+    attention and the dense FFN; the MoE layer hands its shared experts flat [B*T/tp, d] rows
+    (position-wise: the gathered row order need not be the sequence's)."""
+    return 0 if split_module.endswith(".shared") else 1
+
+
+def stage_plan(module: nn.Module, sp: bool = False) -> dict:
     """parallelize_module's plan for a stage: the FQN of each linear layer holding a split
-    weight (`shard_dim`) -> ColwiseParallel (dim 0) or RowwiseParallel (dim 1)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    weight (`shard_dim`) -> ColwiseParallel (dim 0) or RowwiseParallel (dim 1).
+
+    `sp` (sequence parallelism): the module holding the split layers (attention, dense FFN,
+    shared experts) all-gathers its sequence-sharded input once (PrepareModuleInput: Shard ->
+    Replicate, whose backward reduce-scatters the colwise layers' partial input gradients), and
+    the rowwise layer reduce-scatters its partial sums back to sequence shards (instead of an
+    all-reduce; backward: all-gather)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
     plan = {}
     for name, _ in module.named_parameters():
         d = shard_dim(name)
-        if d is not None:
-            plan[name.rsplit(".", 1)[0]] = ColwiseParallel() if d == 0 else RowwiseParallel()
+        if d is None:
+            continue
+        layer = name.rsplit(".", 1)[0]
+        owner = layer.rsplit(".", 1)[0]
+        if d == 0:
+            plan[layer] = ColwiseParallel()
+        else:
+            plan[layer] = RowwiseParallel(output_layouts=Shard(_seq_dim(owner))) if sp else RowwiseParallel()
+        if sp and owner not in plan:
+            rest = (None, None) if owner.endswith(".attn") else ()  # attention also takes the rotary tables
+            plan[owner] = PrepareModuleInput(input_layouts=(Shard(_seq_dim(owner)),) + rest, desired_input_layouts=(Replicate(),) + rest)
     return plan
 
 
-def shard_stage(module: nn.Module, mesh) -> None:
+def shard_stage(module: nn.Module, mesh, sp: bool = False) -> None:
     """Split the stage's attention and dense/shared FFN weights over the TP group (no-op when
     tp == 1). Called on the meta-device stage, before it is materialised: each rank allocates
     only its shards, and init_weights fills them with their piece of the by-name init, so no
-    rank builds the whole stage and nothing is communicated (src_data_rank=None)."""
+    rank builds the whole stage and nothing is communicated (src_data_rank=None). `sp`: the
+    split modules take and return sequence shards (stage_plan)."""
     if mesh.tp == 1:
         return
     from torch.distributed.tensor.parallel import parallelize_module
 
-    parallelize_module(module, mesh.tp_mesh, stage_plan(module), src_data_rank=None)
+    parallelize_module(module, mesh.tp_mesh, stage_plan(module, sp), src_data_rank=None)
     for block in module.layers.values():
         block.attn.n_heads //= mesh.tp  # the attention reshapes by its local head counts
         block.attn.n_kv_heads //= mesh.tp
 
 
-def split_moe_tokens(module: nn.Module, mesh) -> None:
+def split_moe_tokens(module: nn.Module, mesh, sp: bool = False) -> None:
     """Each MoE layer of the stage dispatches only this TP rank's share of the tokens (after
-    attach_expert_group installed its EP dispatcher, which this wraps). No-op when tp == 1."""
+    attach_expert_group installed its EP dispatcher, which this wraps). No-op when tp == 1.
+    `sp`: the layer's input already is this rank's sequence shard, so it routes and dispatches
+    it directly (no split, no gather) and sums its routing counts over the TP group
+    (`shard_sequence`)."""
     if mesh.tp == 1:
         return
+    if sp:
+        return shard_sequence(module, mesh)
     group = mesh.tp_group
     for _, moe in module.moe_layers():
         moe.tp_input = lambda x, g=group: _CopyToTP.apply(x, g)
         moe.dispatcher = TokenSplitDispatcher(moe.dispatcher, moe.num_experts, mesh.tp, mesh.tp_rank, group)
+
+
+def seq_shard(seq_len: int, mesh) -> tuple[int, int]:
+    """The [lo, hi) sequence positions this TP rank holds under sequence parallelism."""
+    n = seq_len // mesh.tp
+    return n * mesh.tp_rank, n * (mesh.tp_rank + 1)
+
+
+class _SumOverTP:
+    """Sums a (non-differentiable) counter over the TP group: the routing counts of the
+    balancing loss, whose tokens are spread over the group's sequence shards."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+
+def shard_sequence(module: nn.Module, mesh) -> None:
+    """Sequence parallelism of a stage (after shard_stage(..., sp=True) and the EP attach):
+    the first stage embeds only this rank's sequence shard of the tokens (so every activation
+    from there to the head, the pipeline's point-to-point messages included, holds seq/tp
+    positions); each MoE layer routes its shard (router, dispatch, EP group of this TP index
+    unchanged), its balancing and z losses becoming this shard's share of the whole
+    microbatch's (counts summed over the TP group)."""
+    if module.tok_embeddings is not None:
+        def own_positions(_, args):
+            tokens = args[0]
+            lo, hi = seq_shard(tokens.shape[1], mesh)
+            return (tokens[:, lo:hi],) + tuple(args[1:])
+
+        module.tok_embeddings.register_forward_pre_hook(own_positions)
+    for _, moe in module.moe_layers():
+        moe.token_shards, moe.sum_over_shards = mesh.tp, _SumOverTP(mesh.tp_group)
