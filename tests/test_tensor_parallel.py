@@ -53,10 +53,23 @@ def _worker(rank: int, world: int, runs: list, out_dir: str) -> None:
         pp, ep, tp = layout
         if layout not in meshes:
             meshes[layout] = build_mesh(pp, ep, 1, tp=tp)
-        trainer = DistributedTrainer(cfg_for(schedule, pp, ep, tp, extra), meshes[layout])
+        cfg = cfg_for(schedule, pp, ep, tp, extra)
+        trainer = DistributedTrainer(cfg, meshes[layout])
         wq = [p for m in trainer.modules.values() for n, p in m.named_parameters() if n.endswith("attn.wq.weight")]
         assert wq and all(isinstance(p, DTensor) and p.to_local().shape[0] * tp == p.shape[0] for p in wq), "attention is not TP-split"
+        # positions each activation holds: norm inputs, a later stage's received input (the
+        # pipeline's message) and the head's logits; seq_len/tp under sequence parallelism
+        held = set()
+        for stage, module in trainer.modules.items():
+            watched = [b.attn_norm for b in module.layers.values()] + [b.ffn_norm for b in module.layers.values()]
+            watched += [module] if stage > 0 else []
+            watched += [module.norm] if module.norm is not None else []
+            for m in watched:
+                m.register_forward_pre_hook(lambda _, args: held.add(args[0].shape[1]))
+            if module.output is not None:
+                module.output.register_forward_hook(lambda _, args, out: held.add(out.shape[1]))
         losses = [trainer.train_step(s).loss for s in range(STEPS)]
+        assert held == {cfg.train.seq_len // (tp if cfg.parallel.sp else 1)}, (held, extra)
         losses.append(trainer.evaluate())
         state = gather_state(list(trainer.modules.values()), rank)
         if rank == 0:
@@ -89,8 +102,11 @@ def check_runs(runs: list, world: int, tmp_path) -> None:
 @pytest.mark.timeout(400)
 def test_pp2_tp2_and_ep2_tp2_match_reference(tmp_path):
     """tp2 x pp2 under two schedules (balancing loss on), tp2 x ep2 (tokens split over TP,
-    then dispatched through each TP index's EP group): one 4-process job."""
-    check_runs([((2, 1, 2), "1f1b", AUX_ON), ((2, 1, 2), "gpipe", AUX_ON), ((1, 2, 2), "1f1b", ())], 4, tmp_path)
+    then dispatched through each TP index's EP group); then the same three with sequence
+    parallelism (activations, pipeline messages and MoE routing on seq_len/tp positions; each
+    shard's tokens through its own TP index's EP group): one 4-process job."""
+    runs = [((2, 1, 2), "1f1b", AUX_ON), ((2, 1, 2), "gpipe", AUX_ON), ((1, 2, 2), "1f1b", ())]
+    check_runs(runs + [(layout, schedule, extra + SP) for layout, schedule, extra in runs], 4, tmp_path)
 
 
 @pytest.mark.timeout(400)
@@ -123,6 +139,40 @@ def test_token_chunks_dispatch_every_assignment_once(capacity_factor):
     assert kept == int(routing.kept_counts.sum())
 
 
+@pytest.mark.parametrize("aux_loss_type", ["switch", "top1"])
+def test_sequence_shards_share_the_balancing_losses(aux_loss_type):
+    """Routed in tp sequence shards, the shards' balancing and z losses sum to the whole
+    microbatch's, and so do their gradients w.r.t. the logits; the counts each shard hands to
+    the TP sum (stood in for here by the whole batch's) add up to the whole batch's."""
+    from moepipe.model.router import count_per_expert, route
+
+    torch.manual_seed(0)
+    T, E, k, tp = 24, 8, 2, 3
+    logits = torch.randn(T, E, requires_grad=True)
+    whole = route(logits, k, aux_loss_type=aux_loss_type)
+    (whole.aux_loss + whole.z_loss).backward()
+    ref_grad, logits.grad = logits.grad, None
+    choices = logits.detach().topk(k, dim=-1).indices
+    total = count_per_expert((choices[:, :1] if aux_loss_type == "top1" else choices).reshape(-1), E)
+    handed = []
+
+    def sum_over_shards(counts: torch.Tensor) -> torch.Tensor:
+        handed.append(counts.clone())
+        return total
+
+    rows = T // tp
+    shards = [route(logits[i * rows : (i + 1) * rows], k, aux_loss_type=aux_loss_type, token_shards=tp, sum_shards=sum_over_shards)
+              for i in range(tp)]
+    assert len(handed) == tp and torch.equal(sum(handed), total)
+    torch.testing.assert_close(sum(s.aux_loss for s in shards), whole.aux_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sum(s.z_loss for s in shards), whole.z_loss, rtol=1e-6, atol=0)
+    sum(s.aux_loss + s.z_loss for s in shards).backward()
+    torch.testing.assert_close(logits.grad, ref_grad, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(sum(s.demand_counts for s in shards), whole.demand_counts)
+    with pytest.raises(ValueError, match="capacity-limited routing over sequence shards"):
+        route(logits[:rows], k, capacity_factor=1.0, token_shards=tp, sum_shards=sum_over_shards)
+
+
 def test_shard_rule_and_local_layout():
     from moepipe.parallel.migration import EntrySpec
     from moepipe.parallel.tensor_parallel import local_layout, shard_dim
@@ -143,7 +193,10 @@ def test_shard_rule_and_local_layout():
     (("model.n_heads=4", "model.n_kv_heads=1", "parallel.tp=2"), "model.n_kv_heads=1 is not divisible by parallel.tp=2"),
     (("parallel.tp=2", "model.ffn_hidden=63"), "model.ffn_hidden=63 is not divisible by parallel.tp=2"),
     (("parallel.tp=2", "moe.backend=fairscale"), "only the native MoE layer"),
-    (("parallel.tp=2", "parallel.sp=true"), "parallel.sp=true is not supported yet"),
+    (("parallel.tp=2", "parallel.sp=true", "train.seq_len=15"), "train.seq_len=15 is not divisible by parallel.tp=2"),
+    (("parallel.tp=2", "parallel.sp=true", "moe.capacity_factor=1.25"), "moe.capacity_factor=1.25 with parallel.sp=true"),
+    (("parallel.tp=2", "parallel.sp=true", "moe.router_jitter=0.01"), "moe.router_jitter=0.01 with parallel.sp=true"),
+    (("parallel.tp=2", "parallel.sp=true", "schedule.name=pipedream_2bw"), "parallel.tp=2 with schedule.name=pipedream_2bw"),
     (("parallel.sp=true",), "parallel.sp=true needs tensor parallelism"),
     (("parallel.tp=2", "parallel.pp=2", "schedule.name=chimera"), "parallel.tp=2 with schedule.name=chimera"),
     (("parallel.tp=2", "parallel.ep=2", "parallel.a2a=hierarchical"), "parallel.tp=2 with parallel.a2a=hierarchical"),
