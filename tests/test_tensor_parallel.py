@@ -329,3 +329,14 @@ def test_migration_under_tp_moves_shards_and_preserves_state(tmp_path):
             assert len(after[key]) == 1 and before[key] == after[key], key
     sharded = [k for k in moved["checks"][0][0] if k[0].endswith("attn.wq.weight")]
     assert {k[1] for k in sharded} == {0, 1} and moved["checks"][0][0][sharded[0]] != moved["checks"][0][0][(sharded[0][0], 1 - sharded[0][1])]
+
+
+def test_mesh_search_keeps_sequence_parallelism_for_tp_meshes():
+    """parallel.sp=true in the searched config applies to the meshes with TP (the cost model's
+    activation memory / tp); a tp1 candidate drops it instead of failing validation."""
+    from moepipe.config import validate
+    from moepipe.placement.mesh_search import with_mesh
+
+    cfg = cfg_for("1f1b", 1, 1, 2, SP)
+    assert validate(with_mesh(cfg, 2, 2, 1, 1)).parallel.sp is True
+    assert validate(with_mesh(cfg, 1, 2, 1, 1)).parallel.sp is False

@@ -18,6 +18,19 @@ gradient; replicated weights whose inputs are replicated and whose consumers end
 collective (norms, embedding, head) get identical complete gradients on every TP rank; the
 router and the routed experts see only this TP rank's share of the tokens' combine weights and
 tokens, so their gradients are summed over the TP group (`tp_partial`).
+
+Sequence parallelism (parallel.sp, Megatron-style): between the split modules every activation
+holds seq_len/tp positions (`seq_shard`). The first stage embeds only its positions
+(`shard_sequence`), so norms, residual adds, the pipeline's messages and the head run on the
+shard; attention, the dense SwiGLU and the shared experts all-gather their input once
+(PrepareModuleInput, backward: reduce-scatter) and reduce-scatter their rowwise output back to
+shards (instead of the all-reduce; backward: all-gather). Attention sees the whole sequence, so
+the causal mask and rotary positions are unchanged. A MoE layer's input is then this rank's
+disjoint 1/tp of the tokens: it routes and dispatches them directly, with the balancing loss's
+expert counts summed over the TP group (each shard's loss is its share of the whole
+microbatch's). The loss is each rank's positions' share, summed over TP; every replicated
+weight (norms, embedding, head too) holds only its shard's gradient and is summed over TP.
+Capacity-limited routing is refused (a capacity counts the whole microbatch in token order).
 """
 from __future__ import annotations
 
