@@ -415,6 +415,12 @@ def _check_tensor_parallel(cfg: MoepipeConfig) -> None:
     kv = m.n_kv_heads or m.n_heads
     if kv % tp:
         raise ConfigError(f"model.n_kv_heads={kv} is not divisible by parallel.tp={tp}: TP splits key/value heads too; pick tp dividing n_kv_heads")
+    if m.vocab_size % tp:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={tp}: TP splits the embedding and head by "
+                          "vocabulary; pick a vocab_size that is a multiple of tp")
+    if m.tie_embeddings:
+        raise ConfigError(f"model.tie_embeddings=true with parallel.tp={tp}: the vocabulary-split embedding (rowwise) and head (colwise) "
+                          "cannot share one weight; set model.tie_embeddings=false or parallel.tp=1")
     if len(moe_layer_ids(m, e)) < m.n_layers and m.ffn_hidden % tp:
         raise ConfigError(f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tp={tp}: TP splits the dense FFN's width; pick tp dividing it")
     shared = (e.shared_expert_hidden or e.expert_hidden) * e.num_shared_experts

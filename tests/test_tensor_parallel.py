@@ -58,8 +58,9 @@ def _worker(rank: int, world: int, runs: list, out_dir: str) -> None:
         wq = [p for m in trainer.modules.values() for n, p in m.named_parameters() if n.endswith("attn.wq.weight")]
         assert wq and all(isinstance(p, DTensor) and p.to_local().shape[0] * tp == p.shape[0] for p in wq), "attention is not TP-split"
         # positions each activation holds: norm inputs, a later stage's received input (the
-        # pipeline's message) and the head's logits; seq_len/tp under sequence parallelism
-        held = set()
+        # pipeline's message); seq_len/tp under sequence parallelism. The head's logits: every
+        # position, V/tp columns (split by vocabulary)
+        held, logits = set(), set()
         for stage, module in trainer.modules.items():
             watched = [b.attn_norm for b in module.layers.values()] + [b.ffn_norm for b in module.layers.values()]
             watched += [module] if stage > 0 else []
@@ -67,9 +68,10 @@ def _worker(rank: int, world: int, runs: list, out_dir: str) -> None:
             for m in watched:
                 m.register_forward_pre_hook(lambda _, args: held.add(args[0].shape[1]))
             if module.output is not None:
-                module.output.register_forward_hook(lambda _, args, out: held.add(out.shape[1]))
+                module.output.register_forward_hook(lambda _, args, out: logits.add(tuple(out.shape[1:])))
         losses = [trainer.train_step(s).loss for s in range(STEPS)]
         assert held == {cfg.train.seq_len // (tp if cfg.parallel.sp else 1)}, (held, extra)
+        assert logits == {(cfg.train.seq_len, cfg.model.vocab_size // tp)} or not trainer.holds_last, (logits, extra)
         losses.append(trainer.evaluate())
         state = gather_state(list(trainer.modules.values()), rank)
         if rank == 0:
@@ -180,7 +182,8 @@ def test_shard_rule_and_local_layout():
     split = {"layers.0.attn.wq.weight": 0, "layers.0.attn.wk.weight": 0, "layers.0.attn.wv.weight": 0, "layers.0.attn.wo.weight": 1,
              "layers.0.ffn.w1.weight": 0, "layers.0.ffn.w3.weight": 0, "layers.0.ffn.w2.weight": 1,
              "layers.1.ffn.shared.w1.weight": 0, "layers.1.ffn.shared.w2.weight": 1}
-    replicated = ["tok_embeddings.weight", "output.weight", "norm.weight", "layers.0.attn_norm.weight", "layers.1.ffn.router.weight",
+    split["tok_embeddings.weight"] = split["output.weight"] = 0  # by vocabulary
+    replicated = ["norm.weight", "layers.0.attn_norm.weight", "layers.1.ffn.router.weight",
                   "layers.1.ffn.router.expert_bias", "layers.1.ffn.experts.3.w1.weight", "layers.1.ffn.experts.3.w2.weight"]
     assert {n: shard_dim(n) for n in split} == split and all(shard_dim(n) is None for n in replicated)
     layout = local_layout({"layers.0.attn.wo.weight": EntrySpec((8, 6), True), "layers.0.ffn.w1.weight": EntrySpec((6, 8), True),
@@ -193,6 +196,8 @@ def test_shard_rule_and_local_layout():
     (("model.n_heads=4", "model.n_kv_heads=1", "parallel.tp=2"), "model.n_kv_heads=1 is not divisible by parallel.tp=2"),
     (("parallel.tp=2", "model.ffn_hidden=63"), "model.ffn_hidden=63 is not divisible by parallel.tp=2"),
     (("parallel.tp=2", "moe.backend=fairscale"), "only the native MoE layer"),
+    (("parallel.tp=2", "model.vocab_size=255"), "model.vocab_size=255 is not divisible by parallel.tp=2"),
+    (("parallel.tp=2", "model.tie_embeddings=true"), "model.tie_embeddings=true with parallel.tp=2"),
     (("parallel.tp=2", "parallel.sp=true", "train.seq_len=15"), "train.seq_len=15 is not divisible by parallel.tp=2"),
     (("parallel.tp=2", "parallel.sp=true", "moe.capacity_factor=1.25"), "moe.capacity_factor=1.25 with parallel.sp=true"),
     (("parallel.tp=2", "parallel.sp=true", "moe.router_jitter=0.01"), "moe.router_jitter=0.01 with parallel.sp=true"),

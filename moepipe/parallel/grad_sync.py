@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moepipe.parallel.mesh import Mesh
-from moepipe.parallel.tensor_parallel import is_sharded, local, tp_partial, with_local_grads
+from moepipe.parallel.tensor_parallel import is_sharded, local, match_grad_layouts, tp_partial, with_local_grads
 from moepipe.placement.plan import global_rank
 
 
@@ -65,6 +65,7 @@ def _all_reduce_mean(params: list[torch.nn.Parameter], group, divisor: int) -> N
 
 def sync_gradients(dense: list, expert: list, mesh: Mesh, tp_summed: list = ()) -> None:
     slices = mesh.ep * mesh.dp
+    match_grad_layouts(dense)
     fill_missing_grads(dense)
     fill_missing_grads(expert)
     if getattr(mesh, "tp", 1) > 1:

@@ -62,8 +62,9 @@ def build_schedule(
     `lean_weight_grad` (executor "moepipe"): split backwards keep only each Linear's input and
     output gradient from I to W (parallel/weight_grad.py), not the whole autograd graph.
 
-    `seq_shards` (sequence parallelism): stages exchange, and the last one outputs, 1/seq_shards
-    of each microbatch's positions (the first stage still takes the whole token sequence).
+    `seq_shards` (sequence parallelism): stages exchange 1/seq_shards of each microbatch's
+    positions (the first stage takes the whole token sequence, the last outputs logits for every
+    position: its head gathers them). Under TP `vocab_size` is the logits' split width V/tp.
 
     Stage input/output shapes are given up front (static metadata). Left to infer them, the
     engine runs an extra forward on uninitialised tensors, which would route garbage through
@@ -79,7 +80,7 @@ def build_schedule(
     def io(idx: int):
         inp = torch.empty(b, t, dtype=torch.long, device="meta") if idx == 0 else hidden()
         last = idx == n_stages - 1
-        out = torch.empty(b, held, vocab_size, dtype=logits_dtype, device="meta", requires_grad=True) if last else hidden()
+        out = torch.empty(b, t, vocab_size, dtype=logits_dtype, device="meta", requires_grad=True) if last else hidden()
         return inp, out
 
     stages, ids = [], []

@@ -47,6 +47,7 @@ from moepipe.parallel.migration import EntrySpec
 # module (last name component) -> the weight dim TP splits: colwise layers split their output
 # features (dim 0 of the [out, in] weight), rowwise layers their input features (dim 1)
 _COLWISE, _ROWWISE = ("wq", "wk", "wv", "w1", "w3"), ("wo", "w2")
+_BY_VOCAB = ("tok_embeddings.weight", "output.weight")  # [V, d] and [V, d]: rows of the vocabulary
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -67,6 +68,17 @@ def tp_partial(name: str, sp: bool = False) -> bool:
     router and the routed experts; under sequence parallelism every replicated weight (norms,
     embedding and head see only this rank's sequence shard)."""
     return (sp and shard_dim(name) is None) or ".router." in name or ".experts." in name
+
+
+def match_grad_layouts(params: list[nn.Parameter]) -> None:
+    """Give each TP-split parameter's gradient the parameter's own layout. The vocabulary-split
+    embedding's backward yields a replicated (whole, identical) gradient for a Shard(0) weight;
+    its local piece is this rank's rows (no communication), which the sync, the global norm and
+    the optimizer expect."""
+    for p in params:
+        g = p.grad
+        if g is not None and is_sharded(p) and is_sharded(g) and g.placements != p.placements:
+            p.grad = g.redistribute(p.device_mesh, p.placements)
 
 
 def with_local_grads(params: list[nn.Parameter]) -> list[SimpleNamespace]:
@@ -146,7 +158,10 @@ class TokenSplitDispatcher:
 
 def shard_dim(name: str) -> int | None:
     """The dim of state entry `name` (a global name) that TP splits, or None (replicated):
-    attention projections, the dense SwiGLU and the shared experts; never routed experts."""
+    attention projections, the dense SwiGLU, the shared experts, and the embedding and head by
+    vocabulary (dim 0 of both); never routed experts, norms or the router."""
+    if name in _BY_VOCAB:
+        return 0
     parts = name.split(".")
     if parts[0] != "layers" or len(parts) < 5 or parts[-1] != "weight" or "experts" in parts:
         return None
@@ -187,13 +202,16 @@ def _seq_dim(split_module: str) -> int:
 
 def stage_plan(module: nn.Module, sp: bool = False) -> dict:
     """parallelize_module's plan for a stage: the FQN of each linear layer holding a split
-    weight (`shard_dim`) -> ColwiseParallel (dim 0) or RowwiseParallel (dim 1).
+    weight (`shard_dim`) -> ColwiseParallel (dim 0) or RowwiseParallel (dim 1); the embedding
+    rowwise by vocabulary (each rank looks up its rows, the partial sums are all-reduced) and
+    the head colwise (logits [..., V/tp] for `vocab_parallel_loss`).
 
     `sp` (sequence parallelism): the module holding the split layers (attention, dense FFN,
     shared experts) all-gathers its sequence-sharded input once (PrepareModuleInput: Shard ->
     Replicate, whose backward reduce-scatters the colwise layers' partial input gradients), and
     the rowwise layer reduce-scatters its partial sums back to sequence shards (instead of an
-    all-reduce; backward: all-gather)."""
+    all-reduce; backward: all-gather); the embedding reduce-scatters its partial sums into the
+    first sequence shards and the head all-gathers the last."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
@@ -203,6 +221,11 @@ def stage_plan(module: nn.Module, sp: bool = False) -> dict:
         if d is None:
             continue
         layer = name.rsplit(".", 1)[0]
+        if name in _BY_VOCAB:  # embedding: masked lookup, partial sums; head: colwise, logits [.., V/tp]
+            seq = Shard(1) if sp else Replicate()
+            plan[layer] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq) if layer == "tok_embeddings" \
+                else ColwiseParallel(input_layouts=seq)
+            continue
         owner = layer.rsplit(".", 1)[0]
         if d == 0:
             plan[layer] = ColwiseParallel()
@@ -246,12 +269,6 @@ def split_moe_tokens(module: nn.Module, mesh, sp: bool = False) -> None:
         moe.dispatcher = TokenSplitDispatcher(moe.dispatcher, moe.num_experts, mesh.tp, mesh.tp_rank, group)
 
 
-def seq_shard(seq_len: int, mesh) -> tuple[int, int]:
-    """The [lo, hi) sequence positions this TP rank holds under sequence parallelism."""
-    n = seq_len // mesh.tp
-    return n * mesh.tp_rank, n * (mesh.tp_rank + 1)
-
-
 class _SumOverTP:
     """Sums a (non-differentiable) counter over the TP group: the routing counts of the
     balancing loss, whose tokens are spread over the group's sequence shards."""
@@ -266,18 +283,48 @@ class _SumOverTP:
 
 
 def shard_sequence(module: nn.Module, mesh) -> None:
-    """Sequence parallelism of a stage (after shard_stage(..., sp=True) and the EP attach):
-    the first stage embeds only this rank's sequence shard of the tokens (so every activation
-    from there to the head, the pipeline's point-to-point messages included, holds seq/tp
-    positions); each MoE layer routes its shard (router, dispatch, EP group of this TP index
-    unchanged), its balancing and z losses becoming this shard's share of the whole
-    microbatch's (counts summed over the TP group)."""
-    if module.tok_embeddings is not None:
-        def own_positions(_, args):
-            tokens = args[0]
-            lo, hi = seq_shard(tokens.shape[1], mesh)
-            return (tokens[:, lo:hi],) + tuple(args[1:])
-
-        module.tok_embeddings.register_forward_pre_hook(own_positions)
+    """Sequence parallelism of a stage's MoE layers (after shard_stage(..., sp=True), whose
+    embedding hands on sequence shards, and the EP attach): each routes its shard (router,
+    dispatch, EP group of this TP index unchanged), its balancing and z losses becoming this
+    shard's share of the whole microbatch's (counts summed over the TP group)."""
     for _, moe in module.moe_layers():
         moe.token_shards, moe.sum_over_shards = mesh.tp, _SumOverTP(mesh.tp_group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits split by vocabulary over the TP group: this rank holds the
+    columns [lo, lo + V/tp) of every token's logits. Three all-reduces of one number per token
+    (max, sum of exponentials, the target's logit); the gradient, softmax - one-hot on this
+    rank's columns, needs none. Never gathers [tokens x vocab]."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, lo: int, group) -> torch.Tensor:
+        ctx.dtype = logits.dtype
+        x = logits.float().reshape(-1, logits.shape[-1])
+        target = target.reshape(-1)
+        top = x.max(-1).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        exp = (x - top[:, None]).exp()
+        total = exp.sum(-1)
+        dist.all_reduce(total, group=group)
+        mine = (target >= lo) & (target < lo + x.shape[1])
+        col = torch.where(mine, target - lo, 0)
+        picked = torch.where(mine, x.gather(1, col[:, None]).squeeze(1) - top, 0.0)
+        dist.all_reduce(picked, group=group)
+        ctx.save_for_backward(exp / total[:, None], col, mine)
+        ctx.shape = logits.shape
+        return (total.log() - picked).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        probs, col, mine = ctx.saved_tensors
+        probs = probs.clone()
+        rows = torch.arange(probs.shape[0], device=probs.device)
+        probs[rows, col] -= mine.to(probs.dtype)
+        return (probs * (grad / probs.shape[0])).to(ctx.dtype).reshape(ctx.shape), None, None, None
+
+
+def vocab_parallel_loss(logits: torch.Tensor, target: torch.Tensor, mesh) -> torch.Tensor:
+    """lm_loss of vocabulary-split logits [..., V/tp] (the head's colwise output): the same
+    mean next-token cross-entropy in fp32, identical on every TP rank."""
+    return _VocabParallelCrossEntropy.apply(logits, target, logits.shape[-1] * mesh.tp_rank, mesh.tp_group)

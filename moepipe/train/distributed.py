@@ -27,7 +27,7 @@ from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
-from moepipe.parallel.tensor_parallel import as_shard, local, local_layout, seq_shard, shard_stage, split_moe_tokens
+from moepipe.parallel.tensor_parallel import as_shard, local, local_layout, shard_stage, split_moe_tokens, vocab_parallel_loss
 from moepipe.placement.plan import Plan, chain_stages, from_json, stage_assignment, to_json, validate_plan
 from moepipe.placement.replan import ReplanLoop, default_plan  # noqa: F401 (default_plan: imported from here too)
 from moepipe.placement.topology import from_config as topology_from_config
@@ -226,7 +226,7 @@ class DistributedTrainer:
         microbatch = (cfg.train.batch_size // (self.slices * m), cfg.train.seq_len)
         self.schedule = build_schedule(
             cfg.schedule.name, self.modules, plan.n_stages, m, self._loss_fn(m), self.device, mesh.pp_group,
-            microbatch, cfg.model.d_model, cfg.model.vocab_size, self.amp_dtype or torch.float32, executor=cfg.schedule.executor,
+            microbatch, cfg.model.d_model, cfg.model.vocab_size // mesh.tp, self.amp_dtype or torch.float32, executor=cfg.schedule.executor,
             stream_handlers=stream, chain_handlers=None if self.mirror is None else {"REDUCE_GRAD": self.mirror.stage_done},
             # under activation checkpointing I recomputes the graph anyway, and keeping each Linear's
             # input from the forward to W would undo the checkpointing: lean W is off
@@ -237,19 +237,13 @@ class DistributedTrainer:
         self.holds_last = any(s % plan.n_stages == plan.n_stages - 1 for s in self.stage_ids)
 
     def _loss_fn(self, m: int):
-        """A microbatch's share of the step's mean loss. Under sequence parallelism the last
-        stage outputs this TP rank's positions only: its loss over them is 1/tp of the
-        microbatch's (equal shards), and the TP group's losses sum to the reference's."""
-        if not self.sp:
+        """A microbatch's share of the step's mean loss. Under TP the head's logits are split
+        by vocabulary ([..., V/tp], every position: under SP the head gathers the sequence):
+        the vocabulary-parallel cross-entropy, the same value on every TP rank, each seeding
+        the gradient of its own logits' columns."""
+        if self.mesh.tp == 1:
             return lambda out, y: lm_loss(out, y) / m
-        tp = self.mesh.tp
-        return lambda out, y: lm_loss(out, y[:, slice(*seq_shard(y.shape[1], self.mesh))]) / (m * tp)
-
-    @property
-    def _counts_loss(self) -> bool:
-        """Whether this rank's losses enter the global mean: TP ranks compute the same loss
-        (count it once), but under sequence parallelism each its own positions' share."""
-        return self.mesh.tp_rank == 0 or self.sp
+        return lambda out, y: vocab_parallel_loss(out, y, self.mesh) / m
 
     # ------------------------------------------------------------------ one step
 
@@ -262,7 +256,7 @@ class DistributedTrainer:
         with self._autocast():
             self.schedule.step(*args, **kwargs)
         local = torch.zeros((), dtype=torch.float64, device=self.device)
-        if self.holds_last and self._counts_loss:
+        if self.holds_last and self.mesh.tp_rank == 0:  # TP ranks compute the same loss: count it once
             local += sum(float(l.detach()) for l in kwargs["losses"])
         dist.all_reduce(local)
         # Last-stage ranks of all S pipelines contributed their slice's loss (already /m).
@@ -384,7 +378,7 @@ class DistributedTrainer:
         packed = torch.zeros(len(self.moe_ids), 2 * E + 4 + O, dtype=torch.float64, device=self.device)
         # TP ranks route the same tokens: count once; under sequence parallelism each routes its
         # own shard (summed; the shards of one microbatch are one call)
-        for module in self.modules.values() if self._counts_loss else ():
+        for module in self.modules.values() if self.mesh.tp_rank == 0 or self.sp else ():
             for layer_id, moe in module.moe_layers():
                 s = moe.stats
                 scalars = torch.stack([s.asked.double(), s.aux_loss_sum.double(), s.z_loss_sum.double()]).to(self.device)
@@ -431,7 +425,7 @@ class DistributedTrainer:
                     dist.send(h.float().contiguous(), group=self.mesh.pp_group, group_dst=owner[stage + 1])
             if last_here:
                 total += float(loss_fn(h, y)) / m
-        local = torch.tensor(total if last_here and self._counts_loss else 0.0, dtype=torch.float64, device=self.device)
+        local = torch.tensor(total if last_here and self.mesh.tp_rank == 0 else 0.0, dtype=torch.float64, device=self.device)
         dist.all_reduce(local)
         return float(local) / self.slices
 
