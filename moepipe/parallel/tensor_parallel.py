@@ -5,7 +5,10 @@ dense parts are split over the TP group with `parallelize_module`:
 - attention by heads: wq, wk, wv colwise (each rank computes n_heads/tp query heads and
   n_kv_heads/tp key/value heads), wo rowwise (partial sums, all-reduced to a replicated output);
 - the dense SwiGLU and the shared experts: w1, w3 colwise, w2 rowwise;
-- norms, embedding, head and the router stay replicated.
+- the embedding and the head by vocabulary: the embedding rowwise (each rank looks up its rows,
+  the partial sums are all-reduced), the head colwise (logits [..., V/tp]), whose loss is
+  `vocab_parallel_loss` (never gathers the logits);
+- norms and the router stay replicated.
 
 Routed experts are not split. An expert's GEMM is already small (its share of a microbatch's
 tokens); splitting it over tp ranks would add two collectives per expert and shrink each GEMM
@@ -14,23 +17,24 @@ EP rank (replicated over the TP group) and dispatches a disjoint 1/tp of the tok
 EP group of ranks with its own TP index (`TokenSplitDispatcher`), so no token is sent tp times.
 
 Gradients under TP (moepipe.parallel.grad_sync): sharded weights hold their shard's complete
-gradient; replicated weights whose inputs are replicated and whose consumers end in a TP
-collective (norms, embedding, head) get identical complete gradients on every TP rank; the
-router and the routed experts see only this TP rank's share of the tokens' combine weights and
-tokens, so their gradients are summed over the TP group (`tp_partial`).
+gradient (`match_grad_layouts` cuts the embedding's replicated one to its rows); replicated
+weights whose inputs are replicated and whose consumers end in a TP collective (norms) get
+identical complete gradients on every TP rank; the router and the routed experts see only this
+TP rank's share of the tokens' combine weights and tokens, so their gradients are summed over
+the TP group (`tp_partial`).
 
 Sequence parallelism (parallel.sp, Megatron-style): between the split modules every activation
-holds seq_len/tp positions (`seq_shard`). The first stage embeds only its positions
-(`shard_sequence`), so norms, residual adds, the pipeline's messages and the head run on the
-shard; attention, the dense SwiGLU and the shared experts all-gather their input once
-(PrepareModuleInput, backward: reduce-scatter) and reduce-scatter their rowwise output back to
-shards (instead of the all-reduce; backward: all-gather). Attention sees the whole sequence, so
-the causal mask and rotary positions are unchanged. A MoE layer's input is then this rank's
-disjoint 1/tp of the tokens: it routes and dispatches them directly, with the balancing loss's
-expert counts summed over the TP group (each shard's loss is its share of the whole
-microbatch's). The loss is each rank's positions' share, summed over TP; every replicated
-weight (norms, embedding, head too) holds only its shard's gradient and is summed over TP.
-Capacity-limited routing is refused (a capacity counts the whole microbatch in token order).
+holds seq_len/tp positions: the embedding reduce-scatters its partial sums into sequence
+shards, so norms, residual adds and the pipeline's messages run on the shard, and the head
+all-gathers them (logits for every position, V/tp columns); attention, the dense SwiGLU and the
+shared experts all-gather their input once (PrepareModuleInput, backward: reduce-scatter) and
+reduce-scatter their rowwise output back to shards (instead of the all-reduce; backward:
+all-gather). Attention sees the whole sequence, so the causal mask and rotary positions are
+unchanged. A MoE layer's input is then this rank's disjoint 1/tp of the tokens: it routes and
+dispatches them directly, with the balancing loss's expert counts summed over the TP group
+(each shard's loss is its share of the whole microbatch's). Every replicated weight (the norms
+too) holds only its shard's gradient and is summed over TP. Capacity-limited routing is refused
+(a capacity counts the whole microbatch in token order).
 """
 from __future__ import annotations
 
