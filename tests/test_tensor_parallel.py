@@ -37,11 +37,16 @@ def cfg_for(schedule: str, pp: int, ep: int, tp: int, extra: tuple = ()):
         f"parallel.pp={pp}", f"parallel.ep={ep}", "parallel.dp=1", f"parallel.tp={tp}"] + list(extra))
 
 
-def reference(schedule: str, extra: tuple) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(schedule: str, extra: tuple) -> tuple[list[float], dict[str, torch.Tensor], list]:
     trainer = Trainer(cfg_for(schedule, 1, 1, 1, extra))
-    losses = [trainer.train_step(s).loss for s in range(STEPS)]
-    losses.append(trainer.evaluate())
-    return losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    steps = [trainer.train_step(s) for s in range(STEPS)]
+    losses = [r.loss for r in steps] + [trainer.evaluate()]
+    return losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, routing_of(steps)
+
+
+def routing_of(steps: list) -> list:
+    """Each step's routing record: per-layer expert demand and the routing metrics."""
+    return [({lid: torch.as_tensor(load) for lid, load in r.expert_load.items()}, dict(r.routing)) for r in steps]
 
 
 def _worker(rank: int, world: int, runs: list, out_dir: str) -> None:
@@ -69,13 +74,14 @@ def _worker(rank: int, world: int, runs: list, out_dir: str) -> None:
                 m.register_forward_pre_hook(lambda _, args: held.add(args[0].shape[1]))
             if module.output is not None:
                 module.output.register_forward_hook(lambda _, args, out: logits.add(tuple(out.shape[1:])))
-        losses = [trainer.train_step(s).loss for s in range(STEPS)]
+        steps = [trainer.train_step(s) for s in range(STEPS)]
+        losses = [r.loss for r in steps]
         assert held == {cfg.train.seq_len // (tp if cfg.parallel.sp else 1)}, (held, extra)
         assert logits == {(cfg.train.seq_len, cfg.model.vocab_size // tp)} or not trainer.holds_last, (logits, extra)
         losses.append(trainer.evaluate())
         state = gather_state(list(trainer.modules.values()), rank)
         if rank == 0:
-            save({"losses": losses, "state": state}, os.path.join(out_dir, f"run{i}.pt"))
+            save({"losses": losses, "state": state, "routing": routing_of(steps)}, os.path.join(out_dir, f"run{i}.pt"))
 
 
 _REFERENCES: dict = {}
@@ -98,7 +104,17 @@ def reference_for(schedule: str, extra: tuple):
 def check_runs(runs: list, world: int, tmp_path) -> None:
     run_distributed(_worker, world, runs, str(tmp_path), timeout=360)
     for i, (layout, schedule, extra) in enumerate(runs):
-        assert_matches(torch.load(tmp_path / f"run{i}.pt"), *reference_for(schedule, extra), label=f"(pp, ep, tp)={layout} {schedule}")
+        got, (losses, state, routing) = torch.load(tmp_path / f"run{i}.pt"), reference_for(schedule, extra)
+        label = f"(pp, ep, tp)={layout} {schedule} {extra}"
+        assert_matches(got, losses, state, label=label)
+        # routing statistics count each token once (what the metrics, expert bias and placer
+        # read): every step's per-layer demand equals the reference's; the balancing and z
+        # losses too where the run has one data slice (EP slices route their own batches)
+        for (load, metrics), (ref_load, ref_metrics) in zip(got["routing"], routing, strict=True):
+            assert load.keys() == ref_load.keys() and all(torch.equal(load[k], ref_load[k]) for k in load), label
+            if layout[1] == 1:
+                for key in ("aux_loss", "z_loss", "load_balance_mean", "dropped_frac"):
+                    assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-12), (label, key)
 
 
 @pytest.mark.timeout(400)
