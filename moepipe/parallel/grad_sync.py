@@ -8,7 +8,7 @@ batch, so the global gradient is the mean over those S = ep*dp slices:
 Under tensor parallelism (moepipe.parallel.tensor_parallel) every group above holds ranks of
 one TP index and the gradients are local shards; the router's and the routed experts'
 gradients are first summed over the TP group (each TP rank dispatched a share of the tokens);
-under sequence parallelism so are the norms', embedding's and head's (each saw one sequence shard).
+under sequence parallelism so are the norms' (each saw one sequence shard).
 """
 from __future__ import annotations
 

@@ -69,8 +69,8 @@ def is_sharded(t: torch.Tensor) -> bool:
 
 def tp_partial(name: str, sp: bool = False) -> bool:
     """Replicated weights whose gradient each TP rank holds only its tokens' share of: the
-    router and the routed experts; under sequence parallelism every replicated weight (norms,
-    embedding and head see only this rank's sequence shard)."""
+    router and the routed experts; under sequence parallelism every replicated weight (the
+    norms see only this rank's sequence shard)."""
     return (sp and shard_dim(name) is None) or ".router." in name or ".experts." in name
 
 
