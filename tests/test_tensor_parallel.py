@@ -6,6 +6,10 @@ Layouts with one data slice (tp2, pp2 x tp2) run with the Switch balancing loss 
 rank routes all tokens and seeds 1/tp of the aux loss's gradient, which the TP group sums, so
 a doubled or missing share shows. Layouts with EP split the batch into slices, whose balancing
 loss legitimately differs from the whole batch's (see test_parallel_parity), so they run it off.
+With sequence parallelism (parallel.sp) each TP rank routes its own sequence shard and seeds its
+shard's share of the balancing loss (expert counts summed over TP), and the norms' gradients
+are summed over TP: the same reference, the same bounds. Every run's routing statistics (per
+layer demand each step; the balancing and z losses with one data slice) equal the reference's.
 """
 from __future__ import annotations
 
