@@ -85,8 +85,9 @@ class ParallelConfig:
     # Tensor parallelism (innermost in the mesh: a TP group is tp consecutive ranks, inside a
     # node): attention heads and dense/shared FFN widths split over tp ranks; routed experts use EP
     tp: int = 1
-    # Sequence parallelism over the TP group (norms and residual on 1/tp of the tokens): not
-    # implemented yet (validation says so); gloo in torch 2.13 has the reduce-scatter it needs
+    # Sequence parallelism over the TP group (parallel.tp >= 2): between the split attention and
+    # FFNs, every activation (norms, residual, MoE routing, pipeline messages, head and loss)
+    # holds seq_len/tp positions; all-gather before and reduce-scatter after each split module
     sp: bool = False
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     # Expert all-to-all: flat (one exchange over the EP group) or hierarchical (within each
@@ -409,12 +410,18 @@ def _check_tensor_parallel(cfg: MoepipeConfig) -> None:
     if par.sp and tp < 2:
         raise ConfigError(f"parallel.sp=true needs tensor parallelism (parallel.tp={tp}): set parallel.tp >= 2 or parallel.sp=false")
     if par.sp:
-        raise ConfigError("parallel.sp=true is not supported yet (sequence parallelism is not implemented): set parallel.sp=false")
+        _check_sequence_parallel(cfg)
     if m.n_heads % tp:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={tp}: TP splits attention by heads; pick tp dividing n_heads")
     kv = m.n_kv_heads or m.n_heads
     if kv % tp:
         raise ConfigError(f"model.n_kv_heads={kv} is not divisible by parallel.tp={tp}: TP splits key/value heads too; pick tp dividing n_kv_heads")
+    if m.vocab_size % tp:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={tp}: TP splits the embedding and head by "
+                          "vocabulary; pick a vocab_size that is a multiple of tp")
+    if m.tie_embeddings:
+        raise ConfigError(f"model.tie_embeddings=true with parallel.tp={tp}: the vocabulary-split embedding (rowwise) and head (colwise) "
+                          "cannot share one weight; set model.tie_embeddings=false or parallel.tp=1")
     if len(moe_layer_ids(m, e)) < m.n_layers and m.ffn_hidden % tp:
         raise ConfigError(f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tp={tp}: TP splits the dense FFN's width; pick tp dividing it")
     shared = (e.shared_expert_hidden or e.expert_hidden) * e.num_shared_experts
@@ -441,6 +448,21 @@ def _check_tensor_parallel(cfg: MoepipeConfig) -> None:
     if local >= 1 and local % tp:
         raise ConfigError(f"parallel.tp={tp} does not fit in a node of topology.devices_per_node={local}: a TP group must sit inside "
                           "one node; pick tp dividing devices_per_node")
+
+
+def _check_sequence_parallel(cfg: MoepipeConfig) -> None:
+    """parallel.sp shards every activation's positions over the TP group: they must split
+    evenly, and routing must not depend on tokens other shards hold."""
+    tp, e = cfg.parallel.tp, cfg.moe
+    if cfg.train.seq_len % tp:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} is not divisible by parallel.tp={tp}: parallel.sp=true gives each TP rank "
+                          "seq_len/tp positions; pick a seq_len that is a multiple of tp or parallel.sp=false")
+    if e.num_experts and e.capacity_factor != 0:
+        raise ConfigError(f"moe.capacity_factor={e.capacity_factor} with parallel.sp=true: an expert's capacity is counted over the whole "
+                          "microbatch in token order, which no sequence shard sees; use moe.capacity_factor=0 (dropless) or parallel.sp=false")
+    if e.num_experts and e.router_jitter > 0:
+        raise ConfigError(f"moe.router_jitter={e.router_jitter} with parallel.sp=true: TP ranks share one RNG stream, so every sequence "
+                          "shard would draw the same noise; use moe.router_jitter=0 or parallel.sp=false")
 
 
 def _check_hierarchical(cfg: MoepipeConfig) -> None:

@@ -263,6 +263,11 @@ def check_mesh(pp: int, ep: int, dp: int, tp: int = 1) -> Callable:
     return check
 
 
+def check_sequence_parallel(r: Result, root: Path) -> None:
+    check_mesh(1, 1, 1, 2)(r, root)
+    assert r.config["parallel"]["sp"] is True
+
+
 def check_single(r: Result) -> None:
     trained(r)
     s = r.summary
@@ -559,6 +564,7 @@ ROWS: dict[tuple[str, str], list[Row]] = {
     ("parallel", "tp2"): [("dist", ("parallel=tp2",), check_mesh(1, 1, 1, 2))],
     ("parallel", "pp2_tp2"): [("dist", ("parallel=pp2_tp2",), check_mesh(2, 1, 1, 2))],
     ("parallel", "ep2_tp2"): [("dist", ("parallel=ep2_tp2",), check_mesh(1, 2, 1, 2))],
+    ("parallel", "tp2_sp"): [("dist", ("parallel=tp2_sp",), check_sequence_parallel)],
     **{("schedule", s): [("dist", ("parallel=pp2", f"schedule={s}", f"schedule.microbatches={4 if s == 'dualpipev' else 2}"), check_schedule(s))]
        for s in SCHEDULE_CLASSES},
     ("schedule", "pipedream_2bw"): [("dist", ("parallel=pp2", "schedule=pipedream_2bw", "schedule.microbatches=2"), check_2bw)],

@@ -6,6 +6,10 @@ Layouts with one data slice (tp2, pp2 x tp2) run with the Switch balancing loss 
 rank routes all tokens and seeds 1/tp of the aux loss's gradient, which the TP group sums, so
 a doubled or missing share shows. Layouts with EP split the batch into slices, whose balancing
 loss legitimately differs from the whole batch's (see test_parallel_parity), so they run it off.
+With sequence parallelism (parallel.sp) each TP rank routes its own sequence shard and seeds its
+shard's share of the balancing loss (expert counts summed over TP), and the norms' gradients
+are summed over TP: the same reference, the same bounds. Every run's routing statistics (per
+layer demand each step; the balancing and z losses with one data slice) equal the reference's.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dist_utils import gather_state, run_distributed, save
 from test_parallel_parity import BASE, STEPS, assert_matches
 
 AUX_ON = ("moe.aux_loss_coef=0.01",)
+SP = ("parallel.sp=true",)
 # one dense block (first_dense=1) so the dense SwiGLU is split too; shared experts in the MoE blocks
 TP_MODEL = ("placer=static", "moe.first_dense=1", "moe.num_shared_experts=1", "moe.shared_expert_hidden=32")
 
@@ -36,11 +41,16 @@ def cfg_for(schedule: str, pp: int, ep: int, tp: int, extra: tuple = ()):
         f"parallel.pp={pp}", f"parallel.ep={ep}", "parallel.dp=1", f"parallel.tp={tp}"] + list(extra))
 
 
-def reference(schedule: str, extra: tuple) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(schedule: str, extra: tuple) -> tuple[list[float], dict[str, torch.Tensor], list]:
     trainer = Trainer(cfg_for(schedule, 1, 1, 1, extra))
-    losses = [trainer.train_step(s).loss for s in range(STEPS)]
-    losses.append(trainer.evaluate())
-    return losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    steps = [trainer.train_step(s) for s in range(STEPS)]
+    losses = [r.loss for r in steps] + [trainer.evaluate()]
+    return losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, routing_of(steps)
+
+
+def routing_of(steps: list) -> list:
+    """Each step's routing record: per-layer expert demand and the routing metrics."""
+    return [({lid: torch.as_tensor(load) for lid, load in r.expert_load.items()}, dict(r.routing)) for r in steps]
 
 
 def _worker(rank: int, world: int, runs: list, out_dir: str) -> None:
@@ -52,21 +62,39 @@ def _worker(rank: int, world: int, runs: list, out_dir: str) -> None:
         pp, ep, tp = layout
         if layout not in meshes:
             meshes[layout] = build_mesh(pp, ep, 1, tp=tp)
-        trainer = DistributedTrainer(cfg_for(schedule, pp, ep, tp, extra), meshes[layout])
+        cfg = cfg_for(schedule, pp, ep, tp, extra)
+        trainer = DistributedTrainer(cfg, meshes[layout])
         wq = [p for m in trainer.modules.values() for n, p in m.named_parameters() if n.endswith("attn.wq.weight")]
         assert wq and all(isinstance(p, DTensor) and p.to_local().shape[0] * tp == p.shape[0] for p in wq), "attention is not TP-split"
-        losses = [trainer.train_step(s).loss for s in range(STEPS)]
+        # positions each activation holds: norm inputs, a later stage's received input (the
+        # pipeline's message); seq_len/tp under sequence parallelism. The head's logits: every
+        # position, V/tp columns (split by vocabulary)
+        held, logits = set(), set()
+        for stage, module in trainer.modules.items():
+            watched = [b.attn_norm for b in module.layers.values()] + [b.ffn_norm for b in module.layers.values()]
+            watched += [module] if stage > 0 else []
+            watched += [module.norm] if module.norm is not None else []
+            for m in watched:
+                m.register_forward_pre_hook(lambda _, args: held.add(args[0].shape[1]))
+            if module.output is not None:
+                module.output.register_forward_hook(lambda _, args, out: logits.add(tuple(out.shape[1:])))
+        steps = [trainer.train_step(s) for s in range(STEPS)]
+        losses = [r.loss for r in steps]
+        assert held == {cfg.train.seq_len // (tp if cfg.parallel.sp else 1)}, (held, extra)
+        assert logits == {(cfg.train.seq_len, cfg.model.vocab_size // tp)} or not trainer.holds_last, (logits, extra)
         losses.append(trainer.evaluate())
         state = gather_state(list(trainer.modules.values()), rank)
         if rank == 0:
-            save({"losses": losses, "state": state}, os.path.join(out_dir, f"run{i}.pt"))
+            save({"losses": losses, "state": state, "routing": routing_of(steps)}, os.path.join(out_dir, f"run{i}.pt"))
 
 
 _REFERENCES: dict = {}
 
 
 def reference_for(schedule: str, extra: tuple):
-    """The one-process run (computed once per module, on one thread like the workers)."""
+    """The one-process run (computed once per module, on one thread like the workers; shared
+    by the runs with and without sequence parallelism, which the reference lacks)."""
+    extra = tuple(o for o in extra if o not in SP)
     if (schedule, extra) not in _REFERENCES:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -80,14 +108,29 @@ def reference_for(schedule: str, extra: tuple):
 def check_runs(runs: list, world: int, tmp_path) -> None:
     run_distributed(_worker, world, runs, str(tmp_path), timeout=360)
     for i, (layout, schedule, extra) in enumerate(runs):
-        assert_matches(torch.load(tmp_path / f"run{i}.pt"), *reference_for(schedule, extra), label=f"(pp, ep, tp)={layout} {schedule}")
+        got, (losses, state, routing) = torch.load(tmp_path / f"run{i}.pt"), reference_for(schedule, extra)
+        label = f"(pp, ep, tp)={layout} {schedule} {extra}"
+        assert_matches(got, losses, state, label=label)
+        # routing statistics count each token once (what the metrics, expert bias and placer
+        # read): every step's per-layer demand equals the reference's; the balancing and z
+        # losses too where the run has one data slice (EP slices route their own batches)
+        for (load, metrics), (ref_load, ref_metrics) in zip(got["routing"], routing, strict=True):
+            assert load.keys() == ref_load.keys() and all(torch.equal(load[k], ref_load[k]) for k in load), label
+            if layout[1] == 1:
+                for key in ("aux_loss", "z_loss", "load_balance_mean", "dropped_frac"):
+                    assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-12), (label, key)
 
 
 @pytest.mark.timeout(400)
 def test_pp2_tp2_and_ep2_tp2_match_reference(tmp_path):
-    """tp2 x pp2 under two schedules (balancing loss on), tp2 x ep2 (tokens split over TP,
-    then dispatched through each TP index's EP group): one 4-process job."""
-    check_runs([((2, 1, 2), "1f1b", AUX_ON), ((2, 1, 2), "gpipe", AUX_ON), ((1, 2, 2), "1f1b", ())], 4, tmp_path)
+    """tp2 x pp2 (balancing loss on) and tp2 x ep2 (tokens split over TP, then dispatched
+    through each TP index's EP group); then with sequence parallelism (activations, pipeline
+    messages and MoE routing on seq_len/tp positions; each shard's tokens through its own TP
+    index's EP group): tp2 x pp2 under two schedules, tp2 x ep2. One 4-process job (TP under
+    gpipe runs with SP only: the suite's budget)."""
+    runs = [((2, 1, 2), "1f1b", AUX_ON), ((1, 2, 2), "1f1b", ())]
+    sp_runs = [((2, 1, 2), "1f1b", AUX_ON + SP), ((2, 1, 2), "gpipe", AUX_ON + SP), ((1, 2, 2), "1f1b", SP)]
+    check_runs(runs + sp_runs, 4, tmp_path)
 
 
 @pytest.mark.timeout(400)
@@ -120,6 +163,40 @@ def test_token_chunks_dispatch_every_assignment_once(capacity_factor):
     assert kept == int(routing.kept_counts.sum())
 
 
+@pytest.mark.parametrize("aux_loss_type", ["switch", "top1"])
+def test_sequence_shards_share_the_balancing_losses(aux_loss_type):
+    """Routed in tp sequence shards, the shards' balancing and z losses sum to the whole
+    microbatch's, and so do their gradients w.r.t. the logits; the counts each shard hands to
+    the TP sum (stood in for here by the whole batch's) add up to the whole batch's."""
+    from moepipe.model.router import count_per_expert, route
+
+    torch.manual_seed(0)
+    T, E, k, tp = 24, 8, 2, 3
+    logits = torch.randn(T, E, requires_grad=True)
+    whole = route(logits, k, aux_loss_type=aux_loss_type)
+    (whole.aux_loss + whole.z_loss).backward()
+    ref_grad, logits.grad = logits.grad, None
+    choices = logits.detach().topk(k, dim=-1).indices
+    total = count_per_expert((choices[:, :1] if aux_loss_type == "top1" else choices).reshape(-1), E)
+    handed = []
+
+    def sum_over_shards(counts: torch.Tensor) -> torch.Tensor:
+        handed.append(counts.clone())
+        return total
+
+    rows = T // tp
+    shards = [route(logits[i * rows : (i + 1) * rows], k, aux_loss_type=aux_loss_type, token_shards=tp, sum_shards=sum_over_shards)
+              for i in range(tp)]
+    assert len(handed) == tp and torch.equal(sum(handed), total)
+    torch.testing.assert_close(sum(s.aux_loss for s in shards), whole.aux_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sum(s.z_loss for s in shards), whole.z_loss, rtol=1e-6, atol=0)
+    sum(s.aux_loss + s.z_loss for s in shards).backward()
+    torch.testing.assert_close(logits.grad, ref_grad, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(sum(s.demand_counts for s in shards), whole.demand_counts)
+    with pytest.raises(ValueError, match="capacity-limited routing over sequence shards"):
+        route(logits[:rows], k, capacity_factor=1.0, token_shards=tp, sum_shards=sum_over_shards)
+
+
 def test_shard_rule_and_local_layout():
     from moepipe.parallel.migration import EntrySpec
     from moepipe.parallel.tensor_parallel import local_layout, shard_dim
@@ -127,7 +204,8 @@ def test_shard_rule_and_local_layout():
     split = {"layers.0.attn.wq.weight": 0, "layers.0.attn.wk.weight": 0, "layers.0.attn.wv.weight": 0, "layers.0.attn.wo.weight": 1,
              "layers.0.ffn.w1.weight": 0, "layers.0.ffn.w3.weight": 0, "layers.0.ffn.w2.weight": 1,
              "layers.1.ffn.shared.w1.weight": 0, "layers.1.ffn.shared.w2.weight": 1}
-    replicated = ["tok_embeddings.weight", "output.weight", "norm.weight", "layers.0.attn_norm.weight", "layers.1.ffn.router.weight",
+    split["tok_embeddings.weight"] = split["output.weight"] = 0  # by vocabulary
+    replicated = ["norm.weight", "layers.0.attn_norm.weight", "layers.1.ffn.router.weight",
                   "layers.1.ffn.router.expert_bias", "layers.1.ffn.experts.3.w1.weight", "layers.1.ffn.experts.3.w2.weight"]
     assert {n: shard_dim(n) for n in split} == split and all(shard_dim(n) is None for n in replicated)
     layout = local_layout({"layers.0.attn.wo.weight": EntrySpec((8, 6), True), "layers.0.ffn.w1.weight": EntrySpec((6, 8), True),
@@ -140,7 +218,12 @@ def test_shard_rule_and_local_layout():
     (("model.n_heads=4", "model.n_kv_heads=1", "parallel.tp=2"), "model.n_kv_heads=1 is not divisible by parallel.tp=2"),
     (("parallel.tp=2", "model.ffn_hidden=63"), "model.ffn_hidden=63 is not divisible by parallel.tp=2"),
     (("parallel.tp=2", "moe.backend=fairscale"), "only the native MoE layer"),
-    (("parallel.tp=2", "parallel.sp=true"), "parallel.sp=true is not supported yet"),
+    (("parallel.tp=2", "model.vocab_size=255"), "model.vocab_size=255 is not divisible by parallel.tp=2"),
+    (("parallel.tp=2", "model.tie_embeddings=true"), "model.tie_embeddings=true with parallel.tp=2"),
+    (("parallel.tp=2", "parallel.sp=true", "train.seq_len=15"), "train.seq_len=15 is not divisible by parallel.tp=2"),
+    (("parallel.tp=2", "parallel.sp=true", "moe.capacity_factor=1.25"), "moe.capacity_factor=1.25 with parallel.sp=true"),
+    (("parallel.tp=2", "parallel.sp=true", "moe.router_jitter=0.01"), "moe.router_jitter=0.01 with parallel.sp=true"),
+    (("parallel.tp=2", "parallel.sp=true", "schedule.name=pipedream_2bw"), "parallel.tp=2 with schedule.name=pipedream_2bw"),
     (("parallel.sp=true",), "parallel.sp=true needs tensor parallelism"),
     (("parallel.tp=2", "parallel.pp=2", "schedule.name=chimera"), "parallel.tp=2 with schedule.name=chimera"),
     (("parallel.tp=2", "parallel.ep=2", "parallel.a2a=hierarchical"), "parallel.tp=2 with parallel.a2a=hierarchical"),
@@ -273,3 +356,14 @@ def test_migration_under_tp_moves_shards_and_preserves_state(tmp_path):
             assert len(after[key]) == 1 and before[key] == after[key], key
     sharded = [k for k in moved["checks"][0][0] if k[0].endswith("attn.wq.weight")]
     assert {k[1] for k in sharded} == {0, 1} and moved["checks"][0][0][sharded[0]] != moved["checks"][0][0][(sharded[0][0], 1 - sharded[0][1])]
+
+
+def test_mesh_search_keeps_sequence_parallelism_for_tp_meshes():
+    """parallel.sp=true in the searched config applies to the meshes with TP (the cost model's
+    activation memory / tp); a tp1 candidate drops it instead of failing validation."""
+    from moepipe.config import validate
+    from moepipe.placement.mesh_search import with_mesh
+
+    cfg = cfg_for("1f1b", 1, 1, 2, SP)
+    assert validate(with_mesh(cfg, 2, 2, 1, 1)).parallel.sp is True
+    assert validate(with_mesh(cfg, 1, 2, 1, 1)).parallel.sp is False

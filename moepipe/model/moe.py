@@ -100,6 +100,9 @@ class MoELayer(nn.Module):
         # backward sums the gradient over the TP group: every TP rank routes all tokens but
         # dispatches only its share. Shared experts take the plain input (TP-split themselves).
         self.tp_input = _identity
+        # Sequence parallelism makes the input one of token_shards equal shards of the
+        # microbatch; sum_over_shards sums the balancing loss's counts over them (router.route).
+        self.token_shards, self.sum_over_shards = 1, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -115,6 +118,8 @@ class MoELayer(nn.Module):
             normalize_after_drop=self.cfg.normalize_after_drop,
             aux_loss_type=self.cfg.aux_loss_type,
             selection_bias=self.router.expert_bias,
+            token_shards=self.token_shards,
+            sum_shards=self.sum_over_shards,
         )
         if self.record_stats:
             self.stats.record(routing)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,18 +83,30 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return demand.max().clamp(max=even_share)
 
 
-def load_balancing_loss(probs: torch.Tensor, choices: torch.Tensor, num_experts: int, top1_only: bool) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, choices: torch.Tensor, num_experts: int, top1_only: bool,
+                        shards: int = 1, sum_shards: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Switch/GShard loss E * sum_e f_e * P_e: f_e the fraction of assignments to e (before
     capacity), P_e the mean router probability of e. `top1_only` counts first choices only,
-    as GShard and fairscale's Top2Gate do."""
+    as GShard and fairscale's Top2Gate do.
+
+    `shards` > 1: these tokens are one of `shards` equal shards of the batch (sequence
+    parallelism) and `sum_shards` sums a count over them. f is then the whole batch's and P
+    this shard's probability sum over the batch's token count: the shards' results sum to the
+    whole batch's loss, and each one's gradient is the whole loss's w.r.t. its own tokens."""
     counted = choices[:, :1] if top1_only else choices
-    f = count_per_expert(counted.reshape(-1), num_experts).to(probs.dtype) / counted.numel()
-    return num_experts * torch.sum(f * probs.mean(0))
+    counts = count_per_expert(counted.reshape(-1), num_experts)
+    if shards == 1:
+        f = counts.to(probs.dtype) / counted.numel()
+        return num_experts * torch.sum(f * probs.mean(0))
+    f = sum_shards(counts).to(probs.dtype) / (counted.numel() * shards)
+    return num_experts * torch.sum(f * probs.sum(0) / (probs.shape[0] * shards))
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE's z-loss: mean squared log-partition, keeps router logits small."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+def router_z_loss(logits: torch.Tensor, shards: int = 1) -> torch.Tensor:
+    """ST-MoE's z-loss: mean squared log-partition, keeps router logits small (`shards`: this
+    shard's share of the mean over `shards` equal shards)."""
+    z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return z if shards == 1 else z / shards
 
 
 def route(
@@ -107,9 +120,16 @@ def route(
     normalize_after_drop: bool = False,
     aux_loss_type: str = "switch",
     selection_bias: torch.Tensor | None = None,
+    token_shards: int = 1,
+    sum_shards: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Routing:
-    """Route T tokens given fp32 logits [T, E]."""
+    """Route T tokens given fp32 logits [T, E]. `token_shards` > 1 (sequence parallelism):
+    the T tokens are one of that many equal shards of the batch, `sum_shards` sums a count
+    over them; the losses are this shard's share of the batch's (load_balancing_loss). Only
+    dropless: a capacity counts the whole batch's assignments in token order."""
     num_tokens, num_experts = logits.shape
+    if token_shards > 1 and capacity_factor != 0:
+        raise ValueError("capacity-limited routing over sequence shards is not supported (config validation names the fix)")
     logits = logits.float()
     scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
     select_on = scores if selection_bias is None else scores + selection_bias
@@ -154,8 +174,8 @@ def route(
         w = w / denom[token_idx].clamp_min(torch.finfo(w.dtype).eps)
 
     probs = scores if score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
-    aux = load_balancing_loss(probs, choices, num_experts, top1_only=aux_loss_type == "top1")
-    return Routing(token_idx, expert_idx, w, kept_counts, demand, capacity, aux, router_z_loss(logits))
+    aux = load_balancing_loss(probs, choices, num_experts, aux_loss_type == "top1", token_shards, sum_shards)
+    return Routing(token_idx, expert_idx, w, kept_counts, demand, capacity, aux, router_z_loss(logits, token_shards))
 
 
 class Router(nn.Module):

@@ -7,7 +7,8 @@ batch, so the global gradient is the mean over those S = ep*dp slices:
   the all-to-all, so its gradient is summed over dp replicas only, then divided by S.
 Under tensor parallelism (moepipe.parallel.tensor_parallel) every group above holds ranks of
 one TP index and the gradients are local shards; the router's and the routed experts'
-gradients are first summed over the TP group (each TP rank dispatched a share of the tokens).
+gradients are first summed over the TP group (each TP rank dispatched a share of the tokens);
+under sequence parallelism so are the norms' (each saw one sequence shard).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moepipe.parallel.mesh import Mesh
-from moepipe.parallel.tensor_parallel import is_sharded, local, tp_partial, with_local_grads
+from moepipe.parallel.tensor_parallel import is_sharded, local, match_grad_layouts, tp_partial, with_local_grads
 from moepipe.placement.plan import global_rank
 
 
@@ -32,9 +33,10 @@ def split_params(modules: list[nn.Module]) -> tuple[list[torch.nn.Parameter], li
     return dense, expert
 
 
-def tp_partial_params(modules: list[nn.Module]) -> list[torch.nn.Parameter]:
-    """Parameters whose gradient is summed over the TP group (router, routed experts)."""
-    return [p for module in modules for name, p in module.named_parameters() if tp_partial(name)]
+def tp_partial_params(modules: list[nn.Module], sp: bool = False) -> list[torch.nn.Parameter]:
+    """Parameters whose gradient is summed over the TP group (router, routed experts; under
+    sequence parallelism every replicated one)."""
+    return [p for module in modules for name, p in module.named_parameters() if tp_partial(name, sp) and not is_sharded(p)]
 
 
 def fill_missing_grads(params: list[torch.nn.Parameter]) -> None:
@@ -63,6 +65,7 @@ def _all_reduce_mean(params: list[torch.nn.Parameter], group, divisor: int) -> N
 
 def sync_gradients(dense: list, expert: list, mesh: Mesh, tp_summed: list = ()) -> None:
     slices = mesh.ep * mesh.dp
+    match_grad_layouts(dense)
     fill_missing_grads(dense)
     fill_missing_grads(expert)
     if getattr(mesh, "tp", 1) > 1:

@@ -37,6 +37,7 @@ def build_schedule(
     stream_handlers: dict | None = None,
     chain_handlers: dict | None = None,
     lean_weight_grad: bool = False,
+    seq_shards: int = 1,
 ):
     """`modules`: stage index -> module for the stages this rank holds (plan order). A
     schedule with two chains (chimera) also numbers the second replica's stages: stage
@@ -61,15 +62,20 @@ def build_schedule(
     `lean_weight_grad` (executor "moepipe"): split backwards keep only each Linear's input and
     output gradient from I to W (parallel/weight_grad.py), not the whole autograd graph.
 
+    `seq_shards` (sequence parallelism): stages exchange 1/seq_shards of each microbatch's
+    positions (the first stage takes the whole token sequence, the last outputs logits for every
+    position: its head gathers them). Under TP `vocab_size` is the logits' split width V/tp.
+
     Stage input/output shapes are given up front (static metadata). Left to infer them, the
     engine runs an extra forward on uninitialised tensors, which would route garbage through
     the experts, run unmatched expert all-to-alls and pollute the routing statistics.
     """
     b, t = microbatch_shape
+    held = t // seq_shards  # positions each stage's activations hold
 
     def hidden() -> torch.Tensor:
         # requires_grad marks the activations whose gradients travel back between stages
-        return torch.empty(b, t, d_model, device="meta", requires_grad=True)
+        return torch.empty(b, held, d_model, device="meta", requires_grad=True)
 
     def io(idx: int):
         inp = torch.empty(b, t, dtype=torch.long, device="meta") if idx == 0 else hidden()

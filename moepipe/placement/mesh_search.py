@@ -107,7 +107,8 @@ def _tp_shape_problem(cfg: MoepipeConfig, tp: int) -> str:
 def with_mesh(cfg: MoepipeConfig, tp: int, pp: int, ep: int, dp: int, microbatch_seqs: Optional[int] = None) -> MoepipeConfig:
     """cfg on that mesh. `microbatch_seqs`: keep the microbatch size (sequences per microbatch per
     pipeline) instead of the count: microbatches = batch_size / (ep dp microbatch_seqs)."""
-    out = replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, ep=ep, dp=dp))
+    # parallel.sp=true applies to the meshes with TP (sequence shards over the TP group)
+    out = replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, ep=ep, dp=dp, sp=bool(cfg.parallel.sp) and tp > 1))
     if microbatch_seqs is not None:
         per = ep * dp * int(microbatch_seqs)
         if cfg.train.batch_size % per:

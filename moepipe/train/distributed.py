@@ -27,7 +27,7 @@ from moepipe.parallel.mesh import Mesh
 from moepipe.parallel.migration import Entries, exchange, state_layout, transfer_bytes, transfers
 from moepipe.parallel.pipeline import build_schedule
 from moepipe.parallel.stage_builder import build_stage_module
-from moepipe.parallel.tensor_parallel import as_shard, local, local_layout, shard_stage, split_moe_tokens
+from moepipe.parallel.tensor_parallel import as_shard, local, local_layout, shard_stage, split_moe_tokens, vocab_parallel_loss
 from moepipe.placement.plan import Plan, chain_stages, from_json, stage_assignment, to_json, validate_plan
 from moepipe.placement.replan import ReplanLoop, default_plan  # noqa: F401 (default_plan: imported from here too)
 from moepipe.placement.topology import from_config as topology_from_config
@@ -99,6 +99,8 @@ class DistributedTrainer:
         if self.corpus.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < the data's vocabulary ({self.corpus.vocab_size}): raise model.vocab_size")
         self.slices = mesh.ep * mesh.dp
+        # sequence parallelism: each TP rank holds seq_len/tp positions of every activation
+        self.sp = bool(cfg.parallel.sp) and mesh.tp > 1
         self.moe_ids = moe_layer_ids(cfg.model, cfg.moe)
         self._topology = None
         self._shadow_setups = None  # placer.shadow_slots: per MoE layer, the fast path's cost-model setup
@@ -227,7 +229,7 @@ class DistributedTrainer:
         values = None if entries is None else {n: as_shard(n, ts[0], mesh, self.full_layout[n].shape) for n, ts in entries.items()}
         self.modules: dict[int, MoETransformer] = {
             s: build_stage_module(cfg.model, cfg.moe, plan, p, mesh.ep_rank, self.device, cfg.train.seed, values,
-                                  shard=lambda m: shard_stage(m, mesh)) for s, p in held.items()
+                                  shard=lambda m: shard_stage(m, mesh, self.sp)) for s, p in held.items()
         }
         self.slowdowns = [SlowDevice(m, self.speed) for m in self.modules.values()] if self.speed < 1 else []
         self.clock = BlockClock(list(self.modules.values()), cfg.model.n_layers, self.device)
@@ -239,12 +241,12 @@ class DistributedTrainer:
             for layer_id, moe in module.moe_layers():
                 moe.attach_expert_group(plan.expert_map[layer_id], mesh.ep_rank, mesh.ep_group, a2a=cfg.parallel.a2a,
                                         local_size=ep_per_node, **nodes)
-            split_moe_tokens(module, mesh)  # tp > 1: each TP rank dispatches its share of the tokens (after the EP attach)
+            split_moe_tokens(module, mesh, self.sp)  # tp > 1: each TP rank dispatches its share of the tokens (after the EP attach)
         for module in self.modules.values():  # token origins: this rank's row of [ep, E] (summed over the world per step)
             for _, moe in module.moe_layers():
                 moe.stats.set_source(mesh.ep_rank, mesh.ep)
         self.dense, self.expert = split_params(list(self.modules.values()))
-        self.tp_partial = tp_partial_params(list(self.modules.values())) if mesh.tp > 1 else []
+        self.tp_partial = tp_partial_params(list(self.modules.values()), self.sp) if mesh.tp > 1 else []
         # the global norm counts each weight once: the first replica's copies only
         self.norm_dense, self.norm_expert = split_params([m for s, m in self.modules.items() if s < plan.n_stages])
         self.mirror = MirrorReduce(self.modules, plan.n_stages, self._mirror_group) if self.chains == 2 else None
@@ -262,15 +264,25 @@ class DistributedTrainer:
         m = cfg.schedule.microbatches
         microbatch = (cfg.train.batch_size // (self.slices * m), cfg.train.seq_len)
         self.schedule = build_schedule(
-            cfg.schedule.name, self.modules, plan.n_stages, m, lambda out, y: lm_loss(out, y) / m, self.device, mesh.pp_group,
-            microbatch, cfg.model.d_model, cfg.model.vocab_size, self.amp_dtype or torch.float32, executor=cfg.schedule.executor,
+            cfg.schedule.name, self.modules, plan.n_stages, m, self._loss_fn(m), self.device, mesh.pp_group,
+            microbatch, cfg.model.d_model, cfg.model.vocab_size // mesh.tp, self.amp_dtype or torch.float32, executor=cfg.schedule.executor,
             stream_handlers=stream, chain_handlers=None if self.mirror is None else {"REDUCE_GRAD": self.mirror.stage_done},
             # under activation checkpointing I recomputes the graph anyway, and keeping each Linear's
             # input from the forward to W would undo the checkpointing: lean W is off
             lean_weight_grad=cfg.schedule.lean_weight_grad and not cfg.train.activation_checkpointing,
+            seq_shards=mesh.tp if self.sp else 1,
         )
         self.holds_first = any(s % plan.n_stages == 0 for s in self.stage_ids)  # a chain's first stage: needs the tokens
         self.holds_last = any(s % plan.n_stages == plan.n_stages - 1 for s in self.stage_ids)
+
+    def _loss_fn(self, m: int):
+        """A microbatch's share of the step's mean loss. Under TP the head's logits are split
+        by vocabulary ([..., V/tp], every position: under SP the head gathers the sequence):
+        the vocabulary-parallel cross-entropy, the same value on every TP rank, each seeding
+        the gradient of its own logits' columns."""
+        if self.mesh.tp == 1:
+            return lambda out, y: lm_loss(out, y) / m
+        return lambda out, y: vocab_parallel_loss(out, y, self.mesh) / m
 
     # ------------------------------------------------------------------ one step
 
@@ -297,8 +309,9 @@ class DistributedTrainer:
         self.clock.take()  # drop evaluation forwards: only training steps count
         for module in self.modules.values():
             module.train()
-            # each TP rank seeds the replicated aux loss; the TP group sums its gradient
-            module.set_aux_loss_scale(1.0 / (cfg.schedule.microbatches * self.mesh.tp))
+            # each TP rank seeds the replicated aux loss; the TP group sums its gradient (under
+            # sequence parallelism each seeds its own shard's share of it)
+            module.set_aux_loss_scale(1.0 / (cfg.schedule.microbatches * (1 if self.sp else self.mesh.tp)))
             module.reset_routing_stats()
             module.set_routing_skew(skew)
         lr = lr_at(step, cfg.train.steps, cfg.optim)
@@ -406,13 +419,15 @@ class DistributedTrainer:
         # and nothing is read back before the reduction
         O = self.mesh.ep * E  # token origins [ep, E] after the scalars
         packed = torch.zeros(len(self.moe_ids), 2 * E + 4 + O, dtype=torch.float64, device=self.device)
-        for module in self.modules.values() if self.mesh.tp_rank == 0 else ():  # TP ranks route the same tokens: count once
+        # TP ranks route the same tokens: count once; under sequence parallelism each routes its
+        # own shard (summed; the shards of one microbatch are one call)
+        for module in self.modules.values() if self.mesh.tp_rank == 0 or self.sp else ():
             for layer_id, moe in module.moe_layers():
                 s = moe.stats
                 scalars = torch.stack([s.asked.double(), s.aux_loss_sum.double(), s.z_loss_sum.double()]).to(self.device)
                 packed[row[layer_id], : 2 * E] = torch.cat([s.demand.double(), s.kept.double()]).to(self.device)
                 packed[row[layer_id], 2 * E : 2 * E + 3] = scalars
-                packed[row[layer_id], 2 * E + 3] = s.calls
+                packed[row[layer_id], 2 * E + 3] = s.calls if self.mesh.tp_rank == 0 else 0
                 packed[row[layer_id], 2 * E + 4 :] = s.origins.double().reshape(-1).to(self.device)
         dist.all_reduce(packed)
         packed = packed.cpu()
@@ -437,20 +452,22 @@ class DistributedTrainer:
         last_here = self.plan.n_stages - 1 in self.modules  # chimera evaluates on its first replica only
         d = self.cfg.model.d_model
         total = 0.0
+        loss_fn = self._loss_fn(1)
         for x, y in zip(x_all.chunk(m), y_all.chunk(m)):
+            held = x.shape[1] // self.mesh.tp if self.sp else x.shape[1]  # positions an activation holds
             h = x
             for stage in range(self.plan.n_stages):
                 if owner[stage] != self.mesh.pp_rank:
                     continue
                 if stage > 0 and owner[stage - 1] != self.mesh.pp_rank:
-                    h = torch.empty(x.shape[0], x.shape[1], d, device=self.device)
+                    h = torch.empty(x.shape[0], held, d, device=self.device)
                     dist.recv(h, group=self.mesh.pp_group, group_src=owner[stage - 1])
                 with self._autocast():
                     h = self.modules[stage](h)
                 if stage < self.plan.n_stages - 1 and owner[stage + 1] != self.mesh.pp_rank:
                     dist.send(h.float().contiguous(), group=self.mesh.pp_group, group_dst=owner[stage + 1])
             if last_here:
-                total += float(lm_loss(h, y)) / m
+                total += float(loss_fn(h, y)) / m
         local = torch.tensor(total if last_here and self.mesh.tp_rank == 0 else 0.0, dtype=torch.float64, device=self.device)
         dist.all_reduce(local)
         return float(local) / self.slices
