@@ -126,17 +126,19 @@ def test_pp2_tp2_and_ep2_tp2_match_reference(tmp_path):
     """tp2 x pp2 (balancing loss on) and tp2 x ep2 (tokens split over TP, then dispatched
     through each TP index's EP group); then with sequence parallelism (activations, pipeline
     messages and MoE routing on seq_len/tp positions; each shard's tokens through its own TP
-    index's EP group): tp2 x pp2 under two schedules, tp2 x ep2. One 4-process job (TP under
-    gpipe runs with SP only: the suite's budget)."""
+    index's EP group): tp2 x pp2 under two schedules. One 4-process job (TP under gpipe runs
+    with SP only, SP with EP in the 8-rank job: the suite's budget)."""
     runs = [((2, 1, 2), "1f1b", AUX_ON), ((1, 2, 2), "1f1b", ())]
-    sp_runs = [((2, 1, 2), "1f1b", AUX_ON + SP), ((2, 1, 2), "gpipe", AUX_ON + SP), ((1, 2, 2), "1f1b", SP)]
+    sp_runs = [((2, 1, 2), "1f1b", AUX_ON + SP), ((2, 1, 2), "gpipe", AUX_ON + SP)]
     check_runs(runs + sp_runs, 4, tmp_path)
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.skipif(os.environ.get("MOEPIPE_TEST_8RANK") != "1", reason="8 processes (~65 s on 2 cores): MOEPIPE_TEST_8RANK=1 runs it")
 def test_pp2_ep2_tp2_matches_reference(tmp_path):
-    check_runs([((2, 2, 2), "interleaved_1f1b", ())], 8, tmp_path)
+    """The 4D-minus-DP mesh on 8 ranks: tp2 x pp2 x ep2 under interleaved 1F1B (two virtual
+    stages per rank), then with sequence parallelism under 1F1B (each TP index's sequence shard
+    through its own EP group, across a pipeline boundary)."""
+    check_runs([((2, 2, 2), "interleaved_1f1b", ()), ((2, 2, 2), "1f1b", SP)], 8, tmp_path)
 
 
 @pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
