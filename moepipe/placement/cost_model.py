@@ -679,7 +679,7 @@ def _flat_holders(maps: Sequence, count: int) -> tuple[np.ndarray, np.ndarray]:
     hit = _FLAT.get(key)
     if hit is not None and all(a is b for a, b in zip(hit[0], maps)):
         return hit[1], hit[2]
-    lens = np.fromiter((len(h) for m in maps for h in m), dtype=np.int64, count=count)
+    lens = np.fromiter(map(len, chain.from_iterable(maps)), dtype=np.int64, count=count)
     cols = np.fromiter(chain.from_iterable(chain.from_iterable(maps)), dtype=np.int64, count=int(lens.sum()))
     if len(_FLAT) > 32:
         _FLAT.clear()
