@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moepipe.placement.cost_model import exchange_time, exchange_traffic, layer_exchange, rule_nodes, uniform_exchanges, uniform_links, class_sums_time
+from moepipe.placement.cost_model import _NumpyOps, _waterfill, exchange_time, exchange_traffic, layer_exchange, rule_nodes, uniform_exchanges, uniform_links, class_sums_time
 from moepipe.placement.plan import Plan
 from moepipe.placement.placers import Evaluator, make_placement
 
@@ -46,6 +46,17 @@ def test_uniform_closed_form_equals_the_general_rule(ep, local):
         assert float(sums[i].send[0].sum()) * bpt == pytest.approx(ib, rel=1e-12, abs=1e-6)
         assert float(sums[i].send[1].sum()) * bpt == pytest.approx(xb, rel=1e-12, abs=1e-6)
         j += 1
+
+
+def test_single_copy_pool_is_the_water_fill_of_one_copy():
+    # uniform_exchanges gives a single-copy expert its whole pool without the water-fill: the same
+    # arithmetic, so the same bits (zeros and empty pools included)
+    rng = np.random.default_rng(3)
+    load = rng.random(400) * rng.integers(0, 2, 400) * 1e3
+    pool = rng.random(400) * rng.integers(0, 2, 400) * 1e4
+    ref = _waterfill(_NumpyOps, load[:, None], np.ones((400, 1), dtype=bool), pool, False)[:, 0]
+    tot = pool + load
+    assert np.array_equal(np.where(0 < tot, tot - load, 0.0), ref)
 
 
 def test_uniform_links_refuses_mixed_links_and_foreign_nodes():

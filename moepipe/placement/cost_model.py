@@ -725,16 +725,23 @@ def uniform_exchanges(maps: Sequence[Sequence[Sequence[int]]], frac: np.ndarray,
     lens_k = np.bincount(le, minlength=n * E)
     start = np.cumsum(lens_k) - lens_k
     pos = np.arange(len(le)) - start[le]
-    W = int(lens_k.max())
-    ids, inv = np.unique(le, return_inverse=True)
-    load = np.zeros((len(ids), W))
-    mask = np.zeros((len(ids), W), dtype=bool)
-    load[inv, pos] = c + x1
-    mask[inv, pos] = True
-    x2w = _waterfill(_NumpyOps, load, mask, pool.ravel()[ids], False)
-    x2 = x2w[inv, pos]
+    lo = c + x1
+    one = lens_k[le] == 1  # a single copy takes its whole pool: the water-fill's arithmetic on one copy
+    tot = pool.ravel()[le[one]] + lo[one]
+    x2 = np.zeros(len(le))
+    x2[one] = np.where(0 < tot, tot - lo[one], 0.0)
+    if not one.all():  # experts with copies: water-filled (le ascends: the distinct ids in order, no sort)
+        ids = np.flatnonzero(lens_k > 1)
+        inv = np.repeat(np.arange(len(ids)), lens_k[ids])
+        W = int(lens_k.max())
+        load = np.zeros((len(ids), W))
+        mask = np.zeros((len(ids), W), dtype=bool)
+        p_m = pos[~one]
+        load[inv, p_m] = lo[~one]
+        mask[inv, p_m] = True
+        x2[~one] = _waterfill(_NumpyOps, load, mask, pool.ravel()[ids], False)[inv, p_m]
     flat_n = n * ep
-    routed_rep = np.bincount(dst, weights=c + x1 + x2, minlength=flat_n).reshape(n, ep)
+    routed_rep = np.bincount(dst, weights=lo + x2, minlength=flat_n).reshape(n, ep)
     routed[replicated] = routed_rep[replicated]
     recv = np.stack([np.bincount(dst, weights=x, minlength=flat_n).reshape(n, ep) for x in (x1, x2)], 1)  # [n, 2, ep]
     recv_on = np.stack([np.bincount(dst, weights=x > 0, minlength=flat_n).reshape(n, ep) > 0 for x in (x1, x2)], 1)
