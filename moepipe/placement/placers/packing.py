@@ -270,8 +270,9 @@ def refine_batch(pb: np.ndarray, pe: np.ndarray, valid: np.ndarray, w: np.ndarra
         xs = np.take_along_axis(pe, sel, 1)
         px = np.take_along_axis(ppw, sel, 1)
         lh, rh = load[rows, h], rate[rows, h]
+        hx = held[rows[:, None], :, xs]  # [B, K, n]: bins already holding x
         # moves: [B, K, n]
-        can = ((size < K)[:, None, :] & ~held[rows[:, None, None], ar[None, None, :], xs[:, :, None]] & (ar[None, None, :] != h[:, None, None])
+        can = ((size < K)[:, None, :] & ~hx & (ar[None, None, :] != h[:, None, None])
                & xv[:, :, None] & (size[rows, h] > 1)[:, None, None])
         m = np.maximum(np.maximum(((lh[:, None] - px) / rh[:, None])[:, :, None], (load[:, None, :] + px[:, :, None]) / rate[:, None, :]), rest[:, None, :])
         m = np.where(can, m, np.inf).reshape(B, -1)
@@ -280,17 +281,24 @@ def refine_batch(pb: np.ndarray, pe: np.ndarray, valid: np.ndarray, w: np.ndarra
         best = fh * (1 - 1e-9)
         use_move = mv < best
         best = np.where(use_move, mv, best)
-        # swaps with pieces of other bins in (bin, expert) order: [B, K, P]
-        po = np.argsort(np.where(valid, pb * E + pe, n * E), axis=1, kind="stable")
-        yb, ye, py = (np.take_along_axis(a, po, 1) for a in (pb, pe, ppw))
-        yv = np.take_along_axis(valid, po, 1) & (yb != h[:, None]) & ~held[rows[:, None], h[:, None], ye]
-        ok = yv[:, None, :] & xv[:, :, None] & ~held[rows[:, None, None], yb[:, None, :], xs[:, :, None]] & (py[:, None, :] < px[:, :, None])
-        ly, ry = np.take_along_axis(load, yb, 1), np.take_along_axis(rate, yb, 1)
-        m2 = np.maximum(np.maximum((lh[:, None, None] - px[:, :, None] + py[:, None, :]) / rh[:, None, None],
-                                   (ly[:, None, :] - py[:, None, :] + px[:, :, None]) / ry[:, None, :]), np.take_along_axis(rest, yb, 1)[:, None, :])
-        m2 = np.where(ok, m2, np.inf).reshape(B, -1)
-        j2 = np.argmin(m2, 1)
-        use_swap = m2[rows, j2] < best
+        # swaps with a lighter piece y of another bin: one [B, P] pass per piece x of h (cache-sized,
+        # no [B, K, P] temporaries); ties: lowest x, then y's (bin, expert), as a scan in that order
+        keyy = np.where(valid, pb * E + pe, n * E)  # unique per problem: no bin holds an expert twice
+        ly, ry, ryst = np.take_along_axis(load, pb, 1), np.take_along_axis(rate, pb, 1), np.take_along_axis(rest, pb, 1)
+        yv = valid & (pb != h[:, None]) & ~held[rows[:, None], h[:, None], pe]
+        sw_v, sw_i, sw_k = np.full(B, np.inf), np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
+        for i in range(xs.shape[1]):
+            pxi = px[:, i:i + 1]
+            ok = yv & xv[:, i:i + 1] & ~np.take_along_axis(hx[:, i], pb, 1) & (ppw < pxi)
+            if not ok.any():
+                continue
+            v = np.maximum(np.maximum((lh[:, None] - pxi + ppw) / rh[:, None], (ly - ppw + pxi) / ry), ryst)
+            v = np.where(ok, v, np.inf)
+            mn = v.min(1)
+            k = np.where(v == mn[:, None], keyy, n * E + 1).argmin(1)
+            better = mn < sw_v
+            sw_v, sw_i, sw_k = np.where(better, mn, sw_v), np.where(better, i, sw_i), np.where(better, k, sw_k)
+        use_swap = sw_v < best
         use_move &= ~use_swap & active
         use_swap &= active
         if not (use_move.any() or use_swap.any()):
@@ -300,13 +308,13 @@ def refine_batch(pb: np.ndarray, pe: np.ndarray, valid: np.ndarray, w: np.ndarra
         x = xs[r, i]
         held[r, h[r], x], held[r, b, x] = False, True
         pb[r, sel[r, i]] = b
-        r = np.flatnonzero(use_swap)  # swap piece sel[i] of h with piece po[k] of bin yb
-        i, k = np.divmod(j2[r], P)
-        x, y, b = xs[r, i], ye[r, k], yb[r, k]
+        r = np.flatnonzero(use_swap)  # swap piece sel[i] of h with piece k of bin b
+        i, k = sw_i[r], sw_k[r]
+        x, y, b = xs[r, i], pe[r, k], pb[r, k]
         held[r, h[r], x], held[r, b, x] = False, True
         held[r, b, y], held[r, h[r], y] = False, True
         pb[r, sel[r, i]] = b
-        pb[r, po[r, k]] = h[r]
+        pb[r, k] = h[r]
         active &= use_move | use_swap
     return pb
 
