@@ -79,12 +79,18 @@ def pieces_batch(w: np.ndarray, counts: np.ndarray, key: Optional[np.ndarray] = 
     w = np.asarray(w, dtype=np.float64)
     C, E = w.shape
     n = np.asarray(counts, dtype=np.int64).ravel()
-    key = np.broadcast_to(np.arange(E), (C, E)) if key is None else np.asarray(key)
     src = np.repeat(np.arange(C * E), n)
     row, col = np.divmod(src, E)
     load = w.ravel()[src] / n[src]
-    o = np.lexsort((key.ravel()[src], -load, row))
-    return _pad_rows(row[o], C, col[o], load[o])
+    if key is not None:  # ties by another key: first order each row by it (a stable sort keeps that order on ties)
+        k = np.asarray(key).ravel()[src]
+        o = np.lexsort((k, row))
+        row, col, load = row[o], col[o], load[o]
+    # pieces are grouped by row: sort each padded row by load, heaviest first (stable: ties keep
+    # the column / key order), as one lexsort of (key, -load, row) would, without sorting the rows
+    col, load, valid = _pad_rows(row, C, col, load)
+    o = np.argsort(np.where(valid, -load, np.inf), axis=1, kind="stable")
+    return np.take_along_axis(col, o, 1), np.take_along_axis(load, o, 1), np.take_along_axis(valid, o, 1)
 
 
 def pieces_of(experts: Sequence[int], w: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,28 +128,35 @@ def pack_batch(ids: np.ndarray, loads: np.ndarray, valid: np.ndarray, cap: np.nd
     rows = np.arange(C)
     E = int(ids[valid].max()) + 1
     repeats = np.bincount((rows[:, None] * E + ids)[valid]).max() > 1
-    held = np.zeros((C, E, n), dtype=bool) if repeats else None  # [problem, expert, bin]: only needed when experts have copies
+    held = np.zeros(C * E * n, dtype=bool) if repeats else None  # [problem, expert, bin] flat: only needed when experts have copies
     never = np.iinfo(np.int64).max
+    load_f, count_f = load.reshape(-1), count.reshape(-1)  # views: one flat index per (problem, bin) update
+    ids_t, loads_t, valid_t = ids.T.copy(), loads.T.copy(), valid.T.copy()  # a piece position's column, contiguous
+    base_e = rows * E
     for j in range(P):
-        e, x = ids[:, j], loads[:, j]
+        e, x = ids_t[j], loads_t[j]
         shut = count >= cap
         if repeats:
-            shut |= held[rows, e]
+            shut |= held.reshape(C * E, n).take(base_e + e, axis=0)
         fin = load + x[:, None]
         if rate is not None:
             fin /= rate
-        fin[shut] = np.inf
+        np.copyto(fin, np.inf, where=shut)
         fmin = fin.min(1)
         tie = fin <= fmin[:, None] * (1 + TIE_REL)  # among the fastest: fewer pieces, then lower index
         b = np.where(tie, count, never).argmin(1)
-        r = np.flatnonzero(valid[:, j] & (fmin < np.inf))  # no bin can take it: dropped
-        if len(r) < C:
+        ok = valid_t[j] & (fmin < np.inf)  # no bin can take it: dropped
+        if ok.all():
+            r = rows
+        else:
+            r = np.flatnonzero(ok)
             b, e, x = b[r], e[r], x[r]
         out[r, j] = b
-        load[r, b] += x
-        count[r, b] += 1
+        lin = r * n + b
+        load_f[lin] += x
+        count_f[lin] += 1
         if repeats:
-            held[r, e, b] = True
+            held[(base_e[r] + e) * n + b] = True
     _fill_empty_bins(out, count, exists)
     return out
 
@@ -374,7 +387,8 @@ def expert_maps(rank: np.ndarray, expert: np.ndarray, E: int) -> list[list[list[
     C = rank.shape[0]
     r, j = np.nonzero(rank >= 0)
     e, k = expert[r, j], rank[r, j]
-    flat = k[np.lexsort((k, e, r))].tolist()
+    n = int(k.max()) + 1 if len(k) else 1
+    flat = (np.sort((r * E + e) * n + k) % n).tolist()  # (problem, expert, rank) order: one sort of unique integer keys
     ends = np.cumsum(np.bincount(r * E + e, minlength=C * E)).tolist()
     lists = [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
     return [lists[c * E:(c + 1) * E] for c in range(C)]
