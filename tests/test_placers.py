@@ -326,6 +326,27 @@ def test_refine_batch_follows_the_rule():
     assert moved >= 4  # the search did something on several problems
 
 
+def test_one_blas_thread_pins_and_restores():
+    from moepipe.placement.placers.blas import one_blas_thread, openblas_threads_api
+
+    api = openblas_threads_api()
+    if api is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS here: the pin is a no-op")
+    before = api[0]()
+    api[1](2)
+    try:
+        if api[0]() != 2:
+            pytest.skip("OpenBLAS runs one thread at most here")
+        with one_blas_thread():
+            assert api[0]() == 1
+            with one_blas_thread():  # nested (decide -> make_placement): the outer one restores
+                assert api[0]() == 1
+            assert api[0]() == 1
+        assert api[0]() == 2
+    finally:
+        api[1](before)
+
+
 # ------------------------------------------------------------------ topo
 
 
