@@ -632,15 +632,21 @@ def layer_exchange(holders: Any, frac: np.ndarray, assign: float, node_of: np.nd
         return np.bincount(cols, weights=frac, minlength=ep) * assign, None
     counts = (np.full((ep, E), 1.0 / ep) if share is None else share) * frac[None, :] * assign  # [ep, E]
     single = lens == 1
-    tokens = np.zeros((ep, ep))
+    # tokens[s, d] accumulates, one addition at a time, the single copies' counts (by expert)
+    # and then the replicas' splits (by expert, copy): one bincount over (s, d) in that order
+    # (what np.add.at did in two passes, at a fraction of its cost)
+    idx, val = [], []
     if single.any():  # one copy: the rule is trivial
-        np.add.at(tokens.T, cols[np.repeat(single, lens)], counts[:, single].T)
+        d = cols[np.repeat(single, lens)]  # [S] each single expert's rank
+        idx.append((np.arange(ep)[:, None] * ep + d[None, :]).ravel())  # [ep, S]: per (s, d), experts ascending
+        val.append(counts[:, single].ravel())
     rep = np.flatnonzero(~single)
     if len(rep):
         table = copy_table([holders[e] for e in rep], node_of)
         split = split_over_copies(counts[:, rep], table)  # [ep, R, W]
-        dst = np.broadcast_to(table.slot[None], split.shape)
-        np.add.at(tokens, (np.broadcast_to(np.arange(ep)[:, None, None], split.shape), dst), split)
+        idx.append((np.arange(ep)[:, None, None] * ep + table.slot[None]).ravel())
+        val.append(split.ravel())
+    tokens = np.bincount(np.concatenate(idx), weights=np.concatenate(val), minlength=ep * ep).reshape(ep, ep)
     return tokens.sum(0), tokens
 
 

@@ -61,6 +61,21 @@ class Topology:
         self._inv_bw = 1.0 / self.bandwidth
         np.fill_diagonal(self._inv_bw, 0.0)
         self._same_node = self.node_of[:, None] == self.node_of[None, :]
+        self._groups: dict = {}  # group -> its links (`_links`)
+
+    def _links(self, g: np.ndarray) -> tuple:
+        """(1/bandwidth, latency, same node, off-diagonal) among the members of group g, cached
+        per group: placers time thousands of exchanges on a few groups (treat the matrices as
+        fixed after construction, as 1/bandwidth always was)."""
+        key = g.tobytes()
+        hit = self._groups.get(key)
+        if hit is None:
+            ix = np.ix_(g, g)
+            hit = (self._inv_bw[ix], self.latency[ix], self._same_node[ix], ~np.eye(len(g), dtype=bool))
+            if len(self._groups) > 64:
+                self._groups.clear()
+            self._groups[key] = hit
+        return hit
 
     # -------------------------------------------------------------- basics
     @property
@@ -105,10 +120,7 @@ class Topology:
         """
         g = np.asarray(group, dtype=np.int64)
         b = np.asarray(byte_matrix, dtype=np.float64)
-        inv = self._inv_bw[np.ix_(g, g)]
-        lat = self.latency[np.ix_(g, g)]
-        same = self._same_node[np.ix_(g, g)]
-        off = ~np.eye(len(g), dtype=bool)
+        inv, lat, same, off = self._links(g)
         worst = np.zeros(b.shape[:-2])
         for mask in (same & off, ~same):
             t = b * inv * mask
@@ -130,10 +142,7 @@ class Topology:
         g = np.asarray(group, dtype=np.int64)
         n = len(g)
         r = np.asarray(recv_bytes, dtype=np.float64) / n
-        inv = self._inv_bw[np.ix_(g, g)]
-        lat = self.latency[np.ix_(g, g)]
-        same = self._same_node[np.ix_(g, g)]
-        off = ~np.eye(n, dtype=bool)
+        inv, lat, same, off = self._links(g)
         worst = np.zeros(r.shape[:-1])
         for mask in (same & off, ~same):
             if not mask.any():
