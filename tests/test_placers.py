@@ -326,6 +326,46 @@ def test_refine_batch_follows_the_rule():
     assert moved >= 4  # the search did something on several problems
 
 
+def _plan_copies_reference(n, dem, fair, left, node_slots, size):
+    """_plan_copies recomputing every expert's heaviest copy each round (its earlier form)."""
+    C, E, G = dem.shape
+    rows = np.arange(C)
+    n[rows[:, None], np.arange(E)[None, :], dem.argmax(2)] = 1
+    for _ in range(int(left.max()) if C else 0):
+        heavy = np.where(n > 0, dem / np.maximum(n, 1), -np.inf).max(2) + (dem * (n == 0)).sum(2) / n.sum(2)
+        e = heavy.argmax(1)
+        de, ne = dem[rows, e], n[rows, e]
+        room = (ne < size[None, :]) & (n.sum(1) < node_slots[None, :])
+        bare = room & (ne == 0) & (de > 0)
+        g = np.where(bare.any(1), np.where(bare, de, -np.inf).argmax(1), np.where(room & (ne > 0), de / np.maximum(ne, 1), -np.inf).argmax(1))
+        live = (left > 0) & (heavy[rows, e] > fair * (1 + 1e-9)) & room[rows, g]
+        if not live.any():
+            return
+        n[rows[live], e[live], g[live]] += 1
+        left[live] -= 1
+
+
+def test_plan_copies_keeps_the_heaviest_copy_current():
+    # only the expert that got a copy is re-scored each round: the same copies as re-scoring all
+    from moepipe.placement.placers.packing import _plan_copies
+
+    rng = np.random.default_rng(8)
+    spent = 0
+    for t in range(24):
+        C, E, G = int(rng.integers(1, 8)), int(rng.integers(4, 40)), int(rng.choice([2, 4]))
+        size = np.full(G, int(rng.choice([2, 4])))
+        dem = rng.lognormal(0, 1.5, (C, E, G)) * (rng.random((C, E, G)) < 0.7)
+        dem = np.round(dem) if t % 3 == 0 else dem  # exact ties
+        left = rng.integers(0, 2 * G * size[0], C)
+        args = (dem.sum((1, 2)) / (G * size[0]), (E // (G * size[0]) + 2) * size, size)
+        n1, n2, l1, l2 = np.zeros((C, E, G), dtype=np.int64), np.zeros((C, E, G), dtype=np.int64), left.copy(), left.copy()
+        _plan_copies(n1, dem, args[0], l1, *args[1:])
+        _plan_copies_reference(n2, dem, args[0], l2, *args[1:])
+        assert np.array_equal(n1, n2) and np.array_equal(l1, l2)
+        spent += int((left - l1).sum())
+    assert spent > 50
+
+
 def test_one_blas_thread_pins_and_restores():
     from moepipe.placement.placers.blas import one_blas_thread, openblas_threads_api
 

@@ -441,13 +441,16 @@ def _plan_copies(n: np.ndarray, dem: np.ndarray, fair: np.ndarray, left: np.ndar
     rows = np.arange(C)
     n[rows[:, None], np.arange(E)[None, :], dem.argmax(2)] = 1
     limit = np.asarray(node_slots)  # every expert's first copy counts in its node (single copies may move later)
+
+    def heaviest(d, k):  # [..., G] -> [...]: the heaviest copy's demand (demand from nodes without a copy spread over the copies)
+        return np.where(k > 0, d / np.maximum(k, 1), -np.inf).max(-1) + (d * (k == 0)).sum(-1) / k.sum(-1)
+
+    heavy = heaviest(dem, n)  # [C, E], kept current: a round changes one expert per problem
+    taken = n.sum(1)  # [C, G] copies per node
     for _ in range(int(left.max()) if C else 0):
-        N = n.sum(2)
-        R = (dem * (n == 0)).sum(2)  # [C, E] demand from nodes without a copy: spread over the copies
-        heavy = np.where(n > 0, dem / np.maximum(n, 1), -np.inf).max(2) + R / N
         e = heavy.argmax(1)
         de, ne = dem[rows, e], n[rows, e]  # [C, G]
-        room = (ne < size[None, :]) & (n.sum(1) < limit[None, :])
+        room = (ne < size[None, :]) & (taken < limit[None, :])
         # a node without a copy takes its own demand home first (locality and relief), else the
         # node whose copies carry the most demand each
         bare = room & (ne == 0) & (de > 0)
@@ -455,8 +458,11 @@ def _plan_copies(n: np.ndarray, dem: np.ndarray, fair: np.ndarray, left: np.ndar
         live = (left > 0) & (heavy[rows, e] > fair * (1 + 1e-9)) & room[rows, g]
         if not live.any():
             return
-        n[rows[live], e[live], g[live]] += 1
+        r, er, gr = rows[live], e[live], g[live]
+        n[r, er, gr] += 1
+        taken[r, gr] += 1
         left[live] -= 1
+        heavy[r, er] = heaviest(dem[r, er], n[r, er])
 
 
 def pack_by_origin(w: np.ndarray, origins: np.ndarray, cost: np.ndarray, node_of: Sequence[int], slots: int, rate: np.ndarray,
