@@ -106,6 +106,7 @@ class Evaluator:
         self._exch: dict = {}
         self._evals: dict = {}
         self._held: dict = {}
+        self._layer_exch: dict = {}
         self._extras = None
         self._static: Optional[Plan] = None
 
@@ -126,13 +127,27 @@ class Evaluator:
             out = np.zeros((len(self.moe), plan.ep))
             tokens = []
             for li, l in enumerate(self.moe):
-                share = None if self.origin_share is None else self.origin_share[li]
-                out[li], t = layer_exchange(plan.expert_map[l], self.frac[li], self.assign, self.rule_nodes, share)
+                out[li], t = self.layer_exchange(li, plan.expert_map[l])
                 tokens.append(t)
         if len(self._exch) > 16:
             self._exch.clear()
         self._exch[key] = (plan.expert_map, out, tokens)
         return out, tokens
+
+    def layer_exchange(self, li: int, holders: list) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """cost_model.layer_exchange of MoE layer row li under these holder lists, on the
+        inputs' origins; memoised on the lists' identity (a placer scores a layer's chosen
+        packing, then the evaluator its plan: treat the lists as immutable)."""
+        key = (li, id(holders))
+        hit = self._layer_exch.get(key)
+        if hit is not None and hit[0] is holders:
+            return hit[1], hit[2]
+        share = None if self.origin_share is None else self.origin_share[li]
+        routed, tok = layer_exchange(holders, self.frac[li], self.assign, self.rule_nodes, share)
+        if len(self._layer_exch) > 4096:
+            self._layer_exch.clear()
+        self._layer_exch[key] = (holders, routed, tok)
+        return routed, tok
 
     def traffic(self, plan: Plan) -> dict:
         """All-to-all bytes per iteration by link class, as the simulator counts them
