@@ -3,7 +3,8 @@
 `moepipe.sim.simulate` recomputes everything per plan with Python loops over layers; a placer
 compares many plans of one job, so this module computes the same per-stage costs
 (`cost_model.stage_costs`) with the plan-independent parts cached and the per-layer work
-vectorised over layers and pipeline ranks, then runs the same event engine. The iteration time
+vectorised over layers and pipeline ranks, then runs the event engine without its timeline
+(`engine.makespan`: the same makespan bit for bit). The iteration time
 and the activation peak equal simulate()'s (tests/test_placers.py checks this).
 
 It also gives the per-(layer, pp rank) times the partition search works on, and the memory a
