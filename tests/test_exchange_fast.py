@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from moepipe.config import ConfigError
+
 from moepipe.placement.cost_model import _NumpyOps, _waterfill, copy_table, split_over_copies, exchange_time, exchange_traffic, layer_exchange, rule_nodes, uniform_exchanges, uniform_links, class_sums_time
 from moepipe.placement.plan import Plan
 from moepipe.placement.placers import Evaluator, make_placement
@@ -78,6 +80,20 @@ def test_layer_exchange_accumulates_as_add_at():
             continue
         ref = _layer_tokens_add_at(holders, frac, 4096.0, rule_nodes(ep, local), share)
         assert np.array_equal(tok, ref) and np.array_equal(routed, ref.sum(0))
+
+
+def test_copy_table_slots_and_refusals():
+    rng = np.random.default_rng(6)
+    for t in range(20):
+        ep = int(rng.integers(3, 9))
+        holders = random_holders(rng, int(rng.integers(1, 12)), ep, 3)
+        tab = copy_table(holders, rule_nodes(ep, 2))
+        W = max(map(len, holders))
+        assert tab.slot.tolist() == [list(map(int, h)) + [int(h[0])] * (W - len(h)) for h in holders]
+        assert tab.valid.tolist() == [[k < len(h) for k in range(W)] for h in holders]
+    for bad in ([[0], []], [[0, 0]], [[0], [4]], [[-1]], []):
+        with pytest.raises(ConfigError, match="distinct EP ranks"):
+            copy_table(bad, rule_nodes(4, 2))
 
 
 def test_single_copy_pool_is_the_water_fill_of_one_copy():

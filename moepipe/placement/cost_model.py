@@ -488,15 +488,29 @@ def rule_nodes(ep: int, local_size: int) -> np.ndarray:
     return np.arange(int(ep)) // int(local_size)
 
 
+def _distinct_in_range(holders: Any, lens: np.ndarray, ep: int) -> bool:
+    """Every holder list names distinct integer EP ranks in [0, ep) (lens: their lengths)."""
+    flat = list(chain.from_iterable(holders))
+    if not all(issubclass(t, (int, np.integer)) for t in set(map(type, flat))):
+        return all(len(set(h)) == len(h) and min(h) >= 0 and max(h) < ep for h in holders)  # the checks on other numbers
+    r = np.array(flat, dtype=np.int64)
+    if r.min() < 0 or r.max() >= ep:
+        return False
+    key = np.sort(np.repeat(np.arange(len(lens)), lens) * ep + r)
+    return not (key[1:] == key[:-1]).any()
+
+
 def copy_table(holders: Any, node_of: Any) -> CopyTable:
     """The static table of `split_over_copies` for one layer: holders[e] lists e's EP ranks."""
     node_of = np.asarray(node_of, dtype=np.int64)
     ep, E = len(node_of), len(holders)
-    if E == 0 or any(len(h) == 0 or len(set(h)) != len(h) or min(h) < 0 or max(h) >= ep for h in holders):
+    lens = np.fromiter(map(len, holders), dtype=np.int64, count=E)
+    if E == 0 or lens.min() == 0 or not _distinct_in_range(holders, lens, ep):
         raise ConfigError(f"expert holders={list(map(list, holders))} must list distinct EP ranks in [0, {ep}) for every expert: fix the plan's expert_map")
-    W = max(len(h) for h in holders)
-    slot = np.array([list(h) + [h[0]] * (W - len(h)) for h in holders], dtype=np.int64)
-    valid = np.arange(W)[None, :] < np.array([len(h) for h in holders])[:, None]
+    W = int(lens.max())
+    valid = np.arange(W)[None, :] < lens[:, None]
+    slot = np.repeat(np.array([h[0] for h in holders], dtype=np.int64)[:, None], W, 1)  # padded with the first copy
+    slot[valid] = np.fromiter(chain.from_iterable(holders), dtype=np.int64, count=int(lens.sum()))
     copy_node = np.where(valid, node_of[slot], -1)
     own = valid[None] & (slot[None] == np.arange(ep)[:, None, None])
     near = valid[None] & (copy_node[None] == node_of[:, None, None])
