@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from moepipe.placement.cost_model import exchange_time, exchange_traffic, layer_exchange, rule_nodes, uniform_exchanges, uniform_links, class_sums_time
+from moepipe.config import ConfigError
+
+from moepipe.placement.cost_model import _NumpyOps, _waterfill, copy_table, split_over_copies, exchange_time, exchange_traffic, layer_exchange, rule_nodes, uniform_exchanges, uniform_links, class_sums_time
 from moepipe.placement.plan import Plan
 from moepipe.placement.placers import Evaluator, make_placement
 
@@ -46,6 +48,63 @@ def test_uniform_closed_form_equals_the_general_rule(ep, local):
         assert float(sums[i].send[0].sum()) * bpt == pytest.approx(ib, rel=1e-12, abs=1e-6)
         assert float(sums[i].send[1].sum()) * bpt == pytest.approx(xb, rel=1e-12, abs=1e-6)
         j += 1
+
+
+def _layer_tokens_add_at(holders, frac, assign, nodes, share):
+    """layer_exchange's token matrix accumulated with np.add.at (its earlier form), the reference."""
+    ep, E = len(nodes), len(holders)
+    counts = (np.full((ep, E), 1.0 / ep) if share is None else share) * frac[None, :] * assign
+    single = np.array([len(h) == 1 for h in holders])
+    tokens = np.zeros((ep, ep))
+    if single.any():
+        np.add.at(tokens.T, np.array([h[0] for h, o in zip(holders, single) if o]), counts[:, single].T)
+    rep = np.flatnonzero(~single)
+    if len(rep):
+        table = copy_table([holders[e] for e in rep], nodes)
+        split = split_over_copies(counts[:, rep], table)
+        np.add.at(tokens, (np.broadcast_to(np.arange(ep)[:, None, None], split.shape), np.broadcast_to(table.slot[None], split.shape)), split)
+    return tokens
+
+
+def test_layer_exchange_accumulates_as_add_at():
+    # one bincount in the same order of additions: the same bits as the two np.add.at passes
+    rng = np.random.default_rng(5)
+    for t in range(40):
+        ep, local = [(4, 2), (8, 4), (16, 8), (6, 4)][t % 4]
+        E = int(rng.integers(ep, 3 * ep))
+        holders = random_holders(rng, E, ep, 1 + t % 3)
+        frac = rng.dirichlet(np.full(E, 0.5))
+        share = None if t % 2 else rng.dirichlet(np.full(ep, 0.7), size=E).T
+        routed, tok = layer_exchange(holders, frac, 4096.0, rule_nodes(ep, local), share)
+        if tok is None:
+            continue
+        ref = _layer_tokens_add_at(holders, frac, 4096.0, rule_nodes(ep, local), share)
+        assert np.array_equal(tok, ref) and np.array_equal(routed, ref.sum(0))
+
+
+def test_copy_table_slots_and_refusals():
+    rng = np.random.default_rng(6)
+    for t in range(20):
+        ep = int(rng.integers(3, 9))
+        holders = random_holders(rng, int(rng.integers(1, 12)), ep, 3)
+        tab = copy_table(holders, rule_nodes(ep, 2))
+        W = max(map(len, holders))
+        assert tab.slot.tolist() == [list(map(int, h)) + [int(h[0])] * (W - len(h)) for h in holders]
+        assert tab.valid.tolist() == [[k < len(h) for k in range(W)] for h in holders]
+    for bad in ([[0], []], [[0, 0]], [[0], [4]], [[-1]], []):
+        with pytest.raises(ConfigError, match="distinct EP ranks"):
+            copy_table(bad, rule_nodes(4, 2))
+
+
+def test_single_copy_pool_is_the_water_fill_of_one_copy():
+    # uniform_exchanges gives a single-copy expert its whole pool without the water-fill: the same
+    # arithmetic, so the same bits (zeros and empty pools included)
+    rng = np.random.default_rng(3)
+    load = rng.random(400) * rng.integers(0, 2, 400) * 1e3
+    pool = rng.random(400) * rng.integers(0, 2, 400) * 1e4
+    ref = _waterfill(_NumpyOps, load[:, None], np.ones((400, 1), dtype=bool), pool, False)[:, 0]
+    tot = pool + load
+    assert np.array_equal(np.where(0 < tot, tot - load, 0.0), ref)
 
 
 def test_uniform_links_refuses_mixed_links_and_foreign_nodes():

@@ -257,6 +257,136 @@ def test_refine_batch_equals_refining_each_problem_alone():
         assert _max_finish(alone, ws[i], rates[i], bases[i]) <= _max_finish(bins, ws[i], rates[i], bases[i]) * (1 + 1e-12)
 
 
+def _refine_reference(pb, pe, valid, w, K, rate, base, rounds):
+    """refine_batch's rule for one problem, one candidate at a time (plain Python): per round the
+    slowest bin h (lowest index on ties) tries every move of one of its pieces x (by expert) to a
+    bin b (ascending), then every swap with a lighter piece y of another bin (by (bin, expert));
+    the best finish wins if it beats h's (ties: first found; moves before swaps)."""
+    pb, n = [int(b) for b in pb], len(rate)
+    pieces = [j for j in range(len(pb)) if valid[j]]
+    copies = np.bincount([pe[j] for j in pieces], minlength=len(w))
+    ppw = {j: w[pe[j]] / max(copies[pe[j]], 1) for j in pieces}
+    bound = (base.sum() + w.sum()) / rate.sum()
+    for _ in range(rounds):
+        size = [sum(pb[j] == b for j in pieces) for b in range(n)]
+        load = [base[b] + sum((ppw[j] for j in pieces if pb[j] == b), 0.0) for b in range(n)]
+        fin = [load[b] / rate[b] for b in range(n)]
+        order = sorted(range(n), key=lambda b: (-fin[b], b))
+        h, fh = order[0], fin[order[0]]
+        if not fh > bound * (1 + 1e-4):
+            break
+        third = fin[order[2]] if n > 2 else 0.0
+        rest = [third if b == order[1] else fin[order[1]] for b in range(n)]
+        holds = lambda b, e: any(pb[j] == b and pe[j] == e for j in pieces)  # noqa: E731
+        mine = sorted((j for j in pieces if pb[j] == h), key=lambda j: pe[j])
+        best, choice = fh * (1 - 1e-9), None
+        for j in mine:
+            for b in range(n):
+                if size[b] < K and not holds(b, pe[j]) and b != h and size[h] > 1:
+                    v = max(max((load[h] - ppw[j]) / rate[h], (load[b] + ppw[j]) / rate[b]), rest[b])
+                    if v < best:
+                        best, choice = v, ("move", j, b)
+        others = sorted((j for j in pieces if pb[j] != h), key=lambda j: (pb[j], pe[j]))
+        for j in mine:
+            for y in others:
+                b = pb[y]
+                if ppw[y] < ppw[j] and not holds(h, pe[y]) and not holds(b, pe[j]):
+                    v = max(max((load[h] - ppw[j] + ppw[y]) / rate[h], (load[b] - ppw[y] + ppw[j]) / rate[b]), rest[b])
+                    if v < best:
+                        best, choice = v, ("swap", j, y)
+        if choice is None:
+            break
+        if choice[0] == "move":
+            pb[choice[1]] = choice[2]
+        else:
+            pb[choice[1]], pb[choice[2]] = pb[choice[2]], h
+    return pb
+
+
+def test_refine_batch_follows_the_rule():
+    # the batched search (one numpy pass per piece of the slowest bin) against the rule spelled out
+    rng = np.random.default_rng(9)
+    n, K, probs, ws, rates, bases = 6, 4, [], [], [], []
+    for t in range(16):
+        E = int(rng.integers(n, n * K - 1))
+        w = rng.lognormal(0, 1.2, E) if t % 3 else rng.integers(1, 4, E).astype(float)  # integer loads: exact ties
+        w = np.concatenate([w, np.zeros(n * K - E)])
+        rate = rng.choice([1.0, 2.0], n) if t % 2 else np.ones(n)
+        base = rng.random(n) * w.sum() / n if t % 4 else np.zeros(n)
+        ids, loads = pieces_of(range(E), w, replicate_counts(w[:E], n * K - E - int(rng.integers(0, 4)), n))
+        probs.append(pack(ids, loads, n, K, rate, base))
+        ws.append(w), rates.append(rate), bases.append(base)
+    pb, pe, valid = pieces_array(probs)
+    out = refine_batch(pb, pe, valid, np.array(ws), K, np.array(rates), np.array(bases), 8)
+    moved = 0
+    for i in range(len(probs)):
+        ref = _refine_reference(pb[i], pe[i], valid[i], ws[i], K, rates[i], bases[i], 8)
+        assert [b for b, v in zip(out[i].tolist(), valid[i]) if v] == [b for b, v in zip(ref, valid[i]) if v]
+        moved += int((out[i] != pb[i])[valid[i]].any())
+    assert moved >= 4  # the search did something on several problems
+
+
+def _plan_copies_reference(n, dem, fair, left, node_slots, size):
+    """_plan_copies recomputing every expert's heaviest copy each round (its earlier form)."""
+    C, E, G = dem.shape
+    rows = np.arange(C)
+    n[rows[:, None], np.arange(E)[None, :], dem.argmax(2)] = 1
+    for _ in range(int(left.max()) if C else 0):
+        heavy = np.where(n > 0, dem / np.maximum(n, 1), -np.inf).max(2) + (dem * (n == 0)).sum(2) / n.sum(2)
+        e = heavy.argmax(1)
+        de, ne = dem[rows, e], n[rows, e]
+        room = (ne < size[None, :]) & (n.sum(1) < node_slots[None, :])
+        bare = room & (ne == 0) & (de > 0)
+        g = np.where(bare.any(1), np.where(bare, de, -np.inf).argmax(1), np.where(room & (ne > 0), de / np.maximum(ne, 1), -np.inf).argmax(1))
+        live = (left > 0) & (heavy[rows, e] > fair * (1 + 1e-9)) & room[rows, g]
+        if not live.any():
+            return
+        n[rows[live], e[live], g[live]] += 1
+        left[live] -= 1
+
+
+def test_plan_copies_keeps_the_heaviest_copy_current():
+    # only the expert that got a copy is re-scored each round: the same copies as re-scoring all
+    from moepipe.placement.placers.packing import _plan_copies
+
+    rng = np.random.default_rng(8)
+    spent = 0
+    for t in range(24):
+        C, E, G = int(rng.integers(1, 8)), int(rng.integers(4, 40)), int(rng.choice([2, 4]))
+        size = np.full(G, int(rng.choice([2, 4])))
+        dem = rng.lognormal(0, 1.5, (C, E, G)) * (rng.random((C, E, G)) < 0.7)
+        dem = np.round(dem) if t % 3 == 0 else dem  # exact ties
+        left = rng.integers(0, 2 * G * size[0], C)
+        args = (dem.sum((1, 2)) / (G * size[0]), (E // (G * size[0]) + 2) * size, size)
+        n1, n2, l1, l2 = np.zeros((C, E, G), dtype=np.int64), np.zeros((C, E, G), dtype=np.int64), left.copy(), left.copy()
+        _plan_copies(n1, dem, args[0], l1, *args[1:])
+        _plan_copies_reference(n2, dem, args[0], l2, *args[1:])
+        assert np.array_equal(n1, n2) and np.array_equal(l1, l2)
+        spent += int((left - l1).sum())
+    assert spent > 50
+
+
+def test_one_blas_thread_pins_and_restores():
+    from moepipe.placement.placers.blas import one_blas_thread, openblas_threads_api
+
+    api = openblas_threads_api()
+    if api is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS here: the pin is a no-op")
+    before = api[0]()
+    api[1](2)
+    try:
+        if api[0]() != 2:
+            pytest.skip("OpenBLAS runs one thread at most here")
+        with one_blas_thread():
+            assert api[0]() == 1
+            with one_blas_thread():  # nested (decide -> make_placement): the outer one restores
+                assert api[0]() == 1
+            assert api[0]() == 1
+        assert api[0]() == 2
+    finally:
+        api[1](before)
+
+
 # ------------------------------------------------------------------ topo
 
 

@@ -1,11 +1,12 @@
 """Plan construction, validation, JSON round trip and the (pp, ep, dp) <-> global rank mapping."""
 import json
 
+import numpy as np
 import pytest
 
 from moepipe.config import ConfigError
 from moepipe.placement.plan import (
-    Plan, experts_on_rank, from_json, global_rank, mesh_coords, rank_grid, stage_assignment, static_plan, to_json, validate_plan,
+    Plan, _holders_valid, experts_on_rank, from_json, global_rank, mesh_coords, rank_grid, stage_assignment, static_plan, to_json, validate_plan,
 )
 
 
@@ -83,6 +84,45 @@ def test_validate_plan_layer_count_and_idle_ep_rank():
     p.expert_map[1][:] = [[0]] * 4
     with pytest.raises(ConfigError, match="leaves EP rank 1 without experts"):
         validate_plan(p)
+
+
+def _holders_valid_by_loop(experts, ep):
+    """validate_plan's per-expert checks, one expert at a time (the reference for the fast path)."""
+    for ranks in experts:
+        if not ranks or len(set(ranks)) != len(ranks) or any(not 0 <= r < ep for r in ranks):
+            return False
+    return ep == 1 or not set(range(ep)) - {r for rs in experts for r in rs}
+
+
+def test_vectorised_holder_check_agrees_with_the_loop():
+    rng = np.random.default_rng(0)
+    faults = [
+        lambda h: h.__setitem__(0, []),
+        lambda h: h[-1].append(h[-1][0]),  # a rank listed twice
+        lambda h: h[1].append(-1),
+        lambda h: h[2].append(ep),
+        lambda h: h.__setitem__(3, [1.5]),  # not an integer: the loop decides
+        lambda h: h.__setitem__(3, [np.int64(0)]),  # numpy integers are integers
+        lambda h: [x.remove(0) if len(x) > 1 else x.__setitem__(0, 1) for x in h if 0 in x],  # rank 0 left idle
+        lambda h: None,
+    ]
+    for trial in range(60):
+        ep = int(rng.integers(1, 9))
+        E = int(rng.integers(max(ep, 4), 3 * ep + 5))
+        h = [sorted(rng.choice(ep, size=int(rng.integers(1, ep + 1)), replace=False).tolist()) for _ in range(E)]
+        for r in range(ep):  # every rank holds something
+            if not any(r in x for x in h):
+                h[int(rng.integers(E))].append(r)
+        faults[trial % len(faults)](h)
+        ref = _holders_valid_by_loop(h, ep)
+        integral = all(isinstance(r, (int, np.integer)) for x in h for r in x)
+        assert _holders_valid(h, ep) == ref if integral else not _holders_valid(h, ep)  # not integers: the loop decides
+        p = Plan([(0, 1)], [0], {0: h}, 1, ep)
+        if ref:
+            validate_plan(p)
+        else:
+            with pytest.raises(ConfigError):
+                validate_plan(p)
 
 
 def test_static_plan_rejects_impossible_layouts():

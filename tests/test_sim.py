@@ -10,7 +10,7 @@ from moepipe.placement.cost_model import CostModel
 from moepipe.placement.model_spec import build_model_spec
 from moepipe.placement.plan import static_plan
 from moepipe.placement.topology import free_topology, from_config
-from moepipe.sim import schedule_order, simulate, simulate_order
+from moepipe.sim import engine, schedule_order, simulate, simulate_order
 from moepipe.sim.schedules import Action, plan_style
 
 
@@ -70,6 +70,29 @@ def test_send_costs_on_the_critical_path():
     assert r.makespan == pytest.approx(1 + 0.5 + 1 + 2 + 0.5 + 2)
     a2a = simulate_order(order, s2r, 1, [[1, 1, 1], [1, 1, 1]], a2a=[[0.25, 0.25, 0], [0.25, 0.25, 0]])
     assert a2a.makespan == pytest.approx(6 + 4 * 0.25)
+
+
+@pytest.mark.parametrize("name,p,v,m", [("gpipe", 3, 1, 5), ("1f1b", 4, 1, 7), ("interleaved_1f1b", 4, 2, 8), ("interleaved_zb", 2, 2, 4),
+                                         ("zbv", 4, 2, 8), ("dualpipev", 2, 2, 4), ("chimera", 4, 1, 8), ("pipedream_2bw", 2, 1, 4)])
+def test_makespan_only_engine_equals_the_event_engine(name, p, v, m):
+    # engine.makespan replays run()'s arithmetic on the order compiled once: the same makespan
+    # bit for bit, and the same in-flight snapshots, for random costs (zeros included)
+    order, s2r = schedule_order(name, p, v, m)
+    S = len(s2r)
+    rng = np.random.default_rng(p * 100 + m)
+    for trial in range(4):
+        comp = rng.random((S, 3)) * (trial > 0)
+        a2a = rng.random((S, 3)) * (trial % 2)
+        send = rng.random(S) * (trial > 1)
+        over = rng.random(p) * (trial == 3)
+        ref = engine.run(order, s2r, m, comp, a2a, send, over)
+        fast = engine.makespan(order, s2r, m, comp, a2a, send, over)
+        assert fast.makespan == ref.makespan and fast.n_actions == ref.n_actions
+        for r in ref.inflight:
+            assert np.array_equal(fast.inflight[r], ref.inflight[r]) and np.array_equal(fast.inflight_past_i[r], ref.inflight_past_i[r])
+    bad = {0: [Action("B", 0, 0), Action("F", 0, 0)], 1: [Action("F", 1, 0), Action("B", 1, 0)]}
+    with pytest.raises(RuntimeError, match="deadlock"):
+        engine.makespan(bad, [0, 1], 1, np.ones((2, 3)), np.zeros((2, 3)), np.zeros(2))
 
 
 def test_deadlocked_order_raises():

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from moepipe.config import ConfigError, DeviceGroupConfig, TopologyConfig
-from moepipe.placement.topology import GB, US, apply_probe, detect_topology, from_config
+from moepipe.placement.topology import GB, US, _sender_latency, apply_probe, detect_topology, from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,22 @@ def test_dispatch_matches_general_all_to_all():
     intra, inter = t.dispatch_bytes_split(recv, [0, 1, 2, 3])
     # each destination receives recv/4 from its one node peer (intra) and two remote members (inter)
     assert intra == pytest.approx(recv.sum() / 4) and inter == pytest.approx(2 * recv.sum() / 4)
+
+
+def test_dispatch_time_batched_rows_equal_single_rows():
+    # rows where every member receives take the latency's row maxima; others the masked form
+    t = from_config(two_nodes(inter_node_bw_gbps=3.0))
+    rng = np.random.default_rng(0)
+    recv = rng.random((12, 4)) * 1e6
+    recv[rng.random((12, 4)) < 0.3] = 0.0
+    recv[0] = 0.0
+    batch = t.dispatch_time(recv, [0, 1, 2, 3])
+    for row, got in zip(recv, batch):
+        assert got == t.dispatch_time(row, [0, 1, 2, 3])
+        assert got == pytest.approx(t.all_to_all_time(np.tile(row / 4, (4, 1)), [0, 1, 2, 3]), rel=1e-12)
+    lat = rng.random((4, 4))
+    active = recv > 0
+    assert np.array_equal(_sender_latency(active, lat), np.max(np.where(active[:, None, :], lat, 0.0), axis=-1))
 
 
 def test_all_reduce_ring():

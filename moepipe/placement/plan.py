@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Optional, Sequence
+
+import numpy as np
 
 from moepipe.config import ConfigError
 
@@ -207,6 +210,8 @@ def validate_plan(
     for layer, experts in plan.expert_map.items():
         if num_experts is not None and len(experts) != num_experts:
             raise ConfigError(f"plan.expert_map[{layer}] has {len(experts)} experts but moe.num_experts={num_experts}: list every expert")
+        if _holders_valid(experts, plan.ep):  # the checks below, vectorised; they run (and name the fault) only when it fails
+            continue
         for e, ranks in enumerate(experts):
             if not ranks:
                 raise ConfigError(f"plan.expert_map[{layer}][{e}] is empty: every expert needs at least one EP rank")
@@ -219,6 +224,32 @@ def validate_plan(
             if empty:
                 raise ConfigError(f"plan.expert_map[{layer}] leaves EP rank {empty[0]} without experts: give every EP rank one")
     return plan
+
+
+def _holders_valid(experts: Sequence[Sequence[int]], ep: int) -> bool:
+    """True when one layer's holder lists pass validate_plan's per-expert checks (each non-empty,
+    distinct integer EP ranks in [0, ep); with ep > 1 every rank holds an expert), for all experts
+    at once. False when any fails or an entry is not an integer: the caller's loop then finds it."""
+    try:
+        lens = np.fromiter(map(len, experts), dtype=np.int64, count=len(experts))
+        flat = list(chain.from_iterable(experts))
+    except TypeError:
+        return False
+    if not all(issubclass(t, (int, np.integer)) for t in set(map(type, flat))):
+        return False
+    if not len(lens) or lens.min() < 1:
+        return False
+    try:
+        r = np.array(flat, dtype=np.int64)
+    except OverflowError:
+        return False
+    if r.min() < 0 or r.max() >= ep:
+        return False
+    e = np.repeat(np.arange(len(lens)), lens)
+    key = np.sort(e * ep + r)
+    if (key[1:] == key[:-1]).any():  # an expert listing one rank twice
+        return False
+    return ep == 1 or bool((np.bincount(r, minlength=ep) > 0).all())
 
 
 def experts_on_rank(plan: Plan, layer: int, ep_rank: int) -> list[int]:

@@ -61,6 +61,21 @@ class Topology:
         self._inv_bw = 1.0 / self.bandwidth
         np.fill_diagonal(self._inv_bw, 0.0)
         self._same_node = self.node_of[:, None] == self.node_of[None, :]
+        self._groups: dict = {}  # group -> its links (`_links`)
+
+    def _links(self, g: np.ndarray) -> tuple:
+        """(1/bandwidth, latency, same node, off-diagonal) among the members of group g, cached
+        per group: placers time thousands of exchanges on a few groups (treat the matrices as
+        fixed after construction, as 1/bandwidth always was)."""
+        key = g.tobytes()
+        hit = self._groups.get(key)
+        if hit is None:
+            ix = np.ix_(g, g)
+            hit = (self._inv_bw[ix], self.latency[ix], self._same_node[ix], ~np.eye(len(g), dtype=bool))
+            if len(self._groups) > 64:
+                self._groups.clear()
+            self._groups[key] = hit
+        return hit
 
     # -------------------------------------------------------------- basics
     @property
@@ -105,10 +120,7 @@ class Topology:
         """
         g = np.asarray(group, dtype=np.int64)
         b = np.asarray(byte_matrix, dtype=np.float64)
-        inv = self._inv_bw[np.ix_(g, g)]
-        lat = self.latency[np.ix_(g, g)]
-        same = self._same_node[np.ix_(g, g)]
-        off = ~np.eye(len(g), dtype=bool)
+        inv, lat, same, off = self._links(g)
         worst = np.zeros(b.shape[:-2])
         for mask in (same & off, ~same):
             t = b * inv * mask
@@ -130,22 +142,21 @@ class Topology:
         g = np.asarray(group, dtype=np.int64)
         n = len(g)
         r = np.asarray(recv_bytes, dtype=np.float64) / n
-        inv = self._inv_bw[np.ix_(g, g)]
-        lat = self.latency[np.ix_(g, g)]
-        same = self._same_node[np.ix_(g, g)]
-        off = ~np.eye(n, dtype=bool)
+        inv, lat, same, off = self._links(g)
         worst = np.zeros(r.shape[:-1])
         for mask in (same & off, ~same):
             if not mask.any():
                 continue
             m = mask.astype(np.float64)
-            send = r @ (inv * m).T  # sum_j r_j / bw_ij over peers j in class
+            # sum_j r_j / bw_ij over peers j in class; einsum, not a BLAS product: OpenBLAS runs these
+            # small products on all its threads, which costs more than it saves (and on a shared machine, stalls)
+            send = np.einsum("...j,ij->...i", r, inv * m)
             recv = r * (inv * m).sum(axis=0)  # r_j * sum_i 1/bw_ij
             active_r = r > 0  # [..., n]
             # Latency: the largest in class among peers that actually exchange bytes.
             lat_m = np.where(mask, lat, 0.0)
             any_recv = active_r.any(axis=-1, keepdims=True)
-            lat_send = np.max(np.where(active_r[..., None, :], lat_m, 0.0), axis=-1)
+            lat_send = _sender_latency(active_r, lat_m)
             lat_recv = np.where(active_r, lat_m.max(axis=0), 0.0)
             t = np.maximum(send + np.where(any_recv, lat_send, 0.0), recv + lat_recv)
             worst = np.maximum(worst, t.max(axis=-1))
@@ -171,6 +182,20 @@ class Topology:
         bw = self.bandwidth[src, dst].min()
         lat = self.latency[src, dst].max()
         return float(2 * (n - 1) * (lat + nbytes / n / bw))
+
+
+def _sender_latency(active: np.ndarray, lat_m: np.ndarray) -> np.ndarray:
+    """[..., n]: the largest latency lat_m[i, j] over the receivers j that get bytes (`active`
+    [..., n]), per sender i; rows where every member receives read lat_m's row maxima (the same
+    values, without a [..., n, n] temporary)."""
+    n = active.shape[-1]
+    a = active.reshape(-1, n)
+    out = np.empty(a.shape)
+    full = a.all(-1)
+    out[full] = lat_m.max(-1)
+    if not full.all():
+        out[~full] = np.max(np.where(a[~full][:, None, :], lat_m, 0.0), axis=-1)
+    return out.reshape(active.shape)
 
 
 # ------------------------------------------------------------------ construction from config

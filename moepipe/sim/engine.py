@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -244,3 +244,152 @@ def _result(ev: list[tuple], free: list[float], busy: list[float], snaps, S: int
     def arr(x):
         return {r: (np.array(x[r], dtype=np.int64) if x[r] else np.zeros((1, S), dtype=np.int64)) for r in range(pp)}
     return EngineResult(makespan, np.array(busy), tl, arr(snaps), total, arr(snaps_w))
+
+
+# ------------------------------------------------------------------ makespan only, order compiled once
+#
+# Which action the sweep runs next depends only on which inputs exist, never on times: the
+# execution order, each action's inputs and the in-flight snapshots are properties of the order
+# alone. `compile_order` records them once; `makespan` then replays the same max/+ arithmetic
+# over flat lists (no events, no closures), so its makespan equals run()'s bit for bit. The
+# placers' evaluator runs it for every plan it scores.
+
+
+@dataclass(frozen=True)
+class CompiledOrder:
+    """An order as the sweep executes it: per action (in that order) its rank, up to three
+    inputs (index of the action that produces it, stage whose send it pays or -1; index n: none),
+    and what its duration is made of (stage of its forward part, of its B/I part, of its W part
+    (B and W), or -1; whether it is an overlapped pair)."""
+
+    n_actions: int
+    pp: int
+    rank: np.ndarray
+    dep: np.ndarray  # [3, n]
+    dep_send: np.ndarray  # [3, n]
+    f_stage: np.ndarray
+    b_stage: np.ndarray
+    w_stage: np.ndarray
+    pair: np.ndarray  # bool
+    inflight: dict
+    inflight_past_i: dict
+
+
+@dataclass
+class MakespanResult:
+    makespan: float
+    inflight: dict  # as EngineResult's
+    inflight_past_i: dict
+    n_actions: int
+
+
+_COMPILED: dict = {}  # key of (order's actions by identity, stage_to_rank, m) -> (order, CompiledOrder)
+
+
+def compile_order(order: Order, stage_to_rank: list[int], m: int) -> CompiledOrder:
+    """The order's execution (see CompiledOrder), cached on the identity of its actions (the
+    schedule programs are cached, so their actions are shared between calls)."""
+    key = (tuple(stage_to_rank), m, tuple((r, tuple(map(id, acts))) for r, acts in order.items()))
+    hit = _COMPILED.get(key)
+    if hit is not None:
+        return hit[1]
+    S, pp = len(stage_to_rank), len(order)
+    link = _chain_links(order, S)
+    hop = [link[s] and stage_to_rank[s] != stage_to_rank[s + 1] for s in range(S - 1)]
+    link = link + [False]  # the last stage waits for no gradient
+    fnode: list[list[Optional[int]]] = [[None] * m for _ in range(S)]  # which action finished F(s, i) / B or I(s, i)
+    gnode: list[list[Optional[int]]] = [[None] * m for _ in range(S)]
+
+    def inputs(a: Action):  # (action index, send stage or -1) of each input, None while one is missing (= _arrival_rule)
+        s, i = a.stage, a.mb
+        if a.kind == "F":
+            if s == 0 or not link[s - 1]:
+                return []
+            t = fnode[s - 1][i]
+            return None if t is None else [(t, s - 1 if hop[s - 1] else -1)]
+        if a.kind in ("B", "I"):
+            t = fnode[s][i]
+            if t is None or not link[s]:
+                return None if t is None else [(t, -1)]
+            g = gnode[s + 1][i]
+            return None if g is None else [(t, -1), (g, s if hop[s] else -1)]
+        if a.kind == "W":
+            g = gnode[s][i]
+            return None if g is None else [(g, -1)]
+        x, y = inputs(a.pair[0]), inputs(a.pair[1])
+        return None if x is None or y is None else x + y
+
+    (snaps, snaps_w), account = _activation_counter(pp, S)
+    rows = []  # (rank, inputs, f stage, b stage, w stage, pair)
+    ptr = [0] * pp
+    total = sum(len(v) for v in order.values())
+    while len(rows) < total:
+        progress = False
+        for r in range(pp):
+            acts = order[r]
+            while ptr[r] < len(acts):
+                a = acts[ptr[r]]
+                ins = inputs(a)
+                if ins is None:
+                    break
+                j = len(rows)
+                fs = bs = ws = -1
+                for x in a.leaves():
+                    if x.kind == "F":
+                        fnode[x.stage][x.mb] = j
+                        fs = x.stage
+                    elif x.kind in ("B", "I"):
+                        gnode[x.stage][x.mb] = j
+                        bs = x.stage
+                        ws = x.stage if x.kind == "B" else -1
+                    else:  # W
+                        ws = x.stage
+                rows.append((r, ins, fs, bs, ws, a.kind == "FB"))
+                account(a, r)
+                ptr[r] += 1
+                progress = True
+        if not progress:
+            stuck = {r: str(order[r][ptr[r]]) for r in range(pp) if ptr[r] < len(order[r])}
+            raise RuntimeError(f"schedule deadlocks: next actions per rank {stuck}")
+    n = len(rows)
+    dep = np.full((3, n), n, dtype=np.int64)
+    dep_send = np.full((3, n), -1, dtype=np.int64)
+    for j, (_, ins, *_rest) in enumerate(rows):
+        for k, (d, s) in enumerate(ins):
+            dep[k, j], dep_send[k, j] = d, s
+    col = lambda k: np.array([x[k] for x in rows], dtype=np.int64).reshape(n)  # noqa: E731
+
+    def arr(x):
+        return {r: (np.array(x[r], dtype=np.int64) if x[r] else np.zeros((1, S), dtype=np.int64)) for r in range(pp)}
+    out = CompiledOrder(n, pp, col(0), dep, dep_send, col(2), col(3), col(4), np.array([x[5] for x in rows], dtype=bool).reshape(n),
+                        arr(snaps), arr(snaps_w))
+    if len(_COMPILED) > 32:
+        _COMPILED.clear()
+    _COMPILED[key] = (order, out)  # the order keeps its actions (and so the key's ids) alive
+    return out
+
+
+def makespan(order: Order, stage_to_rank: list[int], m: int, comp: np.ndarray, a2a: np.ndarray, send: np.ndarray,
+             overhead: Any = 0.0) -> MakespanResult:
+    """run()'s makespan (bit for bit) and in-flight snapshots, without its timeline."""
+    c = compile_order(order, stage_to_rank, m)
+    S = len(stage_to_rank)
+    z = np.zeros((1, 3))
+    comp_p = np.concatenate([np.asarray(comp, dtype=np.float64).reshape(S, 3), z])  # row -1: nothing
+    a2a_p = np.concatenate([np.asarray(a2a, dtype=np.float64).reshape(S, 3), z])
+    send_p = np.append(np.asarray(send, dtype=np.float64).reshape(-1), 0.0)  # index -1 (no send): 0
+    cf, af = comp_p[c.f_stage, 0], a2a_p[c.f_stage, 0]
+    cb = comp_p[c.b_stage, 1] + comp_p[c.w_stage, 2]  # B: comp[s, 1] + comp[s, 2]; I: + 0; W: 0 + comp[s, 2]
+    ab = a2a_p[c.b_stage, 1]
+    dur = np.where(c.pair, np.maximum(np.maximum(cf + cb, af + ab), np.maximum(cf + af, cb + ab)), cf + af + cb + ab)  # = _dur
+    over = np.broadcast_to(np.asarray(overhead, dtype=np.float64), (c.pp,))
+    dur = dur + over[c.rank] * np.where(c.pair, 2.0, 1.0)
+    lat = send_p[c.dep_send]  # [3, n]; -1 (no send) reads the trailing 0
+    end = [0.0] * (c.n_actions + 1)  # index n: a missing input, 0
+    free = [0.0] * c.pp
+    for j, (r, d0, l0, d1, l1, d2, l2, du) in enumerate(zip(c.rank.tolist(), *(x for k in range(3) for x in (c.dep[k].tolist(), lat[k].tolist())),
+                                                             dur.tolist())):
+        e = max(free[r], end[d0] + l0, end[d1] + l1, end[d2] + l2) + du  # times are >= 0: a missing input (0) never wins
+        end[j] = e
+        free[r] = e
+    return MakespanResult(max(free) if free else 0.0, c.inflight, c.inflight_past_i, c.n_actions)

@@ -25,6 +25,7 @@ import numpy as np
 from moepipe.config import ConfigError
 from moepipe.placement.plan import Plan, mesh_coords, stage_assignment, validate_plan
 from moepipe.placement.placers import baselines, robust
+from moepipe.placement.placers.blas import one_blas_thread
 from moepipe.placement.placers.evaluate import Evaluation, Evaluator
 from moepipe.placement.placers.inputs import PlacementInputs, effective_cost_model, inputs_from_config, load_fractions, origins_of, routing_of
 from moepipe.placement.placers.migration import migration_bytes, migration_time_s
@@ -84,7 +85,7 @@ def make_placement(name, inputs: PlacementInputs, replica_slots: int = 0, curren
     name = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
     if replica_slots < 0:
         raise ConfigError(f"placer.replica_slots={replica_slots} must be >= 0: extra expert slots per EP rank")
-    with gc_paused():
+    with gc_paused(), one_blas_thread():
         plan = _make_placement(name, placer, inputs, replica_slots, current, evaluator)
         if compare_layouts:
             from moepipe.placement.placers.layout import compare_ep_layouts

@@ -100,9 +100,13 @@ def eplb(ev: Evaluator, replica_slots: int) -> Plan:
     base = static(ev.inputs)
     slots = slots_per_rank(ev.inputs, replica_slots)
     by_layout: dict = {}  # node layout -> (member nodes, {load bytes: row}, [(layer, row)])
+    rank_layout: dict = {}  # pp rank -> (member nodes, node layout)
     for li, l in enumerate(ev.moe):
-        nodes = member_nodes(ev, base.stage_to_pp_rank[base.stage_of_layer(l)])
-        layout = tuple(map(tuple, node_groups(nodes)))
+        p = base.stage_to_pp_rank[base.stage_of_layer(l)]
+        if p not in rank_layout:
+            nodes = member_nodes(ev, p)
+            rank_layout[p] = (nodes, tuple(map(tuple, node_groups(nodes))))
+        nodes, layout = rank_layout[p]
         _, rows, users = by_layout.setdefault(layout, (nodes, {}, []))
         users.append((l, rows.setdefault(ev.loads[li].tobytes(), li)))  # layers with the same load share one solve
     expert_map = {}

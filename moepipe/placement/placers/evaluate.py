@@ -3,7 +3,8 @@
 `moepipe.sim.simulate` recomputes everything per plan with Python loops over layers; a placer
 compares many plans of one job, so this module computes the same per-stage costs
 (`cost_model.stage_costs`) with the plan-independent parts cached and the per-layer work
-vectorised over layers and pipeline ranks, then runs the same event engine. The iteration time
+vectorised over layers and pipeline ranks, then runs the event engine without its timeline
+(`engine.makespan`: the same makespan bit for bit). The iteration time
 and the activation peak equal simulate()'s (tests/test_placers.py checks this).
 
 It also gives the per-(layer, pp rank) times the partition search works on, and the memory a
@@ -20,7 +21,7 @@ import numpy as np
 from moepipe.config import ConfigError
 from moepipe.placement import tensor_parallel_cost as tpc
 from moepipe.placement.cost_model import (
-    ClassSums, _grad_sync, class_sums_time, exchange_time, exchange_traffic, layer_exchange, rule_local_size, rule_nodes, uniform_exchanges,
+    ClassSums, _flat_holders, _grad_sync, class_sums_time, exchange_time, exchange_traffic, layer_exchange, rule_local_size, rule_nodes, uniform_exchanges,
     uniform_links,
 )
 from moepipe.placement.plan import Plan, rank_grid, stage_pp_ranks
@@ -105,6 +106,8 @@ class Evaluator:
         self._memo: dict = {}
         self._exch: dict = {}
         self._evals: dict = {}
+        self._held: dict = {}
+        self._layer_exch: dict = {}
         self._extras = None
         self._static: Optional[Plan] = None
 
@@ -125,13 +128,27 @@ class Evaluator:
             out = np.zeros((len(self.moe), plan.ep))
             tokens = []
             for li, l in enumerate(self.moe):
-                share = None if self.origin_share is None else self.origin_share[li]
-                out[li], t = layer_exchange(plan.expert_map[l], self.frac[li], self.assign, self.rule_nodes, share)
+                out[li], t = self.layer_exchange(li, plan.expert_map[l])
                 tokens.append(t)
         if len(self._exch) > 16:
             self._exch.clear()
         self._exch[key] = (plan.expert_map, out, tokens)
         return out, tokens
+
+    def layer_exchange(self, li: int, holders: list) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """cost_model.layer_exchange of MoE layer row li under these holder lists, on the
+        inputs' origins; memoised on the lists' identity (a placer scores a layer's chosen
+        packing, then the evaluator its plan: treat the lists as immutable)."""
+        key = (li, id(holders))
+        hit = self._layer_exch.get(key)
+        if hit is not None and hit[0] is holders:
+            return hit[1], hit[2]
+        share = None if self.origin_share is None else self.origin_share[li]
+        routed, tok = layer_exchange(holders, self.frac[li], self.assign, self.rule_nodes, share)
+        if len(self._layer_exch) > 4096:
+            self._layer_exch.clear()
+        self._layer_exch[key] = (holders, routed, tok)
+        return routed, tok
 
     def traffic(self, plan: Plan) -> dict:
         """All-to-all bytes per iteration by link class, as the simulator counts them
@@ -264,6 +281,7 @@ class Evaluator:
     def param_bytes(self, plan: Plan) -> np.ndarray:
         """[world] bytes of parameters + AdamW state each global rank holds (under TP: each GPU of the group)."""
         spec, pp, ep, dp, tp = self.spec, plan.pp, plan.ep, plan.dp, self.tp
+        held = self.copies_held(plan)
         per = np.zeros((pp, ep))
         for s, (a, b) in enumerate(plan.stage_layers):
             for p in stage_pp_ranks(plan, s, self.chains):  # chimera: both replicas' copies
@@ -274,12 +292,26 @@ class Evaluator:
                     per[p] += tpc.head_params_per_gpu(spec, tp)
                 for l in range(a, b):
                     if l in self.moe_row:
-                        cnt = np.bincount(np.fromiter(chain.from_iterable(plan.expert_map[l]), dtype=np.int64), minlength=ep)
-                        per[p] += cnt * self.expert_params[l]
+                        per[p] += held[self.moe_row[l]] * self.expert_params[l]
         out = np.zeros(pp * ep * dp)
         for d in range(dp):
             out[self.grid[:, d, :]] = per
         return out * BYTES_PER_PARAM_TRAIN
+
+    def copies_held(self, plan: Plan) -> np.ndarray:
+        """[n_moe, ep] expert copies each EP rank holds per MoE layer, memoised on the map object."""
+        key = id(plan.expert_map)
+        hit = self._held.get(key)
+        if hit is not None and hit[0] is plan.expert_map:
+            return hit[1]
+        n, E = len(self.moe), self.spec.num_experts
+        lens, ranks = _flat_holders([plan.expert_map[l] for l in self.moe], n * E)  # shared with uniform_exchanges' cache
+        row = np.repeat(np.arange(n * E) // max(E, 1), lens)
+        out = np.bincount(row * plan.ep + ranks, minlength=n * plan.ep).reshape(n, plan.ep).astype(np.float64)
+        if len(self._held) > 16:
+            self._held.clear()
+        self._held[key] = (plan.expert_map, out)
+        return out
 
     def grad_sync(self, plan: Plan) -> float:
         """The simulator's data-parallel gradient all-reduce time after the pipeline drains."""
@@ -305,7 +337,7 @@ class Evaluator:
                               "build the plan with the schedule's style")
         routed, (comp_l, a2a_l) = self._layers_of(plan)
         comp, a2a, send = (np.concatenate([x] * self.chains) for x in self.stage_costs_from(plan.stage_layers, comp_l, a2a_l, routed))
-        res = engine.run(self.order, self.run_s2r, self.inputs.microbatches, comp, a2a, send)
+        res = engine.makespan(self.order, self.run_s2r, self.inputs.microbatches, comp, a2a, send)  # = engine.run's, without the timeline
         act_mb = np.concatenate([self.act_bytes_per_mb(plan.stage_layers, routed)] * self.chains)  # [chains * S, ep]
         act = np.zeros(plan.world_size)
         for r, snaps in res.inflight.items():

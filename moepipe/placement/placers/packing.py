@@ -79,12 +79,18 @@ def pieces_batch(w: np.ndarray, counts: np.ndarray, key: Optional[np.ndarray] = 
     w = np.asarray(w, dtype=np.float64)
     C, E = w.shape
     n = np.asarray(counts, dtype=np.int64).ravel()
-    key = np.broadcast_to(np.arange(E), (C, E)) if key is None else np.asarray(key)
     src = np.repeat(np.arange(C * E), n)
     row, col = np.divmod(src, E)
     load = w.ravel()[src] / n[src]
-    o = np.lexsort((key.ravel()[src], -load, row))
-    return _pad_rows(row[o], C, col[o], load[o])
+    if key is not None:  # ties by another key: first order each row by it (a stable sort keeps that order on ties)
+        k = np.asarray(key).ravel()[src]
+        o = np.lexsort((k, row))
+        row, col, load = row[o], col[o], load[o]
+    # pieces are grouped by row: sort each padded row by load, heaviest first (stable: ties keep
+    # the column / key order), as one lexsort of (key, -load, row) would, without sorting the rows
+    col, load, valid = _pad_rows(row, C, col, load)
+    o = np.argsort(np.where(valid, -load, np.inf), axis=1, kind="stable")
+    return np.take_along_axis(col, o, 1), np.take_along_axis(load, o, 1), np.take_along_axis(valid, o, 1)
 
 
 def pieces_of(experts: Sequence[int], w: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,28 +128,35 @@ def pack_batch(ids: np.ndarray, loads: np.ndarray, valid: np.ndarray, cap: np.nd
     rows = np.arange(C)
     E = int(ids[valid].max()) + 1
     repeats = np.bincount((rows[:, None] * E + ids)[valid]).max() > 1
-    held = np.zeros((C, E, n), dtype=bool) if repeats else None  # [problem, expert, bin]: only needed when experts have copies
+    held = np.zeros(C * E * n, dtype=bool) if repeats else None  # [problem, expert, bin] flat: only needed when experts have copies
     never = np.iinfo(np.int64).max
+    load_f, count_f = load.reshape(-1), count.reshape(-1)  # views: one flat index per (problem, bin) update
+    ids_t, loads_t, valid_t = ids.T.copy(), loads.T.copy(), valid.T.copy()  # a piece position's column, contiguous
+    base_e = rows * E
     for j in range(P):
-        e, x = ids[:, j], loads[:, j]
+        e, x = ids_t[j], loads_t[j]
         shut = count >= cap
         if repeats:
-            shut |= held[rows, e]
+            shut |= held.reshape(C * E, n).take(base_e + e, axis=0)
         fin = load + x[:, None]
         if rate is not None:
             fin /= rate
-        fin[shut] = np.inf
+        np.copyto(fin, np.inf, where=shut)
         fmin = fin.min(1)
         tie = fin <= fmin[:, None] * (1 + TIE_REL)  # among the fastest: fewer pieces, then lower index
         b = np.where(tie, count, never).argmin(1)
-        r = np.flatnonzero(valid[:, j] & (fmin < np.inf))  # no bin can take it: dropped
-        if len(r) < C:
+        ok = valid_t[j] & (fmin < np.inf)  # no bin can take it: dropped
+        if ok.all():
+            r = rows
+        else:
+            r = np.flatnonzero(ok)
             b, e, x = b[r], e[r], x[r]
         out[r, j] = b
-        load[r, b] += x
-        count[r, b] += 1
+        lin = r * n + b
+        load_f[lin] += x
+        count_f[lin] += 1
         if repeats:
-            held[r, e, b] = True
+            held[(base_e[r] + e) * n + b] = True
     _fill_empty_bins(out, count, exists)
     return out
 
@@ -270,8 +283,9 @@ def refine_batch(pb: np.ndarray, pe: np.ndarray, valid: np.ndarray, w: np.ndarra
         xs = np.take_along_axis(pe, sel, 1)
         px = np.take_along_axis(ppw, sel, 1)
         lh, rh = load[rows, h], rate[rows, h]
+        hx = held[rows[:, None], :, xs]  # [B, K, n]: bins already holding x
         # moves: [B, K, n]
-        can = ((size < K)[:, None, :] & ~held[rows[:, None, None], ar[None, None, :], xs[:, :, None]] & (ar[None, None, :] != h[:, None, None])
+        can = ((size < K)[:, None, :] & ~hx & (ar[None, None, :] != h[:, None, None])
                & xv[:, :, None] & (size[rows, h] > 1)[:, None, None])
         m = np.maximum(np.maximum(((lh[:, None] - px) / rh[:, None])[:, :, None], (load[:, None, :] + px[:, :, None]) / rate[:, None, :]), rest[:, None, :])
         m = np.where(can, m, np.inf).reshape(B, -1)
@@ -280,17 +294,24 @@ def refine_batch(pb: np.ndarray, pe: np.ndarray, valid: np.ndarray, w: np.ndarra
         best = fh * (1 - 1e-9)
         use_move = mv < best
         best = np.where(use_move, mv, best)
-        # swaps with pieces of other bins in (bin, expert) order: [B, K, P]
-        po = np.argsort(np.where(valid, pb * E + pe, n * E), axis=1, kind="stable")
-        yb, ye, py = (np.take_along_axis(a, po, 1) for a in (pb, pe, ppw))
-        yv = np.take_along_axis(valid, po, 1) & (yb != h[:, None]) & ~held[rows[:, None], h[:, None], ye]
-        ok = yv[:, None, :] & xv[:, :, None] & ~held[rows[:, None, None], yb[:, None, :], xs[:, :, None]] & (py[:, None, :] < px[:, :, None])
-        ly, ry = np.take_along_axis(load, yb, 1), np.take_along_axis(rate, yb, 1)
-        m2 = np.maximum(np.maximum((lh[:, None, None] - px[:, :, None] + py[:, None, :]) / rh[:, None, None],
-                                   (ly[:, None, :] - py[:, None, :] + px[:, :, None]) / ry[:, None, :]), np.take_along_axis(rest, yb, 1)[:, None, :])
-        m2 = np.where(ok, m2, np.inf).reshape(B, -1)
-        j2 = np.argmin(m2, 1)
-        use_swap = m2[rows, j2] < best
+        # swaps with a lighter piece y of another bin: one [B, P] pass per piece x of h (cache-sized,
+        # no [B, K, P] temporaries); ties: lowest x, then y's (bin, expert), as a scan in that order
+        keyy = np.where(valid, pb * E + pe, n * E)  # unique per problem: no bin holds an expert twice
+        ly, ry, ryst = np.take_along_axis(load, pb, 1), np.take_along_axis(rate, pb, 1), np.take_along_axis(rest, pb, 1)
+        yv = valid & (pb != h[:, None]) & ~held[rows[:, None], h[:, None], pe]
+        sw_v, sw_i, sw_k = np.full(B, np.inf), np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
+        for i in range(xs.shape[1]):
+            pxi = px[:, i:i + 1]
+            ok = yv & xv[:, i:i + 1] & ~np.take_along_axis(hx[:, i], pb, 1) & (ppw < pxi)
+            if not ok.any():
+                continue
+            v = np.maximum(np.maximum((lh[:, None] - pxi + ppw) / rh[:, None], (ly - ppw + pxi) / ry), ryst)
+            v = np.where(ok, v, np.inf)
+            mn = v.min(1)
+            k = np.where(v == mn[:, None], keyy, n * E + 1).argmin(1)
+            better = mn < sw_v
+            sw_v, sw_i, sw_k = np.where(better, mn, sw_v), np.where(better, i, sw_i), np.where(better, k, sw_k)
+        use_swap = sw_v < best
         use_move &= ~use_swap & active
         use_swap &= active
         if not (use_move.any() or use_swap.any()):
@@ -300,13 +321,13 @@ def refine_batch(pb: np.ndarray, pe: np.ndarray, valid: np.ndarray, w: np.ndarra
         x = xs[r, i]
         held[r, h[r], x], held[r, b, x] = False, True
         pb[r, sel[r, i]] = b
-        r = np.flatnonzero(use_swap)  # swap piece sel[i] of h with piece po[k] of bin yb
-        i, k = np.divmod(j2[r], P)
-        x, y, b = xs[r, i], ye[r, k], yb[r, k]
+        r = np.flatnonzero(use_swap)  # swap piece sel[i] of h with piece k of bin b
+        i, k = sw_i[r], sw_k[r]
+        x, y, b = xs[r, i], pe[r, k], pb[r, k]
         held[r, h[r], x], held[r, b, x] = False, True
         held[r, b, y], held[r, h[r], y] = False, True
         pb[r, sel[r, i]] = b
-        pb[r, po[r, k]] = h[r]
+        pb[r, k] = h[r]
         active &= use_move | use_swap
     return pb
 
@@ -366,7 +387,8 @@ def expert_maps(rank: np.ndarray, expert: np.ndarray, E: int) -> list[list[list[
     C = rank.shape[0]
     r, j = np.nonzero(rank >= 0)
     e, k = expert[r, j], rank[r, j]
-    flat = k[np.lexsort((k, e, r))].tolist()
+    n = int(k.max()) + 1 if len(k) else 1
+    flat = (np.sort((r * E + e) * n + k) % n).tolist()  # (problem, expert, rank) order: one sort of unique integer keys
     ends = np.cumsum(np.bincount(r * E + e, minlength=C * E)).tolist()
     lists = [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
     return [lists[c * E:(c + 1) * E] for c in range(C)]
@@ -419,13 +441,16 @@ def _plan_copies(n: np.ndarray, dem: np.ndarray, fair: np.ndarray, left: np.ndar
     rows = np.arange(C)
     n[rows[:, None], np.arange(E)[None, :], dem.argmax(2)] = 1
     limit = np.asarray(node_slots)  # every expert's first copy counts in its node (single copies may move later)
+
+    def heaviest(d, k):  # [..., G] -> [...]: the heaviest copy's demand (demand from nodes without a copy spread over the copies)
+        return np.where(k > 0, d / np.maximum(k, 1), -np.inf).max(-1) + (d * (k == 0)).sum(-1) / k.sum(-1)
+
+    heavy = heaviest(dem, n)  # [C, E], kept current: a round changes one expert per problem
+    taken = n.sum(1)  # [C, G] copies per node
     for _ in range(int(left.max()) if C else 0):
-        N = n.sum(2)
-        R = (dem * (n == 0)).sum(2)  # [C, E] demand from nodes without a copy: spread over the copies
-        heavy = np.where(n > 0, dem / np.maximum(n, 1), -np.inf).max(2) + R / N
         e = heavy.argmax(1)
         de, ne = dem[rows, e], n[rows, e]  # [C, G]
-        room = (ne < size[None, :]) & (n.sum(1) < limit[None, :])
+        room = (ne < size[None, :]) & (taken < limit[None, :])
         # a node without a copy takes its own demand home first (locality and relief), else the
         # node whose copies carry the most demand each
         bare = room & (ne == 0) & (de > 0)
@@ -433,8 +458,11 @@ def _plan_copies(n: np.ndarray, dem: np.ndarray, fair: np.ndarray, left: np.ndar
         live = (left > 0) & (heavy[rows, e] > fair * (1 + 1e-9)) & room[rows, g]
         if not live.any():
             return
-        n[rows[live], e[live], g[live]] += 1
+        r, er, gr = rows[live], e[live], g[live]
+        n[r, er, gr] += 1
+        taken[r, gr] += 1
         left[live] -= 1
+        heavy[r, er] = heaviest(dem[r, er], n[r, er])
 
 
 def pack_by_origin(w: np.ndarray, origins: np.ndarray, cost: np.ndarray, node_of: Sequence[int], slots: int, rate: np.ndarray,

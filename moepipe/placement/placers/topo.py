@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from moepipe.placement.cost_model import exchange_time, layer_exchange
+from moepipe.placement.cost_model import exchange_time
 from moepipe.placement.plan import Plan
 from moepipe.placement.placers import baselines, robust
 from moepipe.placement.placers.evaluate import Evaluator
@@ -232,13 +232,12 @@ def _exact_choice(ev: Evaluator, rows_a, owner, maps, rate, nodes, group, K, X_l
             continue
         seen[key] = i
         li = int(rows_a[c])
-        share = None if ev.origin_share is None else ev.origin_share[li]
-        routed, tok = layer_exchange(m, ev.frac[li], ev.assign, ev.rule_nodes, share)
+        routed, tok = ev.layer_exchange(li, m)  # memoised: the evaluator reads the chosen ones again
         if i >= n_given:  # origin-local packings balance on estimates: even out their exact loads inside nodes
             m2 = _rebalance_in_node(m, routed, ev.loads[li], K, node, rate, dense_l[c], X_l[c])
             if m2 is not m:
                 maps[i] = m = m2
-                routed, tok = layer_exchange(m, ev.frac[li], ev.assign, ev.rule_nodes, share)
+                routed, tok = ev.layer_exchange(li, m)
         comp = ((dense_l[c] + X_l[c] * routed) / rate).max()
         a2a = exchange_time(None if tok is None else tok * ev.bpt, routed * ev.bpt, g, ev.topo, ev.cm.a2a) if len(g) > 1 else 0.0
         t[i] = comp + 2 * a2a  # F and B: dispatch + combine each
