@@ -97,6 +97,7 @@ def test_every_script_has_a_quick_mode_and_a_row_here():
         assert "--quick" in src or "add_output_args" in src, f"experiments/{s}.py has no --quick option"
 
 
+@pytest.mark.timeout(900)  # the first of these runs the whole fixture (~2 min on 2 quiet cores; a loaded machine took 6)
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_quick_mode_runs_writes_and_prints_its_headline(quick_runs, name):
     r = quick_runs[name]
