@@ -593,9 +593,11 @@ def _check_shadows(cfg: MoepipeConfig) -> None:
     if name == "pipedream_2bw":
         raise ConfigError(f"placer.shadow_slots={n} is not supported with schedule.name=pipedream_2bw (weight versions are not sent to shadows): "
                           "set placer.shadow_slots=0 or another schedule")
-    # a split backward (input gradients, then weight gradients later) would run the shadows'
-    # gradient return outside the pass whose graph holds it (seen: "backward through the graph a
-    # second time" under interleaved_zb); file schedules may split it too
+    # a split backward (input gradients, then weight gradients later): refused when the exchange
+    # ran per microbatch inside autograd ("backward through the graph a second time" under
+    # interleaved_zb). The per-step exchange returns gradients after the last pass, W included,
+    # but the W pass must also accumulate into the shadow leaf (not tested yet); file schedules
+    # may split the backward too
     if name in ("interleaved_zb", "zbv", "dualpipev") or name.startswith("file:"):
         raise ConfigError(f"placer.shadow_slots={n} is not supported with schedule.name={name} (its backward is split into input and weight "
                           "passes): use gpipe, 1f1b or interleaved_1f1b, or placer.shadow_slots=0")

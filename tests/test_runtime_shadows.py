@@ -29,6 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moepipe.model.shadow_exchange import shadow_digest
 from moepipe.parallel.mesh import build_mesh
 from moepipe.placement.plan import Plan, from_json, to_json
 from moepipe.train.distributed import DistributedTrainer
@@ -95,6 +96,14 @@ def _worker(rank: int, world: int, layout: tuple, plan_json: str | None, migrate
         dist.all_reduce(used)
         out[key] = {"losses": losses, "state": gather_state(list(trainer.modules.values()), rank),
                       "optim": optimizer_state(trainer, rank), "shadows": float(used)}
+    # the agreement check before any exchange: equal sets pass; sets that differ on one EP rank
+    # fail on every rank of the group (so all of them skip the exchange alike)
+    same = {0: {1: (1,)}}
+    differ = {0: {1: (mesh.ep_rank,)}}
+    agree = torch.tensor([float(trainer._shadows_agree(same)), float(trainer._shadows_agree(differ))])
+    gathered = [torch.zeros(2) for _ in range(world)]
+    dist.all_gather(gathered, agree)
+    out["agree"] = [g.tolist() for g in gathered]
     if rank == 0:
         save(out, os.path.join(out_dir, "run.pt"))
 
@@ -136,6 +145,7 @@ def test_shadows_keep_parity_pp2_ep2(tmp_path):
     run = torch.load(tmp_path / "run.pt")
     check(run)
     check(run, "ckpt")  # with activation checkpointing: same numbers as the plain run without shadows
+    assert run["agree"] == [[1.0, 0.0]] * 4
 
 
 @pytest.mark.timeout(300)
@@ -165,6 +175,15 @@ def test_fairscale_backend_is_refused():
 
     with pytest.raises(ConfigError, match="moe.backend=native"):
         compose_cfg(BASE[:-4] + ["parallel.pp=1", "parallel.ep=2", "parallel.dp=1", "placer.shadow_slots=1", "moe.backend=fairscale"])
+
+
+def test_shadow_digest_is_order_free_and_tells_sets_apart():
+    a = {0: {3: (1, 2), 5: (0,)}, 2: {}}
+    b = {2: {}, 0: {5: [0], 3: [2, 1]}}
+    assert shadow_digest(a) == shadow_digest(b) == shadow_digest({0: {3: (1, 2), 5: (0,)}, 2: {7: ()}})
+    assert shadow_digest(a) != shadow_digest({0: {3: (1,), 5: (0,)}})
+    assert shadow_digest(a) != shadow_digest({1: {3: (1, 2), 5: (0,)}})
+    assert 0 <= shadow_digest(a) < 2 ** 62
 
 
 def test_exchange_plan_every_rank_agrees():

@@ -32,6 +32,8 @@ own (its copy tables are cached per shadow set).
 """
 from __future__ import annotations
 
+import hashlib
+
 from typing import Callable, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -68,6 +70,14 @@ class ShadowExpert:
 def home_of(holders: Sequence[Sequence[int]], e: int) -> int:
     """The copy that keeps e's parameters and optimizer state: the plan's first holder."""
     return int(holders[e][0])
+
+
+def shadow_digest(chosen: Mapping[Hashable, Mapping[int, Sequence[int]]]) -> int:
+    """A 62-bit digest of every layer's shadow set, independent of dict order: ranks that decided
+    alike get the same number (the trainer compares them before any exchange)."""
+    canon = sorted((repr(layer), sorted((int(e), tuple(sorted(int(r) for r in rs))) for e, rs in sets.items() if rs))
+                   for layer, sets in chosen.items())
+    return int.from_bytes(hashlib.blake2b(repr(canon).encode(), digest_size=8).digest(), "little") >> 2
 
 
 def exchange_plan(shadows: Mapping[Hashable, Sequence[int]], homes: Mapping[Hashable, int], ep_rank: int, ep: int

@@ -106,6 +106,7 @@ class DistributedTrainer:
         self._shadow_setups = None  # placer.shadow_slots: per MoE layer, the fast path's cost-model setup
         self._shadow_load: dict[int, np.ndarray] = {}  # the last step's [ep, E] counts per MoE layer (the decision's input)
         self._step_shadows = None  # this step's StepShadows while the schedule runs
+        self._shadow_mismatch_warned = False
         if cfg.topology.detect or cfg.topology.probe:
             self._topology = self._measured_topology()  # collective: every rank, at start-up
         self._skew = None  # this step's injected routing skew (workload.kind)
@@ -181,6 +182,8 @@ class DistributedTrainer:
                 policy = self._shadow_policy(layer_id)
                 chosen[layer_id] = {} if load is None or not load.any() else dict(policy(load, h))
                 holders[layer_id], experts[layer_id], dispatchers[layer_id] = h, moe.experts, moe.dispatcher
+        if not self._shadows_agree(chosen):
+            return
         if not any(chosen.values()):  # every rank alike: no exchange this step
             return
         cfg = self.cfg
@@ -189,6 +192,27 @@ class DistributedTrainer:
         for layer_id, d in dispatchers.items():
             d.use_shadows(chosen[layer_id], lambda l=layer_id: step.experts_for(l))
         self._step_shadows = step
+
+    def _shadows_agree(self, chosen: dict) -> bool:
+        """Every EP rank decided the same shadow sets? The inputs are bit-identical, but the
+        decision is floating-point numpy, and hosts with other SIMD kernels could break a near tie
+        apart; differing sets would pair the exchange wrongly. One all-reduce (max of the digest
+        and of its negation) per step; on a mismatch the whole group runs this step without
+        shadows (every rank sees the same result)."""
+        from moepipe.model.shadow_exchange import shadow_digest
+
+        if self.mesh.ep < 2:
+            return True
+        d = shadow_digest(chosen)
+        t = torch.tensor([d, -d], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.ep_group)
+        if int(t[0]) == d and -int(t[1]) == d:
+            return True
+        if not self._shadow_mismatch_warned:
+            self._shadow_mismatch_warned = True
+            print(f"moepipe: rank {self.mesh.rank}: EP ranks decided different shadow sets; this step (and any other such) runs without "
+                  "shadows", file=sys.stderr, flush=True)
+        return False
 
     def _end_shadows(self) -> None:
         """After the step's last backward, before gradient sync: the shadows' gradients go home

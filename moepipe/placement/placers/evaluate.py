@@ -44,6 +44,9 @@ class Evaluation:
         return self.param_bytes + self.act_bytes
 
 
+LAYER_EXCH_CACHE_BYTES = 64 << 20  # Evaluator.layer_exchange's memo: at most about this much per evaluator
+
+
 class Evaluator:
     """Everything about one job that does not depend on the plan, cached."""
 
@@ -145,7 +148,9 @@ class Evaluator:
             return hit[1], hit[2]
         share = None if self.origin_share is None else self.origin_share[li]
         routed, tok = layer_exchange(holders, self.frac[li], self.assign, self.rule_nodes, share)
-        if len(self._layer_exch) > 4096:
+        # bounded by entries and by bytes: with origins each entry holds an [ep, ep] token matrix
+        # (ep=128: 128 KiB), and the robust placer keeps one Evaluator per scenario
+        if len(self._layer_exch) >= max(16, min(4096, LAYER_EXCH_CACHE_BYTES // max(1, 8 * routed.size * routed.size))):
             self._layer_exch.clear()
         self._layer_exch[key] = (holders, routed, tok)
         return routed, tok
