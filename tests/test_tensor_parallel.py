@@ -34,15 +34,22 @@ SP = ("parallel.sp=true",)
 TP_MODEL = ("placer=static", "moe.first_dense=1", "moe.num_shared_experts=1", "moe.shared_expert_hidden=32")
 
 
-def cfg_for(schedule: str, pp: int, ep: int, tp: int, extra: tuple = ()):
-    v = 1 if schedule in ("gpipe", "1f1b") else 2
-    return compose_cfg(BASE + list(TP_MODEL) + [
+# run by moepipe's executor only (a preset sets it), one stage per rank
+MOEPIPE_ONLY = ("chimera", "pipedream_2bw")
+
+
+def cfg_for(schedule: str, pp: int, ep: int, tp: int, extra: tuple = (), dp: int = 1):
+    v = 1 if schedule in ("gpipe", "1f1b") + MOEPIPE_ONLY else 2
+    preset = [f"schedule={schedule}"] if schedule in MOEPIPE_ONLY else []
+    return compose_cfg(BASE + list(TP_MODEL) + preset + [
         f"schedule.name={schedule}", f"schedule.virtual_stages={v}", "schedule.microbatches=4",
-        f"parallel.pp={pp}", f"parallel.ep={ep}", "parallel.dp=1", f"parallel.tp={tp}"] + list(extra))
+        f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.dp={dp}", f"parallel.tp={tp}"] + list(extra))
 
 
 def reference(schedule: str, extra: tuple) -> tuple[list[float], dict[str, torch.Tensor], list]:
-    trainer = Trainer(cfg_for(schedule, 1, 1, 1, extra))
+    # chimera's two replicas only order the same sums: plain training is its reference;
+    # pipedream_2bw's is the one-process trainer applying the delayed rule (tests/test_2bw.py)
+    trainer = Trainer(cfg_for("1f1b" if schedule == "chimera" else schedule, 1, 1, 1, extra))
     steps = [trainer.train_step(s) for s in range(STEPS)]
     losses = [r.loss for r in steps] + [trainer.evaluate()]
     return losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, routing_of(steps)
@@ -54,15 +61,15 @@ def routing_of(steps: list) -> list:
 
 
 def _worker(rank: int, world: int, runs: list, out_dir: str) -> None:
-    """runs: [(pp, ep, tp), schedule, extra overrides], each layout of `world` ranks."""
+    """runs: [(pp, ep, tp[, dp]), schedule, extra overrides], each layout of `world` ranks."""
     from torch.distributed.tensor import DTensor
 
     meshes = {}
     for i, (layout, schedule, extra) in enumerate(runs):
-        pp, ep, tp = layout
+        pp, ep, tp, dp = layout + (1,) * (4 - len(layout))
         if layout not in meshes:
-            meshes[layout] = build_mesh(pp, ep, 1, tp=tp)
-        cfg = cfg_for(schedule, pp, ep, tp, extra)
+            meshes[layout] = build_mesh(pp, ep, dp, tp=tp)
+        cfg = cfg_for(schedule, pp, ep, tp, extra, dp=dp)
         trainer = DistributedTrainer(cfg, meshes[layout])
         wq = [p for m in trainer.modules.values() for n, p in m.named_parameters() if n.endswith("attn.wq.weight")]
         assert wq and all(isinstance(p, DTensor) and p.to_local().shape[0] * tp == p.shape[0] for p in wq), "attention is not TP-split"
@@ -109,16 +116,22 @@ def check_runs(runs: list, world: int, tmp_path) -> None:
     run_distributed(_worker, world, runs, str(tmp_path), timeout=360)
     for i, (layout, schedule, extra) in enumerate(runs):
         got, (losses, state, routing) = torch.load(tmp_path / f"run{i}.pt"), reference_for(schedule, extra)
-        label = f"(pp, ep, tp)={layout} {schedule} {extra}"
+        label = f"(pp, ep, tp[, dp])={layout} {schedule} {extra}"
         assert_matches(got, losses, state, label=label)
         # routing statistics count each token once (what the metrics, expert bias and placer
         # read): every step's per-layer demand equals the reference's; the balancing and z
         # losses too where the run has one data slice (EP slices route their own batches)
         for (load, metrics), (ref_load, ref_metrics) in zip(got["routing"], routing, strict=True):
             assert load.keys() == ref_load.keys() and all(torch.equal(load[k], ref_load[k]) for k in load), label
-            if layout[1] == 1:
+            if layout[1] == 1 and layout[3:] in ((), (1,)):
                 for key in ("aux_loss", "z_loss", "load_balance_mean", "dropped_frac"):
                     assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-12), (label, key)
+
+
+# TP under the schedules with their own gradient/weight handling, and TP with DP: tp2 x pp2
+# under pipedream_2bw (both weight versions hold TP shards), under chimera (the mirrored
+# replicas sum their gradients' shards, per TP index), and dp2 x tp2 (data slices over TP groups)
+SCHEDULE_RUNS = [((2, 1, 2), "pipedream_2bw", AUX_ON), ((2, 1, 2), "chimera", AUX_ON), ((1, 1, 2, 2), "1f1b", ())]
 
 
 @pytest.mark.timeout(400)
@@ -130,7 +143,7 @@ def test_pp2_tp2_and_ep2_tp2_match_reference(tmp_path):
     with SP only, SP with EP in the 8-rank job: the suite's budget)."""
     runs = [((2, 1, 2), "1f1b", AUX_ON), ((1, 2, 2), "1f1b", ())]
     sp_runs = [((2, 1, 2), "1f1b", AUX_ON + SP), ((2, 1, 2), "gpipe", AUX_ON + SP)]
-    check_runs(runs + sp_runs, 4, tmp_path)
+    check_runs(runs + sp_runs + SCHEDULE_RUNS, 4, tmp_path)
 
 
 @pytest.mark.timeout(400)
@@ -225,9 +238,7 @@ def test_shard_rule_and_local_layout():
     (("parallel.tp=2", "parallel.sp=true", "train.seq_len=15"), "train.seq_len=15 is not divisible by parallel.tp=2"),
     (("parallel.tp=2", "parallel.sp=true", "moe.capacity_factor=1.25"), "moe.capacity_factor=1.25 with parallel.sp=true"),
     (("parallel.tp=2", "parallel.sp=true", "moe.router_jitter=0.01"), "moe.router_jitter=0.01 with parallel.sp=true"),
-    (("parallel.tp=2", "parallel.sp=true", "schedule.name=pipedream_2bw"), "parallel.tp=2 with schedule.name=pipedream_2bw"),
     (("parallel.sp=true",), "parallel.sp=true needs tensor parallelism"),
-    (("parallel.tp=2", "parallel.pp=2", "schedule.name=chimera"), "parallel.tp=2 with schedule.name=chimera"),
     (("parallel.tp=2", "parallel.ep=2", "parallel.a2a=hierarchical"), "parallel.tp=2 with parallel.a2a=hierarchical"),
     (("parallel.tp=2", "topology.devices_per_node=3", "topology.nodes=2"), "parallel.tp=2 does not fit in a node of topology.devices_per_node=3"),
 ])
