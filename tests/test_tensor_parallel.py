@@ -23,6 +23,7 @@ from moepipe.config import ConfigError
 from moepipe.parallel.mesh import build_mesh
 from moepipe.train.distributed import DistributedTrainer
 from moepipe.train.loop import Trainer
+from moepipe.train.optim import delayed_update
 
 from conftest import compose_cfg
 from dist_utils import gather_state, run_distributed, save
@@ -47,9 +48,7 @@ def cfg_for(schedule: str, pp: int, ep: int, tp: int, extra: tuple = (), dp: int
 
 
 def reference(schedule: str, extra: tuple) -> tuple[list[float], dict[str, torch.Tensor], list]:
-    # chimera's two replicas only order the same sums: plain training is its reference;
-    # pipedream_2bw's is the one-process trainer applying the delayed rule (tests/test_2bw.py)
-    trainer = Trainer(cfg_for("1f1b" if schedule == "chimera" else schedule, 1, 1, 1, extra))
+    trainer = Trainer(cfg_for(schedule, 1, 1, 1, extra))
     steps = [trainer.train_step(s) for s in range(STEPS)]
     losses = [r.loss for r in steps] + [trainer.evaluate()]
     return losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, routing_of(steps)
@@ -102,6 +101,10 @@ def reference_for(schedule: str, extra: tuple):
     """The one-process run (computed once per module, on one thread like the workers; shared
     by the runs with and without sequence parallelism, which the reference lacks)."""
     extra = tuple(o for o in extra if o not in SP)
+    # the one-process trainer reads the schedule only for pipedream_2bw's delayed rule
+    # (WeightStash, checked against an independent implementation in tests/test_2bw.py); every
+    # flushing schedule (chimera's two replicas too) only orders the same sums: one reference
+    schedule = schedule if delayed_update(schedule) else "1f1b"
     if (schedule, extra) not in _REFERENCES:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
