@@ -134,7 +134,10 @@ def check_runs(runs: list, world: int, tmp_path) -> None:
 # TP under the schedules with their own gradient/weight handling, and TP with DP: tp2 x pp2
 # under pipedream_2bw (both weight versions hold TP shards), under chimera (the mirrored
 # replicas sum their gradients' shards, per TP index), and dp2 x tp2 (data slices over TP groups)
-SCHEDULE_RUNS = [((2, 1, 2), "pipedream_2bw", AUX_ON), ((2, 1, 2), "chimera", AUX_ON), ((1, 1, 2, 2), "1f1b", ())]
+# (the fewest microbatches that fill pp2 and give chimera's replicas one each; one without a
+# pipeline: the suite's budget)
+M2, M1 = ("schedule.microbatches=2",), ("schedule.microbatches=1",)
+SCHEDULE_RUNS = [((2, 1, 2), "pipedream_2bw", AUX_ON + M2), ((2, 1, 2), "chimera", AUX_ON + M2), ((1, 1, 2, 2), "1f1b", M1)]
 
 
 @pytest.mark.timeout(400)
@@ -142,8 +145,9 @@ def test_pp2_tp2_and_ep2_tp2_match_reference(tmp_path):
     """tp2 x pp2 (balancing loss on) and tp2 x ep2 (tokens split over TP, then dispatched
     through each TP index's EP group); then with sequence parallelism (activations, pipeline
     messages and MoE routing on seq_len/tp positions; each shard's tokens through its own TP
-    index's EP group): tp2 x pp2 under two schedules. One 4-process job (TP under gpipe runs
-    with SP only, SP with EP in the 8-rank job: the suite's budget)."""
+    index's EP group): tp2 x pp2 under two schedules; then SCHEDULE_RUNS (pipedream_2bw,
+    chimera, dp2 x tp2). One 4-process job (TP under gpipe runs with SP only, SP with EP in
+    the 8-rank job: the suite's budget)."""
     runs = [((2, 1, 2), "1f1b", AUX_ON), ((1, 2, 2), "1f1b", ())]
     sp_runs = [((2, 1, 2), "1f1b", AUX_ON + SP), ((2, 1, 2), "gpipe", AUX_ON + SP)]
     check_runs(runs + sp_runs + SCHEDULE_RUNS, 4, tmp_path)
