@@ -436,12 +436,6 @@ def _check_tensor_parallel(cfg: MoepipeConfig) -> None:
     if e.num_experts and tokens % tp:
         raise ConfigError(f"{tokens} tokens per microbatch do not split over parallel.tp={tp} (each TP rank dispatches an equal share): "
                           "pick train.batch_size/seq_len so batch_size/(ep*dp*microbatches)*seq_len is a multiple of tp")
-    if sch.name == "chimera":
-        raise ConfigError(f"parallel.tp={tp} with schedule.name=chimera: its mirrored replicas do not handle TP-sharded weights yet; "
-                          "use another schedule or parallel.tp=1")
-    if sch.name == "pipedream_2bw":
-        raise ConfigError(f"parallel.tp={tp} with schedule.name=pipedream_2bw: its weight versions do not handle TP-sharded weights yet; "
-                          "use another schedule or parallel.tp=1")
     if par.a2a == "hierarchical":
         raise ConfigError(f"parallel.tp={tp} with parallel.a2a=hierarchical: EP groups are not adjacent ranks under TP; use parallel.a2a=flat")
     local = cfg.topology.devices_per_node

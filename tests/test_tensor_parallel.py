@@ -23,6 +23,7 @@ from moepipe.config import ConfigError
 from moepipe.parallel.mesh import build_mesh
 from moepipe.train.distributed import DistributedTrainer
 from moepipe.train.loop import Trainer
+from moepipe.train.optim import delayed_update
 
 from conftest import compose_cfg
 from dist_utils import gather_state, run_distributed, save
@@ -34,11 +35,16 @@ SP = ("parallel.sp=true",)
 TP_MODEL = ("placer=static", "moe.first_dense=1", "moe.num_shared_experts=1", "moe.shared_expert_hidden=32")
 
 
-def cfg_for(schedule: str, pp: int, ep: int, tp: int, extra: tuple = ()):
-    v = 1 if schedule in ("gpipe", "1f1b") else 2
-    return compose_cfg(BASE + list(TP_MODEL) + [
+# run by moepipe's executor only (a preset sets it), one stage per rank
+MOEPIPE_ONLY = ("chimera", "pipedream_2bw")
+
+
+def cfg_for(schedule: str, pp: int, ep: int, tp: int, extra: tuple = (), dp: int = 1):
+    v = 1 if schedule in ("gpipe", "1f1b") + MOEPIPE_ONLY else 2
+    preset = [f"schedule={schedule}"] if schedule in MOEPIPE_ONLY else []
+    return compose_cfg(BASE + list(TP_MODEL) + preset + [
         f"schedule.name={schedule}", f"schedule.virtual_stages={v}", "schedule.microbatches=4",
-        f"parallel.pp={pp}", f"parallel.ep={ep}", "parallel.dp=1", f"parallel.tp={tp}"] + list(extra))
+        f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.dp={dp}", f"parallel.tp={tp}"] + list(extra))
 
 
 def reference(schedule: str, extra: tuple) -> tuple[list[float], dict[str, torch.Tensor], list]:
@@ -54,15 +60,15 @@ def routing_of(steps: list) -> list:
 
 
 def _worker(rank: int, world: int, runs: list, out_dir: str) -> None:
-    """runs: [(pp, ep, tp), schedule, extra overrides], each layout of `world` ranks."""
+    """runs: [(pp, ep, tp[, dp]), schedule, extra overrides], each layout of `world` ranks."""
     from torch.distributed.tensor import DTensor
 
     meshes = {}
     for i, (layout, schedule, extra) in enumerate(runs):
-        pp, ep, tp = layout
+        pp, ep, tp, dp = layout + (1,) * (4 - len(layout))
         if layout not in meshes:
-            meshes[layout] = build_mesh(pp, ep, 1, tp=tp)
-        cfg = cfg_for(schedule, pp, ep, tp, extra)
+            meshes[layout] = build_mesh(pp, ep, dp, tp=tp)
+        cfg = cfg_for(schedule, pp, ep, tp, extra, dp=dp)
         trainer = DistributedTrainer(cfg, meshes[layout])
         wq = [p for m in trainer.modules.values() for n, p in m.named_parameters() if n.endswith("attn.wq.weight")]
         assert wq and all(isinstance(p, DTensor) and p.to_local().shape[0] * tp == p.shape[0] for p in wq), "attention is not TP-split"
@@ -95,6 +101,10 @@ def reference_for(schedule: str, extra: tuple):
     """The one-process run (computed once per module, on one thread like the workers; shared
     by the runs with and without sequence parallelism, which the reference lacks)."""
     extra = tuple(o for o in extra if o not in SP)
+    # the one-process trainer reads the schedule only for pipedream_2bw's delayed rule
+    # (WeightStash, checked against an independent implementation in tests/test_2bw.py); every
+    # flushing schedule (chimera's two replicas too) only orders the same sums: one reference
+    schedule = schedule if delayed_update(schedule) else "1f1b"
     if (schedule, extra) not in _REFERENCES:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -109,16 +119,25 @@ def check_runs(runs: list, world: int, tmp_path) -> None:
     run_distributed(_worker, world, runs, str(tmp_path), timeout=360)
     for i, (layout, schedule, extra) in enumerate(runs):
         got, (losses, state, routing) = torch.load(tmp_path / f"run{i}.pt"), reference_for(schedule, extra)
-        label = f"(pp, ep, tp)={layout} {schedule} {extra}"
+        label = f"(pp, ep, tp[, dp])={layout} {schedule} {extra}"
         assert_matches(got, losses, state, label=label)
         # routing statistics count each token once (what the metrics, expert bias and placer
         # read): every step's per-layer demand equals the reference's; the balancing and z
         # losses too where the run has one data slice (EP slices route their own batches)
         for (load, metrics), (ref_load, ref_metrics) in zip(got["routing"], routing, strict=True):
             assert load.keys() == ref_load.keys() and all(torch.equal(load[k], ref_load[k]) for k in load), label
-            if layout[1] == 1:
+            if layout[1] == 1 and layout[3:] in ((), (1,)):
                 for key in ("aux_loss", "z_loss", "load_balance_mean", "dropped_frac"):
                     assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-12), (label, key)
+
+
+# TP under the schedules with their own gradient/weight handling, and TP with DP: tp2 x pp2
+# under pipedream_2bw (both weight versions hold TP shards), under chimera (the mirrored
+# replicas sum their gradients' shards, per TP index), and dp2 x tp2 (data slices over TP groups)
+# (the fewest microbatches that fill pp2 and give chimera's replicas one each; one without a
+# pipeline: the suite's budget)
+M2, M1 = ("schedule.microbatches=2",), ("schedule.microbatches=1",)
+SCHEDULE_RUNS = [((2, 1, 2), "pipedream_2bw", AUX_ON + M2), ((2, 1, 2), "chimera", AUX_ON + M2), ((1, 1, 2, 2), "1f1b", M1)]
 
 
 @pytest.mark.timeout(400)
@@ -126,11 +145,12 @@ def test_pp2_tp2_and_ep2_tp2_match_reference(tmp_path):
     """tp2 x pp2 (balancing loss on) and tp2 x ep2 (tokens split over TP, then dispatched
     through each TP index's EP group); then with sequence parallelism (activations, pipeline
     messages and MoE routing on seq_len/tp positions; each shard's tokens through its own TP
-    index's EP group): tp2 x pp2 under two schedules. One 4-process job (TP under gpipe runs
-    with SP only, SP with EP in the 8-rank job: the suite's budget)."""
+    index's EP group): tp2 x pp2 under two schedules; then SCHEDULE_RUNS (pipedream_2bw,
+    chimera, dp2 x tp2). One 4-process job (TP under gpipe runs with SP only, SP with EP in
+    the 8-rank job: the suite's budget)."""
     runs = [((2, 1, 2), "1f1b", AUX_ON), ((1, 2, 2), "1f1b", ())]
     sp_runs = [((2, 1, 2), "1f1b", AUX_ON + SP), ((2, 1, 2), "gpipe", AUX_ON + SP)]
-    check_runs(runs + sp_runs, 4, tmp_path)
+    check_runs(runs + sp_runs + SCHEDULE_RUNS, 4, tmp_path)
 
 
 @pytest.mark.timeout(400)
@@ -225,9 +245,7 @@ def test_shard_rule_and_local_layout():
     (("parallel.tp=2", "parallel.sp=true", "train.seq_len=15"), "train.seq_len=15 is not divisible by parallel.tp=2"),
     (("parallel.tp=2", "parallel.sp=true", "moe.capacity_factor=1.25"), "moe.capacity_factor=1.25 with parallel.sp=true"),
     (("parallel.tp=2", "parallel.sp=true", "moe.router_jitter=0.01"), "moe.router_jitter=0.01 with parallel.sp=true"),
-    (("parallel.tp=2", "parallel.sp=true", "schedule.name=pipedream_2bw"), "parallel.tp=2 with schedule.name=pipedream_2bw"),
     (("parallel.sp=true",), "parallel.sp=true needs tensor parallelism"),
-    (("parallel.tp=2", "parallel.pp=2", "schedule.name=chimera"), "parallel.tp=2 with schedule.name=chimera"),
     (("parallel.tp=2", "parallel.ep=2", "parallel.a2a=hierarchical"), "parallel.tp=2 with parallel.a2a=hierarchical"),
     (("parallel.tp=2", "topology.devices_per_node=3", "topology.nodes=2"), "parallel.tp=2 does not fit in a node of topology.devices_per_node=3"),
 ])

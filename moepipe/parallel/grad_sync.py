@@ -148,16 +148,19 @@ class ExpertReplicas:
 
 def mirror_groups(mesh: Mesh) -> dist.ProcessGroup | None:
     """Chimera's replica groups: pp ranks r and pp-1-r (same EP and DP rank) hold the same two
-    stages, one per model replica. Collective: every rank creates every group; returns this
-    rank's (None when pp is 1)."""
+    stages, one per model replica; under TP one group per TP index (the two ranks hold the
+    same shards). Collective: every rank creates every group; returns this rank's (None when
+    pp is 1)."""
     mine = None
     for d in range(mesh.dp):
         for e in range(mesh.ep):
             for p in range(mesh.pp // 2):
-                members = sorted({global_rank(p, e, d, mesh.pp, mesh.ep, mesh.dp), global_rank(mesh.pp - 1 - p, e, d, mesh.pp, mesh.ep, mesh.dp)})
-                group = dist.new_group(members)
-                if mesh.rank in members:
-                    mine = group
+                slots = sorted({global_rank(p, e, d, mesh.pp, mesh.ep, mesh.dp), global_rank(mesh.pp - 1 - p, e, d, mesh.pp, mesh.ep, mesh.dp)})
+                for t in range(mesh.tp):
+                    members = [s * mesh.tp + t for s in slots]
+                    group = dist.new_group(members)
+                    if mesh.rank in members:
+                        mine = group
     return mine
 
 
@@ -180,7 +183,8 @@ class MirrorReduce:
         self.done.add(stage)
         if self.done == self.stages:
             fill_missing_grads(self.params)
-            self._flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            # TP-sharded weights: the local shards (the mirror rank holds the same TP index's)
+            self._flat = torch.cat([local(p.grad).reshape(-1) for p in self.params])
             self._work = dist.all_reduce(self._flat, group=self.group, async_op=True)
 
     def wait(self) -> None:
@@ -189,7 +193,8 @@ class MirrorReduce:
         self._work.wait()
         offset = 0
         for p in self.params:
-            p.grad.copy_(self._flat[offset: offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+            g = local(p.grad)
+            g.copy_(self._flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
         self._work = self._flat = None
         self.done = set()

@@ -21,7 +21,9 @@ gradient (`match_grad_layouts` cuts the embedding's replicated one to its rows);
 weights whose inputs are replicated and whose consumers end in a TP collective (norms) get
 identical complete gradients on every TP rank; the router and the routed experts see only this
 TP rank's share of the tokens' combine weights and tokens, so their gradients are summed over
-the TP group (`tp_partial`).
+the TP group (`tp_partial`). Every schedule runs under TP: PipeDream-2BW's weight versions swap
+the local shards (moepipe.train.optim), Chimera's mirrored replicas sum their local gradient
+shards per TP index (grad_sync.mirror_groups / MirrorReduce).
 
 Sequence parallelism (parallel.sp, Megatron-style): between the split modules every activation
 holds seq_len/tp positions: the embedding reduce-scatters its partial sums into sequence

@@ -46,6 +46,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _payload(p: torch.Tensor) -> torch.Tensor:
+    """The plain tensor holding a parameter's values: the parameter itself, or a TP-sharded
+    (DTensor) parameter's local shard. A DTensor keeps its shard as a Python attribute, so
+    rebinding the DTensor's own `.data` would not reach what its kernels read, and a
+    parameter's `to_local()` is a fresh view: the weight versions rebind the `.data` of the
+    shard object itself, which autograd's saved DTensor reads again in backward."""
+    from torch.distributed.tensor import DTensor
+
+    return p._local_tensor if isinstance(p, DTensor) else p
+
+
 class WeightStash:
     """PipeDream-2BW's delayed update with two weight versions (Narayanan et al., 2021):
     W(t+1) = W(t) - lr * update(grad f_t(W(t-1))), W(-1) = W(0).
@@ -65,25 +76,25 @@ class WeightStash:
     def compute(self) -> None:
         if self.prev is None:
             return
-        self._live = [p.data for p in self.params]
+        self._live = [_payload(p).data for p in self.params]
         for p, w in zip(self.params, self.prev):
-            p.data = w
+            _payload(p).data = w
 
     def restore(self) -> None:
         if self._live is None:
             return
         for p, w in zip(self.params, self._live):
-            p.data = w
+            _payload(p).data = w
         self._live = None
 
     @torch.no_grad()
     def before_update(self) -> None:
         """W(t) becomes the stashed version; the optimizer then turns the live one into W(t+1)."""
         if self.prev is None:
-            self.prev = [p.detach().clone() for p in self.params]
+            self.prev = [_payload(p).detach().clone() for p in self.params]
         else:
             for w, p in zip(self.prev, self.params):
-                w.copy_(p)
+                w.copy_(_payload(p))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.prev is None else {f"stash.{i}": w for i, w in enumerate(self.prev)}
@@ -115,14 +126,14 @@ class VersionedWeights:
 
     def __init__(self, params):
         self.params = [p for p in params if p.requires_grad]
-        self.bufs = [[p.data for p in self.params], [p.detach().clone() for p in self.params]]
+        self.bufs = [[_payload(p).data for p in self.params], [_payload(p).detach().clone() for p in self.params]]
         self.bound = 0
         self.ready: dict[int, list] = {}
 
     def bind(self, version: int) -> None:
         if version != self.bound:
             for p, w in zip(self.params, self.bufs[version]):
-                p.data = w
+                _payload(p).data = w
             self.bound = version
 
     def take_grads(self, batch: int) -> None:
