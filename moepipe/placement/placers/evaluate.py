@@ -13,7 +13,6 @@ plan needs on every device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
 from typing import Optional
 
 import numpy as np
