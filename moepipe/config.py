@@ -130,6 +130,10 @@ class PlacerConfig:
     # backward; no optimizer state moves), at most this many per EP rank per MoE layer (the memory
     # bound); 0 turns it off (moepipe/model/shadow_exchange.py)
     shadow_slots: int = 0
+    # with shadows on, each re-plan that keeps the layout doubles the gap to the next one, up to
+    # this many x placer.interval (the fast path is covering the load and a solve costs the ranks
+    # time); a migration returns to every placer.interval steps. 1 re-plans every interval
+    shadow_backoff: int = 8
     # One process only: advise for this [pp, ep, dp] mesh (the re-plans it would make there,
     # from this run's routing statistics); null advises for the one-device job itself
     advise_mesh: Optional[list[int]] = None
@@ -570,6 +574,7 @@ def _check_shadows(cfg: MoepipeConfig) -> None:
     """placer.shadow_slots: shadows live in the native expert-parallel dispatcher."""
     n = cfg.placer.shadow_slots
     _positive("placer.shadow_slots", n, allow_zero=True)
+    _positive("placer.shadow_backoff", cfg.placer.shadow_backoff)
     if n == 0:
         return
     if cfg.parallel.ep < 2 or not cfg.moe.num_experts:

@@ -257,3 +257,32 @@ def test_forecast_window_is_checked_in_one_line(value):
         compose_cfg([f"placer.forecast_window={value}"])
     msg = str(err.value)
     assert msg.startswith(f"placer.forecast_window={value} must be an integer >= 1: ") and "\n" not in msg
+
+
+def test_shadow_backoff_spaces_out_replans_that_keep_the_layout():
+    """placer.shadow_slots > 0: each kept layout doubles the gap to the next re-plan (up to
+    placer.shadow_backoff x interval); a migration returns to every interval; the schedule
+    survives a checkpoint; without shadows nothing changes."""
+    loop = make("placer.shadow_slots=1", "placer.shadow_backoff=4", "train.steps=100")  # interval 5
+    seen, keep = [], {"migrate": False}
+    for d in range(1, 100):
+        if loop.due(d):
+            seen.append(d)
+            loop.note_decision(d, {"migrate": d == 55} | ({} if d == 55 else keep))
+    # gaps 10, 20, 20 (capped at 4 x 5) ..., then every 5 after the migration at 55, doubling again
+    assert seen == [5, 15, 35, 55, 60, 70, 90], seen
+    state = loop.state_dict()
+    assert state["next_replan"] == 110 and state["replan_gap"] == 20
+    back = make("placer.shadow_slots=1", "placer.shadow_backoff=4", "train.steps=200")
+    back.load_state_dict(state)
+    assert [d for d in range(91, 115) if back.due(d)] == [110]
+    # shadows off (or shadow_backoff=1): every interval, whatever the decisions
+    for off in (make("train.steps=100"), make("placer.shadow_slots=1", "placer.shadow_backoff=1", "train.steps=100")):
+        for d in range(1, 100):
+            if off.due(d):
+                off.note_decision(d, keep)
+        assert [d for d in range(1, 100) if off.due(d)] == list(range(5, 100, 5)) and "next_replan" not in off.state_dict()
+    # a resume with shadows off forgets the back-off
+    plain = make("train.steps=200")
+    plain.load_state_dict(state)
+    assert plain.due(95) and plain.next_replan is None

@@ -240,3 +240,34 @@ def test_shadowed_iteration_in_the_evaluator():
     want = ev.evaluate(aug).iteration_time_s - ev.grad_sync(aug) + ev.grad_sync(plan) + x
     assert shadowed_iteration_s(ev, plan, shadows) == pytest.approx(want, rel=1e-12)
     assert shadowed_iteration_s(ev, plan, shadows) < base  # the skew pays for them on NVLink
+
+
+def test_decision_scores_both_plans_with_the_shadows_the_runtime_picks():
+    # placer.shadow_slots > 0: decide() scores the current and the proposed plan with per-step
+    # shadows (shadow_eval.time_with_shadows); a hot expert the shadows already spread shows
+    # (almost) no gain, so the hysteresis keeps the layout the plain decision would move
+    from moepipe.placement.placers import decide
+    from moepipe.placement.shadow_eval import choose_for_plan, decision_load, shadowed_iteration_s, time_with_shadows
+
+    inp0 = job(NVLINK)
+    E = inp0.spec.num_experts
+    load = {l: np.where(np.arange(E) == (3 * l) % E, 40.0, 1.0) for l in inp0.spec.moe_layers}  # one hot expert per layer
+    inp = PlacementInputs(**{**inp0.__dict__, "expert_load": load})
+    current = make_placement("static", inp)
+    ev = Evaluator(inp)
+    # the score is shadowed_iteration_s with choose_for_plan's shadows on the evaluator's load
+    assert all(np.array_equal(decision_load(ev, l), load[l]) for l in load)
+    want = shadowed_iteration_s(ev, current, choose_for_plan(ev, current, load, 1))
+    assert time_with_shadows(ev, current, 1) == want < ev.evaluate(current).iteration_time_s
+    # (the plain decision predicts ~40% saved per step, the shadowed one under 5%)
+    plain = decide("topo", inp, current, 1, horizon_steps=100, min_gain_frac=0.05)
+    shadowed = decide("topo", inp, current, 1, horizon_steps=100, min_gain_frac=0.05, shadow_slots=1)
+    assert plain.migrate, plain.reason
+    assert shadowed.predicted_old_s == pytest.approx(want, rel=1e-12)
+    assert shadowed.predicted_old_s - shadowed.predicted_new_s < plain.predicted_old_s - plain.predicted_new_s
+    assert not shadowed.migrate and "min_gain_frac" in shadowed.reason and shadowed.plan == current
+    # origins known: the decision reads [ep, E] counts split in the origins' proportions
+    o = {l: np.stack([np.full(E, 3.0), np.full(E, 1.0), np.zeros(E), np.zeros(E)]) for l in load}
+    ev_o = Evaluator(PlacementInputs(**{**inp.__dict__, "origins": o}))
+    l0 = inp.spec.moe_layers[0]
+    assert np.allclose(decision_load(ev_o, l0), np.stack([0.75 * load[l0], 0.25 * load[l0], 0 * load[l0], 0 * load[l0]]))

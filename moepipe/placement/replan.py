@@ -59,6 +59,10 @@ class ReplanLoop:
         self.rebuild_s = 0.0  # measured migration time beyond the placer's transfer estimate
         self.gain_efficiency = 1.0  # share of predicted savings past migrations showed (EMA)
         self._last_move: Optional[tuple] = None  # (predicted old, new, measured step time) of the last migration
+        # shadow back-off (placer.shadow_backoff): the gap to the next re-plan and its step; None:
+        # every placer.interval steps
+        self.replan_gap: Optional[int] = None
+        self.next_replan: Optional[int] = None
 
     @property
     def topology(self) -> Topology:
@@ -117,7 +121,21 @@ class ReplanLoop:
     def due(self, done: int) -> bool:
         """Re-plan after `done` steps: every placer.interval steps, never after the last one."""
         interval, total = self.cfg.placer.interval, self.cfg.train.steps
-        return bool(interval) and done % interval == 0 and done < total
+        if not interval or done >= total:
+            return False
+        return done % interval == 0 and (self.next_replan is None or done >= self.next_replan)
+
+    def note_decision(self, done: int, decision: dict) -> None:
+        """Every rank, after the re-plan at `done` (the broadcast decision): with per-step shadows
+        on, a re-plan that kept the layout doubles the gap to the next one, up to
+        placer.shadow_backoff x placer.interval: the fast path is covering the load, and every
+        solve holds all ranks for about a step. A migration returns to every placer.interval steps."""
+        pc = self.cfg.placer
+        if pc.shadow_slots > 0 and not decision.get("migrate") and pc.shadow_backoff > 1:
+            self.replan_gap = min(2 * (self.replan_gap or pc.interval), pc.shadow_backoff * pc.interval)
+            self.next_replan = done + self.replan_gap
+        else:
+            self.replan_gap = self.next_replan = None
 
     def horizon(self, done: int) -> int:
         """Steps the next layout runs before the following re-plan (or the end)."""
@@ -150,7 +168,7 @@ class ReplanLoop:
             load = {layer_id: f.mean for layer_id, f in self.last_forecast.items()}
             inputs = inputs_from_config(self.cfg, self.topology, expert_load=load or None, layer_times=times, origins=self.origins_for_plan(),
                                         **self.scenarios_for_plan())
-            return self.judge(decide(pc.name, inputs, current, pc.replica_slots, horizon, pc.min_gain_frac), current, horizon)
+            return self.judge(decide(pc.name, inputs, current, pc.replica_slots, horizon, pc.min_gain_frac, pc.shadow_slots), current, horizon)
         except ConfigError as err:  # e.g. no plan fits the declared memory: keep training as is
             return {"placer": pc.name, "migrate": False, "reason": f"placer error, layout kept: {err}", "plan": to_json(current)}
 
@@ -236,6 +254,8 @@ class ReplanLoop:
             out["step_time_ema"] = np.float64(self.step_time_ema)
         out["rebuild_s"] = np.float64(self.rebuild_s)
         out["gain_efficiency"] = np.float64(self.gain_efficiency)
+        if self.next_replan is not None:
+            out["replan_gap"], out["next_replan"] = np.float64(self.replan_gap), np.float64(self.next_replan)
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -251,3 +271,6 @@ class ReplanLoop:
         self.step_time_ema = float(arr["step_time_ema"]) if "step_time_ema" in arr else None
         self.rebuild_s = float(arr["rebuild_s"]) if "rebuild_s" in arr else 0.0
         self.gain_efficiency = float(arr["gain_efficiency"]) if "gain_efficiency" in arr else 1.0
+        backed_off = "next_replan" in arr and self.cfg.placer.shadow_slots > 0  # a resume with shadows off re-plans every interval
+        self.replan_gap = int(arr["replan_gap"]) if backed_off else None
+        self.next_replan = int(arr["next_replan"]) if backed_off else None

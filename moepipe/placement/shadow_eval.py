@@ -18,11 +18,15 @@ Interfaces:
   choose_for_plan(ev, plan, load, slots) -> {layer: {expert: shadow EP ranks}}
   step_transfer_s(ev, plan, shadows_by_layer) -> seconds per step
   shadowed_iteration_s(ev, plan, shadows_by_layer) -> seconds per step
+  time_with_shadows(ev, plan, slots) -> seconds per step with the shadows the runtime would
+      choose for the evaluator's load (the re-plan decision's score when shadows are on)
 where `ev` is a `placers.Evaluator` (its topology, mesh grid, cost model and microbatches).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
+
+import numpy as np
 
 from moepipe.placement.placers.evaluate import Evaluator
 from moepipe.placement.plan import Plan
@@ -78,3 +82,27 @@ def shadowed_iteration_s(ev: Evaluator, plan: Plan, shadows_by_layer: Optional[M
     aug = Plan(plan.stage_layers, plan.stage_to_pp_rank, shadowed_expert_map(plan.expert_map, sb), plan.pp, plan.ep, plan.dp)
     pipeline = ev.evaluate(aug).iteration_time_s - ev.grad_sync(aug)
     return pipeline + ev.grad_sync(plan) + step_transfer_s(ev, plan, sb)
+
+
+def decision_load(ev: Evaluator, layer: int) -> np.ndarray:
+    """The counts the runtime would decide layer `layer`'s shadows from, as the evaluator's
+    inputs describe them: [ep, E] tokens per (source EP rank, expert) when the origins are
+    known (each expert's load split over sources in the origins' proportions), else [E]."""
+    inp = ev.inputs
+    E = ev.spec.num_experts
+    load = np.ones(E) if inp.expert_load is None else np.asarray(inp.expert_load[layer], dtype=np.float64)
+    o = None if inp.origins is None else inp.origins.get(layer)
+    if o is None:
+        return load
+    o = np.asarray(o, dtype=np.float64)
+    col = o.sum(0)
+    share = np.divide(o, col, out=np.full_like(o, 1.0 / o.shape[0]), where=col > 0)
+    return share * load
+
+
+def time_with_shadows(ev: Evaluator, plan: Plan, slots: int) -> float:
+    """The plan's iteration time when the runtime shadows hot experts every step (at most
+    `slots` per EP rank per MoE layer) under the evaluator's load: the shadows the runtime's
+    decision picks for that load, charged by `shadowed_iteration_s`."""
+    load = {l: decision_load(ev, l) for l in ev.spec.moe_layers}
+    return shadowed_iteration_s(ev, plan, choose_for_plan(ev, plan, load, slots))

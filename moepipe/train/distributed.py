@@ -542,6 +542,7 @@ class DistributedTrainer:
         plan = from_json(decision["plan"])
         migration = self.migrate(plan) if decision["migrate"] else None
         event = self.replan.event(done, decision, migration)
+        self.replan.note_decision(done, decision)
         if migration is not None:
             self.replan.record_migration(event)
         rss = torch.tensor(resident_bytes(), dtype=torch.float64, device=self.device)

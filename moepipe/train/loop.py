@@ -214,6 +214,7 @@ class Trainer:
             self._layout = from_json(decision["plan"])
             advice = {"advised_stage_layers": [list(b) for b in self._layout.stage_layers],
                       "advised_replicas": sum(len(h) - 1 for holders in self._layout.expert_map.values() for h in holders)}
+        self.replan.note_decision(done, decision)
         return [self.replan.event(done, decision, advisory=True) | advice]
 
     def placer_state(self) -> dict[str, torch.Tensor]:

@@ -174,15 +174,25 @@ class Decision:
     traffic_new: Optional[dict] = None  # the same for the proposed plan
 
 
-def decide(name: str, inputs: PlacementInputs, current: Plan, replica_slots: int, horizon_steps: int, min_gain_frac: float = 0.02) -> Decision:
+def decide(name: str, inputs: PlacementInputs, current: Plan, replica_slots: int, horizon_steps: int, min_gain_frac: float = 0.02,
+           shadow_slots: int = 0) -> Decision:
     """Re-plan and migrate only when the predicted saving over the next `horizon_steps` exceeds
     the migration time AND the per-step saving exceeds `min_gain_frac` of the current time
-    (hysteresis: noise and short bursts in an EMA'd load do not cause churn)."""
+    (hysteresis: noise and short bursts in an EMA'd load do not cause churn).
+    `shadow_slots` > 0 (the runtime shadows hot experts every step, placer.shadow_slots): both
+    plans are scored as they will run, with the shadows the runtime picks for the load
+    (moepipe.placement.shadow_eval.time_with_shadows), so a move the fast path already makes
+    unnecessary shows no gain."""
     t0 = time.perf_counter()
     ev = Evaluator(inputs)
     new = make_placement(name, inputs, replica_slots, current, evaluator=ev)
     solve = time.perf_counter() - t0
-    if robust.is_robust(inputs):  # placer.objective over the load scenarios, for both plans
+    if shadow_slots > 0:
+        from moepipe.placement.shadow_eval import time_with_shadows  # same layer; it imports placers.evaluate
+
+        score = robust.scorer(inputs, ev, lambda e, p: time_with_shadows(e, p, shadow_slots))
+        old_s, new_s = score(current), score(new)
+    elif robust.is_robust(inputs):  # placer.objective over the load scenarios, for both plans
         score = robust.scorer(inputs, ev)
         old_s, new_s = score(current), score(new)
     else:

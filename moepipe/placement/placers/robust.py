@@ -58,17 +58,23 @@ def weights_of(inputs: PlacementInputs) -> np.ndarray:
     return w / w.sum()
 
 
-def scorer(inputs: PlacementInputs, ev: Evaluator) -> Callable[[Plan], float]:
+def evaluated_time(ev: Evaluator, plan: Plan) -> float:
+    return ev.evaluate(plan).iteration_time_s
+
+
+def scorer(inputs: PlacementInputs, ev: Evaluator, time_of: Callable[[Evaluator, Plan], float] = evaluated_time) -> Callable[[Plan], float]:
     """plan -> its score under the inputs' objective (seconds per iteration): `ev` (the mean
-    load) for objective=mean or without scenarios, else the scenarios' expected time or quantile."""
+    load) for objective=mean or without scenarios, else the scenarios' expected time or quantile.
+    `time_of(evaluator, plan)`: a plan's seconds under one evaluator's load (default: the
+    Evaluator's iteration time; the re-plan decision passes the time with per-step shadows)."""
     if not is_robust(inputs):
-        return lambda plan: ev.evaluate(plan).iteration_time_s
+        return lambda plan: time_of(ev, plan)
     evs = [Evaluator(s) for s in scenario_inputs(inputs)]
     w = weights_of(inputs)
     q = float(inputs.quantile)
 
     def score(plan: Plan) -> float:
-        t = np.array([e.evaluate(plan).iteration_time_s for e in evs])
+        t = np.array([time_of(e, plan) for e in evs])
         return float(w @ t) if inputs.objective == "expected" else weighted_quantile(t, w, q)
 
     return score
