@@ -27,6 +27,13 @@ Scenarios (all labelled, injected conditions; see `workload.*` in conf):
          also the decision, weight exchange and gradient return), off / on
          (`shadow_layer_cpu_ratio`), and the wall ratio (`shadow_layer_wall_ratio`). CPU seconds count what each rank computes, which
          is what shadows rebalance, and stay meaningful on a loaded machine.
+- moving, paired (`--paired-moving`, on whenever moving runs; key moving_paired): the moving
+         arms (static, static + shadows, topo, topo + shadows) and `uniform` (the same tokens with
+         the routing skew off: perfectly even expert load, the ceiling no placement can beat)
+         in ONE set of 2 workers, interleaved step by step, so background load on a shared
+         machine falls on every arm alike; wall and busiest-rank CPU seconds per arm.
+         `speedup_moving_paired` = static / (topo + shadows), `speedup_moving_ceiling` =
+         static / uniform there.
 Each scenario runs static and topo alternately (`--rounds` pairs, order flipped each round)
 through the real launcher (moepipe.train.launch), so background load hits both alike; the
 median wall time per variant counts. speedup = geomean over skew and slow of static / topo.
@@ -209,10 +216,12 @@ def layer_side_by_side(overrides: list, iters: int, tmp: str) -> dict:
             "wall_ratio_off_over_on": per["off"]["wall_s"] / per["on"]["wall_s"]}
 
 
-def _cpu_worker(rank: int, world: int, arms: dict, steps: int, out: str) -> None:
-    """The moving scenario's arms in one set of 2 gloo workers (DistributedTrainer directly, one
-    after the other): per step this rank's CPU seconds of the training step and of the re-plan
-    (+ migration) after it."""
+def _paired_worker(rank: int, world: int, arms: dict, steps: int, out: str) -> None:
+    """The moving scenario's arms in one set of 2 gloo workers, interleaved step by step: every
+    arm's trainer (DistributedTrainer) lives at once, and step s of each runs back to back (the
+    arms' order rotated every step), so load from other processes on the machine falls on all
+    arms alike. Per step and arm: the wall seconds of the step and its re-plan (+ migration)
+    between barriers, and this rank's CPU seconds of each."""
     import time
 
     import torch
@@ -223,20 +232,23 @@ def _cpu_worker(rank: int, world: int, arms: dict, steps: int, out: str) -> None
 
     torch.set_num_threads(1)
     mesh = build_mesh(1, world, 1)
-    res = {}
-    for arm, overrides in arms.items():
-        trainer = DistributedTrainer(compose_config(overrides), mesh)
-        step_cpu, replan_cpu, migrations = [], [], 0
-        for s in range(steps):
-            c = time.process_time()
-            trainer.train_step(s)
-            step_cpu.append(time.process_time() - c)
-            c = time.process_time()
-            events = trainer.after_step(s + 1)
-            replan_cpu.append(time.process_time() - c)
-            migrations += sum(bool(e.get("migrate")) for e in events)
-        res[arm] = {"step": step_cpu, "replan": replan_cpu, "migrations": migrations}
-        del trainer
+    trainers = {arm: DistributedTrainer(compose_config(overrides), mesh) for arm, overrides in arms.items()}
+    res = {arm: {"wall": [], "step": [], "replan": [], "migrations": 0} for arm in arms}
+    names = list(arms)
+    for s in range(steps):
+        for arm in names[s % len(names):] + names[: s % len(names)]:
+            dist.barrier()
+            w, c = time.perf_counter(), time.process_time()
+            trainers[arm].train_step(s)
+            c1 = time.process_time()
+            events = trainers[arm].after_step(s + 1)
+            c2 = time.process_time()
+            dist.barrier()
+            r = res[arm]
+            r["wall"].append(time.perf_counter() - w)
+            r["step"].append(c1 - c)
+            r["replan"].append(c2 - c1)
+            r["migrations"] += sum(bool(e.get("migrate")) for e in events)
     gathered = [None] * world
     dist.all_gather_object(gathered, res)
     if rank == 0:
@@ -244,24 +256,28 @@ def _cpu_worker(rank: int, world: int, arms: dict, steps: int, out: str) -> None
             json.dump(gathered, f)
 
 
-def cpu_moving(arms: dict, steps: int, tmp: str) -> dict:
-    """Busiest rank's CPU seconds per arm of the moving scenario, summed over steps (max over the
-    2 ranks per step; re-plans and migrations likewise): what each rank computes, so it stays
-    comparable on a shared, loaded machine where wall time measures the others' load. A rank
-    waiting in a gloo collective uses little CPU, so the busiest rank's sum tracks the critical path."""
+def paired_moving(arms: dict, steps: int, tmp: str) -> dict:
+    """The moving scenario's arms interleaved step by step in one set of workers
+    (`_paired_worker`): per arm the wall seconds over all steps (rank 0's, steps + re-plans; the
+    barriers make it the slower rank's) and the busiest rank's CPU seconds (max over the 2 ranks
+    per step, summed), each as static / arm. The `uniform` arm (the same model, tokens and steps
+    with the routing skew off) is the ceiling: the time of perfectly even expert load, which no
+    placement of the skewed load can beat."""
     from moepipe.parallel.spawn import run_distributed
 
-    out = os.path.join(tmp, "cpu_moving.json")
-    run_distributed(_cpu_worker, 2, arms, steps, out, timeout=3000)
+    out = os.path.join(tmp, "paired_moving.json")
+    run_distributed(_paired_worker, 2, arms, steps, out, timeout=3600)
     with open(out) as f:
         ranks = json.load(f)
     table = {}
     for arm in arms:
         step = sum(max(r[arm]["step"][i] for r in ranks) for i in range(steps))
         replan = sum(max(r[arm]["replan"][i] for r in ranks) for i in range(steps))
-        table[arm] = {"step_cpu_s": step, "replan_cpu_s": replan, "total_cpu_s": step + replan, "migrations": ranks[0][arm]["migrations"]}
+        table[arm] = {"wall_s": sum(ranks[0][arm]["wall"]), "step_cpu_s": step, "replan_cpu_s": replan, "total_cpu_s": step + replan,
+                      "migrations": ranks[0][arm]["migrations"]}
     for arm in arms:
-        table[arm]["speedup_vs_static"] = table["static"]["total_cpu_s"] / table[arm]["total_cpu_s"]
+        table[arm]["speedup_vs_static"] = table["static"]["wall_s"] / table[arm]["wall_s"]
+        table[arm]["cpu_speedup_vs_static"] = table["static"]["total_cpu_s"] / table[arm]["total_cpu_s"]
     return table
 
 
@@ -276,13 +292,14 @@ def main() -> None:
     ap.add_argument("--shadow-step-steps", type=int, default=40, help="shadow_step: steps per run (no re-planning there)")
     ap.add_argument("--layer-iters", type=int, default=30, help="shadow_step: timed forward+backward rounds of one MoE layer")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
-    ap.add_argument("--cpu-moving", action=argparse.BooleanOptionalAction, default=None,
-                    help="(default: on, off under --quick) also run the moving scenario's arms (static, static + shadows, topo, topo + shadows) in one set of workers "
-                         "and report the busiest rank's CPU seconds (for a loaded machine; key moving_cpu)")
+    ap.add_argument("--paired-moving", action=argparse.BooleanOptionalAction, default=None,
+                    help="(default: on when the moving scenario runs) also run the moving scenario's arms (static, static + shadows, topo, "
+                         "topo + shadows, and `uniform`: the routing skew off, the ceiling) interleaved step by step in one set of workers; "
+                         "wall and busiest-rank CPU seconds (key moving_paired)")
     fc.add_output_args(ap, os.path.join(ROOT, "results", "bench_dynamic.json"))
     args = ap.parse_args()
-    if args.cpu_moving is None:  # wall times on a shared machine measure the others' load too: record CPU seconds as well
-        args.cpu_moving = not args.quick and "moving" in args.scenarios.split(",")
+    if args.paired_moving is None:  # wall times of separate runs on a shared machine measure the others' load too
+        args.paired_moving = "moving" in args.scenarios.split(",")
     if args.quick:
         args.steps, args.interval, args.rounds, args.period, args.shadow_step_steps, args.layer_iters = 4, 1, 1, 2, 4, 2
     scenarios = [x for x in args.scenarios.split(",") if x]
@@ -348,14 +365,17 @@ def main() -> None:
                   f"on {table_layer['on']['cpu_max_rank_s'] * 1e3:.2f} ms; wall off {table_layer['off']['wall_s'] * 1e3:.2f} ms, "
                   f"on {table_layer['on']['wall_s'] * 1e3:.2f} ms", flush=True)
             table["shadow_step"]["layer"] = table_layer
-        if args.cpu_moving:
+        if args.paired_moving:
             extra = SCENARIOS["moving"] + [f"workload.period={args.period}"]
             arms = {"static": all_variants["static"], "static_shadows": all_variants["static_shadows"],
                     "topo": all_variants["topo"] + MOVING_PLACER, "topo_shadows": all_variants["topo_shadows"] + MOVING_PLACER}
-            cpu = cpu_moving({a: model + [f"train.steps={args.steps}"] + extra + v for a, v in arms.items()}, args.steps, tmp)
-            for a, row in cpu.items():
-                print(f"moving CPU {a:14s}: busiest rank {row['step_cpu_s']:.2f} s in steps + {row['replan_cpu_s']:.2f} s in re-plans "
-                      f"({row['migrations']} migrations), static/{a} {row['speedup_vs_static']:.3f}", flush=True)
+            arms = {a: model + [f"train.steps={args.steps}"] + extra + v for a, v in arms.items()}
+            arms["uniform"] = model + [f"train.steps={args.steps}"] + [x for x in extra if not x.startswith("workload.")] + all_variants["static"]
+            paired = paired_moving(arms, args.steps, tmp)
+            for a, row in paired.items():
+                print(f"moving paired {a:14s}: wall {row['wall_s']:.2f} s (static/{a} {row['speedup_vs_static']:.3f}); busiest rank CPU "
+                      f"{row['step_cpu_s']:.2f} s in steps + {row['replan_cpu_s']:.2f} s in re-plans ({row['migrations']} migrations), "
+                      f"static/{a} {row['cpu_speedup_vs_static']:.3f}", flush=True)
     head = [table[x] for x in HEADLINE if x in table] or list(table.values())
     speedup = math.exp(statistics.mean(math.log(t["speedup"]) for t in head))
     steady = math.exp(statistics.mean(math.log(t["steady_state_speedup"]) for t in head))
@@ -371,8 +391,10 @@ def main() -> None:
         extra_keys["shadow_step_steady_ratio"] = table["shadow_step"]["steady_state_speedup"]
         extra_keys["shadow_layer_cpu_ratio"] = table["shadow_step"]["layer"]["cpu_ratio_off_over_on"]
         extra_keys["shadow_layer_wall_ratio"] = table["shadow_step"]["layer"]["wall_ratio_off_over_on"]
-    if args.cpu_moving:
-        extra_keys["moving_cpu"] = cpu
+    if args.paired_moving:  # interleaved step by step: the same background load on every arm
+        extra_keys["speedup_moving_paired"] = paired["topo_shadows"]["speedup_vs_static"]
+        extra_keys["speedup_moving_ceiling"] = paired["uniform"]["speedup_vs_static"]
+        extra_keys["moving_paired"] = paired
     for k, v in extra_keys.items():
         print(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" if not isinstance(v, dict) else f"{k}: see the JSON")
     print(f"steady_state_speedup={steady:.3f}")
